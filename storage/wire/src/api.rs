@@ -1,0 +1,202 @@
+//! JSON bodies of the manager's REST API (see docs/api.md), shared by the
+//! manager, the CLI, the storage daemons and the gateways.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRegistration {
+    /// The disk's uuid, from its superblock.
+    pub uuid: String,
+    pub path: String,
+    pub capacity_bytes: u64,
+}
+
+/// `POST /v1/nodes/register`, sent by a storage daemon at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// Stable identity of the daemon (kept in its state directory or derived
+    /// from its first disk's uuid).
+    pub node_uuid: String,
+    /// Internal-protocol address gateways connect to.
+    pub addr: String,
+    pub metrics_addr: Option<String>,
+    pub pid: u32,
+    /// Failure-domain path of the node; empty where not given.
+    #[serde(default)]
+    pub host: String,
+    pub disks: Vec<DiskRegistration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskAssignment {
+    pub uuid: String,
+    pub disk_id: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub node_id: u32,
+    pub cluster_id: String,
+    pub disks: Vec<DiskAssignment>,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUsage {
+    pub disk_id: u32,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub checksum_errors: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeUsage {
+    pub volume_id: u64,
+    pub allocated_bytes: u64,
+}
+
+/// `POST /v1/nodes/{id}/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub disks: Vec<DiskUsage>,
+    /// Allocated bytes per volume, summed over this node's disks.
+    pub volumes: Vec<VolumeUsage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub epoch: u64,
+}
+
+/// `POST /v1/volumes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateVolumeRequest {
+    pub name: String,
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub block_size: Option<u32>,
+}
+
+/// `PATCH /v1/volumes/{name}`: grow only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResizeVolumeRequest {
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskShare {
+    pub disk_id: u32,
+    pub node_id: u32,
+    /// How many of the volume's chunks map to this disk.
+    pub chunks: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub chunk_size_bytes: u64,
+    pub chunks: u64,
+    /// Bytes allocated on disks, as last reported by the storage daemons.
+    pub allocated_bytes: u64,
+    pub placement: Vec<DiskShare>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: u32,
+    pub uuid: String,
+    pub addr: String,
+    pub metrics_addr: Option<String>,
+    pub pid: u32,
+    pub up: bool,
+    /// Milliseconds since the last heartbeat, `None` if never seen since the
+    /// manager started.
+    pub last_heartbeat_ms_ago: Option<u64>,
+    pub disks: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub id: u32,
+    pub node_id: u32,
+    pub uuid: String,
+    pub path: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub checksum_errors: u64,
+    pub up: bool,
+}
+
+/// Body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Parse a human size: `4096`, `512K`, `64M`, `1G`, `2T`, with optional
+/// `B`/`iB` suffixes (`1GiB`, `1GB`); units are powers of 1024.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits_end = t
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(t.len());
+    if digits_end == 0 {
+        return Err(format!("bad size {s:?}: expected a number with an optional K/M/G/T suffix"));
+    }
+    let n: u64 = t[..digits_end]
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: number too large"))?;
+    let unit = t[digits_end..].trim().to_ascii_uppercase();
+    let mult: u64 = match unit.as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        "T" | "TB" | "TIB" => 1 << 40,
+        _ => return Err(format!("bad size {s:?}: unknown unit {unit:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("bad size {s:?}: too large"))
+}
+
+/// Format bytes for people: `1.0 GiB`, `512 MiB`, `4096 B`.
+pub fn format_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Proves size parsing accepts the documented forms and rejects the rest.
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("1Q").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999999999999T").is_err());
+        assert_eq!(format_size(1 << 30), "1 GiB");
+        assert_eq!(format_size(1536), "1.5 KiB");
+    }
+}

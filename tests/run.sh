@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every Tessera test on a fresh Debian machine: installs the real
+# clients the tests drive (when missing), builds once in release mode, and
+# runs the whole suite (unit, property, simulation, real-client scenarios).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v fio >/dev/null || need+=(fio)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v nbdfuse >/dev/null || need+=(nbdfuse)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v nbdkit >/dev/null || need+=(nbdkit)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "tests/run.sh: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null || true
+  apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Build every binary once; the real-client tests start them from target/release.
+cargo build --release --workspace --bins
+# Unit, property, simulation and real-client tests, in release mode so the
+# crash-consistency simulation covers many seeds in little time.
+cargo test --release --workspace -- --test-threads="${TESSERA_TEST_THREADS:-4}"

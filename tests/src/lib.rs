@@ -1,0 +1,1 @@
+//! Helpers shared by the real-client tests: see `cluster.rs`.
