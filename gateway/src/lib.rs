@@ -1,1 +1,16 @@
-//! placeholder
+//! Tessera gateway: serves Tessera volumes over NBD, turning each request
+//! into chunk I/O against the storage daemons named by the cluster map.
+//!
+//! * [`nbd`]: the NBD protocol (codec, handshake, session).
+//! * [`volume`]: the `Volume` and `Catalog` traits between protocols and
+//!   storage.
+//! * [`server`]: the one socket loop.
+//! * [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//!
+//! The gateway holds no data.
+#![deny(unsafe_code)]
+
+pub mod metrics;
+pub mod nbd;
+pub mod server;
+pub mod volume;
