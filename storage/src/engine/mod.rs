@@ -1,0 +1,1583 @@
+//! The storage engine of one disk: thin-provisioned chunks of 4 KiB blocks,
+//! redirect-on-write, a metadata journal and checkpoints (the format and the
+//! reasoning are in docs/on-disk-format.md).
+//!
+//! The engine is a single-threaded state machine over a [`Disk`]: requests
+//! and disk completions go in, disk operations and request completions come
+//! out. It never blocks except inside `Disk::reap` when asked to wait, and
+//! reads no clock and no random source, so the simulated disk drives it
+//! deterministically.
+//!
+//! Invariants:
+//! * A block's data is never overwritten in place: every write goes to a
+//!   free physical block, so after a crash a block reads back as its old
+//!   or its new content, never a mix.
+//! * A physical block superseded by a write (or freed by TRIM) returns to
+//!   the allocator only after the metadata commit that stops referencing it
+//!   is durable, and after every read that might still be reading it.
+//! * Metadata pages reference only data that was synced before the pages
+//!   were written (data sync, then journal write, then journal sync).
+//! * Every mapped block's CRC32C is checked on every read.
+
+pub mod format;
+
+use crate::io::{ALIGN, AlignedBuf, Disk, IoDone, IoKind, IoOp, Wait};
+use bitvec::prelude::*;
+use format::*;
+use slab::Slab;
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use tessera_wire::crc32c;
+
+/// Most requests the engine holds at once (in progress or deferred behind
+/// a conflicting write); the daemon applies backpressure above it.
+pub const OPS_MAX: usize = 4096;
+/// Pending metadata records that trigger a commit even without a FLUSH, so
+/// superseded blocks are recycled and memory stays bounded.
+pub const COMMIT_BATCH_RECORDS: usize = RECORDS_PER_PAGE * 16;
+const BLOCK: usize = BLOCK_BYTES;
+const ENTRY_NONE: u64 = u64::MAX;
+const COMMIT_TOKEN: u64 = 1 << 63;
+const SUB_BITS: u32 = 24;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkKey {
+    pub volume_id: u64,
+    pub chunk_index: u32,
+}
+
+#[derive(Debug)]
+pub enum Request {
+    Read {
+        key: ChunkKey,
+        offset: u32,
+        length: u32,
+    },
+    Write {
+        key: ChunkKey,
+        offset: u32,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    WriteZeroes {
+        key: ChunkKey,
+        offset: u32,
+        length: u32,
+        fua: bool,
+    },
+    Trim {
+        key: ChunkKey,
+        offset: u32,
+        length: u32,
+    },
+    /// Make every completed write durable.
+    Flush,
+    /// One bit per 4 KiB block of the range: allocated or not.
+    BlockStatus {
+        key: ChunkKey,
+        offset: u32,
+        length: u32,
+    },
+    /// Free every chunk of a deleted volume.
+    DropVolume { volume_id: u64 },
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    Done,
+    Data(Vec<u8>),
+    Allocation(Vec<u8>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("disk I/O error (errno {0})")]
+    Io(i32),
+    #[error("block checksum mismatch")]
+    Checksum,
+    #[error("invalid request: {0}")]
+    Invalid(&'static str),
+    #[error("no space left on disk")]
+    NoSpace,
+    #[error("too many requests in flight")]
+    Overloaded,
+    #[error("engine stopped after a metadata write failure")]
+    Failed,
+}
+
+#[derive(Debug)]
+pub struct Completion {
+    pub tag: u64,
+    pub result: Result<Reply, EngineError>,
+    /// The chunk's version after the request (0 for requests without a chunk).
+    pub chunk_version: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("superblock: {0}")]
+    Format(#[from] FormatError),
+    #[error("disk I/O error during recovery (errno {0})")]
+    Io(i32),
+    #[error("no valid checkpoint found: metadata is corrupt")]
+    NoCheckpoint,
+    #[error("metadata is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub data_blocks: u64,
+    /// Blocks not available for allocation (mapped, or awaiting reuse).
+    pub used_blocks: u64,
+    pub mapped_blocks: u64,
+    pub checksum_errors: u64,
+    pub io_errors: u64,
+    pub commits: u64,
+    pub checkpoints: u64,
+    /// Mapped blocks per volume.
+    pub volumes: BTreeMap<u64, u64>,
+}
+
+fn entry(phys: u32, crc: u32) -> u64 {
+    (u64::from(phys) << 32) | u64::from(crc)
+}
+fn entry_phys(e: u64) -> u32 {
+    (e >> 32) as u32
+}
+fn entry_crc(e: u64) -> u32 {
+    e as u32
+}
+
+struct Chunk {
+    version: u64,
+    blocks: Box<[u64]>,
+    mapped: u32,
+}
+
+impl Chunk {
+    fn new(blocks: usize) -> Chunk {
+        Chunk {
+            version: 0,
+            blocks: vec![ENTRY_NONE; blocks].into_boxed_slice(),
+            mapped: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    Data,
+    Zero,
+    Trim,
+}
+
+struct Run {
+    phys: u32,
+    /// Index (within the chunk) of the first block of the run.
+    first_block: usize,
+    crcs: Vec<u32>,
+}
+
+struct ReadOp {
+    tag: u64,
+    key: ChunkKey,
+    offset: u32,
+    length: u32,
+    out: Vec<u8>,
+    runs: Vec<Run>,
+    pending: usize,
+    error: Option<EngineError>,
+    read_seq: u64,
+    version: u64,
+}
+
+struct WriteOp {
+    tag: u64,
+    key: ChunkKey,
+    offset: u32,
+    length: u32,
+    fill: Fill,
+    data: Vec<u8>,
+    fua: bool,
+    first: usize,
+    last: usize,
+    /// Blocks reserved from the allocator for this op.
+    reserved: u64,
+    pending: usize,
+    writing: bool,
+    /// Old content of partially written blocks, read for the merge.
+    rmw: Vec<(usize, Option<AlignedBuf>, u32)>,
+    read_seq: Option<u64>,
+    /// New placement of written blocks: (block in chunk, phys, crc).
+    placed: Vec<(usize, u32, u32)>,
+    unmaps: Vec<usize>,
+    error: Option<EngineError>,
+}
+
+enum Op {
+    Read(ReadOp),
+    Write(WriteOp),
+}
+
+struct Waiter {
+    needed: u64,
+    tag: u64,
+    version: u64,
+    /// A FUA write keeps its blocks claimed until it is durable, so writes
+    /// to the same blocks complete in the order they take effect.
+    claims: Option<(ChunkKey, usize, usize)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CommitPhase {
+    SyncData,
+    WriteMeta,
+    SyncMeta,
+}
+
+struct Commit {
+    phase: CommitPhase,
+    pending: usize,
+    upto: u64,
+    frees: Vec<u32>,
+    /// Metadata writes to issue after the data sync: (disk offset, bytes).
+    writes: Vec<(u64, AlignedBuf)>,
+    /// For a checkpoint: the area written and its header.
+    ckpt: Option<(usize, CkptHeader)>,
+    journal_pages: u64,
+}
+
+pub struct Engine<D: Disk> {
+    disk: D,
+    sb: Superblock,
+    chunks: BTreeMap<ChunkKey, Chunk>,
+    used: BitVec,
+    free_count: u64,
+    cursor: usize,
+    ops: Slab<Op>,
+    deferred: VecDeque<(u64, Request)>,
+    claims: HashSet<(ChunkKey, usize)>,
+    backlog: VecDeque<IoOp>,
+    completions: Vec<Completion>,
+    // Metadata state.
+    pending_records: Vec<Record>,
+    pending_free: Vec<u32>,
+    record_seq: u64,
+    durable_seq: u64,
+    /// Requests waiting for durability: (record seq needed, tag, chunk
+    /// version, blocks a FUA write keeps claimed until it completes).
+    waiters: Vec<Waiter>,
+    commit: Option<Commit>,
+    journal_head: u64,
+    journal_seq: u64,
+    journal_used: u64,
+    ckpt_area: usize,
+    ckpt_seq: u64,
+    quarantine: VecDeque<(u64, Vec<u32>)>,
+    reads_inflight: BTreeSet<u64>,
+    next_read_seq: u64,
+    dropped: BTreeSet<u64>,
+    failed: bool,
+    stats: Stats,
+    done_buf: Vec<IoDone>,
+}
+
+impl<D: Disk> Engine<D> {
+    /// Format a blank disk and open it.
+    pub fn format(
+        mut disk: D,
+        cluster_id: &str,
+        chunk_bytes: u64,
+        disk_uuid: [u8; 16],
+        format_id: u64,
+    ) -> Result<Engine<D>, OpenError> {
+        let sb = Superblock::layout(
+            disk.size_bytes(),
+            chunk_bytes,
+            cluster_id,
+            disk_uuid,
+            format_id,
+        )?;
+        let mut head = AlignedBuf::zeroed(2 * BLOCK);
+        let enc = sb.encode();
+        head[..BLOCK].copy_from_slice(&enc);
+        head[BLOCK..].copy_from_slice(&enc);
+        sync_io(&mut disk, IoKind::Write, 0, Some(head))?;
+        let mut h = AlignedBuf::zeroed(BLOCK);
+        CkptHeader {
+            ckpt_seq: 1,
+            journal_pos: 0,
+            journal_seq: 1,
+            pages: 0,
+            pages_crc: crc32c(&[]),
+        }
+        .encode(sb.format_id, &mut h);
+        sync_io(
+            &mut disk,
+            IoKind::Write,
+            sb.ckpt_start[0] * BLOCK as u64,
+            Some(h),
+        )?;
+        // The other area's header is cleared so no stale checkpoint of an
+        // earlier life of the device competes (format_id also guards).
+        sync_io(
+            &mut disk,
+            IoKind::Write,
+            sb.ckpt_start[1] * BLOCK as u64,
+            Some(AlignedBuf::zeroed(BLOCK)),
+        )?;
+        sync_io(&mut disk, IoKind::Sync, 0, None)?;
+        Engine::open(disk)
+    }
+
+    /// Read the superblock only: whether the disk is blank, ours, or
+    /// something else.
+    pub fn probe(disk: &mut D) -> Result<Superblock, OpenError> {
+        let buf = sync_io(disk, IoKind::Read, 0, Some(AlignedBuf::zeroed(2 * BLOCK)))?;
+        let a = Superblock::decode(&buf[..BLOCK]);
+        let b = Superblock::decode(&buf[BLOCK..]);
+        match (a, b) {
+            (Ok(s), _) | (Err(_), Ok(s)) => Ok(s),
+            (Err(e), Err(_)) => Err(e.into()),
+        }
+    }
+
+    /// Open a formatted disk, recovering its metadata: the newest valid
+    /// checkpoint, then every valid journal page after it.
+    pub fn open(mut disk: D) -> Result<Engine<D>, OpenError> {
+        let sb = Engine::probe(&mut disk)?;
+        let mut best: Option<(usize, CkptHeader, AlignedBuf)> = None;
+        for area in 0..2 {
+            let off = sb.ckpt_start[area] * BLOCK as u64;
+            let hb = sync_io(
+                &mut disk,
+                IoKind::Read,
+                off,
+                Some(AlignedBuf::zeroed(BLOCK)),
+            )?;
+            let Some(h) = CkptHeader::decode(sb.format_id, &hb) else {
+                continue;
+            };
+            if h.pages + 1 > sb.ckpt_blocks || h.journal_pos >= sb.journal_blocks {
+                continue;
+            }
+            let pages = if h.pages == 0 {
+                AlignedBuf::zeroed(BLOCK)
+            } else {
+                sync_io(
+                    &mut disk,
+                    IoKind::Read,
+                    off + BLOCK as u64,
+                    Some(AlignedBuf::zeroed(h.pages as usize * BLOCK)),
+                )?
+            };
+            let body = if h.pages == 0 { &[][..] } else { &pages[..] };
+            if crc32c(body) != h.pages_crc {
+                continue;
+            }
+            if best
+                .as_ref()
+                .is_none_or(|(_, b, _)| h.ckpt_seq > b.ckpt_seq)
+            {
+                best = Some((area, h, pages));
+            }
+        }
+        let (area, header, pages) = best.ok_or(OpenError::NoCheckpoint)?;
+        let blocks_per_chunk = sb.blocks_per_chunk();
+        let mut e = Engine {
+            used: bitvec![0; sb.data_blocks as usize],
+            free_count: 0,
+            cursor: 0,
+            ops: Slab::with_capacity(OPS_MAX),
+            deferred: VecDeque::new(),
+            claims: HashSet::new(),
+            backlog: VecDeque::new(),
+            completions: Vec::new(),
+            pending_records: Vec::new(),
+            pending_free: Vec::new(),
+            record_seq: 0,
+            durable_seq: 0,
+            waiters: Vec::new(),
+            commit: None,
+            journal_head: header.journal_pos,
+            journal_seq: header.journal_seq,
+            journal_used: 0,
+            ckpt_area: area,
+            ckpt_seq: header.ckpt_seq,
+            quarantine: VecDeque::new(),
+            reads_inflight: BTreeSet::new(),
+            next_read_seq: 1,
+            dropped: BTreeSet::new(),
+            failed: false,
+            stats: Stats::default(),
+            done_buf: Vec::new(),
+            chunks: BTreeMap::new(),
+            sb,
+            disk,
+        };
+        for p in 0..header.pages as usize {
+            let page = decode_page(
+                PAGE_MAGIC_CKPT,
+                e.sb.format_id,
+                &pages[p * BLOCK..(p + 1) * BLOCK],
+            )
+            .ok_or_else(|| OpenError::Corrupt(format!("checkpoint page {p}")))?;
+            if page.seq != p as u64 {
+                return Err(OpenError::Corrupt(format!(
+                    "checkpoint page {p} out of order"
+                )));
+            }
+            for r in page.records {
+                e.replay(r, blocks_per_chunk)?;
+            }
+        }
+        // Journal: read it whole, then follow the sequence from the
+        // checkpoint's position until the first page that is not the next.
+        let jbytes = e.sb.journal_blocks as usize * BLOCK;
+        let mut journal = AlignedBuf::zeroed(jbytes);
+        let step = 1 << 20;
+        let mut done = 0;
+        while done < jbytes {
+            let n = step.min(jbytes - done);
+            let part = sync_io(
+                &mut e.disk,
+                IoKind::Read,
+                e.sb.journal_start * BLOCK as u64 + done as u64,
+                Some(AlignedBuf::zeroed(n)),
+            )?;
+            journal[done..done + n].copy_from_slice(&part);
+            done += n;
+        }
+        // A batch (one commit's pages) is replayed only if every page of it
+        // is valid: a commit whose pages did not all land was never
+        // acknowledged.
+        let jblocks = e.sb.journal_blocks;
+        let page_at = |pos: u64| {
+            let pos = (pos % jblocks) as usize;
+            decode_page(
+                PAGE_MAGIC_JOURNAL,
+                e.sb.format_id,
+                &journal[pos * BLOCK..(pos + 1) * BLOCK],
+            )
+        };
+        let mut batches = Vec::new();
+        let (mut head, mut seq, mut used) = (e.journal_head, e.journal_seq, 0u64);
+        'replay: while let Some(first) = page_at(head) {
+            if first.seq != seq || first.batch.index != 0 {
+                break;
+            }
+            let n = u64::from(first.batch.len);
+            if used + n > jblocks {
+                break;
+            }
+            let mut pages = vec![first];
+            for i in 1..n {
+                match page_at(head + i) {
+                    Some(p)
+                        if p.seq == seq + i
+                            && p.batch.index as u64 == i
+                            && p.batch.len == pages[0].batch.len =>
+                    {
+                        pages.push(p)
+                    }
+                    _ => break 'replay,
+                }
+            }
+            batches.push(pages);
+            head = (head + n) % jblocks;
+            seq += n;
+            used += n;
+        }
+        for pages in batches {
+            for p in pages {
+                for r in p.records {
+                    e.replay(r, blocks_per_chunk)?;
+                }
+            }
+        }
+        e.journal_head = head;
+        e.journal_seq = seq;
+        e.journal_used = used;
+        e.rebuild_allocator()?;
+        Ok(e)
+    }
+
+    fn replay(&mut self, r: Record, blocks_per_chunk: usize) -> Result<(), OpenError> {
+        match r {
+            Record::Map {
+                volume_id,
+                chunk_index,
+                block,
+                phys,
+                crc,
+                version,
+            } => {
+                if usize::from(block) >= blocks_per_chunk || u64::from(phys) >= self.sb.data_blocks
+                {
+                    return Err(OpenError::Corrupt(format!(
+                        "record maps block {block} to physical block {phys}"
+                    )));
+                }
+                let c = self
+                    .chunks
+                    .entry(ChunkKey {
+                        volume_id,
+                        chunk_index,
+                    })
+                    .or_insert_with(|| Chunk::new(blocks_per_chunk));
+                c.blocks[usize::from(block)] = entry(phys, crc);
+                c.version = c.version.max(version);
+            }
+            Record::Unmap {
+                volume_id,
+                chunk_index,
+                block,
+                version,
+            } => {
+                if usize::from(block) >= blocks_per_chunk {
+                    return Err(OpenError::Corrupt(format!("record unmaps block {block}")));
+                }
+                if let Some(c) = self.chunks.get_mut(&ChunkKey {
+                    volume_id,
+                    chunk_index,
+                }) {
+                    c.blocks[usize::from(block)] = ENTRY_NONE;
+                    c.version = c.version.max(version);
+                }
+            }
+            Record::DropVolume { volume_id } => {
+                self.chunks.retain(|k, _| k.volume_id != volume_id);
+            }
+        }
+        Ok(())
+    }
+
+    fn rebuild_allocator(&mut self) -> Result<(), OpenError> {
+        self.stats.volumes.clear();
+        self.stats.mapped_blocks = 0;
+        for (k, c) in self.chunks.iter_mut() {
+            c.mapped = 0;
+            for &e in c.blocks.iter() {
+                if e == ENTRY_NONE {
+                    continue;
+                }
+                let p = entry_phys(e) as usize;
+                if self.used[p] {
+                    return Err(OpenError::Corrupt(format!(
+                        "physical block {p} is mapped twice"
+                    )));
+                }
+                self.used.set(p, true);
+                c.mapped += 1;
+            }
+            *self.stats.volumes.entry(k.volume_id).or_default() += u64::from(c.mapped);
+            self.stats.mapped_blocks += u64::from(c.mapped);
+        }
+        self.chunks.retain(|_, c| c.mapped > 0);
+        self.stats.volumes.retain(|_, n| *n > 0);
+        self.free_count = self.sb.data_blocks - self.stats.mapped_blocks;
+        self.stats.data_blocks = self.sb.data_blocks;
+        Ok(())
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.used_blocks = self.sb.data_blocks - self.free_count;
+        s
+    }
+
+    /// Current version of a chunk (0 if it holds nothing).
+    pub fn chunk_version(&self, key: ChunkKey) -> u64 {
+        self.chunks.get(&key).map_or(0, |c| c.version)
+    }
+
+    /// Requests accepted and not yet completed.
+    pub fn ops_inflight(&self) -> usize {
+        self.ops.len() + self.deferred.len() + self.waiters.len()
+    }
+
+    /// Whether anything is in progress (requests, commits or disk I/O).
+    pub fn busy(&self) -> bool {
+        !self.ops.is_empty()
+            || !self.deferred.is_empty()
+            || !self.waiters.is_empty()
+            || self.commit.is_some()
+            || self.disk.inflight() > 0
+            || !self.backlog.is_empty()
+    }
+
+    pub fn take_completions(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.completions);
+    }
+
+    fn complete(&mut self, tag: u64, result: Result<Reply, EngineError>, chunk_version: u64) {
+        self.completions.push(Completion {
+            tag,
+            result,
+            chunk_version,
+        });
+    }
+
+    // ---- request intake -------------------------------------------------
+
+    pub fn submit(&mut self, tag: u64, req: Request) {
+        if self.failed {
+            self.complete(tag, Err(EngineError::Failed), 0);
+            return;
+        }
+        if self.ops_inflight() >= OPS_MAX {
+            self.complete(tag, Err(EngineError::Overloaded), 0);
+            return;
+        }
+        if let Err(e) = self.validate(&req) {
+            self.complete(tag, Err(e), 0);
+            return;
+        }
+        self.start(tag, req);
+    }
+
+    fn validate(&self, req: &Request) -> Result<(), EngineError> {
+        let range = match req {
+            Request::Read { offset, length, .. }
+            | Request::WriteZeroes { offset, length, .. }
+            | Request::Trim { offset, length, .. }
+            | Request::BlockStatus { offset, length, .. } => Some((*offset, *length)),
+            Request::Write { offset, data, .. } => {
+                let len =
+                    u32::try_from(data.len()).map_err(|_| EngineError::Invalid("too long"))?;
+                Some((*offset, len))
+            }
+            Request::Flush | Request::DropVolume { .. } => None,
+        };
+        if let Some((offset, length)) = range {
+            if length == 0 {
+                return Err(EngineError::Invalid("zero length"));
+            }
+            if offset % 512 != 0 || length % 512 != 0 {
+                return Err(EngineError::Invalid("not 512-byte aligned"));
+            }
+            if u64::from(offset) + u64::from(length) > self.sb.chunk_bytes {
+                return Err(EngineError::Invalid("range beyond the chunk"));
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, tag: u64, req: Request) {
+        match req {
+            Request::Read {
+                key,
+                offset,
+                length,
+            } => self.start_read(tag, key, offset, length),
+            Request::Write {
+                key,
+                offset,
+                data,
+                fua,
+            } => {
+                let length = data.len() as u32;
+                self.start_write(tag, key, offset, length, Fill::Data, data, fua)
+            }
+            Request::WriteZeroes {
+                key,
+                offset,
+                length,
+                fua,
+            } => self.start_write(tag, key, offset, length, Fill::Zero, Vec::new(), fua),
+            Request::Trim {
+                key,
+                offset,
+                length,
+            } => self.start_write(tag, key, offset, length, Fill::Trim, Vec::new(), false),
+            Request::Flush => self.when_durable(tag, 0, None),
+            Request::BlockStatus {
+                key,
+                offset,
+                length,
+            } => {
+                let first = offset as usize / BLOCK;
+                let last = (offset + length - 1) as usize / BLOCK;
+                let mut bits = vec![0u8; (last - first + 1).div_ceil(8)];
+                let mut version = 0;
+                if let Some(c) = self.chunks.get(&key) {
+                    version = c.version;
+                    for b in first..=last {
+                        if c.blocks[b] != ENTRY_NONE {
+                            let i = b - first;
+                            bits[i / 8] |= 1 << (i % 8);
+                        }
+                    }
+                }
+                self.complete(tag, Ok(Reply::Allocation(bits)), version);
+            }
+            Request::DropVolume { volume_id } => {
+                self.drop_volume(volume_id);
+                self.complete(tag, Ok(Reply::Done), 0);
+            }
+        }
+    }
+
+    fn drop_volume(&mut self, volume_id: u64) {
+        self.dropped.insert(volume_id);
+        let keys: Vec<ChunkKey> = self
+            .chunks
+            .range(
+                ChunkKey {
+                    volume_id,
+                    chunk_index: 0,
+                }..=ChunkKey {
+                    volume_id,
+                    chunk_index: u32::MAX,
+                },
+            )
+            .map(|(k, _)| *k)
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        for k in keys {
+            let c = self.chunks.remove(&k).expect("chunk listed");
+            for &e in c.blocks.iter() {
+                if e != ENTRY_NONE {
+                    self.pending_free.push(entry_phys(e));
+                }
+            }
+            self.stats.mapped_blocks -= u64::from(c.mapped);
+        }
+        self.stats.volumes.remove(&volume_id);
+        self.push_record(Record::DropVolume { volume_id });
+        self.maybe_commit();
+    }
+
+    fn start_read(&mut self, tag: u64, key: ChunkKey, offset: u32, length: u32) {
+        let mut op = ReadOp {
+            tag,
+            key,
+            offset,
+            length,
+            out: vec![0u8; length as usize],
+            runs: Vec::new(),
+            pending: 0,
+            error: None,
+            read_seq: 0,
+            version: 0,
+        };
+        if let Some(c) = self.chunks.get(&key) {
+            op.version = c.version;
+            let first = offset as usize / BLOCK;
+            let last = (offset + length - 1) as usize / BLOCK;
+            for b in first..=last {
+                let e = c.blocks[b];
+                if e == ENTRY_NONE {
+                    continue;
+                }
+                let (p, crc) = (entry_phys(e), entry_crc(e));
+                match op.runs.last_mut() {
+                    Some(r)
+                        if r.first_block + r.crcs.len() == b
+                            && r.phys as usize + r.crcs.len() == p as usize =>
+                    {
+                        r.crcs.push(crc)
+                    }
+                    _ => op.runs.push(Run {
+                        phys: p,
+                        first_block: b,
+                        crcs: vec![crc],
+                    }),
+                }
+            }
+        }
+        if op.runs.is_empty() {
+            // Never written: zeroes, without touching the disk.
+            self.complete(tag, Ok(Reply::Data(op.out)), op.version);
+            return;
+        }
+        op.read_seq = self.begin_read();
+        op.pending = op.runs.len();
+        let reads: Vec<(u64, usize)> = op
+            .runs
+            .iter()
+            .map(|r| (self.phys_offset(r.phys), r.crcs.len()))
+            .collect();
+        let id = self.ops.insert(Op::Read(op));
+        for (sub, (off, n)) in reads.into_iter().enumerate() {
+            self.issue(IoOp {
+                token: op_token(id, sub),
+                kind: IoKind::Read,
+                offset: off,
+                buf: Some(AlignedBuf::zeroed(n * BLOCK)),
+            });
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_write(
+        &mut self,
+        tag: u64,
+        key: ChunkKey,
+        offset: u32,
+        length: u32,
+        fill: Fill,
+        data: Vec<u8>,
+        fua: bool,
+    ) {
+        let first = offset as usize / BLOCK;
+        let last = (offset + length - 1) as usize / BLOCK;
+        let req = || match fill {
+            Fill::Data => Request::Write {
+                key,
+                offset,
+                data: data.clone(),
+                fua,
+            },
+            Fill::Zero => Request::WriteZeroes {
+                key,
+                offset,
+                length,
+                fua,
+            },
+            Fill::Trim => Request::Trim {
+                key,
+                offset,
+                length,
+            },
+        };
+        // Writes touching a block another write is changing wait for it:
+        // a partial-block write reads, merges and rewrites the whole block.
+        if (first..=last).any(|b| self.claims.contains(&(key, b))) {
+            self.deferred.push_back((tag, req()));
+            return;
+        }
+        let reserve = if fill == Fill::Data {
+            (last - first + 1) as u64
+        } else {
+            // Zeroing rewrites at most the two partial edge blocks.
+            2.min((last - first + 1) as u64)
+        };
+        if self.free_count < reserve {
+            if self.commit.is_some() || !self.pending_free.is_empty() || !self.quarantine.is_empty()
+            {
+                // Space is on its way back; wait for the commit.
+                self.deferred.push_back((tag, req()));
+                self.maybe_commit();
+            } else {
+                self.complete(tag, Err(EngineError::NoSpace), 0);
+            }
+            return;
+        }
+        self.free_count -= reserve;
+        for b in first..=last {
+            self.claims.insert((key, b));
+        }
+        let end = offset as usize + length as usize;
+        let mut rmw = Vec::new();
+        let chunk = self.chunks.get(&key);
+        for b in [first, last] {
+            if rmw
+                .iter()
+                .any(|(x, _, _): &(usize, Option<AlignedBuf>, u32)| *x == b)
+            {
+                continue;
+            }
+            let full = offset as usize <= b * BLOCK && end >= (b + 1) * BLOCK;
+            if full || fill == Fill::Trim {
+                continue;
+            }
+            let e = chunk.map_or(ENTRY_NONE, |c| c.blocks[b]);
+            rmw.push((b, None, if e == ENTRY_NONE { 0 } else { entry_crc(e) }));
+        }
+        let mut op = WriteOp {
+            tag,
+            key,
+            offset,
+            length,
+            fill,
+            data,
+            fua,
+            first,
+            last,
+            reserved: reserve,
+            pending: 0,
+            writing: false,
+            rmw: Vec::new(),
+            read_seq: None,
+            placed: Vec::new(),
+            unmaps: Vec::new(),
+            error: None,
+        };
+        let mut reads = Vec::new();
+        for (b, _, crc) in rmw {
+            let e = chunk.map_or(ENTRY_NONE, |c| c.blocks[b]);
+            if e != ENTRY_NONE {
+                reads.push((op.rmw.len(), self.phys_offset(entry_phys(e))));
+            }
+            op.rmw.push((b, None, crc));
+        }
+        if !reads.is_empty() {
+            op.read_seq = Some(self.begin_read());
+        }
+        op.pending = reads.len();
+        let id = self.ops.insert(Op::Write(op));
+        if reads.is_empty() {
+            self.write_phase(id);
+        } else {
+            for (sub, off) in reads {
+                self.issue(IoOp {
+                    token: op_token(id, sub),
+                    kind: IoKind::Read,
+                    offset: off,
+                    buf: Some(AlignedBuf::zeroed(BLOCK)),
+                });
+            }
+        }
+    }
+
+    /// Build the new content of every block the write changes, place it on
+    /// free physical blocks and issue the writes.
+    fn write_phase(&mut self, id: usize) {
+        let Op::Write(op) = &mut self.ops[id] else {
+            unreachable!("write op");
+        };
+        op.writing = true;
+        if let Some(seq) = op.read_seq.take() {
+            self.reads_inflight.remove(&seq);
+        }
+        if op.error.is_some() {
+            self.finish_write(id);
+            return;
+        }
+        let start = op.offset as usize;
+        let end = start + op.length as usize;
+        let mut contents: Vec<(usize, AlignedBuf)> = Vec::new();
+        for b in op.first..=op.last {
+            let (bs, be) = (b * BLOCK, (b + 1) * BLOCK);
+            let full = start <= bs && end >= be;
+            match op.fill {
+                Fill::Trim | Fill::Zero if full => op.unmaps.push(b),
+                Fill::Trim => {}
+                Fill::Zero | Fill::Data => {
+                    let base = op.rmw.iter_mut().find(|(x, _, _)| *x == b);
+                    let mut block = match base {
+                        Some((_, Some(buf), _)) => {
+                            std::mem::replace(buf, AlignedBuf::zeroed(BLOCK))
+                        }
+                        Some((_, None, _)) if op.fill == Fill::Zero => continue, // unmapped: already zero
+                        _ => AlignedBuf::zeroed(BLOCK),
+                    };
+                    let (s, e) = (start.max(bs), end.min(be));
+                    if op.fill == Fill::Data {
+                        block[s - bs..e - bs].copy_from_slice(&op.data[s - start..e - start]);
+                    } else {
+                        block[s - bs..e - bs].fill(0);
+                    }
+                    contents.push((b, block));
+                }
+            }
+        }
+        op.data = Vec::new();
+        op.rmw.clear();
+        // Place blocks in as few contiguous physical runs as possible.
+        let n = contents.len() as u64;
+        assert!(n <= op.reserved);
+        let runs = alloc_runs(&mut self.used, &mut self.cursor, n as usize);
+        let unused = op.reserved - n;
+        self.free_count += unused;
+        op.reserved = n;
+        let mut writes = Vec::new();
+        let mut it = contents.into_iter();
+        for (phys, len) in runs {
+            let mut buf = AlignedBuf::zeroed(len * BLOCK);
+            for i in 0..len {
+                let (b, content) = it.next().expect("one content per placed block");
+                buf[i * BLOCK..(i + 1) * BLOCK].copy_from_slice(&content);
+                let crc = crc32c(&content);
+                op.placed.push((b, phys + i as u32, crc));
+            }
+            writes.push((u64::from(phys), buf));
+        }
+        op.pending = writes.len();
+        if writes.is_empty() {
+            self.finish_write(id);
+            return;
+        }
+        let data_start = self.sb.data_start;
+        for (sub, (phys, buf)) in writes.into_iter().enumerate() {
+            self.issue(IoOp {
+                token: op_token(id, sub),
+                kind: IoKind::Write,
+                offset: (data_start + phys) * BLOCK as u64,
+                buf: Some(buf),
+            });
+        }
+    }
+
+    /// All I/O of a write is done: publish the new mapping (or give the
+    /// blocks back on error), release claims, reply.
+    fn finish_write(&mut self, id: usize) {
+        let Op::Write(op) = self.ops.remove(id) else {
+            unreachable!("write op");
+        };
+        let keep_claims = op.fua && op.error.is_none();
+        if !keep_claims {
+            for b in op.first..=op.last {
+                self.claims.remove(&(op.key, b));
+            }
+        }
+        let mut version = self.chunk_version(op.key);
+        let dropped = self.dropped.contains(&op.key.volume_id);
+        if op.error.is_some() || dropped {
+            // Never referenced by any record: free at once.
+            for &(_, p, _) in &op.placed {
+                self.used.set(p as usize, false);
+            }
+            self.free_count += op.placed.len() as u64;
+        } else if !op.placed.is_empty() || op.unmaps.iter().any(|b| self.is_mapped(op.key, *b)) {
+            let bpc = self.sb.blocks_per_chunk();
+            let c = self.chunks.entry(op.key).or_insert_with(|| Chunk::new(bpc));
+            c.version += 1;
+            version = c.version;
+            let mut records = Vec::new();
+            let mut freed = Vec::new();
+            let mut delta: i64 = 0;
+            for &(b, p, crc) in &op.placed {
+                let old = c.blocks[b];
+                if old == ENTRY_NONE {
+                    delta += 1;
+                } else {
+                    freed.push(entry_phys(old));
+                }
+                c.blocks[b] = entry(p, crc);
+                records.push(Record::Map {
+                    volume_id: op.key.volume_id,
+                    chunk_index: op.key.chunk_index,
+                    block: b as u16,
+                    phys: p,
+                    crc,
+                    version,
+                });
+            }
+            for &b in &op.unmaps {
+                let old = c.blocks[b];
+                if old == ENTRY_NONE {
+                    continue;
+                }
+                freed.push(entry_phys(old));
+                delta -= 1;
+                c.blocks[b] = ENTRY_NONE;
+                records.push(Record::Unmap {
+                    volume_id: op.key.volume_id,
+                    chunk_index: op.key.chunk_index,
+                    block: b as u16,
+                    version,
+                });
+            }
+            c.mapped = (i64::from(c.mapped) + delta) as u32;
+            let vol = self.stats.volumes.entry(op.key.volume_id).or_default();
+            *vol = (*vol as i64 + delta) as u64;
+            self.stats.mapped_blocks = (self.stats.mapped_blocks as i64 + delta) as u64;
+            self.pending_free.extend(freed);
+            for r in records {
+                self.push_record(r);
+            }
+        }
+        match op.error {
+            Some(e) => self.complete(op.tag, Err(e), version),
+            None if op.fua => self.when_durable(op.tag, version, Some((op.key, op.first, op.last))),
+            None => self.complete(op.tag, Ok(Reply::Done), version),
+        }
+        self.maybe_commit();
+        self.retry_deferred();
+    }
+
+    /// Complete `tag` once every metadata record written so far is durable
+    /// (FLUSH, and FUA writes).
+    fn when_durable(&mut self, tag: u64, version: u64, claims: Option<(ChunkKey, usize, usize)>) {
+        let needed = self.record_seq;
+        let w = Waiter {
+            needed,
+            tag,
+            version,
+            claims,
+        };
+        if self.durable_seq >= needed {
+            self.wake(w, Ok(Reply::Done));
+        } else {
+            self.waiters.push(w);
+            self.maybe_commit();
+        }
+    }
+
+    fn wake(&mut self, w: Waiter, result: Result<Reply, EngineError>) {
+        if let Some((key, first, last)) = w.claims {
+            for b in first..=last {
+                self.claims.remove(&(key, b));
+            }
+        }
+        self.complete(w.tag, result, w.version);
+    }
+
+    fn is_mapped(&self, key: ChunkKey, b: usize) -> bool {
+        self.chunks
+            .get(&key)
+            .is_some_and(|c| c.blocks[b] != ENTRY_NONE)
+    }
+
+    fn retry_deferred(&mut self) {
+        let n = self.deferred.len();
+        for _ in 0..n {
+            let Some((tag, req)) = self.deferred.pop_front() else {
+                break;
+            };
+            self.start(tag, req);
+        }
+    }
+
+    fn push_record(&mut self, r: Record) {
+        self.pending_records.push(r);
+        self.record_seq += 1;
+    }
+
+    fn begin_read(&mut self) -> u64 {
+        let s = self.next_read_seq;
+        self.next_read_seq += 1;
+        self.reads_inflight.insert(s);
+        s
+    }
+
+    fn phys_offset(&self, phys: u32) -> u64 {
+        (self.sb.data_start + u64::from(phys)) * BLOCK as u64
+    }
+
+    // ---- disk I/O --------------------------------------------------------
+
+    fn issue(&mut self, op: IoOp) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(op);
+            return;
+        }
+        if let Err(op) = self.disk.submit(op) {
+            self.backlog.push_back(op);
+        }
+    }
+
+    /// Submit queued I/O, collect completions and advance every operation.
+    pub fn drive(&mut self, wait: Wait) {
+        while let Some(op) = self.backlog.pop_front() {
+            if let Err(op) = self.disk.submit(op) {
+                self.backlog.push_front(op);
+                break;
+            }
+        }
+        let wait = match wait {
+            Wait::Any if self.disk.inflight() == 0 => Wait::No,
+            w => w,
+        };
+        let mut done = std::mem::take(&mut self.done_buf);
+        self.disk.reap(&mut done, wait);
+        for d in done.drain(..) {
+            self.on_io(d);
+        }
+        self.done_buf = done;
+        // Completions may have freed queue slots.
+        while let Some(op) = self.backlog.pop_front() {
+            if let Err(op) = self.disk.submit(op) {
+                self.backlog.push_front(op);
+                break;
+            }
+        }
+    }
+
+    fn on_io(&mut self, d: IoDone) {
+        if let Err(errno) = d.result {
+            self.stats.io_errors += 1;
+            tracing::error!(errno, kind = ?d.kind, "disk I/O error");
+        }
+        if d.token & COMMIT_TOKEN != 0 {
+            self.on_commit_io(d);
+            return;
+        }
+        let id = (d.token >> SUB_BITS) as usize;
+        let sub = (d.token & ((1 << SUB_BITS) - 1)) as usize;
+        match &mut self.ops[id] {
+            Op::Read(op) => {
+                let run = &op.runs[sub];
+                let buf = d.buf.expect("read buffer");
+                match d.result {
+                    Err(e) => op.error = Some(EngineError::Io(e)),
+                    Ok(()) => {
+                        let start = op.offset as usize;
+                        let end = start + op.length as usize;
+                        for (i, &crc) in run.crcs.iter().enumerate() {
+                            let content = &buf[i * BLOCK..(i + 1) * BLOCK];
+                            if crc32c(content) != crc {
+                                op.error = Some(EngineError::Checksum);
+                                self.stats.checksum_errors += 1;
+                                tracing::warn!(
+                                    volume = op.key.volume_id,
+                                    chunk = op.key.chunk_index,
+                                    block = run.first_block + i,
+                                    "checksum mismatch on read"
+                                );
+                                continue;
+                            }
+                            let b = run.first_block + i;
+                            let (bs, be) = (b * BLOCK, (b + 1) * BLOCK);
+                            let (s, e) = (start.max(bs), end.min(be));
+                            op.out[s - start..e - start].copy_from_slice(&content[s - bs..e - bs]);
+                        }
+                    }
+                }
+                op.pending -= 1;
+                if op.pending == 0 {
+                    let Op::Read(op) = self.ops.remove(id) else {
+                        unreachable!()
+                    };
+                    self.reads_inflight.remove(&op.read_seq);
+                    let result = match op.error {
+                        Some(e) => Err(e),
+                        None => Ok(Reply::Data(op.out)),
+                    };
+                    self.complete(op.tag, result, op.version);
+                    self.release_quarantine();
+                }
+            }
+            Op::Write(op) => {
+                if let Err(e) = d.result {
+                    op.error = Some(EngineError::Io(e));
+                }
+                if !op.writing {
+                    let slot = &mut op.rmw[sub];
+                    let buf = d.buf.expect("read buffer");
+                    if d.result.is_ok() && crc32c(&buf) != slot.2 {
+                        op.error = Some(EngineError::Checksum);
+                        self.stats.checksum_errors += 1;
+                    }
+                    slot.1 = Some(buf);
+                }
+                op.pending -= 1;
+                if op.pending == 0 {
+                    if op.writing {
+                        self.finish_write(id);
+                    } else {
+                        self.write_phase(id);
+                        self.release_quarantine();
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- metadata commits ------------------------------------------------
+
+    /// Start a commit when one is needed: a FLUSH or FUA write is waiting,
+    /// or enough records or freed blocks have piled up.
+    fn maybe_commit(&mut self) {
+        if self.commit.is_some() || self.failed || self.pending_records.is_empty() {
+            return;
+        }
+        let waiting = self.waiters.iter().any(|w| w.needed > self.durable_seq);
+        let pressure = self.pending_records.len() >= COMMIT_BATCH_RECORDS
+            || self.pending_free.len() as u64 > self.free_count / 4
+            || !self.deferred.is_empty();
+        if !(waiting || pressure) {
+            return;
+        }
+        self.start_commit();
+    }
+
+    fn start_commit(&mut self) {
+        let records = std::mem::take(&mut self.pending_records);
+        let frees = std::mem::take(&mut self.pending_free);
+        let pages_needed = records.len().div_ceil(RECORDS_PER_PAGE) as u64;
+        let format_id = self.sb.format_id;
+        let mut commit = Commit {
+            phase: CommitPhase::SyncData,
+            pending: 1,
+            upto: self.record_seq,
+            frees,
+            writes: Vec::new(),
+            ckpt: None,
+            journal_pages: 0,
+        };
+        if self.journal_used + pages_needed > self.sb.journal_blocks / 2 {
+            // Journal half full: write the whole map as a checkpoint into
+            // the other area instead; the journal restarts after it.
+            let area = 1 - self.ckpt_area;
+            let mut recs = Vec::new();
+            for (k, c) in &self.chunks {
+                for (b, &e) in c.blocks.iter().enumerate() {
+                    if e != ENTRY_NONE {
+                        recs.push(Record::Map {
+                            volume_id: k.volume_id,
+                            chunk_index: k.chunk_index,
+                            block: b as u16,
+                            phys: entry_phys(e),
+                            crc: entry_crc(e),
+                            version: c.version,
+                        });
+                    }
+                }
+            }
+            let pages = recs.len().div_ceil(RECORDS_PER_PAGE);
+            assert!(pages as u64 + 1 <= self.sb.ckpt_blocks);
+            let mut buf = AlignedBuf::zeroed((pages + 1) * BLOCK);
+            for (i, part) in recs.chunks(RECORDS_PER_PAGE).enumerate() {
+                encode_page(
+                    PAGE_MAGIC_CKPT,
+                    format_id,
+                    i as u64,
+                    Batch {
+                        index: i as u32,
+                        len: pages as u32,
+                    },
+                    part,
+                    &mut buf[(i + 1) * BLOCK..(i + 2) * BLOCK],
+                );
+            }
+            let header = CkptHeader {
+                ckpt_seq: self.ckpt_seq + 1,
+                journal_pos: self.journal_head,
+                journal_seq: self.journal_seq,
+                pages: pages as u64,
+                pages_crc: crc32c(&buf[BLOCK..]),
+            };
+            header.encode(format_id, &mut buf[..BLOCK]);
+            commit
+                .writes
+                .push((self.sb.ckpt_start[area] * BLOCK as u64, buf));
+            commit.ckpt = Some((area, header));
+            self.stats.checkpoints += 1;
+        } else {
+            let n = pages_needed as usize;
+            let mut pages = AlignedBuf::zeroed(n * BLOCK);
+            for (i, part) in records.chunks(RECORDS_PER_PAGE).enumerate() {
+                encode_page(
+                    PAGE_MAGIC_JOURNAL,
+                    format_id,
+                    self.journal_seq + i as u64,
+                    Batch {
+                        index: i as u32,
+                        len: n as u32,
+                    },
+                    part,
+                    &mut pages[i * BLOCK..(i + 1) * BLOCK],
+                );
+            }
+            // The journal is circular: split the write where it wraps.
+            let head = self.journal_head as usize;
+            let room = self.sb.journal_blocks as usize - head;
+            let jstart = self.sb.journal_start * BLOCK as u64;
+            if n <= room {
+                commit.writes.push((jstart + (head * BLOCK) as u64, pages));
+            } else {
+                let mut a = AlignedBuf::zeroed(room * BLOCK);
+                a.copy_from_slice(&pages[..room * BLOCK]);
+                let mut b = AlignedBuf::zeroed((n - room) * BLOCK);
+                b.copy_from_slice(&pages[room * BLOCK..]);
+                commit.writes.push((jstart + (head * BLOCK) as u64, a));
+                commit.writes.push((jstart, b));
+            }
+            commit.journal_pages = pages_needed;
+            self.stats.commits += 1;
+        }
+        self.commit = Some(commit);
+        self.issue(IoOp {
+            token: COMMIT_TOKEN,
+            kind: IoKind::Sync,
+            offset: 0,
+            buf: None,
+        });
+    }
+
+    fn on_commit_io(&mut self, d: IoDone) {
+        if let Err(errno) = d.result {
+            // The disk cannot make metadata durable: stop accepting work
+            // rather than acknowledge writes we cannot keep.
+            tracing::error!(errno, "metadata commit failed; engine stops");
+            self.fail_all(EngineError::Io(errno));
+            return;
+        }
+        let commit = self.commit.as_mut().expect("commit in progress");
+        commit.pending -= 1;
+        if commit.pending > 0 {
+            return;
+        }
+        match commit.phase {
+            CommitPhase::SyncData => {
+                commit.phase = CommitPhase::WriteMeta;
+                let writes = std::mem::take(&mut commit.writes);
+                commit.pending = writes.len();
+                for (i, (off, buf)) in writes.into_iter().enumerate() {
+                    self.issue(IoOp {
+                        token: COMMIT_TOKEN | i as u64,
+                        kind: IoKind::Write,
+                        offset: off,
+                        buf: Some(buf),
+                    });
+                }
+            }
+            CommitPhase::WriteMeta => {
+                commit.phase = CommitPhase::SyncMeta;
+                commit.pending = 1;
+                self.issue(IoOp {
+                    token: COMMIT_TOKEN,
+                    kind: IoKind::Sync,
+                    offset: 0,
+                    buf: None,
+                });
+            }
+            CommitPhase::SyncMeta => {
+                let commit = self.commit.take().expect("commit");
+                if let Some((area, header)) = commit.ckpt {
+                    self.ckpt_area = area;
+                    self.ckpt_seq = header.ckpt_seq;
+                    self.journal_used = 0;
+                } else {
+                    self.journal_head =
+                        (self.journal_head + commit.journal_pages) % self.sb.journal_blocks;
+                    self.journal_seq += commit.journal_pages;
+                    self.journal_used += commit.journal_pages;
+                }
+                self.durable_seq = commit.upto;
+                self.quarantine
+                    .push_back((self.next_read_seq, commit.frees));
+                self.release_quarantine();
+                let durable = self.durable_seq;
+                let (ready, waiting): (Vec<Waiter>, Vec<Waiter>) =
+                    std::mem::take(&mut self.waiters)
+                        .into_iter()
+                        .partition(|w| w.needed <= durable);
+                self.waiters = waiting;
+                for w in ready {
+                    self.wake(w, Ok(Reply::Done));
+                }
+                self.maybe_commit();
+                self.retry_deferred();
+            }
+        }
+    }
+
+    /// Return superseded blocks to the allocator once no read that started
+    /// before their release can still be reading them.
+    fn release_quarantine(&mut self) {
+        let oldest_read = self.reads_inflight.first().copied().unwrap_or(u64::MAX);
+        while let Some((barrier, _)) = self.quarantine.front() {
+            if *barrier > oldest_read {
+                break;
+            }
+            let (_, blocks) = self.quarantine.pop_front().expect("front");
+            for p in blocks {
+                assert!(self.used[p as usize], "freeing a free block");
+                self.used.set(p as usize, false);
+                self.free_count += 1;
+            }
+        }
+    }
+
+    fn fail_all(&mut self, e: EngineError) {
+        self.failed = true;
+        self.commit = None;
+        for w in std::mem::take(&mut self.waiters) {
+            self.wake(w, Err(e));
+        }
+        for (tag, _) in std::mem::take(&mut self.deferred) {
+            self.complete(tag, Err(e), 0);
+        }
+    }
+
+    /// Wait for everything in flight to finish and commit all metadata.
+    /// Used at shutdown and by tests.
+    pub fn quiesce(&mut self) {
+        let t = u64::MAX - 1;
+        self.submit(t, Request::Flush);
+        loop {
+            self.drive(Wait::Any);
+            if !self.busy() {
+                break;
+            }
+        }
+        self.completions.retain(|c| c.tag != t);
+    }
+
+    /// Give the disk back (tests crash it).
+    pub fn into_disk(self) -> D {
+        self.disk
+    }
+}
+
+fn op_token(id: usize, sub: usize) -> u64 {
+    assert!(sub < (1 << SUB_BITS));
+    ((id as u64) << SUB_BITS) | sub as u64
+}
+
+/// Take `n` free blocks in as few contiguous runs as possible, scanning
+/// from the cursor (next fit), so sequential writes land sequentially.
+fn alloc_runs(used: &mut BitVec, cursor: &mut usize, n: usize) -> Vec<(u32, usize)> {
+    let mut runs = Vec::new();
+    let mut need = n;
+    let total = used.len();
+    let mut scanned_wrap = false;
+    while need > 0 {
+        if *cursor >= total {
+            *cursor = 0;
+        }
+        let Some(start) = used[*cursor..].first_zero().map(|i| i + *cursor) else {
+            assert!(!scanned_wrap, "allocator ran out despite reservation");
+            scanned_wrap = true;
+            *cursor = 0;
+            continue;
+        };
+        let free_len = used[start..].first_one().unwrap_or(total - start);
+        let take = free_len.min(need);
+        used[start..start + take].fill(true);
+        runs.push((start as u32, take));
+        need -= take;
+        *cursor = start + take;
+    }
+    runs
+}
+
+/// Run one I/O to completion (used only at format and open time).
+fn sync_io<D: Disk>(
+    disk: &mut D,
+    kind: IoKind,
+    offset: u64,
+    buf: Option<AlignedBuf>,
+) -> Result<AlignedBuf, OpenError> {
+    assert!(buf.as_ref().is_none_or(|b| b.len() % ALIGN == 0));
+    let token = u64::MAX;
+    let mut op = IoOp {
+        token,
+        kind,
+        offset,
+        buf,
+    };
+    loop {
+        match disk.submit(op) {
+            Ok(()) => break,
+            Err(back) => {
+                op = back;
+                let mut sink = Vec::new();
+                disk.reap(&mut sink, Wait::Any);
+                assert!(sink.is_empty(), "sync_io runs alone");
+            }
+        }
+    }
+    let mut out = Vec::new();
+    loop {
+        disk.reap(&mut out, Wait::Any);
+        if let Some(d) = out.pop() {
+            assert_eq!(d.token, token);
+            d.result.map_err(OpenError::Io)?;
+            return Ok(d.buf.unwrap_or_else(|| AlignedBuf::zeroed(BLOCK)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
