@@ -10,7 +10,10 @@
 //! The gateway holds no data.
 #![deny(unsafe_code)]
 
+pub mod client;
+pub mod map;
 pub mod metrics;
 pub mod nbd;
+pub mod routing;
 pub mod server;
 pub mod volume;

@@ -1,1 +1,162 @@
-fn main() {}
+//! `tessera-gateway`: the thin binary around the library. Parses the
+//! configuration, fetches the cluster map, binds the NBD (and metrics)
+//! listeners, announces readiness, and serves until SIGTERM/SIGINT.
+//!
+//! Exit codes (documented in docs/nbd.md; systemd units rely on them):
+//! 0 clean shutdown, 2 bad command line (clap), 3 manager unreachable or map
+//! invalid, 4 NBD listen address unusable, 5 metrics listen address
+//! unusable, 6 runtime could not start.
+
+use clap::Parser;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tessera_gateway::client::Pool;
+use tessera_gateway::map::{self, MapHandle};
+use tessera_gateway::metrics::Metrics;
+use tessera_gateway::routing::{IO_TIMEOUT_MS_DEFAULT, MapCatalog, Router};
+use tessera_gateway::server;
+
+/// How long to wait for the manager's first map at start.
+const STARTUP_MAP_DEADLINE_MS: u64 = 30_000;
+
+#[derive(Debug, Parser)]
+#[command(name = "tessera-gateway", about = "Serve Tessera volumes over NBD")]
+struct Args {
+    /// Cluster manager base URL.
+    #[arg(long, env = "TESSERA_MANAGER", default_value = "http://127.0.0.1:9400")]
+    manager: String,
+    /// NBD listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    nbd_listen: String,
+    /// Prometheus /metrics listen address; none when absent.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Give up on a storage request (EIO to the client) after this long.
+    #[arg(long, default_value_t = IO_TIMEOUT_MS_DEFAULT)]
+    io_timeout_ms: u64,
+}
+
+/// The documented exit codes.
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    Manager = 3,
+    NbdListen = 4,
+    MetricsListen = 5,
+    Runtime = 6,
+}
+
+fn fatal(code: Exit, msg: String) -> ! {
+    eprintln!("tessera-gateway: fatal: {msg}");
+    std::process::exit(code as i32);
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if args.io_timeout_ms == 0 {
+        fatal(Exit::Runtime, "--io-timeout-ms must be positive".into());
+    }
+    tracing::info!(?args, "starting");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fatal(Exit::Runtime, format!("cannot start the runtime: {e}")));
+    let deadline = Instant::now() + Duration::from_millis(STARTUP_MAP_DEADLINE_MS);
+    let initial = map::fetch_until(&args.manager, deadline).unwrap_or_else(|e| {
+        fatal(
+            Exit::Manager,
+            format!("{e} (is tessera-manager running at --manager / TESSERA_MANAGER?)"),
+        )
+    });
+    tracing::info!(
+        epoch = initial.epoch,
+        volumes = initial.volumes.len(),
+        "cluster map fetched"
+    );
+    let metrics = Metrics::new();
+    let metrics_addr = args.metrics_listen.as_ref().map(|a| {
+        metrics.serve(a).unwrap_or_else(|e| {
+            fatal(
+                Exit::MetricsListen,
+                format!("cannot listen for metrics on {a}: {e}"),
+            )
+        })
+    });
+    let cluster_id = initial.cluster_id.clone();
+    let router = Arc::new(Router {
+        maps: MapHandle::follow(args.manager.clone(), initial),
+        pool: Pool::new(cluster_id),
+        io_timeout: Duration::from_millis(args.io_timeout_ms),
+        metrics: Arc::clone(&metrics),
+    });
+    let catalog = Arc::new(MapCatalog { router });
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.nbd_listen)
+            .await
+            .unwrap_or_else(|e| {
+                fatal(
+                    Exit::NbdListen,
+                    format!("cannot listen for NBD on {}: {e}", args.nbd_listen),
+                )
+            });
+        let nbd_addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| fatal(Exit::NbdListen, format!("listener address: {e}")));
+        let metrics_text = metrics_addr.map_or("none".to_string(), |a| a.to_string());
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "READY nbd={nbd_addr} metrics={metrics_text}");
+        let _ = out.flush();
+        drop(out);
+        notify_ready();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; no longer accepting connections");
+            let _ = tx.send(true);
+        });
+        server::serve(listener, catalog, metrics, server::Config::default(), rx).await;
+    });
+    tracing::info!("stopped");
+    // Connections still open are dropped with the runtime.
+    rt.shutdown_timeout(Duration::from_millis(100));
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// sd_notify(READY=1) when started by systemd (Type=notify): a datagram to
+/// $NOTIFY_SOCKET, where a leading '@' names an abstract socket.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let r = (|| -> std::io::Result<()> {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        if let Some(name) = path.strip_prefix('@') {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+            sock.send_to_addr(b"READY=1", &addr)?;
+        } else {
+            sock.send_to(b"READY=1", &path)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        tracing::warn!(error = %e, socket = %path, "sd_notify failed");
+    }
+}
