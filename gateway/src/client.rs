@@ -321,10 +321,13 @@ async fn read_replies(mut rd: OwnedReadHalf, conn: &std::sync::Weak<Conn>) -> St
     }
 }
 
+/// The connection to one address; the async lock serialises reconnects.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
+
 /// One connection per storage daemon address, (re)connected on demand.
 pub struct Pool {
     cluster_id: String,
-    conns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>>>,
+    conns: Mutex<HashMap<String, Slot>>,
 }
 
 impl Pool {

@@ -244,10 +244,14 @@ impl Router {
     }
 }
 
+/// In-flight pieces of one request: each yields its buffer offset and, for
+/// reads, its data.
+type Pieces = JoinSet<Result<(usize, Option<Vec<u8>>), VolumeError>>;
+
 /// Run every future of `set`; the first error wins, the rest are dropped
 /// (and aborted with the set).
 async fn join_all(
-    mut set: JoinSet<Result<(usize, Option<Vec<u8>>), VolumeError>>,
+    mut set: Pieces,
     mut each: impl FnMut(usize, Vec<u8>),
 ) -> Result<(), VolumeError> {
     while let Some(r) = set.join_next().await {
@@ -285,7 +289,7 @@ impl RoutedVolume {
         length: u64,
         fua: bool,
         data: Option<&[u8]>,
-    ) -> Result<JoinSet<Result<(usize, Option<Vec<u8>>), VolumeError>>, VolumeError> {
+    ) -> Result<Pieces, VolumeError> {
         let pieces = split(self.chunk_size()?, offset, length)
             .ok_or_else(|| VolumeError::Invalid("range beyond addressable chunks".into()))?;
         let mut set = JoinSet::new();
