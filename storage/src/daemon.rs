@@ -1,2 +1,1136 @@
-//! placeholder
-// x
+//! The storage daemon: disks on their engine threads, the internal-protocol
+//! server, the manager client (registration, heartbeats, map) and metrics.
+//!
+//! Threads: one engine thread per disk (owns the disk's io_uring and the
+//! engine state; woken by an eventfd doorbell), a tokio runtime for the
+//! network, and small std threads for the manager client and metrics.
+//!
+//! Every field of every request is validated here, at the edge, before the
+//! engine sees it: header (by `Header::decode`), epoch, disk, volume, chunk
+//! bounds, placement ownership and payload CRC.
+
+use crate::engine::{self, ChunkKey, Completion, Engine, EngineError, Reply, Request};
+use crate::io::{self, Disk, Wait, doorbell::Doorbell};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use slab::Slab;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tessera_wire::api::{
+    DiskRegistration, DiskUsage, HeartbeatRequest, RegisterRequest, RegisterResponse, VolumeUsage,
+};
+use tessera_wire::header::{HEADER_SIZE, PAYLOAD_MAX_BYTES, open_payload};
+use tessera_wire::map::{CHUNK_SIZE_DEFAULT_BYTES, ClusterMap};
+use tessera_wire::{Flags, Header, Op, Status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc as tmpsc, watch};
+
+/// Requests one connection may have in flight; the reader stops reading
+/// the socket above it (backpressure).
+pub const INFLIGHT_PER_CONNECTION_MAX: usize = 512;
+/// Connections the daemon serves at once.
+pub const CONNECTIONS_MAX: usize = 1024;
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(1000);
+const MAP_POLL_INTERVAL: Duration = Duration::from_millis(500);
+const STATS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Exit codes, relied on by the systemd units (`RestartPreventExitStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum ExitCode {
+    Ok = 0,
+    /// Bad flags or configuration: restarting will not help.
+    Config = 2,
+    /// The environment refused: disk missing or foreign, port taken,
+    /// io_uring unavailable, manager unreachable at start.
+    Environment = 3,
+}
+
+#[derive(Debug)]
+pub struct Fatal {
+    pub code: ExitCode,
+    pub message: String,
+}
+
+impl Fatal {
+    fn env(message: impl Into<String>) -> Fatal {
+        Fatal {
+            code: ExitCode::Environment,
+            message: message.into(),
+        }
+    }
+    pub fn config(message: impl Into<String>) -> Fatal {
+        Fatal {
+            code: ExitCode::Config,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    Uring,
+    Sync,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub create_size: Option<u64>,
+}
+
+impl DiskSpec {
+    /// Parse `PATH[,size=SIZE]`.
+    pub fn parse(s: &str) -> Result<DiskSpec, String> {
+        let mut parts = s.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("empty disk path")?;
+        let mut create_size = None;
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("size", v)) => create_size = Some(tessera_wire::api::parse_size(v)?),
+                _ => return Err(format!("unknown disk option {opt:?} (expected size=SIZE)")),
+            }
+        }
+        Ok(DiskSpec {
+            path: PathBuf::from(path),
+            create_size,
+        })
+    }
+}
+
+/// The daemon's configuration, validated and logged at start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub manager: String,
+    pub listen: SocketAddr,
+    /// Address registered with the manager (defaults to the bound address).
+    pub advertise: Option<String>,
+    pub disks: Vec<DiskSpec>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub engine: EngineKind,
+    pub host: String,
+}
+
+// ---- engine threads ------------------------------------------------------
+
+/// Where a completion goes: back to a connection, or nowhere (internal
+/// requests such as dropping a deleted volume).
+enum Route {
+    Net {
+        header: Header,
+        tx: tmpsc::UnboundedSender<Outgoing>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        started: Instant,
+    },
+    Internal,
+}
+
+enum EngineMsg {
+    Request(Request, Route),
+    Shutdown,
+}
+
+struct Outgoing {
+    header: Header,
+    data: Vec<u8>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+struct DiskHandle {
+    tx: mpsc::Sender<EngineMsg>,
+    doorbell: Arc<Doorbell>,
+    stats: Arc<Mutex<engine::Stats>>,
+    uuid: String,
+    path: String,
+    capacity_bytes: u64,
+    chunk_bytes: u64,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl DiskHandle {
+    fn send(&self, msg: EngineMsg) {
+        if self.tx.send(msg).is_ok() {
+            self.doorbell.ring();
+        }
+    }
+}
+
+fn open_disk(spec: &DiskSpec, kind: EngineKind) -> Result<Box<dyn Disk>, Fatal> {
+    let (file, size) = io::open_direct(&spec.path, spec.create_size)
+        .map_err(|e| Fatal::env(format!("cannot open disk {}: {e}", spec.path.display())))?;
+    let disk: Box<dyn Disk> = match kind {
+        EngineKind::Uring => {
+            Box::new(io::uring::UringDisk::new(file, size).map_err(|e| Fatal::env(e.to_string()))?)
+        }
+        EngineKind::Sync => Box::new(io::sync::SyncDisk::new(file, size)),
+    };
+    Ok(disk)
+}
+
+impl Disk for Box<dyn Disk> {
+    fn size_bytes(&self) -> u64 {
+        (**self).size_bytes()
+    }
+    fn submit(&mut self, op: io::IoOp) -> Result<(), io::IoOp> {
+        (**self).submit(op)
+    }
+    fn reap(&mut self, out: &mut Vec<io::IoDone>, wait: Wait) {
+        (**self).reap(out, wait)
+    }
+    fn inflight(&self) -> usize {
+        (**self).inflight()
+    }
+    fn inflight_max(&self) -> usize {
+        (**self).inflight_max()
+    }
+}
+
+/// Open (formatting when blank) one disk's engine.
+fn open_engine(
+    spec: &DiskSpec,
+    kind: EngineKind,
+    cluster_id: &str,
+) -> Result<Engine<Box<dyn Disk>>, Fatal> {
+    let mut disk = open_disk(spec, kind)?;
+    let shown = spec.path.display();
+    match Engine::probe(&mut disk) {
+        Ok(sb) => {
+            if sb.cluster_id != cluster_id {
+                return Err(Fatal::env(format!(
+                    "disk {shown} belongs to cluster {} but the manager runs cluster {cluster_id}; refusing to touch it",
+                    sb.cluster_id
+                )));
+            }
+            Engine::open(disk).map_err(|e| Fatal::env(format!("cannot recover disk {shown}: {e}")))
+        }
+        Err(engine::OpenError::Format(engine::format::FormatError::Blank)) => {
+            let uuid = *uuid::Uuid::new_v4().as_bytes();
+            let format_id =
+                u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().expect("8"));
+            tracing::info!(disk = %shown, "blank disk: formatting");
+            Engine::format(disk, cluster_id, CHUNK_SIZE_DEFAULT_BYTES, uuid, format_id)
+                .map_err(|e| Fatal::env(format!("cannot format disk {shown}: {e}")))
+        }
+        Err(e) => Err(Fatal::env(format!(
+            "disk {shown} is not a usable Tessera disk ({e}); refusing to format over it"
+        ))),
+    }
+}
+
+fn spawn_engine(
+    mut engine: Engine<Box<dyn Disk>>,
+    spec: &DiskSpec,
+    metrics: Metrics,
+) -> DiskHandle {
+    let (tx, rx) = mpsc::channel::<EngineMsg>();
+    let doorbell = Arc::new(Doorbell::new().expect("eventfd"));
+    let stats = Arc::new(Mutex::new(engine.stats()));
+    let sb = engine.superblock().clone();
+    let bell = doorbell.clone();
+    let shared = stats.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("engine-{}", spec.path.display()))
+        .spawn(move || engine_loop(&mut engine, rx, &bell, &shared, &metrics))
+        .expect("spawn engine thread");
+    DiskHandle {
+        tx,
+        doorbell,
+        stats,
+        uuid: sb.uuid_string(),
+        path: spec.path.display().to_string(),
+        capacity_bytes: sb.data_blocks * engine::format::BLOCK_BYTES as u64,
+        chunk_bytes: sb.chunk_bytes,
+        thread: Mutex::new(Some(thread)),
+    }
+}
+
+fn engine_loop(
+    engine: &mut Engine<Box<dyn Disk>>,
+    rx: mpsc::Receiver<EngineMsg>,
+    bell: &Doorbell,
+    stats: &Mutex<engine::Stats>,
+    metrics: &Metrics,
+) {
+    let mut routes: Slab<Route> = Slab::with_capacity(engine::OPS_MAX);
+    let mut done: Vec<Completion> = Vec::new();
+    let mut last_stats = Instant::now();
+    let mut shutting = false;
+    loop {
+        let mut got = false;
+        loop {
+            match rx.try_recv() {
+                Ok(EngineMsg::Request(req, route)) => {
+                    got = true;
+                    let tag = routes.insert(route) as u64;
+                    engine.submit(tag, req);
+                }
+                Ok(EngineMsg::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => {
+                    shutting = true;
+                    break;
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+            }
+        }
+        if shutting {
+            engine.quiesce();
+            engine.take_completions(&mut done);
+            deliver(&mut routes, &mut done, metrics);
+            *stats.lock().expect("stats lock") = engine.stats();
+            return;
+        }
+        engine.take_completions(&mut done);
+        if !done.is_empty() {
+            got = true;
+            deliver(&mut routes, &mut done, metrics);
+        }
+        engine.drive(if got {
+            Wait::No
+        } else {
+            Wait::Doorbell(bell.raw())
+        });
+        engine.take_completions(&mut done);
+        deliver(&mut routes, &mut done, metrics);
+        if last_stats.elapsed() >= STATS_INTERVAL {
+            last_stats = Instant::now();
+            *stats.lock().expect("stats lock") = engine.stats();
+        }
+    }
+}
+
+fn deliver(routes: &mut Slab<Route>, done: &mut Vec<Completion>, metrics: &Metrics) {
+    for c in done.drain(..) {
+        let route = routes.remove(c.tag as usize);
+        let Route::Net {
+            header,
+            tx,
+            permit,
+            started,
+        } = route
+        else {
+            continue;
+        };
+        let (status, data) = match c.result {
+            Ok(Reply::Done) => (Status::Ok, Vec::new()),
+            Ok(Reply::Data(d)) | Ok(Reply::Allocation(d)) => (Status::Ok, d),
+            Err(e) => (status_of(e), Vec::new()),
+        };
+        let op_label = op_name(header.op);
+        metrics
+            .latency
+            .with_label_values(&[op_label])
+            .observe(started.elapsed().as_secs_f64());
+        if status != Status::Ok {
+            metrics
+                .errors
+                .with_label_values(&[status_name(status)])
+                .inc();
+        } else if header.op == Op::Read {
+            metrics
+                .bytes
+                .with_label_values(&["read"])
+                .inc_by(data.len() as u64);
+        }
+        let payload_len = if data.is_empty() && status != Status::Ok {
+            0
+        } else if matches!(header.op, Op::Read | Op::BlockStatus) {
+            data.len() as u32 + 4
+        } else {
+            0
+        };
+        let mut reply = header.reply_to(status, 0, payload_len);
+        reply.chunk_version = c.chunk_version;
+        let _ = tx.send(Outgoing {
+            header: reply,
+            data,
+            _permit: Some(permit),
+        });
+    }
+}
+
+/// The one mapping from engine errors to wire status.
+fn status_of(e: EngineError) -> Status {
+    match e {
+        EngineError::Io(_) | EngineError::Failed => Status::Io,
+        EngineError::Checksum => Status::Checksum,
+        EngineError::Invalid(_) => Status::Invalid,
+        EngineError::NoSpace => Status::NoSpace,
+        EngineError::Overloaded => Status::Busy,
+    }
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Hello => "hello",
+        Op::Read => "read",
+        Op::Write => "write",
+        Op::Flush => "flush",
+        Op::Trim => "trim",
+        Op::WriteZeroes => "write_zeroes",
+        Op::BlockStatus => "block_status",
+        Op::Ping => "ping",
+    }
+}
+
+fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::Ok => "ok",
+        Status::Io => "io",
+        Status::Checksum => "checksum",
+        Status::Invalid => "invalid",
+        Status::StaleEpoch => "stale_epoch",
+        Status::WrongDisk => "wrong_disk",
+        Status::NoSpace => "no_space",
+        Status::UnknownVolume => "unknown_volume",
+        Status::Busy => "busy",
+        Status::BadPayloadCrc => "bad_payload_crc",
+        Status::ShuttingDown => "shutting_down",
+        Status::Refused => "refused",
+    }
+}
+
+// ---- metrics -------------------------------------------------------------
+
+#[derive(Clone)]
+struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    errors: IntCounterVec,
+    bytes: IntCounterVec,
+    latency: HistogramVec,
+    connections: IntGauge,
+    checksum_errors: IntGaugeVec,
+    capacity: IntGaugeVec,
+    used: IntGaugeVec,
+    protocol_errors: IntCounter,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tessera_storage_requests_total",
+                "Requests received, by operation",
+            ),
+            &["op"],
+        )
+        .expect("metric");
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "tessera_storage_request_errors_total",
+                "Requests answered with an error, by status",
+            ),
+            &["status"],
+        )
+        .expect("metric");
+        let bytes = IntCounterVec::new(
+            Opts::new("tessera_storage_bytes_total", "Data bytes read and written"),
+            &["direction"],
+        )
+        .expect("metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "tessera_storage_request_seconds",
+                "Request latency inside the daemon",
+            )
+            .buckets(prometheus::exponential_buckets(10e-6, 2.0, 18).expect("buckets")),
+            &["op"],
+        )
+        .expect("metric");
+        let connections = IntGauge::new("tessera_storage_connections", "Open client connections")
+            .expect("metric");
+        let checksum_errors = IntGaugeVec::new(
+            Opts::new(
+                "tessera_storage_checksum_errors_total",
+                "Blocks that failed their CRC32C check on read",
+            ),
+            &["disk"],
+        )
+        .expect("metric");
+        let capacity = IntGaugeVec::new(
+            Opts::new(
+                "tessera_storage_disk_capacity_bytes",
+                "Data capacity of each disk",
+            ),
+            &["disk"],
+        )
+        .expect("metric");
+        let used = IntGaugeVec::new(
+            Opts::new(
+                "tessera_storage_disk_used_bytes",
+                "Allocated bytes on each disk",
+            ),
+            &["disk"],
+        )
+        .expect("metric");
+        let protocol_errors = IntCounter::new(
+            "tessera_storage_protocol_errors_total",
+            "Connections closed for malformed messages",
+        )
+        .expect("metric");
+        for m in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(errors.clone()),
+            Box::new(bytes.clone()),
+            Box::new(latency.clone()),
+            Box::new(connections.clone()),
+            Box::new(checksum_errors.clone()),
+            Box::new(capacity.clone()),
+            Box::new(used.clone()),
+            Box::new(protocol_errors.clone()),
+        ] {
+            registry.register(m).expect("register metric");
+        }
+        Metrics {
+            registry,
+            requests,
+            errors,
+            bytes,
+            latency,
+            connections,
+            checksum_errors,
+            capacity,
+            used,
+            protocol_errors,
+        }
+    }
+
+    fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encode metrics");
+        out
+    }
+}
+
+// ---- manager client ------------------------------------------------------
+
+struct Shared {
+    config: Config,
+    map: RwLock<Arc<ClusterMap>>,
+    epoch_tx: watch::Sender<u64>,
+    refresh_tx: Mutex<mpsc::Sender<()>>,
+    disks: RwLock<BTreeMap<u32, Arc<DiskHandle>>>,
+    metrics: Metrics,
+    node_id: Mutex<u32>,
+    stopping: AtomicBool,
+    advertise: String,
+    metrics_addr: Option<String>,
+    all: Vec<Arc<DiskHandle>>,
+}
+
+impl Shared {
+    fn map(&self) -> Arc<ClusterMap> {
+        self.map.read().expect("map lock").clone()
+    }
+}
+
+fn http() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .build()
+}
+
+fn fetch_map(agent: &ureq::Agent, manager: &str) -> Result<ClusterMap, String> {
+    let map: ClusterMap = agent
+        .get(&format!("{manager}/v1/map"))
+        .call()
+        .map_err(|e| e.to_string())?
+        .into_json()
+        .map_err(|e| e.to_string())?;
+    map.validate()?;
+    Ok(map)
+}
+
+fn register(agent: &ureq::Agent, shared: &Shared) -> Result<RegisterResponse, String> {
+    let disks = shared.disks.read().expect("disks").clone();
+    let pending = shared.pending_disks();
+    let req = RegisterRequest {
+        node_uuid: pending
+            .first()
+            .map(|d| d.uuid.clone())
+            .or_else(|| disks.values().next().map(|d| d.uuid.clone()))
+            .unwrap_or_default(),
+        addr: shared.advertise.clone(),
+        metrics_addr: shared.metrics_addr.clone(),
+        pid: std::process::id(),
+        host: shared.config.host.clone(),
+        disks: pending
+            .iter()
+            .map(|d| DiskRegistration {
+                uuid: d.uuid.clone(),
+                path: d.path.clone(),
+                capacity_bytes: d.capacity_bytes,
+            })
+            .collect(),
+    };
+    agent
+        .post(&format!("{}/v1/nodes/register", shared.config.manager))
+        .send_json(&req)
+        .map_err(|e| e.to_string())?
+        .into_json()
+        .map_err(|e| e.to_string())
+}
+
+impl Shared {
+    /// Every disk of this daemon, in the order given on the command line.
+    fn pending_disks(&self) -> Vec<Arc<DiskHandle>> {
+        self.all.clone()
+    }
+}
+
+fn apply_registration(shared: &Shared, resp: &RegisterResponse) -> Result<(), String> {
+    let all = shared.pending_disks();
+    let mut by_id = BTreeMap::new();
+    for a in &resp.disks {
+        let d = all
+            .iter()
+            .find(|d| d.uuid == a.uuid)
+            .ok_or_else(|| format!("manager assigned unknown disk {}", a.uuid))?;
+        by_id.insert(a.disk_id, d.clone());
+    }
+    *shared.disks.write().expect("disks") = by_id;
+    *shared.node_id.lock().expect("node id") = resp.node_id;
+    Ok(())
+}
+
+fn publish_map(shared: &Shared, map: ClusterMap) {
+    let current = shared.map();
+    if map.epoch < current.epoch {
+        return;
+    }
+    // Free the data of deleted volumes.
+    for d in shared.disks.read().expect("disks").values() {
+        let vols: Vec<u64> = d
+            .stats
+            .lock()
+            .expect("stats")
+            .volumes
+            .keys()
+            .copied()
+            .collect();
+        for v in vols {
+            if map.is_deleted_volume(v) {
+                d.send(EngineMsg::Request(
+                    Request::DropVolume { volume_id: v },
+                    Route::Internal,
+                ));
+            }
+        }
+    }
+    let epoch = map.epoch;
+    *shared.map.write().expect("map lock") = Arc::new(map);
+    shared.epoch_tx.send_replace(epoch);
+}
+
+fn map_follower(shared: Arc<Shared>, refresh_rx: mpsc::Receiver<()>) {
+    let agent = http();
+    loop {
+        if shared.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let _ = refresh_rx.recv_timeout(MAP_POLL_INTERVAL);
+        while refresh_rx.try_recv().is_ok() {}
+        match fetch_map(&agent, &shared.config.manager) {
+            Ok(map) => publish_map(&shared, map),
+            Err(e) => tracing::debug!(error = %e, "map fetch failed"),
+        }
+    }
+}
+
+fn heartbeat_loop(shared: Arc<Shared>) {
+    let agent = http();
+    loop {
+        std::thread::sleep(HEARTBEAT_INTERVAL);
+        if shared.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let disks = shared.disks.read().expect("disks").clone();
+        let mut volumes: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut usage = Vec::new();
+        for (id, d) in &disks {
+            let s = d.stats.lock().expect("stats").clone();
+            for (v, blocks) in &s.volumes {
+                *volumes.entry(*v).or_default() += blocks * engine::format::BLOCK_BYTES as u64;
+            }
+            let label = id.to_string();
+            shared
+                .metrics
+                .capacity
+                .with_label_values(&[&label])
+                .set(d.capacity_bytes as i64);
+            let used = s.used_blocks * engine::format::BLOCK_BYTES as u64;
+            shared
+                .metrics
+                .used
+                .with_label_values(&[&label])
+                .set(used as i64);
+            shared
+                .metrics
+                .checksum_errors
+                .with_label_values(&[&label])
+                .set(s.checksum_errors as i64);
+            usage.push(DiskUsage {
+                disk_id: *id,
+                used_bytes: used,
+                capacity_bytes: d.capacity_bytes,
+                checksum_errors: s.checksum_errors,
+            });
+        }
+        let body = HeartbeatRequest {
+            disks: usage,
+            volumes: volumes
+                .into_iter()
+                .map(|(volume_id, allocated_bytes)| VolumeUsage {
+                    volume_id,
+                    allocated_bytes,
+                })
+                .collect(),
+        };
+        let node = *shared.node_id.lock().expect("node id");
+        let r = agent
+            .post(&format!(
+                "{}/v1/nodes/{node}/heartbeat",
+                shared.config.manager
+            ))
+            .send_json(&body);
+        match r {
+            Ok(_) => {}
+            Err(ureq::Error::Status(404, _)) => {
+                tracing::warn!("manager does not know this node; registering again");
+                match register(&agent, &shared).and_then(|resp| apply_registration(&shared, &resp))
+                {
+                    Ok(()) => {}
+                    Err(e) => tracing::warn!(error = %e, "re-registration failed"),
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+fn metrics_server(listener: tiny_http::Server, metrics: Metrics) {
+    for req in listener.incoming_requests() {
+        let resp = if req.url() == "/metrics" {
+            tiny_http::Response::from_data(metrics.render()).with_header(
+                "Content-Type: text/plain; version=0.0.4"
+                    .parse::<tiny_http::Header>()
+                    .expect("header"),
+            )
+        } else {
+            tiny_http::Response::from_data(b"not found\n".to_vec()).with_status_code(404)
+        };
+        let _ = req.respond(resp);
+    }
+}
+
+/// Tell systemd (Type=notify) that the daemon is ready, when run under it.
+pub fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let p = path.to_string_lossy().to_string();
+    let r = if let Some(name) = p.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
+    } else {
+        sock.send_to(b"READY=1", &p)
+    };
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+// ---- the network server --------------------------------------------------
+
+async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(256 * 1024, rd);
+    let (tx, mut rx) = tmpsc::unbounded_channel::<Outgoing>();
+    let writer = tokio::spawn(async move {
+        let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(o) = next.take() {
+                if write_outgoing(&mut wr, &o).await.is_err() {
+                    return;
+                }
+                next = rx.try_recv().ok();
+            }
+            if wr.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let sem = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
+    let mut hello = false;
+    let result = async {
+        loop {
+            let mut hb = [0u8; HEADER_SIZE];
+            rd.read_exact(&mut hb).await.map_err(|_| "closed")?;
+            let h = Header::decode(&hb).map_err(|_| "malformed header")?;
+            if h.reply {
+                return Err("reply sent as a request");
+            }
+            let mut payload = Vec::new();
+            if h.payload_len > 0 {
+                assert!(h.payload_len <= PAYLOAD_MAX_BYTES);
+                payload.resize(h.payload_len as usize, 0);
+                rd.read_exact(&mut payload)
+                    .await
+                    .map_err(|_| "closed mid-payload")?;
+            }
+            let permit = sem.clone().acquire_owned().await.expect("semaphore");
+            if h.op == Op::Hello {
+                let ok = open_payload(&payload)
+                    .map(|id| id == shared.map().cluster_id.as_bytes())
+                    .unwrap_or(false);
+                hello = ok;
+                let status = if ok { Status::Ok } else { Status::Refused };
+                let _ = tx.send(Outgoing {
+                    header: h.reply_to(status, shared.map().epoch, 0),
+                    data: Vec::new(),
+                    _permit: Some(permit),
+                });
+                if !ok {
+                    return Err("hello refused");
+                }
+                continue;
+            }
+            if !hello {
+                return Err("request before hello");
+            }
+            shared
+                .metrics
+                .requests
+                .with_label_values(&[op_name(h.op)])
+                .inc();
+            match admit(&shared, &h, payload).await {
+                Ok((disk, req)) => disk.send(EngineMsg::Request(
+                    req,
+                    Route::Net {
+                        header: h,
+                        tx: tx.clone(),
+                        permit,
+                        started: Instant::now(),
+                    },
+                )),
+                Err(status) => {
+                    shared
+                        .metrics
+                        .errors
+                        .with_label_values(&[status_name(status)])
+                        .inc();
+                    let _ = tx.send(Outgoing {
+                        header: h.reply_to(status, shared.map().epoch, 0),
+                        data: Vec::new(),
+                        _permit: Some(permit),
+                    });
+                }
+            }
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), &'static str>(())
+    }
+    .await;
+    if let Err(why) = result
+        && why != "closed"
+    {
+        shared.metrics.protocol_errors.inc();
+        tracing::warn!(?peer, why, "closing connection");
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn write_outgoing<W: AsyncWriteExt + Unpin>(w: &mut W, o: &Outgoing) -> std::io::Result<()> {
+    w.write_all(&o.header.to_bytes()).await?;
+    if o.header.payload_len > 0 {
+        w.write_all(&o.data).await?;
+        w.write_all(&tessera_wire::crc32c(&o.data).to_le_bytes())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Validate a request against the daemon's map and turn it into an engine
+/// request for one of its disks.
+async fn admit(
+    shared: &Shared,
+    h: &Header,
+    payload: Vec<u8>,
+) -> Result<(Arc<DiskHandle>, Request), Status> {
+    if shared.stopping.load(Ordering::Relaxed) {
+        return Err(Status::ShuttingDown);
+    }
+    let mut map = shared.map();
+    if h.epoch > map.epoch {
+        // The sender has seen a newer map: catch up before judging.
+        let _ = shared.refresh_tx.lock().expect("refresh").send(());
+        let mut rx = shared.epoch_tx.subscribe();
+        let wait = rx.wait_for(|e| *e >= h.epoch);
+        if tokio::time::timeout(Duration::from_secs(2), wait)
+            .await
+            .is_err()
+        {
+            return Err(Status::Busy);
+        }
+        map = shared.map();
+    }
+    if h.epoch < map.epoch {
+        return Err(Status::StaleEpoch);
+    }
+    let disk = shared
+        .disks
+        .read()
+        .expect("disks")
+        .get(&h.disk_id)
+        .cloned()
+        .ok_or(Status::WrongDisk)?;
+    if h.op == Op::Ping {
+        // Answered here, without the engine: an Ok reply with no payload.
+        return Err(Status::Ok);
+    }
+    if h.op == Op::Flush {
+        return Ok((disk, Request::Flush));
+    }
+    if !h.op.is_ranged() {
+        return Err(Status::Invalid);
+    }
+    let vol = map.volume(h.volume_id).ok_or(Status::UnknownVolume)?;
+    if vol.chunk_size_bytes != disk.chunk_bytes {
+        return Err(Status::Invalid);
+    }
+    let chunk_start = u64::from(h.chunk_index) * vol.chunk_size_bytes;
+    let end = u64::from(h.offset) + u64::from(h.length);
+    if u64::from(h.chunk_index) >= vol.chunk_count()
+        || end > vol.chunk_size_bytes
+        || chunk_start + end > vol.size_bytes
+    {
+        return Err(Status::Invalid);
+    }
+    if !map.disk_holds(h.disk_id, h.volume_id, h.chunk_index) {
+        return Err(Status::WrongDisk);
+    }
+    let key = ChunkKey {
+        volume_id: h.volume_id,
+        chunk_index: h.chunk_index,
+    };
+    let fua = h.flags.contains(Flags::FUA);
+    let req = match h.op {
+        Op::Read => Request::Read {
+            key,
+            offset: h.offset,
+            length: h.length,
+        },
+        Op::Write => {
+            if open_payload(&payload).is_none() {
+                return Err(Status::BadPayloadCrc);
+            }
+            let mut data = payload;
+            data.truncate(h.length as usize);
+            shared
+                .metrics
+                .bytes
+                .with_label_values(&["write"])
+                .inc_by(data.len() as u64);
+            Request::Write {
+                key,
+                offset: h.offset,
+                data,
+                fua,
+            }
+        }
+        Op::Trim => Request::Trim {
+            key,
+            offset: h.offset,
+            length: h.length,
+        },
+        Op::WriteZeroes => Request::WriteZeroes {
+            key,
+            offset: h.offset,
+            length: h.length,
+            fua,
+        },
+        Op::BlockStatus => Request::BlockStatus {
+            key,
+            offset: h.offset,
+            length: h.length,
+        },
+        _ => return Err(Status::Invalid),
+    };
+    Ok((disk, req))
+}
+
+/// Run the daemon until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<(), Fatal> {
+    if config.disks.is_empty() {
+        return Err(Fatal::config("no --disk given"));
+    }
+    tracing::info!(?config, "starting tessera-storage");
+    let agent = http();
+    // The cluster id comes from the manager; new disks are stamped with it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let map = loop {
+        match fetch_map(&agent, &config.manager) {
+            Ok(m) => break m,
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!(error = %e, manager = %config.manager, "waiting for the manager");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => {
+                return Err(Fatal::env(format!(
+                    "cannot reach the manager at {}: {e}",
+                    config.manager
+                )));
+            }
+        }
+    };
+    let metrics = Metrics::new();
+    let mut handles = Vec::new();
+    for spec in &config.disks {
+        let engine = open_engine(spec, config.engine, &map.cluster_id)?;
+        tracing::info!(disk = %spec.path.display(), stats = ?engine.stats(), "disk open");
+        handles.push(Arc::new(spawn_engine(engine, spec, metrics.clone())));
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Fatal::env(format!("cannot start runtime: {e}")))?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(config.listen))
+        .map_err(|e| Fatal::env(format!("cannot listen on {}: {e}", config.listen)))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Fatal::env(e.to_string()))?;
+    let metrics_server_handle = match config.metrics_listen {
+        Some(addr) => {
+            let server = tiny_http::Server::http(addr)
+                .map_err(|e| Fatal::env(format!("cannot listen for metrics on {addr}: {e}")))?;
+            let a = server.server_addr().to_ip().map(|a| a.to_string());
+            let m = metrics.clone();
+            std::thread::spawn(move || metrics_server(server, m));
+            a
+        }
+        None => None,
+    };
+    let (epoch_tx, _) = watch::channel(map.epoch);
+    let (refresh_tx, refresh_rx) = mpsc::channel();
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| bound.to_string());
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        map: RwLock::new(Arc::new(map)),
+        epoch_tx,
+        refresh_tx: Mutex::new(refresh_tx),
+        disks: RwLock::new(BTreeMap::new()),
+        metrics: metrics.clone(),
+        node_id: Mutex::new(0),
+        stopping: AtomicBool::new(false),
+        advertise,
+        metrics_addr: metrics_server_handle.clone(),
+        all: handles.clone(),
+    });
+    let resp = register(&agent, &shared)
+        .map_err(|e| Fatal::env(format!("registration with the manager failed: {e}")))?;
+    apply_registration(&shared, &resp).map_err(Fatal::env)?;
+    if let Ok(m) = fetch_map(&agent, &config.manager) {
+        publish_map(&shared, m);
+    }
+    {
+        let s = shared.clone();
+        std::thread::spawn(move || map_follower(s, refresh_rx));
+        let s = shared.clone();
+        std::thread::spawn(move || heartbeat_loop(s));
+    }
+    println!(
+        "READY listen={bound} node_id={} metrics={}",
+        resp.node_id,
+        metrics_server_handle.as_deref().unwrap_or("none")
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    notify_ready();
+
+    let s = shared.clone();
+    rt.block_on(async move {
+        let conns = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        loop {
+            tokio::select! {
+                r = listener.accept() => {
+                    let Ok((stream, _)) = r else { continue };
+                    let Ok(permit) = conns.clone().try_acquire_owned() else {
+                        tracing::warn!("connection limit reached; refusing");
+                        continue;
+                    };
+                    let s = s.clone();
+                    s.metrics.connections.inc();
+                    tokio::spawn(async move {
+                        serve_connection(stream, s.clone()).await;
+                        s.metrics.connections.dec();
+                        drop(permit);
+                    });
+                }
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+            }
+        }
+    });
+    tracing::info!("stopping: committing metadata");
+    shared.stopping.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.send(EngineMsg::Shutdown);
+    }
+    for h in &shared.all {
+        if let Some(t) = h.thread.lock().expect("thread").take() {
+            let _ = t.join();
+        }
+    }
+    rt.shutdown_timeout(Duration::from_millis(500));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Proves --disk parsing accepts PATH and PATH,size=SIZE and rejects the rest.
+    #[test]
+    fn disk_spec() {
+        let d = DiskSpec::parse("/tmp/a.img,size=4G").expect("valid");
+        assert_eq!(d.create_size, Some(4 << 30));
+        assert_eq!(
+            DiskSpec::parse("/dev/sdb").expect("valid").create_size,
+            None
+        );
+        assert!(DiskSpec::parse("").is_err());
+        assert!(DiskSpec::parse("/x,color=red").is_err());
+        assert!(DiskSpec::parse("/x,size=lots").is_err());
+    }
+}

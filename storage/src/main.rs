@@ -1,1 +1,62 @@
-fn main() {}
+//! `tessera-storage`: parse flags, set up logging, run the daemon, exit with
+//! the documented code.
+#![deny(unsafe_code)]
+
+use clap::Parser;
+use std::net::SocketAddr;
+use tessera_storage::daemon::{self, Config, DiskSpec, EngineKind};
+
+/// Tessera storage daemon: owns disks and serves chunk I/O to gateways.
+#[derive(Parser, Debug)]
+#[command(name = "tessera-storage", version)]
+struct Args {
+    /// Manager URL.
+    #[arg(long, env = "TESSERA_MANAGER", default_value = "http://127.0.0.1:9400")]
+    manager: String,
+    /// Internal-protocol listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Address registered with the manager, if not the listen address.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// A disk: block device or file, `PATH[,size=SIZE]` (size creates a
+    /// sparse file when PATH does not exist). Repeatable.
+    #[arg(long = "disk", required = true, value_parser = DiskSpec::parse)]
+    disks: Vec<DiskSpec>,
+    /// Prometheus metrics listen address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Disk I/O engine.
+    #[arg(long, value_enum, default_value = "uring")]
+    engine: EngineKind,
+    /// Failure-domain host name of this daemon.
+    #[arg(long, default_value = "")]
+    host: String,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let config = Config {
+        manager: a.manager.trim_end_matches('/').to_string(),
+        listen: a.listen,
+        advertise: a.advertise,
+        disks: a.disks,
+        metrics_listen: a.metrics_listen,
+        engine: a.engine,
+        host: a.host,
+    };
+    match daemon::run(config) {
+        Ok(()) => std::process::exit(daemon::ExitCode::Ok as i32),
+        Err(f) => {
+            eprintln!("tessera-storage: {}", f.message);
+            std::process::exit(f.code as i32);
+        }
+    }
+}
