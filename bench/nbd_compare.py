@@ -255,7 +255,8 @@ def run_fio(target, wl, runtime, size):
     cpu1 = cpu_seconds(pids)
     if out.returncode != 0:
         return {"error": out.stderr.strip()[-500:]}
-    job = json.loads(out.stdout)["jobs"][0]
+    # fio's nbd engine prints a line before the JSON document.
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
     side = job["read"] if rw in ("read", "randread") else job["write"]
     ios = side["total_ios"]
     lat = side["clat_ns"]
