@@ -1,1 +1,330 @@
-//! Helpers shared by the real-client tests: see `cluster.rs`.
+//! Harness for the real-client tests: starts a whole local cluster with the
+//! real `tessera up` (manager, storage daemons, gateway on loopback, every
+//! port chosen by the kernel), reads the addresses and PIDs it prints, and
+//! stops it — also when a test fails (Drop). Every wait polls a condition
+//! against a deadline; nothing sleeps a fixed time.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Directory holding the release binaries (`target/release`), found from
+/// the test executable's own path (`target/release/deps/...`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first (cargo build --release --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+/// Whether an external tool is installed (tests/run.sh installs them).
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let base = std::env::var_os("TESSERA_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join("tessera-tests"));
+        let p = base.join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create test dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Poll `f` until it returns `Some` or the deadline passes.
+pub fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Run a command to completion, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+pub fn kill(pid: u32, signal: i32) {
+    // Only PIDs this harness started (children of `tessera up` it reported).
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+}
+
+/// A running `tessera up`.
+pub struct Cluster {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    lines: Arc<Mutex<Vec<String>>>,
+    pub nbd: String,
+    pub manager: String,
+}
+
+pub struct ClusterOptions {
+    pub storage_daemons: u32,
+    pub disk_size: &'static str,
+    pub volumes: Vec<(String, String)>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            storage_daemons: 2,
+            disk_size: "2G",
+            volumes: vec![("demo".into(), "1G".into())],
+        }
+    }
+}
+
+impl Cluster {
+    pub fn start(dir: &Path, opts: &ClusterOptions) -> Cluster {
+        let mut cmd = Command::new(bin("tessera"));
+        cmd.arg("up")
+            .arg("--dir")
+            .arg(dir)
+            .arg("--storage-daemons")
+            .arg(opts.storage_daemons.to_string())
+            .arg("--disk-size")
+            .arg(opts.disk_size)
+            .arg("--nbd-listen")
+            .arg("127.0.0.1:0")
+            .arg("--manager-listen")
+            .arg("127.0.0.1:0");
+        for (name, size) in &opts.volumes {
+            cmd.arg("--volume").arg(format!("{name}:{size}"));
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn tessera up");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().expect("lines").push(line);
+            }
+        });
+        let mut c = Cluster {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            lines,
+            nbd: String::new(),
+            manager: String::new(),
+        };
+        c.wait_line("ready", Duration::from_secs(90), |l| l == "ready");
+        let gw = c.line_starting("gateway ");
+        c.nbd = field(&gw, "nbd").expect("gateway nbd address");
+        let m = c.line_starting("manager ");
+        c.manager = format!("http://{}", field(&m, "listen").expect("manager address"));
+        c
+    }
+
+    fn line_starting(&self, prefix: &str) -> String {
+        self.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .rev()
+            .find(|l| l.starts_with(prefix))
+            .cloned()
+            .unwrap_or_else(|| panic!("tessera up printed no line starting with {prefix:?}"))
+    }
+
+    /// Wait for a line of `tessera up`'s output matching `pred`.
+    pub fn wait_line(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        poll(what, timeout, || {
+            self.lines
+                .lock()
+                .expect("lines")
+                .iter()
+                .find(|l| pred(l))
+                .cloned()
+        })
+    }
+
+    pub fn output(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.nbd)
+    }
+
+    /// Current PID of a process `tessera up` supervises (`storage-0`, ...).
+    pub fn pid(&self, name: &str) -> u32 {
+        let restarted = format!("restarted {name} ");
+        let started = format!("{name} ");
+        let lines = self.lines.lock().expect("lines");
+        let line = lines
+            .iter()
+            .rev()
+            .find(|l| l.starts_with(&restarted) || l.starts_with(&started))
+            .unwrap_or_else(|| panic!("no pid line for {name}"));
+        field(line, "pid")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("bad pid line {line:?}"))
+    }
+
+    /// Run the CLI against this cluster's manager.
+    pub fn cli(&self, args: &[&str]) -> String {
+        run(Command::new(bin("tessera"))
+            .arg("--manager")
+            .arg(&self.manager)
+            .args(args))
+    }
+
+    /// Metrics text of every storage daemon, from `tessera node list`.
+    pub fn storage_metrics(&self) -> Vec<String> {
+        let nodes: serde_json::Value =
+            serde_json::from_str(&self.cli(&["--output", "json", "node", "list"])).expect("json");
+        let mut out = Vec::new();
+        for n in nodes.as_array().expect("node array") {
+            if let Some(addr) = n["metrics_addr"].as_str() {
+                if let Ok(text) = http_get(&format!("http://{addr}/metrics")) {
+                    out.push(text);
+                }
+            }
+        }
+        out
+    }
+
+    /// Stop `tessera up` with SIGTERM and wait for it (it stops its children).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(child.id(), 15);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// `key=value` from a line of `tessera up` output.
+pub fn field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
+}
+
+/// Minimal HTTP GET over loopback (the tests need nothing more).
+pub fn http_get(url: &str) -> Result<String, String> {
+    let rest = url.strip_prefix("http://").ok_or("not http")?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/"), |(h, p)| (h, p));
+    let path = format!("/{}", path.trim_start_matches('/'));
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(host).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
+    let (head, body) = buf.split_once("\r\n\r\n").ok_or("bad response")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(head.lines().next().unwrap_or("").to_string());
+    }
+    Ok(body.to_string())
+}
+
+/// Sum of a metric (all label sets) in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Deterministic pseudo-random bytes (splitmix64), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut x = seed;
+    while out.len() < len {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        out.extend_from_slice(&tessera_wire::map::mix64(x).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn files_equal(a: &Path, b: &Path) -> bool {
+    match (std::fs::read(a), std::fs::read(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}

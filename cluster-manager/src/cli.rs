@@ -1,0 +1,413 @@
+//! The `tessera` CLI: commands over the manager's REST API, with aligned
+//! tables for people and `--output json` for scripts. Every failure is one
+//! line on stderr and a non-zero exit (1 for API and user errors; clap
+//! exits with 2 for usage errors).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+use tessera_wire::api::{
+    CreateVolumeRequest, DiskInfo, ErrorBody, NodeInfo, ResizeVolumeRequest, VolumeInfo,
+    format_size, parse_size,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "tessera", version, about = "Administer a Tessera cluster")]
+pub struct Cli {
+    /// Manager URL.
+    #[arg(
+        long,
+        global = true,
+        env = "TESSERA_MANAGER",
+        default_value = "http://127.0.0.1:9400"
+    )]
+    pub manager: String,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start a whole local cluster (manager, storage daemons, gateway) in
+    /// the foreground; Ctrl-C stops it.
+    Up(crate::up::UpArgs),
+    /// Storage nodes.
+    Node {
+        #[command(subcommand)]
+        command: ListOnly,
+    },
+    /// Disks.
+    Disk {
+        #[command(subcommand)]
+        command: ListOnly,
+    },
+    /// Volumes.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+    /// Cluster summary.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ListOnly {
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    Create(CreateArgs),
+    List,
+    Info {
+        name: String,
+    },
+    /// Grow a volume.
+    Resize {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    pub name: String,
+    /// Size, e.g. 10G.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Logical block size advertised to clients.
+    #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
+    pub block_size: u32,
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("bad block size {s:?}: use 512 or 4096")),
+    }
+}
+
+/// A one-line CLI error.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            agent: ureq::AgentBuilder::new()
+                .timeout_connect(Duration::from_secs(3))
+                .timeout(Duration::from_secs(10))
+                .build(),
+        }
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<Option<T>, CliError> {
+        let url = format!("{}{path}", self.base);
+        let req = self.agent.request(method, &url);
+        let r = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match r {
+            Ok(resp) if resp.status() == 204 => Ok(None),
+            Ok(resp) => resp
+                .into_json::<T>()
+                .map(Some)
+                .map_err(|e| CliError(format!("bad response from the manager: {e}"))),
+            Err(ureq::Error::Status(code, resp)) => {
+                let msg = resp
+                    .into_json::<ErrorBody>()
+                    .map(|b| b.error)
+                    .unwrap_or_else(|_| format!("HTTP {code}"));
+                Err(CliError(msg))
+            }
+            Err(ureq::Error::Transport(t)) => Err(CliError(format!(
+                "cannot reach the manager at {}: {}",
+                self.base,
+                t.message()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| t.kind().to_string())
+            ))),
+        }
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        self.call("GET", path, None)?
+            .ok_or_else(|| CliError("empty response from the manager".into()))
+    }
+
+    pub fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<T, CliError> {
+        self.call("POST", path, Some(body))?
+            .ok_or_else(|| CliError("empty response from the manager".into()))
+    }
+}
+
+/// Print rows as an aligned table.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serialise"));
+}
+
+fn volume_rows(vs: &[VolumeInfo]) -> Vec<Vec<String>> {
+    vs.iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.id.to_string(),
+                format_size(v.size_bytes),
+                format_size(v.allocated_bytes),
+                v.block_size.to_string(),
+                v.chunks.to_string(),
+            ]
+        })
+        .collect()
+}
+
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    let c = Client::new(&cli.manager);
+    let json = cli.output == Output::Json;
+    match cli.command {
+        Command::Up(args) => crate::up::run(args).map_err(CliError),
+        Command::Status => {
+            let s: crate::server::Status = c.get("/v1/status")?;
+            if json {
+                print_json(&s);
+            } else {
+                println!("cluster   {}", s.cluster_id);
+                println!("epoch     {}", s.epoch);
+                println!("nodes     {} up, {} down", s.nodes_up, s.nodes_down);
+                println!("disks     {}", s.disks);
+                println!("volumes   {}", s.volumes);
+                println!("pgs       {} ({} assigned)", s.pgs_total, s.pgs_assigned);
+                println!(
+                    "capacity  {} used of {}",
+                    format_size(s.used_bytes),
+                    format_size(s.capacity_bytes)
+                );
+            }
+            Ok(())
+        }
+        Command::Node { .. } => {
+            let nodes: Vec<NodeInfo> = c.get("/v1/nodes")?;
+            if json {
+                print_json(&nodes);
+            } else {
+                table(
+                    &["ID", "ADDRESS", "STATE", "PID", "DISKS", "LAST HEARTBEAT"],
+                    nodes
+                        .iter()
+                        .map(|n| {
+                            vec![
+                                n.id.to_string(),
+                                n.addr.clone(),
+                                if n.up { "up" } else { "down" }.into(),
+                                n.pid.to_string(),
+                                n.disks
+                                    .iter()
+                                    .map(u32::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                n.last_heartbeat_ms_ago.map_or("-".into(), |ms| {
+                                    format!("{:.1}s ago", ms as f64 / 1000.0)
+                                }),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+            Ok(())
+        }
+        Command::Disk { .. } => {
+            let disks: Vec<DiskInfo> = c.get("/v1/disks")?;
+            if json {
+                print_json(&disks);
+            } else {
+                table(
+                    &[
+                        "ID",
+                        "NODE",
+                        "STATE",
+                        "CAPACITY",
+                        "USED",
+                        "CSUM ERRORS",
+                        "PATH",
+                    ],
+                    disks
+                        .iter()
+                        .map(|d| {
+                            vec![
+                                d.id.to_string(),
+                                d.node_id.to_string(),
+                                if d.up { "up" } else { "down" }.into(),
+                                format_size(d.capacity_bytes),
+                                format_size(d.used_bytes),
+                                d.checksum_errors.to_string(),
+                                d.path.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+            Ok(())
+        }
+        Command::Volume { command } => volume(&c, json, command),
+    }
+}
+
+const VOLUME_HEADERS: [&str; 6] = ["NAME", "ID", "SIZE", "ALLOCATED", "BLOCK", "CHUNKS"];
+
+fn volume(c: &Client, json: bool, cmd: VolumeCommand) -> Result<(), CliError> {
+    let show = |v: &VolumeInfo| {
+        if json {
+            print_json(v);
+        } else {
+            table(&VOLUME_HEADERS, volume_rows(std::slice::from_ref(v)));
+        }
+    };
+    match cmd {
+        VolumeCommand::Create(a) => {
+            let v: VolumeInfo = c.post(
+                "/v1/volumes",
+                serde_json::to_value(CreateVolumeRequest {
+                    name: a.name,
+                    size_bytes: a.size,
+                    block_size: Some(a.block_size),
+                })
+                .expect("json"),
+            )?;
+            show(&v);
+        }
+        VolumeCommand::List => {
+            let vs: Vec<VolumeInfo> = c.get("/v1/volumes")?;
+            if json {
+                print_json(&vs);
+            } else {
+                table(&VOLUME_HEADERS, volume_rows(&vs));
+            }
+        }
+        VolumeCommand::Info { name } => {
+            let v: VolumeInfo = c.get(&format!("/v1/volumes/{}", path_segment(&name)?))?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("name        {}", v.name);
+                println!("id          {}", v.id);
+                println!(
+                    "size        {} ({} bytes)",
+                    format_size(v.size_bytes),
+                    v.size_bytes
+                );
+                println!("allocated   {}", format_size(v.allocated_bytes));
+                println!("block size  {}", v.block_size);
+                println!(
+                    "chunks      {} of {}",
+                    v.chunks,
+                    format_size(v.chunk_size_bytes)
+                );
+                println!("placement:");
+                table(
+                    &["  DISK", "NODE", "CHUNKS"],
+                    v.placement
+                        .iter()
+                        .map(|p| {
+                            vec![
+                                format!("  {}", p.disk_id),
+                                p.node_id.to_string(),
+                                p.chunks.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        VolumeCommand::Resize { name, size } => {
+            let v: VolumeInfo = c
+                .call(
+                    "PATCH",
+                    &format!("/v1/volumes/{}", path_segment(&name)?),
+                    Some(
+                        serde_json::to_value(ResizeVolumeRequest { size_bytes: size })
+                            .expect("json"),
+                    ),
+                )?
+                .ok_or_else(|| CliError("empty response".into()))?;
+            show(&v);
+        }
+        VolumeCommand::Delete { name } => {
+            c.call::<serde_json::Value>(
+                "DELETE",
+                &format!("/v1/volumes/{}", path_segment(&name)?),
+                None,
+            )?;
+            if !json {
+                println!("deleted {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Volume names go into URL paths: refuse anything that is not a valid
+/// name rather than escaping it.
+fn path_segment(name: &str) -> Result<&str, CliError> {
+    if !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        Ok(name)
+    } else {
+        Err(CliError(format!(
+            "volume {name:?} not found (names use A-Z a-z 0-9 . _ -)"
+        )))
+    }
+}

@@ -1,0 +1,398 @@
+//! `tessera up`: a whole cluster on this machine, in the foreground.
+//!
+//! Starts the manager, N storage daemons (one sparse-file disk each under
+//! DIR) and one gateway, each waiting for the child's `READY ...` line;
+//! creates the requested volumes; prints `<name> pid=... <addr>` lines,
+//! `ready` and how to connect; then supervises: a child that exits is
+//! restarted with the same arguments (and the same addresses, so clients
+//! and the map keep working) after a backoff. SIGINT/SIGTERM stop every
+//! child (SIGTERM, then SIGKILL after 10 s). Children get PR_SET_PDEATHSIG,
+//! so even a SIGKILLed `tessera up` leaves nothing running.
+
+use crate::cli::Client;
+use crate::sys;
+use clap::Args;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tessera_wire::api::{CreateVolumeRequest, NodeInfo, parse_size};
+
+/// Longest wait for a child's READY line.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Args, Debug, Clone)]
+pub struct UpArgs {
+    /// Directory for the manager's store, the disk files and the logs.
+    #[arg(long, default_value = "./tessera-data")]
+    pub dir: PathBuf,
+    /// Storage daemons to start (one disk each).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub storage_daemons: u32,
+    /// Size of each storage daemon's sparse disk file.
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    pub disk_size: u64,
+    /// NBD listen address of the gateway.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nbd_listen: String,
+    /// Manager REST API listen address.
+    #[arg(long, default_value = "127.0.0.1:9400")]
+    pub manager_listen: String,
+    /// Volumes to create if missing, NAME:SIZE (repeatable; default demo:1G).
+    #[arg(long = "volume", value_parser = parse_volume)]
+    pub volumes: Vec<(String, u64)>,
+}
+
+pub fn parse_volume(s: &str) -> Result<(String, u64), String> {
+    let (name, size) = s
+        .split_once(':')
+        .ok_or_else(|| format!("bad volume {s:?}: expected NAME:SIZE, e.g. demo:1G"))?;
+    if name.is_empty() {
+        return Err(format!("bad volume {s:?}: empty name"));
+    }
+    Ok((name.to_string(), parse_size(size)?))
+}
+
+/// `key=value` from a `READY ...` line.
+pub fn ready_field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+}
+
+struct Proc {
+    name: String,
+    bin: PathBuf,
+    args: Vec<OsString>,
+    log: PathBuf,
+    child: Option<Child>,
+    /// Flags whose value is replaced by the address from the first READY
+    /// line (flag, READY key), so a restart keeps the same address.
+    pin: Vec<(&'static str, &'static str)>,
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    ready: String,
+}
+
+impl Proc {
+    /// Start the child and wait for its READY line.
+    fn start(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("cannot open log {}: {e}", self.log.display()))?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        sys::die_with_parent(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.bin.display()))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("READY") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let line = loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => break l,
+                Err(_) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(format!(
+                            "{} exited before it was ready ({status}); last log lines:\n{}",
+                            self.name,
+                            tail(&self.log, 10)
+                        ));
+                    }
+                    if Instant::now() > deadline {
+                        sys::kill(child.id(), libc::SIGKILL);
+                        let _ = child.wait();
+                        return Err(format!(
+                            "{} was not ready after {}s; last log lines:\n{}",
+                            self.name,
+                            READY_TIMEOUT.as_secs(),
+                            tail(&self.log, 10)
+                        ));
+                    }
+                }
+            }
+        };
+        for (flag, key) in &self.pin {
+            if let Some(v) = ready_field(&line, key).filter(|v| v != "none")
+                && let Some(i) = self.args.iter().position(|a| a == *flag)
+            {
+                self.args[i + 1] = v.into();
+            }
+        }
+        self.ready = line;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn sibling(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
+    let p = exe.with_file_name(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{} not found next to {} (build all binaries: cargo build --release --workspace --bins)",
+            name,
+            exe.display()
+        ))
+    }
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+pub fn run(mut a: UpArgs) -> Result<(), String> {
+    if a.volumes.is_empty() {
+        a.volumes.push(("demo".into(), 1 << 30));
+    }
+    let dir = &a.dir;
+    std::fs::create_dir_all(dir.join("logs"))
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+    let mut procs: Vec<Proc> = Vec::new();
+    let result = start_all(&a, &dir, &mut procs);
+    if let Err(e) = result {
+        stop_all(&mut procs);
+        return Err(e);
+    }
+    supervise(&mut procs);
+    stop_all(&mut procs);
+    Ok(())
+}
+
+fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String> {
+    let logs = dir.join("logs");
+    let mut manager = Proc {
+        name: "manager".into(),
+        bin: sibling("tessera-manager")?,
+        args: vec![
+            "--listen".into(),
+            a.manager_listen.clone().into(),
+            "--data-dir".into(),
+            dir.join("manager").into(),
+        ],
+        log: logs.join("manager.log"),
+        child: None,
+        pin: vec![("--listen", "listen")],
+        restart_at: None,
+        backoff: BACKOFF_MIN,
+        ready: String::new(),
+    };
+    manager.start()?;
+    let maddr = ready_field(&manager.ready, "listen").ok_or("manager printed no address")?;
+    let murl = format!("http://{maddr}");
+    say(&format!("manager pid={} listen={maddr}", manager.pid()));
+    procs.push(manager);
+
+    for i in 0..a.storage_daemons {
+        let disk = dir.join(format!("storage-{i}")).join("disk0.img");
+        let mut p = Proc {
+            name: format!("storage-{i}"),
+            bin: sibling("tessera-storage")?,
+            args: vec![
+                "--manager".into(),
+                murl.clone().into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--disk".into(),
+                format!("{},size={}", disk.display(), a.disk_size).into(),
+                "--metrics-listen".into(),
+                "127.0.0.1:0".into(),
+            ],
+            log: logs.join(format!("storage-{i}.log")),
+            child: None,
+            pin: vec![("--listen", "listen"), ("--metrics-listen", "metrics")],
+            restart_at: None,
+            backoff: BACKOFF_MIN,
+            ready: String::new(),
+        };
+        p.start()?;
+        say(&format!(
+            "storage-{i} pid={} listen={}",
+            p.pid(),
+            ready_field(&p.ready, "listen").unwrap_or_default()
+        ));
+        procs.push(p);
+    }
+
+    let client = Client::new(&murl);
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let nodes: Vec<NodeInfo> = client.get("/v1/nodes").map_err(|e| e.0)?;
+        if nodes.iter().filter(|n| n.up).count() >= a.storage_daemons as usize {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("storage daemons did not all come up in time".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (name, size) in &a.volumes {
+        let r: Result<serde_json::Value, _> = client.post(
+            "/v1/volumes",
+            serde_json::to_value(CreateVolumeRequest {
+                name: name.clone(),
+                size_bytes: *size,
+                block_size: None,
+            })
+            .expect("json"),
+        );
+        match r {
+            Ok(_) => {}
+            Err(e) if e.0.contains("already exists") => {
+                say(&format!("volume {name} exists; keeping it as it is"));
+            }
+            Err(e) => return Err(format!("cannot create volume {name}: {}", e.0)),
+        }
+    }
+
+    let mut gw = Proc {
+        name: "gateway".into(),
+        bin: sibling("tessera-gateway")?,
+        args: vec![
+            "--manager".into(),
+            murl.clone().into(),
+            "--nbd-listen".into(),
+            a.nbd_listen.clone().into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+        ],
+        log: logs.join("gateway.log"),
+        child: None,
+        pin: vec![("--nbd-listen", "nbd"), ("--metrics-listen", "metrics")],
+        restart_at: None,
+        backoff: BACKOFF_MIN,
+        ready: String::new(),
+    };
+    gw.start()?;
+    let nbd = ready_field(&gw.ready, "nbd").unwrap_or_default();
+    say(&format!("gateway pid={} nbd={nbd}", gw.pid()));
+    procs.push(gw);
+    say("ready");
+    for (name, _) in &a.volumes {
+        say(&format!("  nbdinfo nbd://{nbd}/{name}"));
+    }
+    let first = &a.volumes[0].0;
+    say(&format!("  qemu-img info nbd://{nbd}/{first}"));
+    say(&format!(
+        "  fio --name=t --ioengine=nbd --uri=nbd://{nbd}/{first} --rw=randwrite --bs=4k --size=256m"
+    ));
+    say(&format!("  tessera --manager {murl} volume list"));
+    say(&format!(
+        "logs in {}; Ctrl-C stops the cluster",
+        logs.display()
+    ));
+    Ok(())
+}
+
+fn supervise(procs: &mut [Proc]) {
+    loop {
+        if sys::wait_termination(Some(Duration::from_millis(100))) {
+            return;
+        }
+        for p in procs.iter_mut() {
+            if let Some(child) = p.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                say(&format!("exited {} pid={} ({status})", p.name, child.id()));
+                p.child = None;
+                p.restart_at = Some(Instant::now() + p.backoff);
+            }
+            if p.child.is_none()
+                && let Some(at) = p.restart_at
+                && Instant::now() >= at
+            {
+                match p.start() {
+                    Ok(()) => {
+                        p.restart_at = None;
+                        say(&format!("restarted {} pid={}", p.name, p.pid()));
+                        // A child that stays up earns a fast restart next time.
+                        p.backoff = BACKOFF_MIN;
+                    }
+                    Err(e) => {
+                        eprintln!("tessera up: restarting {} failed: {e}", p.name);
+                        p.backoff = (p.backoff * 2).min(BACKOFF_MAX);
+                        p.restart_at = Some(Instant::now() + p.backoff);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stop children in reverse start order (gateway first, manager last).
+fn stop_all(procs: &mut [Proc]) {
+    for p in procs.iter().rev() {
+        if let Some(c) = &p.child {
+            sys::kill(c.id(), libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    for p in procs.iter_mut().rev() {
+        if let Some(mut c) = p.child.take() {
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    sys::kill(c.id(), libc::SIGKILL);
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Proves --volume parsing and READY-line parsing.
+    #[test]
+    fn parsing() {
+        assert_eq!(parse_volume("demo:1G"), Ok(("demo".into(), 1 << 30)));
+        assert!(parse_volume("demo").is_err());
+        assert!(parse_volume(":1G").is_err());
+        assert!(parse_volume("x:big").is_err());
+        let l = "READY listen=127.0.0.1:5 node_id=3 metrics=none";
+        assert_eq!(ready_field(l, "listen").as_deref(), Some("127.0.0.1:5"));
+        assert_eq!(ready_field(l, "node_id").as_deref(), Some("3"));
+        assert_eq!(ready_field(l, "nope"), None);
+    }
+}
