@@ -266,6 +266,7 @@ fn engine_loop(
     let mut done: Vec<Completion> = Vec::new();
     let mut last_stats = Instant::now();
     let mut shutting = false;
+    let mut dirty = false;
     loop {
         let mut got = false;
         loop {
@@ -294,17 +295,26 @@ fn engine_loop(
             got = true;
             deliver(&mut routes, &mut done, metrics);
         }
+        if got {
+            dirty = true;
+        }
+        // Publish stats at most every STATS_INTERVAL while busy, and always
+        // before going to sleep, so an idle daemon never reports stale ones.
+        if dirty && (!got || last_stats.elapsed() >= STATS_INTERVAL) {
+            last_stats = Instant::now();
+            dirty = false;
+            *stats.lock().expect("stats lock") = engine.stats();
+        }
         engine.drive(if got {
             Wait::No
         } else {
             Wait::Doorbell(bell.raw())
         });
         engine.take_completions(&mut done);
-        deliver(&mut routes, &mut done, metrics);
-        if last_stats.elapsed() >= STATS_INTERVAL {
-            last_stats = Instant::now();
-            *stats.lock().expect("stats lock") = engine.stats();
+        if !done.is_empty() {
+            dirty = true;
         }
+        deliver(&mut routes, &mut done, metrics);
     }
 }
 

@@ -459,7 +459,7 @@ fn crash_consistency_sim() {
     let n: u64 = std::env::var("TESSERA_CRASH_SEEDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+        .unwrap_or(1000);
     for seed in 0..n {
         crash_seed(seed);
     }

@@ -140,11 +140,11 @@ pub struct ErrorBody {
 /// `B`/`iB` suffixes (`1GiB`, `1GB`); units are powers of 1024.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let digits_end = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     if digits_end == 0 {
-        return Err(format!("bad size {s:?}: expected a number with an optional K/M/G/T suffix"));
+        return Err(format!(
+            "bad size {s:?}: expected a number with an optional K/M/G/T suffix"
+        ));
     }
     let n: u64 = t[..digits_end]
         .parse()
@@ -156,7 +156,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "M" | "MB" | "MIB" => 1 << 20,
         "G" | "GB" | "GIB" => 1 << 30,
         "T" | "TB" | "TIB" => 1 << 40,
-        _ => return Err(format!("bad size {s:?}: unknown unit {unit:?} (use K, M, G or T)")),
+        _ => {
+            return Err(format!(
+                "bad size {s:?}: unknown unit {unit:?} (use K, M, G or T)"
+            ));
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("bad size {s:?}: too large"))
