@@ -11,7 +11,9 @@ fn bench(c: &mut Criterion) {
         b.iter(|| crc32c::crc32c(black_box(&block)))
     });
     let table = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
-    g.bench_function("crc_crate", |b| b.iter(|| table.checksum(black_box(&block))));
+    g.bench_function("crc_crate", |b| {
+        b.iter(|| table.checksum(black_box(&block)))
+    });
     g.finish();
 }
 
