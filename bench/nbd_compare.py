@@ -72,8 +72,10 @@ def cpu_seconds(pids):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            # utime, stime, and cutime, cstime of reaped children
+            # (nbd-server serves each connection in a child process).
             # Threads are included in the process totals.
+            total += sum(int(x) for x in fields[11:15])
         except (OSError, IndexError, ValueError):
             pass
     return total / CLK_TCK
@@ -222,17 +224,44 @@ class NbdServer(Nbd):
         conf = os.path.join(work, "nbd-server.conf")
         with open(conf, "w") as f:
             f.write(f"[generic]\nlistenaddr = 127.0.0.1\nport = {self.port}\n"
-                    f"allowlist = true\n[bench]\nexportname = {path}\n")
-        p = subprocess.Popen(["nbd-server", "-d", "-C", conf],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.procs = [p]
-        self.pids = [p.pid]
+                    f"allowlist = true\nuser = root\ngroup = root\n"
+                    f"[bench]\nexportname = {path}\n")
+        # nbd-server daemonises and serves each client in a child process
+        # (its -d mode serves a single connection), so find the daemon by
+        # its unique config path; children's CPU time is reaped into it.
+        subprocess.run(["nbd-server", "-C", conf], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
+        self.daemon_pid = min(pid for pid in pids_with_arg(conf))
+        self.procs = []
+        self.pids = [self.daemon_pid]
         prefill(self.fio_args(), size)
 
 
+def _stop_nbd_server(self):
+    try:
+        os.kill(self.daemon_pid, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+NbdServer.stop = _stop_nbd_server
+
 TARGETS = {"local": Local, "tessera": Tessera, "qemu-nbd": QemuNbd,
            "nbdkit": Nbdkit, "nbd-server": NbdServer}
+
+
+def pids_with_arg(arg):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if arg.encode() in f.read().split(b"\0"):
+                        out.append(int(d))
+            except OSError:
+                pass
+    return out
 
 
 def parse_size(s):
