@@ -147,7 +147,17 @@ class Tessera(Nbd):
 
     def __init__(self, work, size):
         d = os.path.join(work, "tessera")
-        disk = int(parse_size(size) * 1.5)
+        disk = int(parse_size(size) * 1.5) // (1 << 20) * (1 << 20)
+        # The storage daemon writes every block to a fresh place
+        # (redirect-on-write), so on a sparse file each write would also pay
+        # for the filesystem allocating blocks. The other servers overwrite
+        # a file the prefill wrote in full; give Tessera the same: a disk
+        # file written in full (zeroes read as a blank disk), as a real
+        # block device would be.
+        disk_path = os.path.join(d, "storage-0", "disk0.img")
+        os.makedirs(os.path.dirname(disk_path), exist_ok=True)
+        subprocess.run(["dd", "if=/dev/zero", "of=" + disk_path, "bs=1M",
+                        f"count={disk >> 20}", "oflag=direct", "status=none"], check=True)
         cmd = [os.path.join(BIN, "tessera"), "up", "--dir", d,
                "--storage-daemons", "1", "--disk-size", str(disk),
                "--nbd-listen", "127.0.0.1:0", "--manager-listen", "127.0.0.1:0",
@@ -304,6 +314,8 @@ def run_fio(target, wl, runtime, size):
 
 
 def main():
+    # SIGTERM behaves like Ctrl-C: stop every server this run started.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
     ap.add_argument("--rounds", type=int, default=3)
