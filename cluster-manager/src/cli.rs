@@ -74,8 +74,10 @@ pub enum VolumeCommand {
     /// Grow a volume.
     Resize {
         name: String,
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        /// New size, e.g. 20G (parsed by `parse_size`, so a bad size is one
+        /// line and exit 1 like every other user error).
+        #[arg(long)]
+        size: String,
     },
     Delete {
         name: String,
@@ -86,8 +88,8 @@ pub enum VolumeCommand {
 pub struct CreateArgs {
     pub name: String,
     /// Size, e.g. 10G.
-    #[arg(long, value_parser = parse_size)]
-    pub size: u64,
+    #[arg(long)]
+    pub size: String,
     /// Logical block size advertised to clients.
     #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
     pub block_size: u32,
@@ -101,9 +103,44 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
     }
 }
 
-/// A one-line CLI error.
+/// A one-line CLI error, with the HTTP status when the manager answered.
 #[derive(Debug)]
-pub struct CliError(pub String);
+pub struct CliError {
+    pub message: String,
+    pub status: Option<u16>,
+}
+
+impl CliError {
+    pub fn new(message: impl Into<String>) -> CliError {
+        CliError {
+            message: message.into(),
+            status: None,
+        }
+    }
+}
+
+fn size(s: &str) -> Result<u64, CliError> {
+    parse_size(s).map_err(CliError::new)
+}
+
+/// Why a request never reached the manager, in a few words: the innermost
+/// I/O error ("connection refused") rather than ureq's generic kind.
+fn transport_reason(t: &ureq::Transport) -> String {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(t);
+    while let Some(e) = src {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+                std::io::ErrorKind::TimedOut => "timed out".into(),
+                _ => io.to_string(),
+            };
+        }
+        src = e.source();
+    }
+    t.message()
+        .map(str::to_string)
+        .unwrap_or_else(|| t.kind().to_string())
+}
 
 pub struct Client {
     base: String,
@@ -138,27 +175,28 @@ impl Client {
             Ok(resp) => resp
                 .into_json::<T>()
                 .map(Some)
-                .map_err(|e| CliError(format!("bad response from the manager: {e}"))),
+                .map_err(|e| CliError::new(format!("bad response from the manager: {e}"))),
             Err(ureq::Error::Status(code, resp)) => {
                 let msg = resp
                     .into_json::<ErrorBody>()
                     .map(|b| b.error)
                     .unwrap_or_else(|_| format!("HTTP {code}"));
-                Err(CliError(msg))
+                Err(CliError {
+                    message: msg,
+                    status: Some(code),
+                })
             }
-            Err(ureq::Error::Transport(t)) => Err(CliError(format!(
-                "cannot reach the manager at {}: {}",
+            Err(ureq::Error::Transport(t)) => Err(CliError::new(format!(
+                "cannot reach manager at {}: {}",
                 self.base,
-                t.message()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| t.kind().to_string())
+                transport_reason(&t)
             ))),
         }
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
         self.call("GET", path, None)?
-            .ok_or_else(|| CliError("empty response from the manager".into()))
+            .ok_or_else(|| CliError::new("empty response from the manager"))
     }
 
     pub fn post<T: DeserializeOwned>(
@@ -167,7 +205,7 @@ impl Client {
         body: serde_json::Value,
     ) -> Result<T, CliError> {
         self.call("POST", path, Some(body))?
-            .ok_or_else(|| CliError("empty response from the manager".into()))
+            .ok_or_else(|| CliError::new("empty response from the manager"))
     }
 }
 
@@ -216,7 +254,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     let c = Client::new(&cli.manager);
     let json = cli.output == Output::Json;
     match cli.command {
-        Command::Up(args) => crate::up::run(args).map_err(CliError),
+        Command::Up(args) => crate::up::run(args).map_err(CliError::new),
         Command::Status => {
             let s: crate::server::Status = c.get("/v1/status")?;
             if json {
@@ -319,7 +357,7 @@ fn volume(c: &Client, json: bool, cmd: VolumeCommand) -> Result<(), CliError> {
                 "/v1/volumes",
                 serde_json::to_value(CreateVolumeRequest {
                     name: a.name,
-                    size_bytes: a.size,
+                    size_bytes: size(&a.size)?,
                     block_size: Some(a.block_size),
                 })
                 .expect("json"),
@@ -375,11 +413,13 @@ fn volume(c: &Client, json: bool, cmd: VolumeCommand) -> Result<(), CliError> {
                     "PATCH",
                     &format!("/v1/volumes/{}", path_segment(&name)?),
                     Some(
-                        serde_json::to_value(ResizeVolumeRequest { size_bytes: size })
-                            .expect("json"),
+                        serde_json::to_value(ResizeVolumeRequest {
+                            size_bytes: self::size(&size)?,
+                        })
+                        .expect("json"),
                     ),
                 )?
-                .ok_or_else(|| CliError("empty response".into()))?;
+                .ok_or_else(|| CliError::new("empty response from the manager"))?;
             show(&v);
         }
         VolumeCommand::Delete { name } => {
@@ -406,7 +446,7 @@ fn path_segment(name: &str) -> Result<&str, CliError> {
     {
         Ok(name)
     } else {
-        Err(CliError(format!(
+        Err(CliError::new(format!(
             "volume {name:?} not found (names use A-Z a-z 0-9 . _ -)"
         )))
     }

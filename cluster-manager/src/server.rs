@@ -576,6 +576,7 @@ struct Metrics {
     epoch: IntGauge,
     nodes_up: IntGauge,
     nodes_down: IntGauge,
+    disks: IntGauge,
     volumes: IntGauge,
     capacity: IntGauge,
     used: IntGauge,
@@ -598,6 +599,7 @@ impl Metrics {
             epoch: g("tessera_manager_map_epoch", "Current cluster-map epoch"),
             nodes_up: g("tessera_manager_nodes_up", "Storage nodes up"),
             nodes_down: g("tessera_manager_nodes_down", "Storage nodes down"),
+            disks: g("tessera_manager_disks", "Disks in the catalogue"),
             volumes: g("tessera_manager_volumes", "Volumes in the catalogue"),
             capacity: g("tessera_manager_capacity_bytes", "Total disk capacity"),
             used: g("tessera_manager_used_bytes", "Total allocated bytes"),
@@ -610,6 +612,7 @@ impl Metrics {
             &m.epoch,
             &m.nodes_up,
             &m.nodes_down,
+            &m.disks,
             &m.volumes,
             &m.capacity,
             &m.used,
@@ -683,6 +686,7 @@ pub fn route(m: &Manager, method: &str, path: &str, body: &[u8]) -> (&'static st
             m.metrics.epoch.set(s.epoch as i64);
             m.metrics.nodes_up.set(i64::from(s.nodes_up));
             m.metrics.nodes_down.set(i64::from(s.nodes_down));
+            m.metrics.disks.set(i64::from(s.disks));
             m.metrics.volumes.set(i64::from(s.volumes));
             m.metrics.capacity.set(s.capacity_bytes as i64);
             m.metrics.used.set(s.used_bytes as i64);

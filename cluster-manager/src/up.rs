@@ -174,6 +174,9 @@ fn say(line: &str) {
 }
 
 pub fn run(mut a: UpArgs) -> Result<(), String> {
+    // Before any thread exists, so every thread inherits the mask and the
+    // signals queue for `sys::wait_termination` instead of killing us.
+    sys::block_termination_signals();
     if a.volumes.is_empty() {
         a.volumes.push(("demo".into(), 1 << 30));
     }
@@ -252,7 +255,7 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
     let client = Client::new(&murl);
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        let nodes: Vec<NodeInfo> = client.get("/v1/nodes").map_err(|e| e.0)?;
+        let nodes: Vec<NodeInfo> = client.get("/v1/nodes").map_err(|e| e.message)?;
         if nodes.iter().filter(|n| n.up).count() >= a.storage_daemons as usize {
             break;
         }
@@ -273,10 +276,10 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
         );
         match r {
             Ok(_) => {}
-            Err(e) if e.0.contains("already exists") => {
+            Err(e) if e.status == Some(409) => {
                 say(&format!("volume {name} exists; keeping it as it is"));
             }
-            Err(e) => return Err(format!("cannot create volume {name}: {}", e.0)),
+            Err(e) => return Err(format!("cannot create volume {name}: {}", e.message)),
         }
     }
 

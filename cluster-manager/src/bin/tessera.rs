@@ -4,11 +4,11 @@
 use clap::Parser;
 
 fn main() {
-    // `tessera up` collects SIGINT/SIGTERM itself; other commands are short.
-    tessera_manager::sys::block_termination_signals();
+    // Signals keep their default action here so Ctrl-C stops any command;
+    // `tessera up` blocks and collects SIGINT/SIGTERM itself.
     let cli = tessera_manager::cli::Cli::parse();
     if let Err(e) = tessera_manager::cli::run(cli) {
-        eprintln!("tessera: {}", e.0);
+        eprintln!("tessera: {}", e.message);
         std::process::exit(1);
     }
 }
