@@ -256,7 +256,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Up(args) => crate::up::run(args).map_err(CliError::new),
         Command::Status => {
-            let s: crate::server::Status = c.get("/v1/status")?;
+            let s: crate::daemon::Status = c.get("/v1/status")?;
             if json {
                 print_json(&s);
             } else {

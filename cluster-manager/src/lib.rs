@@ -1,16 +1,28 @@
 //! Tessera cluster manager and the `tessera` CLI.
 //!
-//! * [`server`]: the manager daemon — membership, health, volume catalogue,
-//!   placement, the cluster map and the REST API.
+//! Policies are pure functions of (state, config), tested beside the code:
+//! * [`membership`]: nodes and disks joining; stable ids per uuid.
+//! * [`health`]: which nodes are up, from heartbeat times and a grace.
+//! * [`placement`]: placement groups onto disks.
+//! * [`map`]: the volume catalogue rules and the published cluster map.
+//!
+//! Around them:
 //! * [`store`]: the embedded catalogue store (redb).
-//! * [`placement`]: placement groups onto disks, a pure function.
+//! * [`daemon`]: the manager's state (catalogue + liveness under one lock),
+//!   persistence and epoch bumps, and `run`.
+//! * [`api`]: the REST API and metrics over HTTP.
+//! * [`sys`]: the few system calls std lacks (signals, PDEATHSIG).
 //! * [`cli`]: the `tessera` commands (tables and JSON) over the REST API.
 //! * [`up`]: `tessera up`, a whole local cluster under one supervisor.
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod cli;
+pub mod daemon;
+pub mod health;
+pub mod map;
+pub mod membership;
 pub mod placement;
-pub mod server;
 pub mod store;
 pub mod sys;
 pub mod up;
@@ -34,10 +46,4 @@ pub fn notify_ready() {
     if let Err(e) = r {
         tracing::warn!(error = %e, "sd_notify failed");
     }
-}
-
-/// Block until SIGTERM or SIGINT (they must have been blocked with
-/// [`sys::block_termination_signals`] at the start of `main`).
-pub fn wait_for_termination() {
-    sys::wait_termination(None);
 }

@@ -5,7 +5,7 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tessera_manager::server::{self, Config};
+use tessera_manager::daemon::{self, Config};
 
 /// Tessera cluster manager: membership, placement, volume catalogue, cluster map.
 #[derive(Parser, Debug)]
@@ -41,7 +41,7 @@ fn main() {
         pg_count: a.pg_count,
         heartbeat_grace: Duration::from_millis(a.heartbeat_grace_ms),
     };
-    match server::run(config) {
+    match daemon::run(config) {
         Ok(()) => std::process::exit(0),
         Err(f) => {
             eprintln!("tessera-manager: {}", f.message);

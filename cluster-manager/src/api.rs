@@ -1,0 +1,329 @@
+//! The REST API (docs/api.md): HTTP/1.1 over tiny_http, JSON bodies, every
+//! error as `{"error": "..."}` with a 4xx/5xx status, and the Prometheus
+//! metrics page.
+//!
+//! [`route`] is pure with respect to HTTP (method, path and body in; route
+//! label, status and body out) so the whole API is testable without
+//! sockets. Client input never panics: bodies are capped at
+//! [`BODY_MAX_BYTES`] and parsed into typed requests, and every failure is
+//! an [`ApiError`].
+
+use crate::daemon::{ApiError, Manager};
+use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use serde::Serialize;
+use std::io::Read;
+use std::sync::Arc;
+use tessera_wire::api::ErrorBody;
+
+/// Largest request body the API reads.
+pub const BODY_MAX_BYTES: u64 = 1 << 20;
+/// Threads answering HTTP requests.
+pub const HTTP_THREADS: usize = 4;
+
+/// The manager's fixed metric set; labels are bounded (route names are
+/// static strings, codes a handful of statuses).
+struct Metrics {
+    registry: Registry,
+    http: IntCounterVec,
+    epoch: IntGauge,
+    nodes_up: IntGauge,
+    nodes_down: IntGauge,
+    disks: IntGauge,
+    volumes: IntGauge,
+    pgs_assigned: IntGauge,
+    capacity: IntGauge,
+    used: IntGauge,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        let http = IntCounterVec::new(
+            Opts::new(
+                "tessera_manager_http_requests_total",
+                "API requests by route and status",
+            ),
+            &["route", "code"],
+        )
+        .expect("valid metric");
+        let g = |n: &str, h: &str| IntGauge::new(n, h).expect("valid metric");
+        let m = Metrics {
+            http,
+            epoch: g("tessera_manager_map_epoch", "Current cluster-map epoch"),
+            nodes_up: g("tessera_manager_nodes_up", "Storage nodes up"),
+            nodes_down: g("tessera_manager_nodes_down", "Storage nodes down"),
+            disks: g("tessera_manager_disks", "Disks in the catalogue"),
+            volumes: g("tessera_manager_volumes", "Volumes in the catalogue"),
+            pgs_assigned: g(
+                "tessera_manager_pgs_assigned",
+                "Placement groups with a non-empty acting set",
+            ),
+            capacity: g("tessera_manager_capacity_bytes", "Total disk capacity"),
+            used: g(
+                "tessera_manager_used_bytes",
+                "Bytes used on disks, from heartbeats",
+            ),
+            registry,
+        };
+        m.registry
+            .register(Box::new(m.http.clone()))
+            .expect("unique metric");
+        for x in [
+            &m.epoch,
+            &m.nodes_up,
+            &m.nodes_down,
+            &m.disks,
+            &m.volumes,
+            &m.pgs_assigned,
+            &m.capacity,
+            &m.used,
+        ] {
+            m.registry
+                .register(Box::new(x.clone()))
+                .expect("unique metric");
+        }
+        m
+    }
+}
+
+pub struct Api {
+    manager: Arc<Manager>,
+    metrics: Metrics,
+}
+
+type Reply = (u16, Vec<u8>);
+
+fn json<T: Serialize>(status: u16, v: &T) -> Reply {
+    (
+        status,
+        serde_json::to_vec_pretty(v).expect("API types serialise"),
+    )
+}
+
+fn error_reply(e: ApiError) -> Reply {
+    json(e.status, &ErrorBody { error: e.message })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::new(400, format!("bad JSON body: {e}")))
+}
+
+impl Api {
+    pub fn new(manager: Arc<Manager>) -> Api {
+        Api {
+            manager,
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// Route one request: (route label for metrics, (status, body)).
+    pub fn route(&self, method: &str, path: &str, body: &[u8]) -> (&'static str, Reply) {
+        let m = &self.manager;
+        let path = path.split('?').next().unwrap_or("");
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let r = |x: Result<Reply, ApiError>| x.unwrap_or_else(error_reply);
+        match (method, parts.as_slice()) {
+            ("GET", ["v1", "map"]) => ("map", json(200, &m.map())),
+            ("GET", ["v1", "status"]) => ("status", json(200, &m.status())),
+            ("GET", ["v1", "nodes"]) => ("nodes", json(200, &m.nodes())),
+            ("GET", ["v1", "disks"]) => ("disks", json(200, &m.disks())),
+            ("POST", ["v1", "nodes", "register"]) => (
+                "register",
+                r(parse(body)
+                    .and_then(|b| m.register(b))
+                    .map(|x| json(200, &x))),
+            ),
+            ("POST", ["v1", "nodes", id, "heartbeat"]) => (
+                "heartbeat",
+                r(id.parse::<u32>()
+                    .map_err(|_| ApiError::new(400, format!("bad node id {id:?}")))
+                    .and_then(|id| parse(body).and_then(|b| m.heartbeat(id, b)))
+                    .map(|x| json(200, &x))),
+            ),
+            ("GET", ["v1", "volumes"]) => ("volumes", json(200, &m.volumes())),
+            ("POST", ["v1", "volumes"]) => (
+                "volume_create",
+                r(parse(body)
+                    .and_then(|b| m.create_volume(b))
+                    .map(|x| json(201, &x))),
+            ),
+            ("GET", ["v1", "volumes", name]) => {
+                ("volume_info", r(m.volume(name).map(|x| json(200, &x))))
+            }
+            ("PATCH", ["v1", "volumes", name]) => (
+                "volume_resize",
+                r(parse(body)
+                    .and_then(|b| m.resize_volume(name, b))
+                    .map(|x| json(200, &x))),
+            ),
+            ("DELETE", ["v1", "volumes", name]) => (
+                "volume_delete",
+                r(m.delete_volume(name).map(|()| (204, Vec::new()))),
+            ),
+            ("GET", ["metrics"]) => ("metrics", (200, self.metrics_text())),
+            (_, ["v1", "map" | "status" | "nodes" | "disks" | "volumes"])
+            | (_, ["v1", "volumes", _])
+            | (_, ["v1", "nodes", "register"])
+            | (_, ["v1", "nodes", _, "heartbeat"])
+            | (_, ["metrics"]) => (
+                "bad_method",
+                error_reply(ApiError::new(
+                    405,
+                    format!("method {method} not allowed on {path}"),
+                )),
+            ),
+            _ => (
+                "unknown",
+                error_reply(ApiError::new(404, format!("no route for {method} {path}"))),
+            ),
+        }
+    }
+
+    fn metrics_text(&self) -> Vec<u8> {
+        let s = self.manager.status();
+        let m = &self.metrics;
+        m.epoch.set(s.epoch as i64);
+        m.nodes_up.set(i64::from(s.nodes_up));
+        m.nodes_down.set(i64::from(s.nodes_down));
+        m.disks.set(i64::from(s.disks));
+        m.volumes.set(i64::from(s.volumes));
+        m.pgs_assigned.set(i64::from(s.pgs_assigned));
+        m.capacity.set(s.capacity_bytes as i64);
+        m.used.set(s.used_bytes as i64);
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&m.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        out
+    }
+
+    /// Answer requests from `server` until it is unblocked.
+    pub fn serve(&self, server: &tiny_http::Server) {
+        for mut req in server.incoming_requests() {
+            let method = req.method().as_str().to_string();
+            let url = req.url().to_string();
+            let declared = req.body_length().unwrap_or(0) as u64;
+            let too_large = || {
+                (
+                    "too_large",
+                    error_reply(ApiError::new(
+                        413,
+                        format!("request body larger than {BODY_MAX_BYTES} bytes"),
+                    )),
+                )
+            };
+            let (label, (status, body)) = if declared > BODY_MAX_BYTES {
+                too_large()
+            } else {
+                // Chunked bodies declare no length: cap what is read.
+                let mut body = Vec::new();
+                match req
+                    .as_reader()
+                    .take(BODY_MAX_BYTES + 1)
+                    .read_to_end(&mut body)
+                {
+                    Ok(_) if body.len() as u64 > BODY_MAX_BYTES => too_large(),
+                    Ok(_) => self.route(&method, &url, &body),
+                    Err(e) => (
+                        "bad_body",
+                        error_reply(ApiError::new(400, format!("cannot read body: {e}"))),
+                    ),
+                }
+            };
+            self.metrics
+                .http
+                .with_label_values(&[label, &status.to_string()])
+                .inc();
+            if status >= 500 {
+                tracing::error!(%method, %url, status, "request failed");
+            } else {
+                tracing::debug!(%method, %url, status, "request");
+            }
+            let content_type = if label == "metrics" {
+                "text/plain; version=0.0.4"
+            } else {
+                "application/json"
+            };
+            let resp = tiny_http::Response::from_data(body)
+                .with_status_code(status)
+                .with_header(
+                    tiny_http::Header::from_bytes("Content-Type", content_type)
+                        .expect("static header"),
+                );
+            // The client may be gone; nothing to do about it.
+            let _ = req.respond(resp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::Config;
+    use std::time::Duration;
+
+    fn api(name: &str) -> (Api, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("tessera-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let m = Manager::open(&Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.clone(),
+            pg_count: 16,
+            heartbeat_grace: Duration::from_secs(5),
+        })
+        .unwrap();
+        (Api::new(Arc::new(m)), dir)
+    }
+
+    fn status(a: &Api, method: &str, path: &str, body: &str) -> u16 {
+        a.route(method, path, body.as_bytes()).1.0
+    }
+
+    // Proves the router's status for each route and each kind of bad input,
+    // and that error bodies are {"error": ...}.
+    #[test]
+    fn routes_and_errors() {
+        let (a, dir) = api("routes");
+        let reg = r#"{"node_uuid":"n","addr":"h:1","metrics_addr":null,"pid":1,
+            "disks":[{"uuid":"d","path":"/x","capacity_bytes":1073741824}]}"#;
+        let vol = r#"{"name":"a","size_bytes":1073741824}"#;
+        assert_eq!(status(&a, "POST", "/v1/volumes", vol), 503);
+        assert_eq!(status(&a, "POST", "/v1/nodes/register", reg), 200);
+        assert_eq!(status(&a, "POST", "/v1/nodes/register", "{}"), 400);
+        assert_eq!(status(&a, "POST", "/v1/nodes/register", "\u{0}"), 400);
+        let hb = r#"{"disks":[],"volumes":[]}"#;
+        assert_eq!(status(&a, "POST", "/v1/nodes/1/heartbeat", hb), 200);
+        assert_eq!(status(&a, "POST", "/v1/nodes/x/heartbeat", hb), 400);
+        assert_eq!(status(&a, "POST", "/v1/nodes/-1/heartbeat", hb), 400);
+        assert_eq!(status(&a, "POST", "/v1/nodes/7/heartbeat", hb), 404);
+        assert_eq!(status(&a, "POST", "/v1/volumes", vol), 201);
+        assert_eq!(status(&a, "POST", "/v1/volumes", vol), 409);
+        assert_eq!(status(&a, "GET", "/v1/volumes/a?x=1", ""), 200);
+        assert_eq!(status(&a, "PUT", "/v1/volumes/a", ""), 405);
+        assert_eq!(status(&a, "GET", "/v1/volumes/a/b", ""), 404);
+        assert_eq!(status(&a, "GET", "/", ""), 404);
+        assert_eq!(
+            status(&a, "PATCH", "/v1/volumes/a", r#"{"size_bytes":-1}"#),
+            400
+        );
+        for p in [
+            "/v1/map",
+            "/v1/status",
+            "/v1/nodes",
+            "/v1/disks",
+            "/v1/volumes",
+        ] {
+            assert_eq!(status(&a, "GET", p, ""), 200, "{p}");
+        }
+        let (_, (code, body)) = a.route("GET", "/v1/volumes/zz", b"");
+        assert_eq!(code, 404);
+        let e: ErrorBody = serde_json::from_slice(&body).unwrap();
+        assert_eq!(e.error, r#"volume "zz" not found"#);
+        let (_, (_, text)) = a.route("GET", "/metrics", b"");
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.contains("tessera_manager_volumes 1"), "{text}");
+        assert!(text.contains("tessera_manager_pgs_assigned 16"), "{text}");
+        drop(a);
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

@@ -1,0 +1,546 @@
+//! The manager daemon's state: the catalogue under one mutex, persisted
+//! before any change is answered or published, and the in-memory liveness
+//! of every node. Each operation applies a pure policy ([`membership`],
+//! [`health`], [`map`], [`placement`]) and, when it reports a change, bumps
+//! the epoch and commits the catalogue in one redb transaction.
+//!
+//! Liveness (heartbeat times and usage) is memory only: after a restart
+//! every known node counts as up until a grace period passes without a
+//! heartbeat.
+//!
+//! [`placement`]: crate::placement
+
+use crate::health::{self, Live};
+use crate::map;
+use crate::membership;
+use crate::store::{Catalog, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tessera_wire::api::*;
+use tessera_wire::map::ClusterMap;
+
+/// How often the health thread applies the health policy.
+pub const HEALTH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The daemon's configuration, validated by clap and logged at start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Used only when the cluster is created; the catalogue's wins after.
+    pub pg_count: u32,
+    pub heartbeat_grace: Duration,
+}
+
+/// Exit codes of `tessera-manager`, relied on by the systemd units
+/// (`RestartPreventExitStatus=2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    /// Clean stop on SIGTERM/SIGINT.
+    Ok = 0,
+    /// Bad flags (clap exits with 2 too): restarting cannot help.
+    Config = 2,
+    /// The environment refused: data directory, store, or listen address.
+    Environment = 3,
+}
+
+/// A fatal start-up error: one line for stderr and the exit code.
+#[derive(Debug)]
+pub struct Fatal {
+    pub code: ExitCode,
+    pub message: String,
+}
+
+/// An operation's failure as the API answers it: status and one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<map::Error> for ApiError {
+    fn from(e: map::Error) -> ApiError {
+        ApiError::new(e.http_status(), e.to_string())
+    }
+}
+
+impl From<membership::Error> for ApiError {
+    fn from(e: membership::Error) -> ApiError {
+        ApiError::new(400, e.to_string())
+    }
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub cluster_id: String,
+    pub epoch: u64,
+    pub nodes_up: u32,
+    pub nodes_down: u32,
+    pub disks: u32,
+    pub volumes: u32,
+    pub pgs_total: u32,
+    pub pgs_assigned: u32,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+}
+
+pub struct Manager {
+    store: Store,
+    inner: Mutex<Inner>,
+    grace: Duration,
+}
+
+struct Inner {
+    catalog: Catalog,
+    live: BTreeMap<u32, Live>,
+    started: Instant,
+}
+
+impl Inner {
+    fn up(&self, node_id: u32) -> bool {
+        self.live.get(&node_id).is_some_and(|l| l.up)
+    }
+
+    fn map(&self) -> ClusterMap {
+        map::build(&self.catalog, |n| self.up(n))
+    }
+
+    fn volume_info(&self, map: &ClusterMap, id: u64) -> VolumeInfo {
+        let v = map.volume(id).expect("volume exists");
+        map::volume_info(map, v, self.live.values().filter_map(|l| l.usage.as_ref()))
+    }
+}
+
+impl Manager {
+    pub fn open(config: &Config) -> Result<Manager, Fatal> {
+        let env = |message: String| Fatal {
+            code: ExitCode::Environment,
+            message,
+        };
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| env(format!("cannot create {}: {e}", config.data_dir.display())))?;
+        let path = config.data_dir.join("catalog.redb");
+        let store_err = |e: StoreError| env(format!("{} ({})", e, path.display()));
+        let store = Store::open(&path).map_err(store_err)?;
+        let catalog = match store.load().map_err(store_err)? {
+            Some(c) => c,
+            None => {
+                let c = Catalog::new(config.pg_count);
+                store.save(&c).map_err(store_err)?;
+                tracing::info!(cluster_id = %c.cluster_id, pg_count = c.pg_count, "created cluster");
+                c
+            }
+        };
+        let live = catalog
+            .nodes
+            .iter()
+            .map(|n| (n.id, Live::assumed_up()))
+            .collect();
+        Ok(Manager {
+            store,
+            inner: Mutex::new(Inner {
+                catalog,
+                live,
+                started: Instant::now(),
+            }),
+            grace: config.heartbeat_grace,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().expect("manager lock poisoned")
+    }
+
+    /// Bump the epoch and persist, with the lock held, before the change is
+    /// answered or published. A failed save rolls the in-memory catalogue
+    /// back so memory never runs ahead of the disk.
+    fn commit(&self, inner: &mut Inner, before: Catalog) -> Result<(), ApiError> {
+        inner.catalog.epoch += 1;
+        if let Err(e) = self.store.save(&inner.catalog) {
+            inner.catalog = before;
+            tracing::error!(error = %e, "cannot persist the catalogue");
+            return Err(ApiError::new(500, format!("cannot persist catalogue: {e}")));
+        }
+        Ok(())
+    }
+
+    pub fn map(&self) -> ClusterMap {
+        self.lock().map()
+    }
+
+    pub fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, ApiError> {
+        let mut inner = self.lock();
+        let before = inner.catalog.clone();
+        let r = membership::register(&mut inner.catalog, &req)?;
+        let live = inner.live.entry(r.node_id).or_insert_with(Live::assumed_up);
+        let was_down = !live.up;
+        live.up = true;
+        live.last_heartbeat = Some(Instant::now());
+        if r.changed || was_down {
+            if let Err(e) = self.commit(&mut inner, before) {
+                if was_down {
+                    inner.live.get_mut(&r.node_id).expect("live").up = false;
+                }
+                return Err(e);
+            }
+        }
+        tracing::info!(node_id = r.node_id, addr = %req.addr, disks = req.disks.len(), "node registered");
+        Ok(RegisterResponse {
+            node_id: r.node_id,
+            cluster_id: inner.catalog.cluster_id.clone(),
+            disks: r.disks,
+            epoch: inner.catalog.epoch,
+        })
+    }
+
+    pub fn heartbeat(
+        &self,
+        node_id: u32,
+        req: HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ApiError> {
+        let mut inner = self.lock();
+        if !inner.catalog.nodes.iter().any(|n| n.id == node_id) {
+            return Err(ApiError::new(
+                404,
+                format!("node {node_id} is not registered"),
+            ));
+        }
+        let before = inner.catalog.clone();
+        let live = inner.live.entry(node_id).or_insert_with(Live::assumed_up);
+        live.last_heartbeat = Some(Instant::now());
+        live.usage = Some(req);
+        if !live.up {
+            live.up = true;
+            tracing::info!(node_id, "node is up again");
+            self.commit(&mut inner, before)?;
+        }
+        Ok(HeartbeatResponse {
+            epoch: inner.catalog.epoch,
+        })
+    }
+
+    /// Apply the health policy at `now`; one new epoch for all changes.
+    pub fn check_health(&self, now: Instant) {
+        let mut inner = self.lock();
+        let changes = health::transitions(&inner.live, inner.started, now, self.grace);
+        if changes.is_empty() {
+            return;
+        }
+        let before = inner.catalog.clone();
+        for (id, up) in &changes {
+            inner.live.get_mut(id).expect("live").up = *up;
+            if *up {
+                tracing::info!(node_id = id, "node is up");
+            } else {
+                tracing::warn!(node_id = id, grace = ?self.grace, "node missed its heartbeats: down");
+            }
+        }
+        if self.commit(&mut inner, before).is_err() {
+            // Retried at the next check: the states did not change on disk.
+            for (id, up) in changes {
+                inner.live.get_mut(&id).expect("live").up = !up;
+            }
+        }
+    }
+
+    pub fn create_volume(&self, req: CreateVolumeRequest) -> Result<VolumeInfo, ApiError> {
+        let mut inner = self.lock();
+        let before = inner.catalog.clone();
+        let up_disks = map::up_disks(&inner.catalog, |n| inner.up(n));
+        let id = map::create_volume(&mut inner.catalog, &req, &up_disks)?;
+        self.commit(&mut inner, before)?;
+        tracing::info!(name = %req.name, id, size_bytes = req.size_bytes, "volume created");
+        let m = inner.map();
+        Ok(inner.volume_info(&m, id))
+    }
+
+    pub fn resize_volume(
+        &self,
+        name: &str,
+        req: ResizeVolumeRequest,
+    ) -> Result<VolumeInfo, ApiError> {
+        let mut inner = self.lock();
+        let before = inner.catalog.clone();
+        let (id, changed) = map::resize_volume(&mut inner.catalog, name, &req)?;
+        if changed {
+            self.commit(&mut inner, before)?;
+            tracing::info!(name, size_bytes = req.size_bytes, "volume resized");
+        }
+        let m = inner.map();
+        Ok(inner.volume_info(&m, id))
+    }
+
+    pub fn delete_volume(&self, name: &str) -> Result<(), ApiError> {
+        let mut inner = self.lock();
+        let before = inner.catalog.clone();
+        let id = map::delete_volume(&mut inner.catalog, name)?;
+        self.commit(&mut inner, before)?;
+        tracing::info!(name, id, "volume deleted");
+        Ok(())
+    }
+
+    pub fn volume(&self, name: &str) -> Result<VolumeInfo, ApiError> {
+        let inner = self.lock();
+        let m = inner.map();
+        let id = m
+            .volume_by_name(name)
+            .ok_or(map::Error::NotFound(name.to_string()))?
+            .id;
+        Ok(inner.volume_info(&m, id))
+    }
+
+    /// Every volume, sorted by name.
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        let inner = self.lock();
+        let m = inner.map();
+        let mut ids: Vec<(&str, u64)> = m.volumes.iter().map(|v| (v.name.as_str(), v.id)).collect();
+        ids.sort();
+        ids.into_iter()
+            .map(|(_, id)| inner.volume_info(&m, id))
+            .collect()
+    }
+
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let inner = self.lock();
+        inner
+            .catalog
+            .nodes
+            .iter()
+            .map(|n| {
+                let l = inner.live.get(&n.id);
+                NodeInfo {
+                    id: n.id,
+                    uuid: n.uuid.clone(),
+                    addr: n.addr.clone(),
+                    metrics_addr: n.metrics_addr.clone(),
+                    pid: n.pid,
+                    up: inner.up(n.id),
+                    last_heartbeat_ms_ago: l
+                        .and_then(|l| l.last_heartbeat)
+                        .map(|t| t.elapsed().as_millis() as u64),
+                    disks: inner
+                        .catalog
+                        .disks
+                        .iter()
+                        .filter(|d| d.node_id == n.id)
+                        .map(|d| d.id)
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn disks(&self) -> Vec<DiskInfo> {
+        let inner = self.lock();
+        inner
+            .catalog
+            .disks
+            .iter()
+            .map(|d| {
+                let usage = inner
+                    .live
+                    .get(&d.node_id)
+                    .and_then(|l| l.usage.as_ref())
+                    .and_then(|u| u.disks.iter().find(|x| x.disk_id == d.id));
+                DiskInfo {
+                    id: d.id,
+                    node_id: d.node_id,
+                    uuid: d.uuid.clone(),
+                    path: d.path.clone(),
+                    capacity_bytes: d.capacity_bytes,
+                    used_bytes: usage.map_or(0, |u| u.used_bytes),
+                    checksum_errors: usage.map_or(0, |u| u.checksum_errors),
+                    up: inner.up(d.node_id),
+                }
+            })
+            .collect()
+    }
+
+    pub fn status(&self) -> Status {
+        let inner = self.lock();
+        let c = &inner.catalog;
+        let nodes_up = c.nodes.iter().filter(|n| inner.up(n.id)).count() as u32;
+        Status {
+            cluster_id: c.cluster_id.clone(),
+            epoch: c.epoch,
+            nodes_up,
+            nodes_down: c.nodes.len() as u32 - nodes_up,
+            disks: c.disks.len() as u32,
+            volumes: c.volumes.len() as u32,
+            pgs_total: c.pg_count,
+            pgs_assigned: c.pgs.iter().filter(|s| !s.is_empty()).count() as u32,
+            capacity_bytes: c.disks.iter().map(|d| d.capacity_bytes).sum(),
+            used_bytes: inner
+                .live
+                .values()
+                .filter_map(|l| l.usage.as_ref())
+                .flat_map(|u| u.disks.iter().map(|d| d.used_bytes))
+                .sum(),
+        }
+    }
+}
+
+/// Run the manager until SIGTERM/SIGINT. The caller must have blocked
+/// those signals (see [`crate::sys::block_termination_signals`]).
+pub fn run(config: Config) -> Result<(), Fatal> {
+    tracing::info!(?config, "starting tessera-manager");
+    let manager = Arc::new(Manager::open(&config)?);
+    let server = Arc::new(tiny_http::Server::http(config.listen).map_err(|e| Fatal {
+        code: ExitCode::Environment,
+        message: format!(
+            "cannot listen on {}: {e} (is another manager running? pick another --listen)",
+            config.listen
+        ),
+    })?);
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let api = Arc::new(crate::api::Api::new(manager.clone()));
+    for _ in 0..crate::api::HTTP_THREADS {
+        let (a, s) = (api.clone(), server.clone());
+        std::thread::spawn(move || a.serve(&s));
+    }
+    {
+        let m = manager.clone();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(HEALTH_INTERVAL);
+                m.check_health(Instant::now());
+            }
+        });
+    }
+    tracing::info!(listen = %bound, "ready");
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "READY listen={bound}");
+        let _ = out.flush();
+    }
+    crate::notify_ready();
+    crate::sys::wait_termination(None);
+    tracing::info!("stopping");
+    server.unblock();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, grace: Duration) -> Config {
+        Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.to_path_buf(),
+            pg_count: 16,
+            heartbeat_grace: grace,
+        }
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tessera-mgr-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn reg(m: &Manager, uuid: &str) -> RegisterResponse {
+        m.register(RegisterRequest {
+            node_uuid: uuid.into(),
+            addr: "127.0.0.1:1".into(),
+            metrics_addr: None,
+            pid: 1,
+            host: String::new(),
+            disks: vec![DiskRegistration {
+                uuid: format!("{uuid}-d"),
+                path: "/x".into(),
+                capacity_bytes: 1 << 30,
+            }],
+        })
+        .unwrap()
+    }
+
+    // Proves a restarted manager finds everything it had, and keeps its
+    // pg_count whatever the flag says.
+    #[test]
+    fn persists_across_restart() {
+        let dir = temp("persist");
+        let m = Manager::open(&config(&dir, Duration::from_secs(5))).unwrap();
+        reg(&m, "n1");
+        m.create_volume(CreateVolumeRequest {
+            name: "v".into(),
+            size_bytes: 1 << 20,
+            block_size: None,
+        })
+        .unwrap();
+        let before = m.map();
+        drop(m);
+        let mut c = config(&dir, Duration::from_secs(5));
+        c.pg_count = 99;
+        let m = Manager::open(&c).unwrap();
+        assert_eq!(m.map(), before);
+        drop(m);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    // Proves a silent node goes down after the grace period (new epoch)
+    // and comes back with its next heartbeat (another one).
+    #[test]
+    fn health() {
+        let dir = temp("health");
+        let m = Manager::open(&config(&dir, Duration::from_secs(2))).unwrap();
+        let r = reg(&m, "n1");
+        m.check_health(Instant::now());
+        assert!(m.map().nodes[0].up);
+        let e0 = m.map().epoch;
+        m.check_health(Instant::now() + Duration::from_secs(3));
+        let down = m.map();
+        assert!(!down.nodes[0].up && !down.disks[0].up);
+        assert_eq!(down.epoch, e0 + 1);
+        assert_eq!(m.status().nodes_down, 1);
+        let hb = || HeartbeatRequest {
+            disks: vec![],
+            volumes: vec![],
+        };
+        assert_eq!(m.heartbeat(r.node_id, hb()).unwrap().epoch, e0 + 2);
+        assert!(m.map().nodes[0].up);
+        assert_eq!(m.heartbeat(99, hb()).unwrap_err().status, 404);
+        drop(m);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    // Proves placement only uses disks that are up when the groups are
+    // assigned.
+    #[test]
+    fn places_on_up_disks_only() {
+        let dir = temp("updisks");
+        let m = Manager::open(&config(&dir, Duration::from_secs(2))).unwrap();
+        reg(&m, "n1");
+        m.check_health(Instant::now() + Duration::from_secs(3));
+        let r2 = reg(&m, "n2");
+        m.create_volume(CreateVolumeRequest {
+            name: "v".into(),
+            size_bytes: 1 << 30,
+            block_size: None,
+        })
+        .unwrap();
+        let map = m.map();
+        assert!(map.pgs.iter().all(|s| s == &vec![r2.disks[0].disk_id]));
+        drop(m);
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

@@ -1,0 +1,93 @@
+//! Health: which nodes are up. A pure policy of (liveness, clock, grace):
+//! a node is up while less than `grace` has passed since its last
+//! heartbeat, or since the manager started if it has not been heard from
+//! since (so a restarted manager does not declare the whole cluster down
+//! before the daemons had a chance to report). A node's disks share its
+//! state.
+//!
+//! Liveness lives in memory only; the caller owns the clock.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tessera_wire::api::HeartbeatRequest;
+
+/// What the manager knows about one node since it started.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    pub last_heartbeat: Option<Instant>,
+    pub up: bool,
+    /// The node's latest heartbeat: disk usage and per-volume allocation.
+    pub usage: Option<HeartbeatRequest>,
+}
+
+impl Live {
+    /// A node known from the catalogue but not heard from yet.
+    pub fn assumed_up() -> Live {
+        Live {
+            last_heartbeat: None,
+            up: true,
+            usage: None,
+        }
+    }
+}
+
+/// Whether a node with this liveness is up at `now`.
+pub fn is_up(live: &Live, started: Instant, now: Instant, grace: Duration) -> bool {
+    let last = live.last_heartbeat.unwrap_or(started);
+    now.saturating_duration_since(last) < grace
+}
+
+/// The nodes whose state changes at `now`, in id order: (node id, up).
+pub fn transitions(
+    live: &BTreeMap<u32, Live>,
+    started: Instant,
+    now: Instant,
+    grace: Duration,
+) -> Vec<(u32, bool)> {
+    live.iter()
+        .filter_map(|(id, l)| {
+            let up = is_up(l, started, now, grace);
+            (up != l.up).then_some((*id, up))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Proves the grace period decides, counted from the manager's start
+    // for nodes never heard from, and that only changes are reported.
+    #[test]
+    fn grace_period() {
+        let t0 = Instant::now();
+        let g = Duration::from_secs(5);
+        let mut live = BTreeMap::new();
+        live.insert(1, Live::assumed_up());
+        live.insert(
+            2,
+            Live {
+                last_heartbeat: Some(t0 + Duration::from_secs(4)),
+                up: true,
+                usage: None,
+            },
+        );
+        live.insert(
+            3,
+            Live {
+                last_heartbeat: Some(t0),
+                up: false,
+                usage: None,
+            },
+        );
+        assert_eq!(transitions(&live, t0, t0, g), vec![(3, true)]);
+        assert_eq!(
+            transitions(&live, t0, t0 + Duration::from_secs(5), g),
+            vec![(1, false)]
+        );
+        assert_eq!(
+            transitions(&live, t0, t0 + Duration::from_secs(9), g),
+            vec![(1, false), (2, false)]
+        );
+    }
+}
