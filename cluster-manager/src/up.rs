@@ -16,6 +16,7 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tessera_wire::api::{CreateVolumeRequest, NodeInfo, parse_size};
@@ -25,6 +26,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Set once SIGINT/SIGTERM was collected while a child was starting: the
+/// start-up error it causes is a requested stop, not a failure.
+static STOPPING: AtomicBool = AtomicBool::new(false);
 
 #[derive(Args, Debug, Clone)]
 pub struct UpArgs {
@@ -110,6 +115,14 @@ impl Proc {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(l) => break l,
                 Err(_) => {
+                    // Ctrl-C while a child starts: stop now, not after the
+                    // READY deadline.
+                    if sys::wait_termination(Some(Duration::ZERO)) {
+                        STOPPING.store(true, Ordering::Relaxed);
+                        sys::kill(child.id(), libc::SIGKILL);
+                        let _ = child.wait();
+                        return Err(format!("interrupted while starting {}", self.name));
+                    }
                     if let Ok(Some(status)) = child.try_wait() {
                         return Err(format!(
                             "{} exited before it was ready ({status}); last log lines:\n{}",
@@ -190,6 +203,9 @@ pub fn run(mut a: UpArgs) -> Result<(), String> {
     let result = start_all(&a, &dir, &mut procs);
     if let Err(e) = result {
         stop_all(&mut procs);
+        if STOPPING.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         return Err(e);
     }
     supervise(&mut procs);
@@ -276,6 +292,7 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
         );
         match r {
             Ok(_) => {}
+            // Created meanwhile by someone else counts as existing too.
             Err(e) if e.status == Some(409) => {
                 say(&format!("volume {name} exists; keeping it as it is"));
             }
@@ -324,7 +341,9 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
 
 fn supervise(procs: &mut [Proc]) {
     loop {
-        if sys::wait_termination(Some(Duration::from_millis(100))) {
+        if STOPPING.load(Ordering::Relaxed)
+            || sys::wait_termination(Some(Duration::from_millis(100)))
+        {
             return;
         }
         for p in procs.iter_mut() {
