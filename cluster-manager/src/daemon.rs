@@ -190,13 +190,13 @@ impl Manager {
         let was_down = !live.up;
         live.up = true;
         live.last_heartbeat = Some(Instant::now());
-        if r.changed || was_down {
-            if let Err(e) = self.commit(&mut inner, before) {
-                if was_down {
-                    inner.live.get_mut(&r.node_id).expect("live").up = false;
-                }
-                return Err(e);
+        if (r.changed || was_down)
+            && let Err(e) = self.commit(&mut inner, before)
+        {
+            if was_down {
+                inner.live.get_mut(&r.node_id).expect("live").up = false;
             }
+            return Err(e);
         }
         tracing::info!(node_id = r.node_id, addr = %req.addr, disks = req.disks.len(), "node registered");
         Ok(RegisterResponse {

@@ -80,7 +80,7 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
 }
 
 fn validate_size(size_bytes: u64, block_size: u32) -> Result<(), Error> {
-    if size_bytes == 0 || size_bytes % u64::from(block_size) != 0 {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(u64::from(block_size)) {
         return Err(Error::BadSize(block_size));
     }
     if size_bytes > VOLUME_SIZE_MAX_BYTES {

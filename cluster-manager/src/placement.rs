@@ -43,11 +43,10 @@ pub fn assign(pgs: &mut [Vec<u32>], disks: &[Candidate], copies: usize) -> bool 
             // Node reuse is allowed only once every node holds a copy.
             let spread = chosen.len() < nodes.len();
             let eligible = |i: &usize| {
-                !chosen.contains(i)
-                    && !(spread
-                        && chosen
-                            .iter()
-                            .any(|&c| disks[c].node_id == disks[*i].node_id))
+                let node_taken = chosen
+                    .iter()
+                    .any(|&c| disks[c].node_id == disks[*i].node_id);
+                !chosen.contains(i) && (!spread || !node_taken)
             };
             let Some(i) = (0..disks.len())
                 .filter(eligible)
