@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod iscsi;
 pub mod map;
 pub mod metrics;
 pub mod nbd;

@@ -1,0 +1,15 @@
+//! iSCSI front end (RFC 7143; SCSI per SPC-4/SBC-4).
+//!
+//! * [`pdu`]: PDU framing and digests.
+//! * [`text`]: key=value text.
+//! * [`login`]: login negotiation (security and operational).
+//! * [`scsi`]: CDB decoding, sense data, and the pure parts of each
+//!   command's answer.
+//! * [`pr`]: persistent reservations and SPC-2 reservations.
+//! * [`session`]: the full feature phase state machine of one connection.
+//! * [`target`]: the async glue: listeners, connections and command
+//!   execution against a [`crate::volume::Volume`].
+
+pub mod login;
+pub mod pdu;
+pub mod text;
