@@ -140,6 +140,13 @@ impl Api {
                     .and_then(|id| parse(body).and_then(|b| m.heartbeat(id, b)))
                     .map(|x| json(200, &x))),
             ),
+            ("GET", ["v1", "pools"]) => ("pools", json(200, &m.pools())),
+            ("POST", ["v1", "pools"]) => (
+                "pool_create",
+                r(parse(body)
+                    .and_then(|b| m.create_pool(b))
+                    .map(|x| json(201, &x))),
+            ),
             ("GET", ["v1", "volumes"]) => ("volumes", json(200, &m.volumes())),
             ("POST", ["v1", "volumes"]) => (
                 "volume_create",
@@ -161,7 +168,13 @@ impl Api {
                 r(m.delete_volume(name).map(|()| (204, Vec::new()))),
             ),
             ("GET", ["metrics"]) => ("metrics", (200, self.metrics_text())),
-            (_, ["v1", "map" | "status" | "nodes" | "disks" | "volumes"])
+            (
+                _,
+                [
+                    "v1",
+                    "map" | "status" | "nodes" | "disks" | "volumes" | "pools",
+                ],
+            )
             | (_, ["v1", "volumes", _])
             | (_, ["v1", "nodes", "register"])
             | (_, ["v1", "nodes", _, "heartbeat"])
@@ -270,6 +283,9 @@ mod tests {
             data_dir: dir.clone(),
             pg_count: 16,
             heartbeat_grace: Duration::from_secs(5),
+            replicas: 1,
+            min_replicas: 1,
+            failure_domain: tessera_wire::map::FailureDomain::Host,
         })
         .unwrap();
         (Api::new(Arc::new(m)), dir)

@@ -7,9 +7,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 use tessera_wire::api::{
-    CreateVolumeRequest, DiskInfo, ErrorBody, NodeInfo, ResizeVolumeRequest, VolumeInfo,
-    format_size, parse_size,
+    CreatePoolRequest, CreateVolumeRequest, DiskInfo, ErrorBody, NodeInfo, PoolInfo,
+    ResizeVolumeRequest, VolumeInfo, format_size, parse_size,
 };
+use tessera_wire::map::FailureDomain;
 
 #[derive(Parser, Debug)]
 #[command(name = "tessera", version, about = "Administer a Tessera cluster")]
@@ -55,6 +56,11 @@ pub enum Command {
         #[command(subcommand)]
         command: VolumeCommand,
     },
+    /// Pools: replication policies over the disks.
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
     /// Cluster summary.
     Status,
 }
@@ -84,6 +90,33 @@ pub enum VolumeCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum PoolCommand {
+    Create(PoolCreateArgs),
+    List,
+}
+
+#[derive(Args, Debug)]
+pub struct PoolCreateArgs {
+    pub name: String,
+    /// Copies of each chunk, each in a different failure domain.
+    #[arg(long, default_value_t = 3)]
+    pub replicas: u32,
+    /// Writes continue while at least this many copies are reachable
+    /// (default: a majority of the replicas).
+    #[arg(long)]
+    pub min_replicas: Option<u32>,
+    /// The level copies must not share: zone, rack, host or disk.
+    #[arg(long, default_value = "host", value_parser = FailureDomain::parse)]
+    pub failure_domain: FailureDomain,
+    /// Chunk size, e.g. 4M (the disks' format supports 4M only for now).
+    #[arg(long, default_value = "4M")]
+    pub chunk_size: String,
+    /// Placement groups of the pool.
+    #[arg(long, default_value_t = 128)]
+    pub pgs: u32,
+}
+
 #[derive(Args, Debug)]
 pub struct CreateArgs {
     pub name: String,
@@ -93,6 +126,9 @@ pub struct CreateArgs {
     /// Logical block size advertised to clients.
     #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
     pub block_size: u32,
+    /// Pool to create the volume in.
+    #[arg(long, default_value = "default")]
+    pub pool: String,
 }
 
 fn parse_block_size(s: &str) -> Result<u32, String> {
@@ -338,7 +374,63 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Volume { command } => volume(&c, json, command),
+        Command::Pool { command } => pool(&c, json, command),
     }
+}
+
+const POOL_HEADERS: [&str; 8] = [
+    "NAME", "ID", "REPLICAS", "MIN", "DOMAIN", "CHUNK", "PGS", "VOLUMES",
+];
+
+fn pool_rows(ps: &[PoolInfo]) -> Vec<Vec<String>> {
+    ps.iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.id.to_string(),
+                p.replicas.to_string(),
+                p.min_replicas.to_string(),
+                p.failure_domain.name().to_string(),
+                format_size(p.chunk_size_bytes),
+                p.pg_count.to_string(),
+                p.volumes.to_string(),
+            ]
+        })
+        .collect()
+}
+
+fn pool(c: &Client, json: bool, cmd: PoolCommand) -> Result<(), CliError> {
+    let ps: Vec<PoolInfo> = match cmd {
+        PoolCommand::Create(a) => {
+            let p: PoolInfo = c.post(
+                "/v1/pools",
+                serde_json::to_value(CreatePoolRequest {
+                    name: a.name,
+                    replicas: a.replicas,
+                    min_replicas: a.min_replicas,
+                    failure_domain: Some(a.failure_domain),
+                    chunk_size_bytes: Some(size(&a.chunk_size)?),
+                    pg_count: Some(a.pgs),
+                })
+                .expect("json"),
+            )?;
+            if json {
+                print_json(&p);
+                return Ok(());
+            }
+            vec![p]
+        }
+        PoolCommand::List => {
+            let ps: Vec<PoolInfo> = c.get("/v1/pools")?;
+            if json {
+                print_json(&ps);
+                return Ok(());
+            }
+            ps
+        }
+    };
+    table(&POOL_HEADERS, pool_rows(&ps));
+    Ok(())
 }
 
 const VOLUME_HEADERS: [&str; 6] = ["NAME", "ID", "SIZE", "ALLOCATED", "BLOCK", "CHUNKS"];
@@ -359,6 +451,7 @@ fn volume(c: &Client, json: bool, cmd: VolumeCommand) -> Result<(), CliError> {
                     name: a.name,
                     size_bytes: size(&a.size)?,
                     block_size: Some(a.block_size),
+                    pool: Some(a.pool),
                 })
                 .expect("json"),
             )?;

@@ -34,6 +34,10 @@ pub struct Config {
     /// Used only when the cluster is created; the catalogue's wins after.
     pub pg_count: u32,
     pub heartbeat_grace: Duration,
+    /// The default pool's policy; used only when the cluster is created.
+    pub replicas: u32,
+    pub min_replicas: u32,
+    pub failure_domain: tessera_wire::map::FailureDomain,
 }
 
 /// Exit codes of `tessera-manager`, relied on by the systemd units
@@ -137,9 +141,20 @@ impl Manager {
         let store_err = |e: StoreError| env(format!("{} ({})", e, path.display()));
         let store = Store::open(&path).map_err(store_err)?;
         let catalog = match store.load().map_err(store_err)? {
-            Some(c) => c,
+            Some(mut c) => {
+                if c.migrate() {
+                    store.save(&c).map_err(store_err)?;
+                    tracing::info!("catalogue migrated: volumes now live in the default pool");
+                }
+                c
+            }
             None => {
-                let c = Catalog::new(config.pg_count);
+                let c = Catalog::with_default_pool(
+                    config.pg_count,
+                    config.replicas,
+                    config.min_replicas,
+                    config.failure_domain,
+                );
                 store.save(&c).map_err(store_err)?;
                 tracing::info!(cluster_id = %c.cluster_id, pg_count = c.pg_count, "created cluster");
                 c
@@ -255,6 +270,22 @@ impl Manager {
                 inner.live.get_mut(&id).expect("live").up = !up;
             }
         }
+    }
+
+    pub fn create_pool(&self, req: CreatePoolRequest) -> Result<PoolInfo, ApiError> {
+        let mut inner = self.lock();
+        let before = inner.catalog.clone();
+        let id = map::create_pool(&mut inner.catalog, &req)?;
+        self.commit(&mut inner, before)?;
+        tracing::info!(name = %req.name, id, replicas = req.replicas, "pool created");
+        Ok(map::pool_infos(&inner.catalog)
+            .into_iter()
+            .find(|p| p.id == id)
+            .expect("pool exists"))
+    }
+
+    pub fn pools(&self) -> Vec<PoolInfo> {
+        map::pool_infos(&self.lock().catalog)
     }
 
     pub fn create_volume(&self, req: CreateVolumeRequest) -> Result<VolumeInfo, ApiError> {
@@ -449,6 +480,9 @@ mod tests {
             data_dir: dir.to_path_buf(),
             pg_count: 16,
             heartbeat_grace: grace,
+            replicas: 1,
+            min_replicas: 1,
+            failure_domain: tessera_wire::map::FailureDomain::Host,
         }
     }
 
@@ -465,6 +499,8 @@ mod tests {
             metrics_addr: None,
             pid: 1,
             host: String::new(),
+            zone: String::new(),
+            rack: String::new(),
             disks: vec![DiskRegistration {
                 uuid: format!("{uuid}-d"),
                 path: "/x".into(),
@@ -485,6 +521,7 @@ mod tests {
             name: "v".into(),
             size_bytes: 1 << 20,
             block_size: None,
+            pool: None,
         })
         .unwrap();
         let before = m.map();
@@ -523,6 +560,65 @@ mod tests {
         std::fs::remove_dir_all(dir).ok();
     }
 
+    // Proves a replicated pool: three copies per group on three distinct
+    // nodes, the pool's own placement-group range, and the refusals (too
+    // few failure domains up, unknown pool, bad policy, duplicate name).
+    #[test]
+    fn replicated_pool() {
+        let dir = temp("pool");
+        let m = Manager::open(&config(&dir, Duration::from_secs(2))).unwrap();
+        let pool = |name: &str, replicas, min| CreatePoolRequest {
+            name: name.into(),
+            replicas,
+            min_replicas: min,
+            failure_domain: None,
+            chunk_size_bytes: None,
+            pg_count: Some(32),
+        };
+        let p = m.create_pool(pool("triple", 3, None)).unwrap();
+        assert_eq!((p.pg_base, p.pg_count, p.min_replicas), (16, 32, 2));
+        assert_eq!(
+            m.create_pool(pool("triple", 3, None)).unwrap_err().status,
+            409
+        );
+        assert_eq!(
+            m.create_pool(pool("bad", 3, Some(4))).unwrap_err().status,
+            400
+        );
+        assert_eq!(m.create_pool(pool("bad", 0, None)).unwrap_err().status, 400);
+        let vol = |pool: &str| CreateVolumeRequest {
+            name: format!("v-{pool}"),
+            size_bytes: 1 << 30,
+            block_size: None,
+            pool: Some(pool.into()),
+        };
+        reg(&m, "n1");
+        // One failure domain is fewer than min_replicas = 2.
+        assert_eq!(m.create_volume(vol("triple")).unwrap_err().status, 503);
+        reg(&m, "n2");
+        reg(&m, "n3");
+        assert_eq!(m.create_volume(vol("nope")).unwrap_err().status, 404);
+        let v = m.create_volume(vol("triple")).unwrap();
+        assert_eq!((v.pool.as_str(), v.replicas), ("triple", 3));
+        let map = m.map();
+        map.validate().unwrap();
+        for pg in 16..48 {
+            let set = &map.pgs[pg];
+            assert_eq!(set.len(), 3, "{set:?}");
+            let mut nodes: Vec<u32> = set.iter().map(|d| map.disk(*d).unwrap().node_id).collect();
+            nodes.sort();
+            nodes.dedup();
+            assert_eq!(nodes.len(), 3);
+        }
+        assert!(map.pgs[..16].iter().all(Vec::is_empty));
+        for c in 0..256 {
+            assert!((16..48).contains(&map.pg_for(v.id, c).unwrap()));
+        }
+        assert_eq!(m.pools().len(), 2);
+        drop(m);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
     // Proves placement only uses disks that are up when the groups are
     // assigned.
     #[test]
@@ -536,6 +632,7 @@ mod tests {
             name: "v".into(),
             size_bytes: 1 << 30,
             block_size: None,
+            pool: None,
         })
         .unwrap();
         let map = m.map();

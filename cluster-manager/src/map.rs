@@ -3,27 +3,36 @@
 //! resize, ids never reused), building the [`ClusterMap`] the daemons
 //! follow, and the per-volume view ([`VolumeInfo`]) the API shows.
 //!
-//! Placement groups are filled here when a volume is created and some group
-//! is still empty (see [`crate::placement`]); they never move afterwards.
+//! Pools own contiguous placement-group ranges; a pool's groups are filled
+//! when a volume is first created in it and some group is still empty (see
+//! [`crate::placement`]); they never move afterwards (moving needs a
+//! backfill, which is not built yet).
 //! Nothing here persists or bumps the epoch: the daemon does both after any
 //! change these functions report.
 
-use crate::placement::{self, Candidate};
-use crate::store::Catalog;
+use crate::placement::{self, Candidate, Placer};
+use crate::store::{Catalog, DEFAULT_POOL, default_min_replicas};
 use std::collections::BTreeMap;
 use tessera_wire::api::{
-    CreateVolumeRequest, DiskShare, HeartbeatRequest, ResizeVolumeRequest, VolumeInfo,
+    CreatePoolRequest, CreateVolumeRequest, DiskShare, HeartbeatRequest, PoolInfo,
+    ResizeVolumeRequest, VolumeInfo,
 };
 use tessera_wire::map::{
-    CHUNK_SIZE_DEFAULT_BYTES, ClusterMap, DiskEntry, NodeEntry, VolumeEntry, pg_of,
+    CHUNK_SIZE_DEFAULT_BYTES, ClusterMap, CopyState, DiskEntry, NodeEntry, PoolEntry, VolumeEntry,
 };
 
 /// Longest volume name.
 pub const VOLUME_NAME_MAX: usize = 64;
 /// Default logical block size of a new volume.
 pub const BLOCK_SIZE_DEFAULT: u32 = 512;
-/// Copies of each placement group. One until replication exists.
-pub const REPLICAS: usize = 1;
+/// Most copies a pool may keep.
+pub const REPLICAS_MAX: u32 = 8;
+/// Most placement groups in one pool, and in the whole cluster: the map
+/// carries one acting set per group, so this bounds its size.
+pub const POOL_PGS_MAX: u32 = 65_536;
+pub const PGS_TOTAL_MAX: u32 = 1 << 20;
+/// Placement groups of a new pool when none is asked for.
+pub const POOL_PGS_DEFAULT: u32 = 128;
 /// Largest volume, 256 TiB: far below the u32 chunk-index limit of the
 /// wire (16 PiB at 4 MiB chunks), and small enough that counting a volume's
 /// chunks per disk for [`volume_info`] stays well under a second.
@@ -48,6 +57,23 @@ pub enum Error {
     NotFound(String),
     #[error("no storage disk is registered and up")]
     NoDisk,
+    #[error(
+        "pool {pool:?} needs {needed} distinct {level} failure domains with an up disk, only {have} are up"
+    )]
+    TooFewDomains {
+        pool: String,
+        needed: u32,
+        have: u32,
+        level: &'static str,
+    },
+    #[error("bad pool name {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ -")]
+    BadPoolName(String),
+    #[error("bad pool: {0}")]
+    BadPool(String),
+    #[error("pool {0:?} already exists")]
+    PoolExists(String),
+    #[error("pool {0:?} not found")]
+    PoolNotFound(String),
 }
 
 impl Error {
@@ -58,10 +84,12 @@ impl Error {
             | Error::BadBlockSize(_)
             | Error::BadSize(_)
             | Error::TooLarge
-            | Error::Shrink { .. } => 400,
-            Error::NotFound(_) => 404,
-            Error::Exists(_) => 409,
-            Error::NoDisk => 503,
+            | Error::Shrink { .. }
+            | Error::BadPoolName(_)
+            | Error::BadPool(_) => 400,
+            Error::NotFound(_) | Error::PoolNotFound(_) => 404,
+            Error::Exists(_) | Error::PoolExists(_) => 409,
+            Error::NoDisk | Error::TooFewDomains { .. } => 503,
         }
     }
 }
@@ -89,8 +117,113 @@ fn validate_size(size_bytes: u64, block_size: u32) -> Result<(), Error> {
     Ok(())
 }
 
-/// Create a volume, assigning any empty placement group to the disks in
-/// `up_disks`. Returns the new volume's id.
+/// Create a pool: validate its policy and give it the next placement-group
+/// range. Its groups are placed when its first volume is created.
+pub fn create_pool(c: &mut Catalog, req: &CreatePoolRequest) -> Result<u32, Error> {
+    if validate_name(&req.name).is_err() {
+        return Err(Error::BadPoolName(req.name.clone()));
+    }
+    if c.pools.iter().any(|p| p.name == req.name) {
+        return Err(Error::PoolExists(req.name.clone()));
+    }
+    let bad = |m: String| Err(Error::BadPool(m));
+    if req.replicas == 0 || req.replicas > REPLICAS_MAX {
+        return bad(format!("replicas must be 1-{REPLICAS_MAX}"));
+    }
+    let min = req
+        .min_replicas
+        .unwrap_or_else(|| default_min_replicas(req.replicas));
+    if min == 0 || min > req.replicas {
+        return bad(format!("min_replicas must be 1-{}", req.replicas));
+    }
+    let chunk = req.chunk_size_bytes.unwrap_or(CHUNK_SIZE_DEFAULT_BYTES);
+    if chunk != CHUNK_SIZE_DEFAULT_BYTES {
+        // Disks are formatted with one chunk size (on-disk format v1).
+        return bad(format!(
+            "chunk size must be {CHUNK_SIZE_DEFAULT_BYTES} bytes (the disks' format)"
+        ));
+    }
+    let pg_count = req.pg_count.unwrap_or(POOL_PGS_DEFAULT);
+    if pg_count == 0 || pg_count > POOL_PGS_MAX {
+        return bad(format!("pg count must be 1-{POOL_PGS_MAX}"));
+    }
+    if u64::from(c.pg_count) + u64::from(pg_count) > u64::from(PGS_TOTAL_MAX) {
+        return bad(format!(
+            "the cluster may hold at most {PGS_TOTAL_MAX} placement groups"
+        ));
+    }
+    let id = c.pools.iter().map(|p| p.id).max().unwrap_or(0) + 1;
+    c.pools.push(PoolEntry {
+        id,
+        name: req.name.clone(),
+        replicas: req.replicas,
+        min_replicas: min,
+        failure_domain: req.failure_domain.unwrap_or_default(),
+        chunk_size_bytes: chunk,
+        pg_base: c.pg_count,
+        pg_count,
+    });
+    c.pgs.extend((0..pg_count).map(|_| Vec::new()));
+    if !c.pg_states.is_empty() {
+        c.pg_states.extend((0..pg_count).map(|_| Vec::new()));
+    }
+    c.pg_count += pg_count;
+    Ok(id)
+}
+
+pub fn pool_infos(c: &Catalog) -> Vec<PoolInfo> {
+    c.pools
+        .iter()
+        .map(|p| PoolInfo {
+            id: p.id,
+            name: p.name.clone(),
+            replicas: p.replicas,
+            min_replicas: p.min_replicas,
+            failure_domain: p.failure_domain,
+            chunk_size_bytes: p.chunk_size_bytes,
+            pg_base: p.pg_base,
+            pg_count: p.pg_count,
+            volumes: c.volumes.iter().filter(|v| v.pool_id == p.id).count() as u32,
+        })
+        .collect()
+}
+
+/// Place the pool's empty placement groups on `up_disks`. Refuses when
+/// fewer failure domains are up than the pool's `min_replicas`: such groups
+/// could never take a write.
+fn place_pool(c: &mut Catalog, pool: &PoolEntry, up_disks: &[Candidate]) -> Result<(), Error> {
+    let range = pool.pg_base..pool.pg_base + pool.pg_count;
+    if !c.pgs[range.start as usize..range.end as usize]
+        .iter()
+        .any(Vec::is_empty)
+    {
+        return Ok(());
+    }
+    if up_disks.is_empty() {
+        return Err(Error::NoDisk);
+    }
+    let placer = Placer::new(up_disks, pool.failure_domain);
+    let have = placer.domains() as u32;
+    if have < pool.min_replicas {
+        return Err(Error::TooFewDomains {
+            pool: pool.name.clone(),
+            needed: pool.min_replicas,
+            have,
+            level: pool.failure_domain.name(),
+        });
+    }
+    placement::fill(&mut c.pgs, range.clone(), &placer, pool.replicas as usize);
+    if !c.pg_states.is_empty() {
+        for pg in range {
+            let n = c.pgs[pg as usize].len();
+            c.pg_states[pg as usize] = vec![CopyState::UpToDate; n];
+        }
+    }
+    Ok(())
+}
+
+/// Create a volume in its pool, placing any empty placement group of the
+/// pool on the disks in `up_disks`. Returns the new volume's id.
 pub fn create_volume(
     c: &mut Catalog,
     req: &CreateVolumeRequest,
@@ -105,18 +238,23 @@ pub fn create_volume(
     if c.volumes.iter().any(|v| v.name == req.name) {
         return Err(Error::Exists(req.name.clone()));
     }
-    if up_disks.is_empty() && c.pgs.iter().any(Vec::is_empty) {
-        return Err(Error::NoDisk);
-    }
-    placement::assign(&mut c.pgs, up_disks, REPLICAS);
+    let pool_name = req.pool.as_deref().unwrap_or(DEFAULT_POOL);
+    let pool = c
+        .pools
+        .iter()
+        .find(|p| p.name == pool_name)
+        .cloned()
+        .ok_or_else(|| Error::PoolNotFound(pool_name.to_string()))?;
+    place_pool(c, &pool, up_disks)?;
     let id = c.next_volume_id;
     c.next_volume_id = id.checked_add(1).expect("volume ids exhausted");
     c.volumes.push(VolumeEntry {
         id,
         name: req.name.clone(),
         size_bytes: req.size_bytes,
-        chunk_size_bytes: CHUNK_SIZE_DEFAULT_BYTES,
+        chunk_size_bytes: pool.chunk_size_bytes,
         block_size,
+        pool_id: pool.id,
     });
     Ok(id)
 }
@@ -168,6 +306,9 @@ pub fn build(c: &Catalog, up: impl Fn(u32) -> bool) -> ClusterMap {
                 id: n.id,
                 addr: n.addr.clone(),
                 up: up(n.id),
+                zone: n.zone.clone(),
+                rack: n.rack.clone(),
+                host: n.host.clone(),
             })
             .collect(),
         disks: c
@@ -184,6 +325,8 @@ pub fn build(c: &Catalog, up: impl Fn(u32) -> bool) -> ClusterMap {
         pgs: c.pgs.clone(),
         volumes: c.volumes.clone(),
         next_volume_id: c.next_volume_id,
+        pools: c.pools.clone(),
+        pg_states: c.pg_states.clone(),
     }
 }
 
@@ -203,10 +346,10 @@ pub fn volume_info<'a>(
     // disk search per chunk.
     let mut per_pg: BTreeMap<u32, (u32, u64)> = BTreeMap::new();
     for chunk in 0..chunks as u32 {
-        per_pg
-            .entry(pg_of(v.id, chunk, map.pg_count))
-            .or_insert((chunk, 0))
-            .1 += 1;
+        let Some(pg) = map.pg_for(v.id, chunk) else {
+            break;
+        };
+        per_pg.entry(pg).or_insert((chunk, 0)).1 += 1;
     }
     let mut shares: BTreeMap<u32, (u32, u64)> = BTreeMap::new();
     for (first_chunk, n) in per_pg.into_values() {
@@ -235,6 +378,10 @@ pub fn volume_info<'a>(
                 chunks,
             })
             .collect(),
+        pool: map
+            .pool(v.pool_id)
+            .map_or_else(String::new, |p| p.name.clone()),
+        replicas: map.pool(v.pool_id).map_or(1, |p| p.replicas),
     }
 }
 
@@ -243,10 +390,18 @@ pub fn up_disks(c: &Catalog, up: impl Fn(u32) -> bool) -> Vec<Candidate> {
     c.disks
         .iter()
         .filter(|d| up(d.node_id))
-        .map(|d| Candidate {
-            disk_id: d.id,
-            node_id: d.node_id,
-            capacity_bytes: d.capacity_bytes,
+        .map(|d| {
+            let node = c.nodes.iter().find(|n| n.id == d.node_id);
+            let label =
+                |f: fn(&crate::store::Node) -> &String| node.map(f).cloned().unwrap_or_default();
+            Candidate {
+                disk_id: d.id,
+                node_id: d.node_id,
+                capacity_bytes: d.capacity_bytes,
+                zone: label(|n| &n.zone),
+                rack: label(|n| &n.rack),
+                host: label(|n| &n.host),
+            }
         })
         .collect()
 }
@@ -268,6 +423,8 @@ mod tests {
                     metrics_addr: None,
                     pid: 1,
                     host: String::new(),
+                    zone: String::new(),
+                    rack: String::new(),
                     disks: vec![tessera_wire::api::DiskRegistration {
                         uuid: format!("{n}-d"),
                         path: "/x".into(),
@@ -291,6 +448,7 @@ mod tests {
                 name: name.into(),
                 size_bytes: size,
                 block_size: bs,
+                pool: None,
             },
             &disks(),
         )
@@ -304,6 +462,7 @@ mod tests {
             name: "a".into(),
             size_bytes: 512,
             block_size: None,
+            pool: None,
         };
         assert_eq!(create_volume(&mut c, &none, &[]), Err(Error::NoDisk));
         assert_eq!(create(&mut c, "a", 1 << 30, None), Ok(1));
@@ -328,6 +487,7 @@ mod tests {
             name: "later".into(),
             size_bytes: 4096,
             block_size: Some(4096),
+            pool: None,
         };
         assert!(create_volume(&mut c, &ok, &[]).is_ok());
     }

@@ -43,8 +43,11 @@ pub fn register(c: &mut Catalog, req: &RegisterRequest) -> Result<Registered, Er
     if req.node_uuid.len() > FIELD_MAX {
         return Err(Error::TooLong("node_uuid"));
     }
-    if req.addr.len() > FIELD_MAX || req.host.len() > FIELD_MAX {
+    if req.addr.len() > FIELD_MAX {
         return Err(Error::TooLong("addr"));
+    }
+    if req.host.len() > FIELD_MAX || req.zone.len() > FIELD_MAX || req.rack.len() > FIELD_MAX {
+        return Err(Error::TooLong("zone, rack or host"));
     }
     if req.disks.len() > NODE_DISKS_MAX {
         return Err(Error::TooManyDisks);
@@ -67,6 +70,8 @@ pub fn register(c: &mut Catalog, req: &RegisterRequest) -> Result<Registered, Er
             n.metrics_addr = req.metrics_addr.clone();
             n.pid = req.pid;
             n.host = req.host.clone();
+            n.zone = req.zone.clone();
+            n.rack = req.rack.clone();
             n.id
         }
         None => {
@@ -79,6 +84,8 @@ pub fn register(c: &mut Catalog, req: &RegisterRequest) -> Result<Registered, Er
                 metrics_addr: req.metrics_addr.clone(),
                 pid: req.pid,
                 host: req.host.clone(),
+                zone: req.zone.clone(),
+                rack: req.rack.clone(),
             });
             id
         }
@@ -131,6 +138,8 @@ mod tests {
             metrics_addr: None,
             pid: 7,
             host: String::new(),
+            zone: String::new(),
+            rack: String::new(),
             disks: disks
                 .iter()
                 .map(|u| DiskRegistration {

@@ -7,7 +7,9 @@
 use redb::{Database, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use tessera_wire::map::VolumeEntry;
+use tessera_wire::map::{
+    CHUNK_SIZE_DEFAULT_BYTES, CopyState, FailureDomain, PoolEntry, VolumeEntry,
+};
 
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("catalog");
 const KEY: &str = "catalog";
@@ -21,6 +23,10 @@ pub struct Node {
     pub pid: u32,
     #[serde(default)]
     pub host: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub rack: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,11 +51,80 @@ pub struct Catalog {
     pub next_node_id: u32,
     pub next_disk_id: u32,
     pub next_volume_id: u64,
+    /// Pools; their placement-group ranges tile `0..pg_count`.
+    #[serde(default)]
+    pub pools: Vec<PoolEntry>,
+    /// Copy state of every acting-set member (parallel to `pgs`).
+    #[serde(default)]
+    pub pg_states: Vec<Vec<CopyState>>,
+}
+
+/// The id and name of the pool every cluster starts with.
+pub const DEFAULT_POOL_ID: u32 = 1;
+pub const DEFAULT_POOL: &str = "default";
+
+/// `min_replicas` when none is given: a majority of the copies.
+pub fn default_min_replicas(replicas: u32) -> u32 {
+    replicas - replicas / 2
 }
 
 impl Catalog {
+    /// A new cluster whose default pool keeps one copy.
     pub fn new(pg_count: u32) -> Catalog {
+        Catalog::with_default_pool(pg_count, 1, 1, FailureDomain::Host)
+    }
+
+    /// A new cluster with its default pool.
+    pub fn with_default_pool(
+        pg_count: u32,
+        replicas: u32,
+        min_replicas: u32,
+        failure_domain: FailureDomain,
+    ) -> Catalog {
         assert!(pg_count > 0);
+        assert!(min_replicas >= 1 && min_replicas <= replicas);
+        let mut c = Catalog::legacy(pg_count);
+        c.pools.push(PoolEntry {
+            id: DEFAULT_POOL_ID,
+            name: DEFAULT_POOL.into(),
+            replicas,
+            min_replicas,
+            failure_domain,
+            chunk_size_bytes: CHUNK_SIZE_DEFAULT_BYTES,
+            pg_base: 0,
+            pg_count,
+        });
+        c
+    }
+
+    /// Bring a catalogue written before pools existed up to date: its
+    /// placement groups become the single-copy default pool. Returns whether
+    /// anything changed.
+    pub fn migrate(&mut self) -> bool {
+        let mut changed = false;
+        if self.pools.is_empty() {
+            self.pools.push(PoolEntry {
+                id: DEFAULT_POOL_ID,
+                name: DEFAULT_POOL.into(),
+                replicas: 1,
+                min_replicas: 1,
+                failure_domain: FailureDomain::Host,
+                chunk_size_bytes: CHUNK_SIZE_DEFAULT_BYTES,
+                pg_base: 0,
+                pg_count: self.pg_count,
+            });
+            changed = true;
+        }
+        for v in &mut self.volumes {
+            if v.pool_id == 0 {
+                v.pool_id = DEFAULT_POOL_ID;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    fn legacy(pg_count: u32) -> Catalog {
         Catalog {
             cluster_id: uuid::Uuid::new_v4().to_string(),
             epoch: 1,
@@ -61,6 +136,8 @@ impl Catalog {
             next_node_id: 1,
             next_disk_id: 1,
             next_volume_id: 1,
+            pools: Vec::new(),
+            pg_states: Vec::new(),
         }
     }
 }
@@ -132,6 +209,7 @@ mod tests {
             size_bytes: 1 << 30,
             chunk_size_bytes: 4 << 20,
             block_size: 512,
+            pool_id: 1,
         });
         {
             let s = Store::open(&path).unwrap();

@@ -51,6 +51,18 @@ pub struct UpArgs {
     /// Volumes to create if missing, NAME:SIZE (repeatable; default demo:1G).
     #[arg(long = "volume", value_parser = parse_volume)]
     pub volumes: Vec<(String, u64)>,
+    /// Copies of each chunk in the default pool (used when the cluster is
+    /// created; each storage daemon is its own failure domain).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub replicas: u32,
+    /// Writes continue while this many copies are reachable (default: a
+    /// majority of --replicas).
+    #[arg(long)]
+    pub min_replicas: Option<u32>,
+    /// A storage daemon without heartbeats for this long is declared down
+    /// and its placement groups fail over.
+    #[arg(long, default_value_t = 2000)]
+    pub heartbeat_grace_ms: u64,
 }
 
 pub fn parse_volume(s: &str) -> Result<(String, u64), String> {
@@ -223,7 +235,19 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
             a.manager_listen.clone().into(),
             "--data-dir".into(),
             dir.join("manager").into(),
-        ],
+            "--replicas".into(),
+            a.replicas.to_string().into(),
+            "--heartbeat-grace-ms".into(),
+            a.heartbeat_grace_ms.to_string().into(),
+        ]
+        .into_iter()
+        .chain(
+            a.min_replicas
+                .map(|m| ["--min-replicas".into(), m.to_string().into()])
+                .into_iter()
+                .flatten(),
+        )
+        .collect(),
         log: logs.join("manager.log"),
         child: None,
         pin: vec![("--listen", "listen")],
@@ -287,6 +311,7 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
                 name: name.clone(),
                 size_bytes: *size,
                 block_size: None,
+                pool: None,
             })
             .expect("json"),
         );

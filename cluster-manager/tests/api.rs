@@ -130,6 +130,8 @@ impl Manager {
                 metrics_addr: None,
                 pid: 42,
                 host: String::new(),
+                zone: String::new(),
+                rack: String::new(),
                 disks: disks
                     .iter()
                     .map(|(uuid, cap)| DiskRegistration {
@@ -262,6 +264,7 @@ fn volumes_nodes_and_persistence() {
             name: "a".into(),
             size_bytes: GIB,
             block_size: None,
+            pool: None,
         },
         201,
     );
@@ -305,6 +308,7 @@ fn volumes_nodes_and_persistence() {
             name: "b.4k_x-1".into(),
             size_bytes: 64 << 20,
             block_size: Some(4096),
+            pool: None,
         },
         201,
     );
@@ -387,6 +391,7 @@ fn volumes_nodes_and_persistence() {
             name: "c".into(),
             size_bytes: GIB,
             block_size: None,
+            pool: None,
         },
         201,
     );

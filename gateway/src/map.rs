@@ -159,6 +159,8 @@ mod tests {
             pgs: vec![],
             volumes: vec![],
             next_volume_id: 1,
+            pools: vec![],
+            pg_states: vec![],
         }
     }
 

@@ -114,6 +114,9 @@ fn cluster_map(epoch: u64, addr: SocketAddr) -> ClusterMap {
             id: 1,
             addr: addr.to_string(),
             up: true,
+            zone: String::new(),
+            rack: String::new(),
+            host: String::new(),
         }],
         disks: (1..=2)
             .map(|id| DiskEntry {
@@ -131,8 +134,11 @@ fn cluster_map(epoch: u64, addr: SocketAddr) -> ClusterMap {
             size_bytes: 8 * CHUNK,
             chunk_size_bytes: CHUNK,
             block_size: 512,
+            pool_id: 0,
         }],
         next_volume_id: 2,
+        pools: vec![],
+        pg_states: vec![],
     }
 }
 

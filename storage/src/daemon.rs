@@ -120,6 +120,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub engine: EngineKind,
     pub host: String,
+    pub zone: String,
+    pub rack: String,
 }
 
 // ---- engine threads ------------------------------------------------------
@@ -578,6 +580,8 @@ fn register(agent: &ureq::Agent, shared: &Shared) -> Result<RegisterResponse, St
         metrics_addr: shared.metrics_addr.clone(),
         pid: std::process::id(),
         host: shared.config.host.clone(),
+        zone: shared.config.zone.clone(),
+        rack: shared.config.rack.clone(),
         disks: pending
             .iter()
             .map(|d| DiskRegistration {

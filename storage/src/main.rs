@@ -29,9 +29,16 @@ struct Args {
     /// Disk I/O engine.
     #[arg(long, value_enum, default_value = "uring")]
     engine: EngineKind,
-    /// Failure-domain host name of this daemon.
+    /// Failure-domain host name of this daemon (empty: the daemon is its
+    /// own host).
     #[arg(long, default_value = "")]
     host: String,
+    /// Failure-domain rack of this daemon.
+    #[arg(long, default_value = "")]
+    rack: String,
+    /// Failure-domain zone of this daemon.
+    #[arg(long, default_value = "")]
+    zone: String,
 }
 
 fn main() {
@@ -51,6 +58,8 @@ fn main() {
         metrics_listen: a.metrics_listen,
         engine: a.engine,
         host: a.host,
+        zone: a.zone,
+        rack: a.rack,
     };
     match daemon::run(config) {
         Ok(()) => std::process::exit(daemon::ExitCode::Ok as i32),

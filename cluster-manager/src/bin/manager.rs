@@ -21,8 +21,17 @@ struct Args {
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pg_count: u32,
     /// A node without heartbeat for this long is marked down.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 2000)]
     heartbeat_grace_ms: u64,
+    /// Copies kept by the default pool (used when the cluster is created).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    replicas: u32,
+    /// The default pool's min_replicas (default: a majority of --replicas).
+    #[arg(long)]
+    min_replicas: Option<u32>,
+    /// The default pool's failure domain: zone, rack, host or disk.
+    #[arg(long, default_value = "host", value_parser = tessera_wire::map::FailureDomain::parse)]
+    failure_domain: tessera_wire::map::FailureDomain,
 }
 
 fn main() {
@@ -40,7 +49,16 @@ fn main() {
         data_dir: a.data_dir,
         pg_count: a.pg_count,
         heartbeat_grace: Duration::from_millis(a.heartbeat_grace_ms),
+        replicas: a.replicas,
+        min_replicas: a
+            .min_replicas
+            .unwrap_or_else(|| tessera_manager::store::default_min_replicas(a.replicas)),
+        failure_domain: a.failure_domain,
     };
+    if config.min_replicas == 0 || config.min_replicas > config.replicas {
+        eprintln!("tessera-manager: --min-replicas must be between 1 and --replicas");
+        std::process::exit(daemon::ExitCode::Config as i32);
+    }
     match daemon::run(config) {
         Ok(()) => std::process::exit(0),
         Err(f) => {

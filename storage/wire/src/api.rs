@@ -21,9 +21,14 @@ pub struct RegisterRequest {
     pub addr: String,
     pub metrics_addr: Option<String>,
     pub pid: u32,
-    /// Failure-domain path of the node; empty where not given.
+    /// Failure-domain path of the node (zone / rack / host); each part is
+    /// empty where not given.
     #[serde(default)]
     pub host: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub rack: String,
     pub disks: Vec<DiskRegistration>,
 }
 
@@ -75,6 +80,38 @@ pub struct CreateVolumeRequest {
     pub size_bytes: u64,
     #[serde(default)]
     pub block_size: Option<u32>,
+    /// Pool name; the `default` pool when absent.
+    #[serde(default)]
+    pub pool: Option<String>,
+}
+
+/// `POST /v1/pools`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatePoolRequest {
+    pub name: String,
+    pub replicas: u32,
+    /// Defaults to `replicas - replicas / 2` (3 -> 2, 2 -> 1, 1 -> 1).
+    #[serde(default)]
+    pub min_replicas: Option<u32>,
+    #[serde(default)]
+    pub failure_domain: Option<crate::map::FailureDomain>,
+    #[serde(default)]
+    pub chunk_size_bytes: Option<u64>,
+    #[serde(default)]
+    pub pg_count: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    pub id: u32,
+    pub name: String,
+    pub replicas: u32,
+    pub min_replicas: u32,
+    pub failure_domain: crate::map::FailureDomain,
+    pub chunk_size_bytes: u64,
+    pub pg_base: u32,
+    pub pg_count: u32,
+    pub volumes: u32,
 }
 
 /// `PATCH /v1/volumes/{name}`: grow only.
@@ -99,9 +136,15 @@ pub struct VolumeInfo {
     pub block_size: u32,
     pub chunk_size_bytes: u64,
     pub chunks: u64,
-    /// Bytes allocated on disks, as last reported by the storage daemons.
+    /// Bytes allocated on disks, as last reported by the storage daemons
+    /// (every copy counted).
     pub allocated_bytes: u64,
+    /// Primaries: how many of the volume's chunks each disk leads.
     pub placement: Vec<DiskShare>,
+    #[serde(default)]
+    pub pool: String,
+    #[serde(default)]
+    pub replicas: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,7 +3,19 @@
 //!
 //! Invariants (checked by [`ClusterMap::validate`]): the epoch only grows;
 //! `pgs.len() == pg_count`; every disk id named by a placement group exists;
-//! volume ids and names are unique.
+//! volume ids and names are unique; pools own disjoint, contiguous ranges of
+//! placement-group ids (`pg_base .. pg_base + pg_count`); `pg_states`, when
+//! present, has one state per acting-set member.
+//!
+//! Placement groups are numbered cluster-wide, so a PG id alone names one
+//! replication group on every daemon. A volume's chunk maps to
+//! `pool.pg_base + pg_of(volume, chunk, pool.pg_count)`. Maps written before
+//! pools existed have none: every volume then uses all `pg_count` groups.
+//!
+//! The primary of a placement group is a pure function of the map (the
+//! first member, in acting-set order, whose disk is up and whose copy is
+//! `UpToDate`), so there is never more than one primary per group in one
+//! epoch.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +28,80 @@ pub struct NodeEntry {
     /// Address of the node's internal-protocol listener (host:port).
     pub addr: String,
     pub up: bool,
+    /// Failure-domain path of the node, empty where not given.
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub rack: String,
+    #[serde(default)]
+    pub host: String,
+}
+
+/// The level of the failure-domain tree whose members a pool's copies must
+/// not share.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureDomain {
+    Zone,
+    Rack,
+    #[default]
+    Host,
+    Disk,
+}
+
+impl FailureDomain {
+    pub fn parse(s: &str) -> Result<FailureDomain, String> {
+        match s {
+            "zone" => Ok(FailureDomain::Zone),
+            "rack" => Ok(FailureDomain::Rack),
+            "host" => Ok(FailureDomain::Host),
+            "disk" => Ok(FailureDomain::Disk),
+            _ => Err(format!(
+                "bad failure domain {s:?}: use zone, rack, host or disk"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureDomain::Zone => "zone",
+            FailureDomain::Rack => "rack",
+            FailureDomain::Host => "host",
+            FailureDomain::Disk => "disk",
+        }
+    }
+}
+
+/// A replication policy over the cluster's disks, owning a contiguous range
+/// of placement groups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolEntry {
+    pub id: u32,
+    pub name: String,
+    /// Copies of each chunk.
+    pub replicas: u32,
+    /// Writes are acknowledged only while at least this many copies take them.
+    pub min_replicas: u32,
+    pub failure_domain: FailureDomain,
+    pub chunk_size_bytes: u64,
+    /// First placement-group id of the pool.
+    pub pg_base: u32,
+    pub pg_count: u32,
+}
+
+/// The state of one copy of a placement group (`linstor`'s disk states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum CopyState {
+    /// Holds every acknowledged write: may serve reads and become primary.
+    #[default]
+    UpToDate,
+    /// Missed writes while it was away (or restarted); receives new writes
+    /// but must be recovered before it serves or leads.
+    Outdated,
+    /// Being brought up to date by the primary.
+    Recovering,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +121,10 @@ pub struct VolumeEntry {
     pub chunk_size_bytes: u64,
     /// Logical block size the volume advertises to clients (512 or 4096).
     pub block_size: u32,
+    /// The pool the volume lives in (0 in maps written before pools: the
+    /// volume then spreads over every placement group).
+    #[serde(default)]
+    pub pool_id: u32,
 }
 
 impl VolumeEntry {
@@ -57,6 +147,12 @@ pub struct ClusterMap {
     /// Volume ids are never reused: every id below this one that is absent
     /// from `volumes` belongs to a deleted volume whose data may be freed.
     pub next_volume_id: u64,
+    #[serde(default)]
+    pub pools: Vec<PoolEntry>,
+    /// For each placement group, the state of each member of `pgs[pg]`
+    /// (same order). Missing entries mean `UpToDate`.
+    #[serde(default)]
+    pub pg_states: Vec<Vec<CopyState>>,
 }
 
 /// Where one chunk lives, resolved from the map.
@@ -85,10 +181,74 @@ impl ClusterMap {
         self.nodes.iter().find(|n| n.id == id)
     }
 
+    pub fn pool(&self, id: u32) -> Option<&PoolEntry> {
+        self.pools.iter().find(|p| p.id == id)
+    }
+
+    pub fn pool_by_name(&self, name: &str) -> Option<&PoolEntry> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// The pool of a placement group.
+    pub fn pool_of_pg(&self, pg: u32) -> Option<&PoolEntry> {
+        self.pools
+            .iter()
+            .find(|p| pg >= p.pg_base && pg - p.pg_base < p.pg_count)
+    }
+
+    /// The placement group of a chunk of a volume (`None` if the volume is
+    /// unknown).
+    pub fn pg_for(&self, volume_id: u64, chunk_index: u32) -> Option<u32> {
+        let v = self.volume(volume_id)?;
+        Some(match self.pool(v.pool_id) {
+            Some(p) => p.pg_base + pg_of(volume_id, chunk_index, p.pg_count),
+            None => pg_of(volume_id, chunk_index, self.pg_count),
+        })
+    }
+
+    /// The state of member `i` of a placement group's acting set.
+    pub fn copy_state(&self, pg: u32, i: usize) -> CopyState {
+        self.pg_states
+            .get(pg as usize)
+            .and_then(|s| s.get(i))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn disk_up(&self, disk_id: u32) -> bool {
+        self.disk(disk_id).is_some_and(|d| d.up)
+    }
+
+    /// The primary of a placement group: the first member whose disk is up
+    /// and whose copy is up to date. A pure function of the map, so every
+    /// follower of one epoch agrees on it.
+    pub fn primary(&self, pg: u32) -> Option<u32> {
+        let set = self.pgs.get(pg as usize)?;
+        set.iter()
+            .enumerate()
+            .find(|&(i, d)| self.disk_up(*d) && self.copy_state(pg, i) == CopyState::UpToDate)
+            .map(|(_, d)| *d)
+    }
+
+    /// The members a primary sends writes to (itself included): every member
+    /// whose disk is up, whatever its copy state, so an outdated copy keeps
+    /// up with new writes while it is recovered.
+    pub fn write_set(&self, pg: u32) -> Vec<u32> {
+        self.pgs
+            .get(pg as usize)
+            .map(|s| s.iter().copied().filter(|d| self.disk_up(*d)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Copies required for a write to be acknowledged in this group.
+    pub fn min_replicas(&self, pg: u32) -> u32 {
+        self.pool_of_pg(pg).map_or(1, |p| p.min_replicas.max(1))
+    }
+
     /// The primary disk of the chunk's placement group and how to reach it.
     pub fn locate(&self, volume_id: u64, chunk_index: u32) -> Option<ChunkLocation> {
-        let pg = pg_of(volume_id, chunk_index, self.pg_count);
-        let disk_id = *self.pgs.get(pg as usize)?.first()?;
+        let pg = self.pg_for(volume_id, chunk_index)?;
+        let disk_id = self.primary(pg)?;
         let disk = self.disk(disk_id)?;
         let node = self.node(disk.node_id)?;
         Some(ChunkLocation {
@@ -101,7 +261,9 @@ impl ClusterMap {
 
     /// Whether the chunk's placement group has `disk_id` in its acting set.
     pub fn disk_holds(&self, disk_id: u32, volume_id: u64, chunk_index: u32) -> bool {
-        let pg = pg_of(volume_id, chunk_index, self.pg_count);
+        let Some(pg) = self.pg_for(volume_id, chunk_index) else {
+            return false;
+        };
         self.pgs
             .get(pg as usize)
             .is_some_and(|set| set.contains(&disk_id))
@@ -140,6 +302,39 @@ impl ClusterMap {
             if v.chunk_size_bytes == 0 || v.chunk_size_bytes % 4096 != 0 {
                 return Err(format!("volume {} has a bad chunk size", v.name));
             }
+            if v.pool_id != 0 && self.pool(v.pool_id).is_none() {
+                return Err(format!(
+                    "volume {} names unknown pool {}",
+                    v.name, v.pool_id
+                ));
+            }
+        }
+        for (i, p) in self.pools.iter().enumerate() {
+            let end = u64::from(p.pg_base) + u64::from(p.pg_count);
+            if p.pg_count == 0 || end > u64::from(self.pg_count) {
+                return Err(format!("pool {} has a bad placement-group range", p.name));
+            }
+            if p.replicas == 0 || p.min_replicas == 0 || p.min_replicas > p.replicas {
+                return Err(format!("pool {} has bad replica counts", p.name));
+            }
+            let overlaps = self.pools[..i].iter().any(|q| {
+                q.id == p.id
+                    || q.name == p.name
+                    || (p.pg_base < q.pg_base + q.pg_count && q.pg_base < p.pg_base + p.pg_count)
+            });
+            if overlaps {
+                return Err(format!("pool {} overlaps another pool", p.name));
+            }
+        }
+        if !self.pg_states.is_empty() {
+            if self.pg_states.len() != self.pgs.len() {
+                return Err("pg_states does not match pgs".into());
+            }
+            for (i, (s, m)) in self.pg_states.iter().zip(&self.pgs).enumerate() {
+                if s.len() != m.len() {
+                    return Err(format!("placement group {i}: states do not match members"));
+                }
+            }
         }
         Ok(())
     }
@@ -174,5 +369,97 @@ mod tests {
         }
         let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
         assert!(*min > 850 && *max < 1150, "uneven spread {min}..{max}");
+    }
+
+    fn two_pool_map() -> ClusterMap {
+        let disk = |id, node_id, up| DiskEntry {
+            id,
+            node_id,
+            uuid: format!("d{id}"),
+            capacity_bytes: 1 << 30,
+            up,
+        };
+        let pool = |id, name: &str, pg_base, pg_count| PoolEntry {
+            id,
+            name: name.into(),
+            replicas: 3,
+            min_replicas: 2,
+            failure_domain: FailureDomain::Host,
+            chunk_size_bytes: CHUNK_SIZE_DEFAULT_BYTES,
+            pg_base,
+            pg_count,
+        };
+        ClusterMap {
+            epoch: 3,
+            cluster_id: "c".into(),
+            pg_count: 6,
+            nodes: (1..=3)
+                .map(|id| NodeEntry {
+                    id,
+                    addr: format!("n{id}:1"),
+                    up: id != 1,
+                    zone: String::new(),
+                    rack: String::new(),
+                    host: String::new(),
+                })
+                .collect(),
+            disks: vec![disk(1, 1, false), disk(2, 2, true), disk(3, 3, true)],
+            pgs: vec![vec![1, 2, 3]; 6],
+            pg_states: vec![
+                vec![
+                    CopyState::UpToDate,
+                    CopyState::Outdated,
+                    CopyState::UpToDate
+                ];
+                6
+            ],
+            volumes: vec![VolumeEntry {
+                id: 1,
+                name: "v".into(),
+                size_bytes: 1 << 30,
+                chunk_size_bytes: CHUNK_SIZE_DEFAULT_BYTES,
+                block_size: 512,
+                pool_id: 2,
+            }],
+            next_volume_id: 2,
+            pools: vec![pool(1, "default", 0, 2), pool(2, "fast", 2, 4)],
+        }
+    }
+
+    // Proves a volume's chunks stay inside its pool's placement-group range
+    // and that the primary is the first up, up-to-date member.
+    #[test]
+    fn pools_primary_and_write_set() {
+        let m = two_pool_map();
+        m.validate().unwrap();
+        for c in 0..100 {
+            let pg = m.pg_for(1, c).unwrap();
+            assert!((2..6).contains(&pg), "pg {pg}");
+            assert!(m.disk_holds(3, 1, c));
+        }
+        // Disk 1 is down, disk 2 outdated: disk 3 leads.
+        assert_eq!(m.primary(2), Some(3));
+        assert_eq!(m.write_set(2), vec![2, 3]);
+        assert_eq!(m.min_replicas(2), 2);
+        assert_eq!(m.locate(1, 0).unwrap().disk_id, 3);
+        assert_eq!(m.pool_of_pg(1).unwrap().name, "default");
+        assert!(m.pg_for(9, 0).is_none());
+    }
+
+    // Proves validate rejects overlapping pools and mismatched states.
+    #[test]
+    fn validate_pools() {
+        let mut m = two_pool_map();
+        m.pools[1].pg_base = 1;
+        assert!(m.validate().is_err());
+        let mut m = two_pool_map();
+        m.pg_states[0].pop();
+        assert!(m.validate().is_err());
+        let mut m = two_pool_map();
+        m.pools[1].min_replicas = 4;
+        assert!(m.validate().is_err());
+        let mut m = two_pool_map();
+        m.volumes[0].pool_id = 7;
+        assert!(m.validate().is_err());
     }
 }
