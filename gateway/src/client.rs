@@ -299,7 +299,8 @@ async fn read_replies(mut rd: OwnedReadHalf, conn: &std::sync::Weak<Conn>) -> St
             let _ = p.tx.send(Err(ConnError::Lost(why.clone())));
             return why;
         }
-        let result = if h.op == Op::Read && h.status == Status::Ok {
+        // Read data and BlockStatus bitmaps are the payloads replies carry.
+        let result = if matches!(h.op, Op::Read | Op::BlockStatus) && h.status == Status::Ok {
             match open_payload(&section) {
                 Some(data) => {
                     let n = data.len();

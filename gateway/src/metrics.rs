@@ -23,6 +23,9 @@ pub struct Metrics {
     pub inflight: IntGauge,
     /// Internal-protocol retries by reason.
     pub storage_retries: IntCounterVec,
+    /// NBD handshakes that reached transmission, by reply format
+    /// (simple, structured, extended).
+    pub handshakes: IntCounterVec,
 }
 
 impl Metrics {
@@ -66,6 +69,14 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "nbd_handshakes_total",
+                "NBD handshakes that reached transmission, by reply format",
+            ),
+            &["replies"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(bytes_read.clone()),
@@ -75,6 +86,7 @@ impl Metrics {
             Box::new(connections.clone()),
             Box::new(inflight.clone()),
             Box::new(storage_retries.clone()),
+            Box::new(handshakes.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -88,6 +100,7 @@ impl Metrics {
             connections,
             inflight,
             storage_retries,
+            handshakes,
         })
     }
 

@@ -13,7 +13,7 @@
 use crate::client::{ConnError, Pool};
 use crate::map::MapHandle;
 use crate::metrics::Metrics;
-use crate::volume::{Capabilities, Catalog, VolFuture, Volume, VolumeError};
+use crate::volume::{Capabilities, Catalog, Extent, VolFuture, Volume, VolumeError};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +61,34 @@ pub fn split(chunk_size: u64, offset: u64, length: u64) -> Option<Vec<Piece>> {
         pos += n;
     }
     Some(pieces)
+}
+
+/// Unit of the storage daemons' allocation bitmaps (`Op::BlockStatus`).
+const ALLOCATION_BLOCK_BYTES: u64 = 4096;
+
+/// Extents of one chunk piece from its storage `BlockStatus` bitmap: bit
+/// `i` (least significant first within byte `i / 8`) says whether 4 KiB
+/// block `offset / 4096 + i` of the chunk is allocated. The extents cover
+/// exactly `[offset, offset + length)`. `None` if the bitmap is too short.
+pub fn bitmap_extents(offset: u32, length: u32, bits: &[u8]) -> Option<Vec<Extent>> {
+    let (start, end) = (u64::from(offset), u64::from(offset) + u64::from(length));
+    let first = start / ALLOCATION_BLOCK_BYTES;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let i = pos / ALLOCATION_BLOCK_BYTES - first;
+        let allocated = (bits.get((i / 8) as usize)? >> (i % 8)) & 1 == 1;
+        let next = ((pos / ALLOCATION_BLOCK_BYTES + 1) * ALLOCATION_BLOCK_BYTES).min(end);
+        match out.last_mut() {
+            Some(e) if e.allocated == allocated => e.length += next - pos,
+            _ => out.push(Extent {
+                length: next - pos,
+                allocated,
+            }),
+        }
+        pos = next;
+    }
+    Some(out)
 }
 
 /// What to do after one attempt.
@@ -378,6 +406,48 @@ impl Volume for RoutedVolume {
             join_all(set, |_, _| {}).await
         })
     }
+
+    fn allocation(&self, offset: u64, length: u64) -> VolFuture<'_, Vec<Extent>> {
+        Box::pin(self.allocation_map(offset, length))
+    }
+
+    fn zeroes_are_fast(&self) -> bool {
+        // Storage WriteZeroes unmaps whole 4 KiB blocks (metadata only) and
+        // rewrites at most the two partial blocks at the edges.
+        true
+    }
+}
+
+impl RoutedVolume {
+    /// The allocation map, from one storage `BlockStatus` per chunk piece
+    /// (sent in parallel), stitched in volume order.
+    async fn allocation_map(&self, offset: u64, length: u64) -> Result<Vec<Extent>, VolumeError> {
+        let pieces = split(self.chunk_size()?, offset, length)
+            .ok_or_else(|| VolumeError::Invalid("range beyond addressable chunks".into()))?;
+        let set = self.ranged(Op::BlockStatus, offset, length, false, None)?;
+        let mut maps: Vec<(usize, Vec<u8>)> = Vec::with_capacity(pieces.len());
+        join_all(set, |at, d| maps.push((at, d))).await?;
+        maps.sort_by_key(|m| m.0);
+        if maps.len() != pieces.len() {
+            tracing::warn!("a storage BlockStatus reply carried no bitmap");
+            return Err(VolumeError::Io);
+        }
+        let mut out: Vec<Extent> = Vec::new();
+        for (p, (at, bits)) in pieces.iter().zip(&maps) {
+            assert_eq!(p.buf_offset, *at);
+            let Some(extents) = bitmap_extents(p.offset, p.length, bits) else {
+                tracing::warn!("a storage BlockStatus bitmap is too short");
+                return Err(VolumeError::Io);
+            };
+            for e in extents {
+                match out.last_mut() {
+                    Some(l) if l.allocated == e.allocated => l.length += e.length,
+                    _ => out.push(e),
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Exports are the volumes of the current map, looked up by name at
@@ -462,6 +532,34 @@ mod tests {
         assert_eq!(p.iter().map(|p| u64::from(p.length)).sum::<u64>(), 20 * MIB);
         assert!(split(4096, 4096 * (1 << 32), 4096).is_none());
         assert!(split(4096, u64::MAX, 1).is_none());
+    }
+
+    // Proves storage allocation bitmaps become extents clipped to the
+    // piece, merged by state, with unaligned edges and short bitmaps.
+    #[test]
+    fn bitmap_to_extents() {
+        let e = |length, allocated| Extent { length, allocated };
+        // Blocks 0..8: allocated 0,1,4.
+        let bits = [0b0001_0011u8];
+        assert_eq!(
+            bitmap_extents(0, 8 * 4096, &bits).unwrap(),
+            vec![
+                e(8192, true),
+                e(8192, false),
+                e(4096, true),
+                e(12288, false)
+            ]
+        );
+        // Starting mid-block at 512 within block 1 (bit 0 = block 1).
+        assert_eq!(
+            bitmap_extents(4096 + 512, 4096, &[0b01]).unwrap(),
+            vec![e(3584, true), e(512, false)]
+        );
+        assert_eq!(bitmap_extents(0, 9 * 4096, &[0xff]), None);
+        assert_eq!(
+            bitmap_extents(8 * 4096, 4096, &[0]).unwrap(),
+            vec![e(4096, false)]
+        );
     }
 
     // Proves the retry policy for every status.

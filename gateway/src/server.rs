@@ -8,7 +8,7 @@
 
 use crate::metrics::Metrics;
 use crate::nbd::codec;
-use crate::nbd::handshake::{ExportInfo, Exports, Handshake, Progress};
+use crate::nbd::handshake::{self, Agreed, ExportInfo, Exports, Handshake, Progress};
 use crate::nbd::session;
 use crate::volume::{Capabilities, Catalog, Volume};
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,8 @@ pub struct Config {
     pub connections_max: usize,
     pub inflight_max: usize,
     pub handshake_timeout_ms: u64,
+    /// Advertised maximum payload and TLS mode.
+    pub handshake: handshake::Config,
 }
 
 impl Default for Config {
@@ -36,15 +38,19 @@ impl Default for Config {
             connections_max: CONNECTIONS_MAX,
             inflight_max: session::INFLIGHT_MAX,
             handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS,
+            handshake: handshake::Config::default(),
         }
     }
 }
 
 /// Transmission flags for a volume's capabilities (proto.md "Transmission
-/// flags"). CAN_MULTI_CONN is only claimed when flush reaches every disk, so
-/// a flush on one connection covers writes completed on any other.
+/// flags"), before negotiation adds NBD_FLAG_SEND_DF. CAN_MULTI_CONN is only
+/// claimed when flush reaches every disk, so a flush on one connection
+/// covers writes completed on any other. SEND_CACHE: CACHE is validated and
+/// acknowledged (there is no cache to fill). SEND_FAST_ZERO goes with
+/// WRITE_ZEROES: a zeroing that would be slow fails fast with ENOTSUP.
 pub fn transmission_flags(c: Capabilities) -> u16 {
-    let mut f = codec::NBD_FLAG_HAS_FLAGS;
+    let mut f = codec::NBD_FLAG_HAS_FLAGS | codec::NBD_FLAG_SEND_CACHE;
     if c.flush {
         f |= codec::NBD_FLAG_SEND_FLUSH;
     }
@@ -55,7 +61,7 @@ pub fn transmission_flags(c: Capabilities) -> u16 {
         f |= codec::NBD_FLAG_SEND_TRIM;
     }
     if c.write_zeroes {
-        f |= codec::NBD_FLAG_SEND_WRITE_ZEROES;
+        f |= codec::NBD_FLAG_SEND_WRITE_ZEROES | codec::NBD_FLAG_SEND_FAST_ZERO;
     }
     if c.multi_conn && c.flush {
         f |= codec::NBD_FLAG_CAN_MULTI_CONN;
@@ -69,7 +75,13 @@ fn export_info(v: &dyn Volume) -> ExportInfo {
         size_bytes: v.size_bytes(),
         block_size: v.block_size(),
         flags: transmission_flags(v.capabilities()),
-        description: None,
+        description: Some(v.description().unwrap_or_else(|| {
+            format!(
+                "Tessera volume {} ({}-byte blocks)",
+                v.name(),
+                v.block_size()
+            )
+        })),
     }
 }
 
@@ -153,12 +165,23 @@ async fn connection(
         catalog,
         last: Mutex::new(None),
     };
-    let leftover = match tokio::time::timeout(timeout, handshake(&mut stream, &exports)).await {
+    let hs = handshake(&mut stream, &exports, config.handshake);
+    let (agreed, leftover) = match tokio::time::timeout(timeout, hs).await {
         Err(_) => return Outcome::HandshakeFailed("timeout".into()),
         Ok(Err(e)) => return Outcome::HandshakeFailed(e),
         Ok(Ok(None)) => return Outcome::Aborted,
         Ok(Ok(Some(l))) => l,
     };
+    tracing::debug!(
+        export = %agreed.export.name,
+        replies = session::mode_name(agreed.terms.mode),
+        block_status = agreed.terms.block_status,
+        "transmission phase"
+    );
+    metrics
+        .handshakes
+        .with_label_values(&[session::mode_name(agreed.terms.mode)])
+        .inc();
     let volume = exports
         .last
         .lock()
@@ -170,18 +193,27 @@ async fn connection(
     // transmission phase.
     let reader = std::io::Cursor::new(leftover).chain(r);
     Outcome::Session(
-        session::run(reader, w, volume, Arc::clone(metrics), config.inflight_max).await,
+        session::run(
+            reader,
+            w,
+            volume,
+            Arc::clone(metrics),
+            config.inflight_max,
+            agreed.terms,
+        )
+        .await,
     )
 }
 
-/// Drive the handshake; `Some(leftover bytes)` when transmission begins,
-/// `None` when the client aborted or left.
+/// Drive the handshake; `Some((terms, leftover bytes))` when transmission
+/// begins, `None` when the client aborted or left.
 async fn handshake(
     stream: &mut TcpStream,
     exports: &CatalogExports<'_>,
-) -> Result<Option<Vec<u8>>, String> {
+    config: handshake::Config,
+) -> Result<Option<(Agreed, Vec<u8>)>, String> {
     let mut out = Vec::new();
-    let mut hs = Handshake::new(&mut out);
+    let mut hs = Handshake::new(&mut out, config);
     let mut buf = Vec::new();
     let mut tmp = [0u8; HANDSHAKE_READ_BYTES];
     loop {
@@ -200,10 +232,11 @@ async fn handshake(
         buf.drain(..used);
         match progress {
             Progress::NeedBytes(_) => {}
-            Progress::Done(_) => {
+            Progress::Done(agreed) => {
                 stream.write_all(&out).await.map_err(|e| e.to_string())?;
-                return Ok(Some(buf));
+                return Ok(Some((*agreed, buf)));
             }
+            Progress::StartTls => return Err("STARTTLS without a TLS configuration".into()),
             Progress::Abort => {
                 let _ = stream.write_all(&out).await;
                 let _ = stream.shutdown().await;
@@ -218,9 +251,19 @@ mod tests {
     use super::*;
 
     // Proves the advertised flags for a full-featured volume are exactly
-    // HAS_FLAGS|SEND_FLUSH|SEND_FUA|SEND_TRIM|SEND_WRITE_ZEROES|CAN_MULTI_CONN.
+    // HAS_FLAGS|SEND_FLUSH|SEND_FUA|SEND_TRIM|SEND_WRITE_ZEROES|
+    // CAN_MULTI_CONN|SEND_CACHE|SEND_FAST_ZERO, and that FAST_ZERO never
+    // comes without WRITE_ZEROES.
     #[test]
     fn flags_for_full_volume() {
-        assert_eq!(transmission_flags(Capabilities::ALL), 0x016d);
+        assert_eq!(transmission_flags(Capabilities::ALL), 0x0d6d);
+        let no_zero = Capabilities {
+            write_zeroes: false,
+            ..Capabilities::ALL
+        };
+        assert_eq!(
+            transmission_flags(no_zero) & codec::NBD_FLAG_SEND_FAST_ZERO,
+            0
+        );
     }
 }

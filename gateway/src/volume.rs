@@ -58,6 +58,15 @@ impl Capabilities {
     };
 }
 
+/// A run of consecutive bytes with one allocation state (see
+/// [`Volume::allocation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// Backed by storage. Unallocated ranges read as zeroes.
+    pub allocated: bool,
+}
+
 pub trait Volume: Send + Sync {
     fn name(&self) -> &str;
     /// Current size; may grow while the volume is open.
@@ -72,6 +81,32 @@ pub trait Volume: Send + Sync {
     fn flush(&self) -> VolFuture<'_, ()>;
     fn trim(&self, offset: u64, length: u32, fua: bool) -> VolFuture<'_, ()>;
     fn write_zeroes(&self, offset: u64, length: u32, fua: bool) -> VolFuture<'_, ()>;
+
+    /// Allocation map of `[offset, offset + length)`: consecutive extents
+    /// that cover exactly that range, in order. Protocols use it for NBD
+    /// BLOCK_STATUS (`base:allocation`) and SCSI GET LBA STATUS. The default
+    /// reports everything allocated, which is always a safe answer (it
+    /// claims nothing about the content).
+    fn allocation(&self, _offset: u64, length: u64) -> VolFuture<'_, Vec<Extent>> {
+        Box::pin(async move {
+            Ok(vec![Extent {
+                length,
+                allocated: true,
+            }])
+        })
+    }
+
+    /// Whether `write_zeroes` is cheaper than writing zeroes as data (it
+    /// deallocates instead of writing blocks). NBD answers
+    /// NBD_CMD_FLAG_FAST_ZERO with ENOTSUP when this is false.
+    fn zeroes_are_fast(&self) -> bool {
+        false
+    }
+
+    /// A short human-readable description (NBD_INFO_DESCRIPTION).
+    fn description(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Named volumes, looked up when a client picks an export.
