@@ -1,16 +1,17 @@
 //! The storage daemon: disks on their engine threads, the internal-protocol
 //! server, the manager client (registration, heartbeats, map) and metrics.
 //!
-//! Threads: one engine thread per disk (owns the disk's io_uring and the
-//! engine state; woken by an eventfd doorbell), a tokio runtime for the
-//! network, and small std threads for the manager client and metrics.
+//! Threads: one thread runs a single-threaded tokio runtime with the
+//! network server and one engine task per disk (each owns its disk's
+//! io_uring, whose fd sleeps in the same epoll as the sockets); small std
+//! threads run the manager client and metrics.
 //!
 //! Every field of every request is validated here, at the edge, before the
 //! engine sees it: header (by `Header::decode`), epoch, disk, volume, chunk
 //! bounds, placement ownership and payload CRC.
 
 use crate::engine::{self, ChunkKey, Completion, Engine, EngineError, Reply, Request};
-use crate::io::{self, Disk, Wait, doorbell::Doorbell};
+use crate::io::{self, Disk, Wait};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -124,7 +125,7 @@ pub struct Config {
     pub rack: String,
 }
 
-// ---- engine threads ------------------------------------------------------
+// ---- engine tasks --------------------------------------------------------
 
 /// Where a completion goes: back to a connection, or nowhere (internal
 /// requests such as dropping a deleted volume).
@@ -149,22 +150,28 @@ struct Outgoing {
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// Requests waiting for a disk's engine task. Senders are connection tasks
+/// on the same thread (the common case, where notifying is a queue push)
+/// and the map follower thread.
+struct EngineQueue {
+    msgs: Mutex<std::collections::VecDeque<EngineMsg>>,
+    notify: tokio::sync::Notify,
+}
+
 struct DiskHandle {
-    tx: mpsc::Sender<EngineMsg>,
-    doorbell: Arc<Doorbell>,
+    queue: Arc<EngineQueue>,
     stats: Arc<Mutex<engine::Stats>>,
     uuid: String,
     path: String,
     capacity_bytes: u64,
     chunk_bytes: u64,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl DiskHandle {
     fn send(&self, msg: EngineMsg) {
-        if self.tx.send(msg).is_ok() {
-            self.doorbell.ring();
-        }
+        self.queue.msgs.lock().expect("engine queue").push_back(msg);
+        self.queue.notify.notify_one();
     }
 }
 
@@ -195,6 +202,9 @@ impl Disk for Box<dyn Disk> {
     }
     fn inflight_max(&self) -> usize {
         (**self).inflight_max()
+    }
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        (**self).completion_fd()
     }
 }
 
@@ -230,93 +240,113 @@ fn open_engine(
     }
 }
 
+/// Start a disk's engine as a task on `rt`. The engine shares the network
+/// thread: a request goes from the socket to the io_uring and its reply
+/// back to the socket without crossing threads, which on a small machine
+/// is most of the cost of an I/O (measured in docs/ARCHITECTURE.md).
 fn spawn_engine(
-    mut engine: Engine<Box<dyn Disk>>,
+    rt: &tokio::runtime::Runtime,
+    engine: Engine<Box<dyn Disk>>,
     spec: &DiskSpec,
     metrics: Metrics,
 ) -> DiskHandle {
-    let (tx, rx) = mpsc::channel::<EngineMsg>();
-    let doorbell = Arc::new(Doorbell::new().expect("eventfd"));
+    let queue = Arc::new(EngineQueue {
+        msgs: Mutex::new(std::collections::VecDeque::new()),
+        notify: tokio::sync::Notify::new(),
+    });
     let stats = Arc::new(Mutex::new(engine.stats()));
     let sb = engine.superblock().clone();
-    let bell = doorbell.clone();
-    let shared = stats.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("engine-{}", spec.path.display()))
-        .spawn(move || engine_loop(&mut engine, rx, &bell, &shared, &metrics))
-        .expect("spawn engine thread");
+    let capacity_bytes = sb.data_blocks * engine::format::BLOCK_BYTES as u64;
+    let task = {
+        let (queue, stats) = (queue.clone(), stats.clone());
+        let _guard = rt.enter();
+        tokio::spawn(engine_task(engine, queue, stats, metrics))
+    };
     DiskHandle {
-        tx,
-        doorbell,
+        queue,
         stats,
         uuid: sb.uuid_string(),
         path: spec.path.display().to_string(),
-        capacity_bytes: sb.data_blocks * engine::format::BLOCK_BYTES as u64,
+        capacity_bytes,
         chunk_bytes: sb.chunk_bytes,
-        thread: Mutex::new(Some(thread)),
+        task: Mutex::new(Some(task)),
     }
 }
 
-fn engine_loop(
-    engine: &mut Engine<Box<dyn Disk>>,
-    rx: mpsc::Receiver<EngineMsg>,
-    bell: &Doorbell,
-    stats: &Mutex<engine::Stats>,
-    metrics: &Metrics,
+/// One disk's event loop: take queued requests, drive the engine until it
+/// makes no more progress, deliver completions, then sleep until a request
+/// is queued or the io_uring has completions.
+async fn engine_task(
+    mut engine: Engine<Box<dyn Disk>>,
+    queue: Arc<EngineQueue>,
+    stats: Arc<Mutex<engine::Stats>>,
+    metrics: Metrics,
 ) {
+    let ring = engine.completion_fd().map(|fd| {
+        io::readiness::CompletionReady::new(fd).expect("register the io_uring fd with the reactor")
+    });
     let mut routes: Slab<Route> = Slab::with_capacity(engine::OPS_MAX);
     let mut done: Vec<Completion> = Vec::new();
+    let mut batch = std::collections::VecDeque::new();
     let mut last_stats = Instant::now();
-    let mut shutting = false;
     let mut dirty = false;
     loop {
-        let mut got = false;
-        loop {
-            match rx.try_recv() {
-                Ok(EngineMsg::Request(req, route)) => {
-                    got = true;
+        std::mem::swap(&mut batch, &mut *queue.msgs.lock().expect("engine queue"));
+        let mut shutting = false;
+        for msg in batch.drain(..) {
+            match msg {
+                EngineMsg::Request(req, route) => {
                     let tag = routes.insert(route) as u64;
                     engine.submit(tag, req);
+                    dirty = true;
                 }
-                Ok(EngineMsg::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => {
-                    shutting = true;
-                    break;
-                }
-                Err(mpsc::TryRecvError::Empty) => break,
+                EngineMsg::Shutdown => shutting = true,
             }
         }
         if shutting {
             engine.quiesce();
             engine.take_completions(&mut done);
-            deliver(&mut routes, &mut done, metrics);
+            deliver(&mut routes, &mut done, &metrics);
             *stats.lock().expect("stats lock") = engine.stats();
             return;
         }
-        engine.take_completions(&mut done);
-        if !done.is_empty() {
-            got = true;
-            deliver(&mut routes, &mut done, metrics);
+        // Each pass submits what the previous one queued (writes after
+        // their read-modify-write reads, journal pages after data); stop
+        // when a pass reaps nothing, so nothing is left unsubmitted.
+        loop {
+            engine.take_completions(&mut done);
+            if !done.is_empty() {
+                dirty = true;
+                deliver(&mut routes, &mut done, &metrics);
+            }
+            if engine.drive(Wait::No) == 0 {
+                engine.take_completions(&mut done);
+                if !done.is_empty() {
+                    dirty = true;
+                    deliver(&mut routes, &mut done, &metrics);
+                }
+                break;
+            }
         }
-        if got {
-            dirty = true;
-        }
+        let idle = !engine.busy();
         // Publish stats at most every STATS_INTERVAL while busy, and always
-        // before going to sleep, so an idle daemon never reports stale ones.
-        if dirty && (!got || last_stats.elapsed() >= STATS_INTERVAL) {
+        // before going idle, so an idle daemon never reports stale ones.
+        if dirty && (idle || last_stats.elapsed() >= STATS_INTERVAL) {
             last_stats = Instant::now();
             dirty = false;
             *stats.lock().expect("stats lock") = engine.stats();
         }
-        engine.drive(if got {
-            Wait::No
-        } else {
-            Wait::Doorbell(bell.raw())
-        });
-        engine.take_completions(&mut done);
-        if !done.is_empty() {
-            dirty = true;
+        match &ring {
+            Some(ring) if engine.ops_inflight() > 0 || !idle => {
+                tokio::select! {
+                    _ = queue.notify.notified() => {}
+                    r = ring.wait() => r.expect("io_uring fd readiness"),
+                }
+            }
+            Some(_) => queue.notify.notified().await,
+            None if !idle => tokio::task::yield_now().await,
+            None => queue.notify.notified().await,
         }
-        deliver(&mut routes, &mut done, metrics);
     }
 }
 
@@ -1021,18 +1051,19 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         }
     };
     let metrics = Metrics::new();
+    // One thread runs the network and every disk's engine: on the machines
+    // this is measured on, crossing threads per request cost more CPU than
+    // the request itself (docs/ARCHITECTURE.md, "Threads").
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Fatal::env(format!("cannot start runtime: {e}")))?;
     let mut handles = Vec::new();
     for spec in &config.disks {
         let engine = open_engine(spec, config.engine, &map.cluster_id)?;
         tracing::info!(disk = %spec.path.display(), stats = ?engine.stats(), "disk open");
-        handles.push(Arc::new(spawn_engine(engine, spec, metrics.clone())));
+        handles.push(Arc::new(spawn_engine(&rt, engine, spec, metrics.clone())));
     }
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Fatal::env(format!("cannot start runtime: {e}")))?;
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(config.listen))
         .map_err(|e| Fatal::env(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -1121,11 +1152,16 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     for h in handles {
         h.send(EngineMsg::Shutdown);
     }
-    for h in &shared.all {
-        if let Some(t) = h.thread.lock().expect("thread").take() {
-            let _ = t.join();
+    let tasks: Vec<_> = shared
+        .all
+        .iter()
+        .filter_map(|h| h.task.lock().expect("task").take())
+        .collect();
+    rt.block_on(async {
+        for t in tasks {
+            let _ = t.await;
         }
-    }
+    });
     rt.shutdown_timeout(Duration::from_millis(500));
     Ok(())
 }

@@ -104,6 +104,9 @@ fn fio(uri: &str, args: &[&str]) -> String {
         .arg("--ioengine=nbd")
         .arg(format!("--uri={uri}"))
         .arg("--output-format=terse")
+        // fio saves a verify state file in its working directory; keep the
+        // source tree clean.
+        .arg("--verify_state_save=0")
         .args(args);
     run(&mut cmd)
 }

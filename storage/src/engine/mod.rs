@@ -1166,7 +1166,9 @@ impl<D: Disk> Engine<D> {
     }
 
     /// Submit queued I/O, collect completions and advance every operation.
-    pub fn drive(&mut self, wait: Wait) {
+    /// Submit queued I/O and process completions; returns how many disk
+    /// completions were processed (0 means nothing new happened).
+    pub fn drive(&mut self, wait: Wait) -> usize {
         while let Some(op) = self.backlog.pop_front() {
             if let Err(op) = self.disk.submit(op) {
                 self.backlog.push_front(op);
@@ -1179,6 +1181,7 @@ impl<D: Disk> Engine<D> {
         };
         let mut done = std::mem::take(&mut self.done_buf);
         self.disk.reap(&mut done, wait);
+        let reaped = done.len();
         for d in done.drain(..) {
             self.on_io(d);
         }
@@ -1190,6 +1193,12 @@ impl<D: Disk> Engine<D> {
                 break;
             }
         }
+        reaped
+    }
+
+    /// See [`Disk::completion_fd`].
+    pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.disk.completion_fd()
     }
 
     fn on_io(&mut self, d: IoDone) {

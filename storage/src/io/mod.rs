@@ -10,6 +10,7 @@
 
 pub mod buffer;
 pub mod doorbell;
+pub mod readiness;
 pub mod sim;
 pub mod sync;
 pub mod uring;
@@ -70,6 +71,13 @@ pub trait Disk: Send {
     fn inflight(&self) -> usize;
     /// The most operations that may be in flight at once.
     fn inflight_max(&self) -> usize;
+    /// A descriptor that polls readable while completions wait to be
+    /// reaped (an io_uring's own fd), so an event loop can sleep on it
+    /// beside its sockets. `None` when every operation completes inside
+    /// `submit` (the sync engine, the simulator).
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// Validate an operation's geometry; a violation is a bug in the caller.

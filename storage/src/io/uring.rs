@@ -179,6 +179,10 @@ impl Disk for UringDisk {
     fn inflight_max(&self) -> usize {
         INFLIGHT_MAX
     }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.ring.as_raw_fd())
+    }
 }
 
 impl Drop for UringDisk {
