@@ -284,6 +284,8 @@ fn fio_verify_512_4k_1m() {
                 "--iodepth=16",
                 "--verify=crc32c",
                 "--do_verify=1",
+                // No verify state file in the working directory.
+                "--verify_state_save=0",
             ])
             .arg(format!("--bs={bs}"))
             .arg(format!("--size={size}"))
@@ -317,6 +319,7 @@ fn concurrent_connections_disjoint_ranges() {
             "--iodepth=8",
             "--verify=crc32c",
             "--do_verify=1",
+            "--verify_state_save=0",
         ]));
 }
 
