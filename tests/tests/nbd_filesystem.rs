@@ -150,7 +150,7 @@ struct Mount {
 }
 
 impl Mount {
-    fn mount(dev: &str, dir: &Path) -> Mount {
+    fn at(dev: &str, dir: &Path) -> Mount {
         std::fs::create_dir_all(dir).expect("mount dir");
         run(Command::new("mount").args(["-t", "ext4", dev]).arg(dir));
         Mount {
@@ -215,7 +215,7 @@ fn ext4_over_nbdfuse_and_loop() {
         let fuse = Fuse::mount(&dir.path().join("fuse"), &uri);
         let lo = Loop::attach(&fuse.file());
         run(Command::new("mkfs.ext4").args(["-q", "-F", &lo.dev]));
-        let m = Mount::mount(&lo.dev, &dir.path().join("mnt"));
+        let m = Mount::at(&lo.dev, &dir.path().join("mnt"));
         for (path, data) in &files {
             let p = m.dir.join(path);
             std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
@@ -232,7 +232,7 @@ fn ext4_over_nbdfuse_and_loop() {
     // A new connection, loop device and mount: the same files.
     let fuse = Fuse::mount(&dir.path().join("fuse2"), &uri);
     let lo = Loop::attach(&fuse.file());
-    let m = Mount::mount(&lo.dev, &dir.path().join("mnt2"));
+    let m = Mount::at(&lo.dev, &dir.path().join("mnt2"));
     for (path, data) in &files {
         let got = std::fs::read(m.dir.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
         assert!(got == *data, "{path} differs after remount");
