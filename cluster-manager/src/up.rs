@@ -45,6 +45,11 @@ pub struct UpArgs {
     /// NBD listen address of the gateway.
     #[arg(long, default_value = "127.0.0.1:10809")]
     pub nbd_listen: String,
+    /// iSCSI portal addresses of the gateway (repeatable: each is a portal
+    /// of the same targets, e.g. 127.0.0.1:3260 and 127.0.0.2:3260 for two
+    /// paths; "none" disables iSCSI).
+    #[arg(long = "iscsi-listen", default_value = "127.0.0.1:3260")]
+    pub iscsi_listen: Vec<String>,
     /// Manager REST API listen address.
     #[arg(long, default_value = "127.0.0.1:9400")]
     pub manager_listen: String,
@@ -156,10 +161,14 @@ impl Proc {
             }
         };
         for (flag, key) in &self.pin {
-            if let Some(v) = ready_field(&line, key).filter(|v| v != "none")
-                && let Some(i) = self.args.iter().position(|a| a == *flag)
-            {
-                self.args[i + 1] = v.into();
+            // A repeated flag gets the comma-separated values in order.
+            if let Some(v) = ready_field(&line, key).filter(|v| v != "none") {
+                let at: Vec<usize> = (0..self.args.len())
+                    .filter(|i| self.args[*i] == *flag)
+                    .collect();
+                for (i, val) in at.into_iter().zip(v.split(',')) {
+                    self.args[i + 1] = val.into();
+                }
             }
         }
         self.ready = line;
@@ -335,17 +344,29 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
             a.nbd_listen.clone().into(),
             "--metrics-listen".into(),
             "127.0.0.1:0".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            a.iscsi_listen
+                .iter()
+                .flat_map(|l| [OsString::from("--iscsi-listen"), l.into()]),
+        )
+        .collect(),
         log: logs.join("gateway.log"),
         child: None,
-        pin: vec![("--nbd-listen", "nbd"), ("--metrics-listen", "metrics")],
+        pin: vec![
+            ("--nbd-listen", "nbd"),
+            ("--metrics-listen", "metrics"),
+            ("--iscsi-listen", "iscsi"),
+        ],
         restart_at: None,
         backoff: BACKOFF_MIN,
         ready: String::new(),
     };
     gw.start()?;
     let nbd = ready_field(&gw.ready, "nbd").unwrap_or_default();
-    say(&format!("gateway pid={} nbd={nbd}", gw.pid()));
+    let iscsi = ready_field(&gw.ready, "iscsi").unwrap_or_else(|| "none".into());
+    say(&format!("gateway pid={} nbd={nbd} iscsi={iscsi}", gw.pid()));
     procs.push(gw);
     say("ready");
     for (name, _) in &a.volumes {
@@ -353,6 +374,12 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
     }
     let first = &a.volumes[0].0;
     say(&format!("  qemu-img info nbd://{nbd}/{first}"));
+    if let Some(portal) = iscsi.split(',').next().filter(|p| *p != "none") {
+        say(&format!("  iscsi-ls -s iscsi://{portal}"));
+        say(&format!(
+            "  iscsi-inq iscsi://{portal}/iqn.2026-11.io.tessera:{first}/0"
+        ));
+    }
     say(&format!(
         "  fio --name=t --ioengine=nbd --uri=nbd://{nbd}/{first} --rw=randwrite --bs=4k --size=256m"
     ));

@@ -5,7 +5,7 @@
 //! Exit codes (documented in docs/nbd.md; systemd units rely on them):
 //! 0 clean shutdown, 2 bad command line (clap), 3 manager unreachable or map
 //! invalid, 4 NBD listen address unusable, 5 metrics listen address
-//! unusable, 6 runtime could not start.
+//! unusable, 6 runtime could not start, 7 iSCSI listen address unusable.
 
 use clap::Parser;
 use std::io::Write;
@@ -29,6 +29,10 @@ struct Args {
     /// NBD listen address (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd_listen: String,
+    /// iSCSI portal address (repeatable: every address is a portal of the
+    /// same targets; port 0 picks a free port; "none" disables iSCSI).
+    #[arg(long = "iscsi-listen", default_value = "0.0.0.0:3260")]
+    iscsi_listen: Vec<String>,
     /// Prometheus /metrics listen address; none when absent.
     #[arg(long)]
     metrics_listen: Option<String>,
@@ -44,6 +48,7 @@ enum Exit {
     NbdListen = 4,
     MetricsListen = 5,
     Runtime = 6,
+    IscsiListen = 7,
 }
 
 fn fatal(code: Exit, msg: String) -> ! {
@@ -97,6 +102,11 @@ fn main() {
         metrics: Arc::clone(&metrics),
     });
     let catalog = Arc::new(MapCatalog { router });
+    let iscsi = tessera_gateway::iscsi::target::Target::new(
+        catalog.clone(),
+        Arc::new(tessera_gateway::iscsi::target::Open),
+        tessera_gateway::iscsi::target::Config::default(),
+    );
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&args.nbd_listen)
             .await
@@ -109,9 +119,38 @@ fn main() {
         let nbd_addr = listener
             .local_addr()
             .unwrap_or_else(|e| fatal(Exit::NbdListen, format!("listener address: {e}")));
+        let mut portals = Vec::new();
+        for a in args.iscsi_listen.iter().filter(|a| a.as_str() != "none") {
+            let l = tokio::net::TcpListener::bind(a).await.unwrap_or_else(|e| {
+                fatal(
+                    Exit::IscsiListen,
+                    format!("cannot listen for iSCSI on {a}: {e}"),
+                )
+            });
+            let bound = l
+                .local_addr()
+                .unwrap_or_else(|e| fatal(Exit::IscsiListen, format!("listener address: {e}")));
+            iscsi.portals.lock().expect("not poisoned").push(bound);
+            portals.push(l);
+        }
+        let iscsi_text = if portals.is_empty() {
+            "none".to_string()
+        } else {
+            iscsi
+                .portals
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let metrics_text = metrics_addr.map_or("none".to_string(), |a| a.to_string());
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "READY nbd={nbd_addr} metrics={metrics_text}");
+        let _ = writeln!(
+            out,
+            "READY nbd={nbd_addr} iscsi={iscsi_text} metrics={metrics_text}"
+        );
         let _ = out.flush();
         drop(out);
         notify_ready();
@@ -121,6 +160,13 @@ fn main() {
             tracing::info!("signal received; no longer accepting connections");
             let _ = tx.send(true);
         });
+        for l in portals {
+            tokio::spawn(tessera_gateway::iscsi::target::serve(
+                l,
+                Arc::clone(&iscsi),
+                rx.clone(),
+            ));
+        }
         server::serve(listener, catalog, metrics, server::Config::default(), rx).await;
     });
     tracing::info!("stopped");

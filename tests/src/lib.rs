@@ -113,6 +113,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     lines: Arc<Mutex<Vec<String>>>,
     pub nbd: String,
+    /// iSCSI portals ("ip:port") of the gateway.
+    pub iscsi: Vec<String>,
     pub manager: String,
 }
 
@@ -120,6 +122,8 @@ pub struct ClusterOptions {
     pub storage_daemons: u32,
     pub disk_size: &'static str,
     pub volumes: Vec<(String, String)>,
+    /// Gateway iSCSI portals (port 0: a free port each).
+    pub iscsi_listen: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -128,6 +132,7 @@ impl Default for ClusterOptions {
             storage_daemons: 2,
             disk_size: "2G",
             volumes: vec![("demo".into(), "1G".into())],
+            iscsi_listen: vec!["127.0.0.1:0".into()],
         }
     }
 }
@@ -149,6 +154,9 @@ impl Cluster {
         for (name, size) in &opts.volumes {
             cmd.arg("--volume").arg(format!("{name}:{size}"));
         }
+        for l in &opts.iscsi_listen {
+            cmd.arg("--iscsi-listen").arg(l);
+        }
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn tessera up");
         let stdout = child.stdout.take().expect("stdout");
@@ -165,11 +173,16 @@ impl Cluster {
             dir: dir.to_path_buf(),
             lines,
             nbd: String::new(),
+            iscsi: Vec::new(),
             manager: String::new(),
         };
         c.wait_line("ready", Duration::from_secs(90), |l| l == "ready");
         let gw = c.line_starting("gateway ");
         c.nbd = field(&gw, "nbd").expect("gateway nbd address");
+        c.iscsi = field(&gw, "iscsi")
+            .filter(|v| v != "none")
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
         let m = c.line_starting("manager ");
         c.manager = format!("http://{}", field(&m, "listen").expect("manager address"));
         c

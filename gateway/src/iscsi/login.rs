@@ -383,10 +383,10 @@ impl Login {
                 },
             }
         }
-        if self.stage == STAGE_SECURITY {
-            if let Err(s) = self.security(&pairs, &mut out) {
-                return self.fail(req, s);
-            }
+        if self.stage == STAGE_SECURITY
+            && let Err(s) = self.security(&pairs, &mut out)
+        {
+            return self.fail(req, s);
         }
         if self.stage == STAGE_OPERATIONAL && !self.declared_mrdsl {
             // §13.12: declare what we accept; otherwise the initiator

@@ -10,6 +10,11 @@
 //! * [`target`]: the async glue: listeners, connections and command
 //!   execution against a [`crate::volume::Volume`].
 
+pub mod exec;
 pub mod login;
 pub mod pdu;
+pub mod pr;
+pub mod scsi;
+pub mod session;
+pub mod target;
 pub mod text;

@@ -209,7 +209,10 @@ impl Pdu {
     /// Encode with the given digests: BHS, AHS, header digest, data, pad,
     /// data digest (§11.1). Sets TotalAHSLength and DataSegmentLength.
     pub fn encode(&self, digests: Digests, out: &mut Vec<u8>) {
-        assert!(self.ahs.len() % 4 == 0, "AHS is a whole number of words");
+        assert!(
+            self.ahs.len().is_multiple_of(4),
+            "AHS is a whole number of words"
+        );
         assert!(self.ahs.len() / 4 <= 255);
         assert!(self.data.len() <= DATA_SEGMENT_FIELD_MAX);
         let start = out.len();

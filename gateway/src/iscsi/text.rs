@@ -124,7 +124,7 @@ pub fn parse_binary(v: &str) -> Option<Vec<u8>> {
 }
 
 fn decode_hex(h: &str) -> Option<Vec<u8>> {
-    if h.is_empty() || h.len() % 2 != 0 {
+    if h.is_empty() || !h.len().is_multiple_of(2) {
         return None;
     }
     (0..h.len())

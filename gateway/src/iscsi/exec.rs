@@ -1,0 +1,527 @@
+//! Executes decoded SCSI commands against a [`Volume`]: the async half of
+//! the SCSI layer. Decoding, sense data and answer layouts are in
+//! [`super::scsi`]; reservations in [`super::pr`].
+//!
+//! [`Lun`] is the state one logical unit shares between every session of
+//! this gateway: reservations, mode parameters, and the lock that makes
+//! COMPARE AND WRITE atomic against every other write through this gateway
+//! (writes take it shared, COMPARE AND WRITE exclusive). Atomicity across
+//! several gateways is not provided (see docs/iscsi.md).
+
+use super::pr::{self, Refusal, Reservations};
+use super::scsi::{
+    self, Command, Geometry, Identity, ModeState, Sense, Transfer, asc, key, status,
+};
+use super::session::{Outcome, Task};
+use crate::volume::{Volume, VolumeError};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+/// Largest single trim/write-zeroes request handed to the volume.
+const RANGE_BYTES_MAX: u64 = 1 << 30;
+/// WRITE SAME with data is written in pieces of at most this many bytes.
+const WRITE_SAME_PIECE_BYTES: u64 = 1 << 20;
+
+/// Unit attentions kept per I_T nexus; older ones are dropped beyond this.
+pub const UNIT_ATTENTIONS_MAX: usize = 8;
+
+/// Shared state of one logical unit.
+#[derive(Default)]
+pub struct Lun {
+    pub reservations: Mutex<Reservations>,
+    pub mode: Mutex<ModeState>,
+    pub atomic: tokio::sync::RwLock<()>,
+    /// Connected I_T nexuses and their pending unit attentions (SAM-5
+    /// §5.14), reported on their next command.
+    nexuses: Mutex<BTreeMap<String, VecDeque<Sense>>>,
+}
+
+impl Lun {
+    pub fn attach(&self, nexus: &str) {
+        self.nexuses
+            .lock()
+            .expect("not poisoned")
+            .entry(nexus.to_string())
+            .or_default();
+    }
+    pub fn detach(&self, nexus: &str) {
+        self.nexuses.lock().expect("not poisoned").remove(nexus);
+    }
+    /// Queue a unit attention for every connected nexus.
+    pub fn unit_attention(&self, s: Sense) {
+        for q in self.nexuses.lock().expect("not poisoned").values_mut() {
+            if q.len() == UNIT_ATTENTIONS_MAX {
+                q.pop_front();
+            }
+            q.push_back(s);
+        }
+    }
+    fn take_unit_attention(&self, nexus: &str) -> Option<Sense> {
+        self.nexuses
+            .lock()
+            .expect("not poisoned")
+            .get_mut(nexus)?
+            .pop_front()
+    }
+}
+
+/// Called after every successful PERSISTENT RESERVE OUT, to keep the state
+/// elsewhere (the manager).
+pub trait Persist: Send + Sync {
+    fn save(&self, volume: &str, state: &Reservations);
+}
+
+fn good(data: Vec<u8>) -> Outcome {
+    Outcome {
+        status: status::GOOD,
+        sense: Vec::new(),
+        data,
+        out_wanted: 0,
+    }
+}
+
+fn conflict() -> Outcome {
+    Outcome {
+        status: status::RESERVATION_CONFLICT,
+        sense: Vec::new(),
+        data: Vec::new(),
+        out_wanted: 0,
+    }
+}
+
+/// Map a volume error to sense data: the only place this mapping exists.
+pub fn sense_of(e: &VolumeError, write: bool) -> Sense {
+    match e {
+        VolumeError::Io | VolumeError::Checksum => Sense::new(
+            key::MEDIUM_ERROR,
+            if write {
+                asc::WRITE_ERROR
+            } else {
+                asc::UNRECOVERED_READ_ERROR
+            },
+        ),
+        VolumeError::Invalid(_) => Sense::illegal(asc::LBA_OUT_OF_RANGE),
+        VolumeError::NoSpace => Sense::new(key::DATA_PROTECT, asc::SPACE_ALLOCATION_FAILED),
+        VolumeError::Timeout => Sense::new(key::ABORTED_COMMAND, asc::TIMEOUT_ON_LOGICAL_UNIT),
+        VolumeError::ShuttingDown => Sense::new(key::ABORTED_COMMAND, asc::NONE),
+        VolumeError::Gone => Sense::new(key::NOT_READY, asc::MEDIUM_NOT_PRESENT),
+        VolumeError::NotSupported => Sense::illegal(asc::INVALID_OPCODE),
+    }
+}
+
+struct Ctx<'a> {
+    vol: &'a dyn Volume,
+    lun: &'a Lun,
+    g: Geometry,
+    descriptor: bool,
+}
+
+impl Ctx<'_> {
+    fn check(&self, s: Sense) -> Outcome {
+        Outcome {
+            status: status::CHECK_CONDITION,
+            sense: s.encode(self.descriptor),
+            data: Vec::new(),
+            out_wanted: 0,
+        }
+    }
+    fn bs(&self) -> u64 {
+        self.g.block_size as u64
+    }
+    async fn zero(&self, mut off: u64, mut len: u64) -> Result<(), VolumeError> {
+        while len > 0 {
+            let n = len.min(RANGE_BYTES_MAX);
+            self.vol.write_zeroes(off, n as u32, false).await?;
+            off += n;
+            len -= n;
+        }
+        Ok(())
+    }
+    /// Write `data` at byte `off`; a tail shorter than a block (a write
+    /// truncated by EDTL) is merged with the block's current contents.
+    async fn write_bytes(&self, off: u64, data: &[u8], fua: bool) -> Result<(), VolumeError> {
+        let bs = self.bs() as usize;
+        let whole = data.len() / bs * bs;
+        if whole > 0 {
+            self.vol.write(off, data[..whole].to_vec(), fua).await?;
+        }
+        if whole < data.len() {
+            let at = off + whole as u64;
+            let mut block = self.vol.read(at, bs as u32).await?;
+            block[..data.len() - whole].copy_from_slice(&data[whole..]);
+            self.vol.write(at, block, fua).await?;
+        }
+        Ok(())
+    }
+}
+
+fn first_mismatch(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+fn truncated(mut d: Vec<u8>, alloc: u32) -> Vec<u8> {
+    d.truncate(alloc as usize);
+    d
+}
+
+/// Run one task. `nexus` names the I_T nexus for reservations.
+pub async fn execute(
+    vol: &dyn Volume,
+    lun: &Lun,
+    id: &Identity,
+    nexus: &str,
+    persist: Option<&dyn Persist>,
+    task: &Task,
+) -> Outcome {
+    let bs = vol.block_size();
+    let g = Geometry {
+        block_size: bs,
+        blocks: vol.size_bytes() / bs as u64,
+    };
+    let descriptor = lun.mode.lock().expect("not poisoned").d_sense;
+    let cx = Ctx {
+        vol,
+        lun,
+        g,
+        descriptor,
+    };
+    let cmd = match scsi::decode(&task.cdb, &g) {
+        Ok(c) => c,
+        Err(s) => return cx.check(s),
+    };
+    if task.lun != 0 {
+        // SPC-4 §4.6.3: only INQUIRY, REPORT LUNS and REQUEST SENSE answer
+        // for an unknown LUN.
+        return match cmd {
+            Command::Inquiry {
+                evpd: false, alloc, ..
+            } => {
+                let mut d = scsi::inquiry_standard();
+                d[0] = 0x7f; // peripheral qualifier 011b, type 1Fh
+                good(truncated(d, alloc))
+            }
+            Command::ReportLuns { alloc } => good(truncated(scsi::report_luns(), alloc)),
+            Command::RequestSense { descriptor, alloc } => good(truncated(
+                Sense::illegal(asc::LU_NOT_SUPPORTED).encode(descriptor),
+                alloc,
+            )),
+            _ => cx.check(Sense::illegal(asc::LU_NOT_SUPPORTED)),
+        };
+    }
+    // SAM-5 §5.14: a pending unit attention is reported (and cleared) by
+    // the next command, except INQUIRY and REPORT LUNS; REQUEST SENSE
+    // returns it as data.
+    match cmd {
+        Command::Inquiry { .. } | Command::ReportLuns { .. } => {}
+        Command::RequestSense { descriptor, alloc } => {
+            if let Some(ua) = lun.take_unit_attention(nexus) {
+                return good(truncated(ua.encode(descriptor), alloc));
+            }
+        }
+        _ => {
+            if let Some(ua) = lun.take_unit_attention(nexus) {
+                return cx.check(ua);
+            }
+        }
+    }
+    let access = cmd.access();
+    if access != scsi::Access::Reservation
+        && !lun
+            .reservations
+            .lock()
+            .expect("not poisoned")
+            .allows(nexus, access)
+    {
+        return conflict();
+    }
+    let out_wanted = match cmd.transfer(&g) {
+        Transfer::Out(n) => n,
+        _ => 0,
+    };
+    let mut o = run(&cx, id, nexus, persist, cmd, task).await;
+    if task.write {
+        o.out_wanted = out_wanted;
+    }
+    o
+}
+
+async fn run(
+    cx: &Ctx<'_>,
+    id: &Identity,
+    nexus: &str,
+    persist: Option<&dyn Persist>,
+    cmd: Command,
+    task: &Task,
+) -> Outcome {
+    let g = cx.g;
+    let bs = cx.bs();
+    let vol = cx.vol;
+    // Data-Out available to the command: what the initiator sent, at most
+    // what the command wants (SPDTL), §4.3.5 of SAM-5 overflow rules.
+    let want_out = match cmd.transfer(&g) {
+        Transfer::Out(n) => n as usize,
+        _ => 0,
+    };
+    let data: &[u8] = &task.data[..task.data.len().min(want_out)];
+    let io = |e: VolumeError, write: bool| cx.check(sense_of(&e, write));
+    use Command::*;
+    match cmd {
+        TestUnitReady | StartStopUnit | PreventAllow | PreFetch { .. } => good(Vec::new()),
+        RequestSense { descriptor, alloc } => good(truncated(
+            Sense::new(key::NO_SENSE, asc::NONE).encode(descriptor),
+            alloc,
+        )),
+        Inquiry {
+            evpd: false, alloc, ..
+        } => good(truncated(scsi::inquiry_standard(), alloc)),
+        Inquiry { page, alloc, .. } => match scsi::inquiry_vpd(page, id, &g) {
+            Some(d) => good(truncated(d, alloc)),
+            None => cx.check(Sense::invalid_cdb()),
+        },
+        ReadCapacity10 => good(scsi::read_capacity10(&g)),
+        ReadCapacity16 { alloc } => good(truncated(scsi::read_capacity16(&g), alloc)),
+        ReportLuns { alloc } => good(truncated(scsi::report_luns(), alloc)),
+        ReportSupportedOpcodes { alloc, .. } => match scsi::report_supported_opcodes(&cmd) {
+            Ok(d) => good(truncated(d, alloc)),
+            Err(s) => cx.check(s),
+        },
+        ModeSense { alloc, .. } => {
+            let m = *cx.lun.mode.lock().expect("not poisoned");
+            match scsi::mode_sense(&cmd, &g, &m) {
+                Ok(d) => good(truncated(d, alloc)),
+                Err(s) => cx.check(s),
+            }
+        }
+        ModeSelect { ten, .. } => {
+            let mut m = cx.lun.mode.lock().expect("not poisoned");
+            match scsi::mode_select(ten, data, &g, &m) {
+                Ok(n) => {
+                    *m = n;
+                    good(Vec::new())
+                }
+                Err(s) => cx.check(s),
+            }
+        }
+        Read(r) => {
+            if r.blocks == 0 {
+                return good(Vec::new());
+            }
+            match vol.read(r.lba * bs, r.blocks * bs as u32).await {
+                Ok(d) => good(d),
+                Err(e) => io(e, false),
+            }
+        }
+        Write(r) => {
+            if data.is_empty() {
+                return good(Vec::new());
+            }
+            let _shared = cx.lun.atomic.read().await;
+            match cx.write_bytes(r.lba * bs, data, r.fua).await {
+                Ok(()) => good(Vec::new()),
+                Err(e) => io(e, true),
+            }
+        }
+        Verify { rw, bytchk } => {
+            if rw.blocks == 0 {
+                return good(Vec::new());
+            }
+            let medium = match vol.read(rw.lba * bs, rw.blocks * bs as u32).await {
+                Ok(d) => d,
+                Err(e) => return io(e, false),
+            };
+            if bytchk {
+                if data.len() < medium.len() {
+                    return cx.check(Sense::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
+                }
+                if let Some(at) = first_mismatch(data, &medium) {
+                    return cx.check(Sense {
+                        key: key::MISCOMPARE,
+                        asc: asc::MISCOMPARE_DURING_VERIFY,
+                        info: Some(at as u64),
+                    });
+                }
+            }
+            good(Vec::new())
+        }
+        WriteVerify { rw, .. } => {
+            if data.is_empty() {
+                return good(Vec::new());
+            }
+            let _shared = cx.lun.atomic.read().await;
+            if let Err(e) = cx.write_bytes(rw.lba * bs, data, true).await {
+                return io(e, true);
+            }
+            // Verify: read back what was written and compare.
+            let back = match vol
+                .read(
+                    rw.lba * bs,
+                    data.len().div_ceil(bs as usize) as u32 * bs as u32,
+                )
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => return io(e, false),
+            };
+            if let Some(at) = first_mismatch(data, &back) {
+                return cx.check(Sense {
+                    key: key::MISCOMPARE,
+                    asc: asc::MISCOMPARE_DURING_VERIFY,
+                    info: Some(at as u64),
+                });
+            }
+            good(Vec::new())
+        }
+        SynchronizeCache => match vol.flush().await {
+            Ok(()) => good(Vec::new()),
+            Err(e) => io(e, true),
+        },
+        WriteSame {
+            lba,
+            blocks,
+            unmap,
+            ndob,
+        } => {
+            if !ndob && task.data.len() != bs as usize {
+                // The Data-Out must be exactly one block.
+                return cx.check(Sense::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
+            }
+            // With UNMAP the blocks are deallocated whatever the data
+            // (LBPRZ=1: they then read as zeroes), as initiators expect.
+            let zero = ndob || unmap || data.iter().all(|b| *b == 0);
+            let (off, len) = (lba * bs, blocks * bs);
+            let _shared = cx.lun.atomic.read().await;
+            let r = if zero {
+                // Write-zeroes deallocates whole storage blocks and zeroes
+                // partial ones, so it both unmaps and keeps LBPRZ=1 true
+                // (a plain trim skips partial blocks).
+                cx.zero(off, len).await
+            } else {
+                let per = (WRITE_SAME_PIECE_BYTES / bs).max(1);
+                let mut piece = Vec::with_capacity((per * bs) as usize);
+                for _ in 0..per {
+                    piece.extend_from_slice(data);
+                }
+                let mut done = 0u64;
+                let mut r = Ok(());
+                while done < blocks {
+                    let n = (blocks - done).min(per);
+                    if let Err(e) = vol
+                        .write(off + done * bs, piece[..(n * bs) as usize].to_vec(), false)
+                        .await
+                    {
+                        r = Err(e);
+                        break;
+                    }
+                    done += n;
+                }
+                r
+            };
+            match r {
+                Ok(()) => good(Vec::new()),
+                Err(e) => io(e, true),
+            }
+        }
+        Unmap { len } => {
+            if (task.data.len() as u32) < len {
+                return cx.check(Sense::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
+            }
+            let ranges = match scsi::unmap_ranges(data, &g) {
+                Ok(r) => r,
+                Err(s) => return cx.check(s),
+            };
+            let _shared = cx.lun.atomic.read().await;
+            for (lba, n) in ranges {
+                // Write-zeroes rather than trim: see WRITE SAME above.
+                if let Err(e) = cx.zero(lba * bs, n as u64 * bs).await {
+                    return io(e, true);
+                }
+            }
+            good(Vec::new())
+        }
+        GetLbaStatus { lba, alloc } => {
+            // Without allocation maps from the volume every block reports
+            // as mapped (a permitted answer, SBC-4 §5.6).
+            let n = (g.blocks - lba).min(u32::MAX as u64) as u32;
+            good(truncated(scsi::lba_status(lba, &[(lba, n, true)]), alloc))
+        }
+        CompareAndWrite(r) => {
+            let n = (r.blocks as u64 * bs) as usize;
+            if r.blocks == 0 {
+                // Nothing to compare; Data-Out with it is inconsistent.
+                if task.data.is_empty() {
+                    return good(Vec::new());
+                }
+                return cx.check(Sense::invalid_cdb());
+            }
+            if task.data.len() != 2 * n {
+                return cx.check(Sense::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
+            }
+            let _exclusive = cx.lun.atomic.write().await;
+            let medium = match vol.read(r.lba * bs, n as u32).await {
+                Ok(d) => d,
+                Err(e) => return io(e, false),
+            };
+            if let Some(at) = first_mismatch(&data[..n], &medium) {
+                return cx.check(Sense {
+                    key: key::MISCOMPARE,
+                    asc: asc::MISCOMPARE_DURING_VERIFY,
+                    info: Some(at as u64),
+                });
+            }
+            match vol.write(r.lba * bs, data[n..].to_vec(), r.fua).await {
+                Ok(()) => good(Vec::new()),
+                Err(e) => io(e, true),
+            }
+        }
+        PrIn { action, alloc } => {
+            let d = cx
+                .lun
+                .reservations
+                .lock()
+                .expect("not poisoned")
+                .read(action, pr::transport_id);
+            good(truncated(d, alloc))
+        }
+        PrOut {
+            action,
+            scope,
+            kind,
+            len,
+        } => {
+            if (task.data.len() as u32) < len {
+                return cx.check(Sense::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
+            }
+            let mut res = cx.lun.reservations.lock().expect("not poisoned");
+            match res.out(nexus, action, scope, kind, data) {
+                Ok(()) => {
+                    if let Some(p) = persist {
+                        p.save(vol.name(), &res);
+                    }
+                    good(Vec::new())
+                }
+                Err(Refusal::Conflict) => conflict(),
+                Err(Refusal::Sense(s)) => cx.check(s),
+            }
+        }
+        Reserve => match cx
+            .lun
+            .reservations
+            .lock()
+            .expect("not poisoned")
+            .reserve_spc2(nexus)
+        {
+            Ok(()) => good(Vec::new()),
+            Err(_) => conflict(),
+        },
+        Release => match cx
+            .lun
+            .reservations
+            .lock()
+            .expect("not poisoned")
+            .release_spc2(nexus)
+        {
+            Ok(()) => good(Vec::new()),
+            Err(_) => conflict(),
+        },
+    }
+}

@@ -1,0 +1,496 @@
+//! The iSCSI listener and connection loop: the only part of the iSCSI
+//! front end that does I/O. Every portal (`--iscsi-listen`) serves every
+//! volume as target `iqn.2026-11.io.tessera:<volume>` with the volume as
+//! LUN 0, all portals in target portal group 1.
+//!
+//! Per connection: login (pure [`Login`] state machine, with a deadline),
+//! then the full feature phase (pure [`Session`]) with SCSI commands run in
+//! order by [`exec::execute`]. The target pings an idle initiator with a
+//! NOP-In every `nop_interval_ms` and drops the connection when a ping goes
+//! unanswered for a whole interval (a vanished initiator). Limits: at most
+//! `connections_max` connections; framing limits come from the negotiated
+//! MaxRecvDataSegmentLength.
+
+use super::exec::{self, Lun, Persist};
+use super::login::{self, Access, Chap, Directory, Login, Offer, SessionKind, Step};
+use super::pdu::{self, Digests, Pdu};
+use super::scsi::{Identity, Sense, asc, key};
+use super::session::{Discovery, Effect, Reset, Session};
+use crate::volume::{Catalog, Volume};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+
+/// Target names are this prefix plus the volume name.
+pub const IQN_PREFIX: &str = "iqn.2026-11.io.tessera:";
+/// Default maximum of concurrent iSCSI connections.
+pub const CONNECTIONS_MAX: usize = 256;
+/// A login must complete within this time.
+pub const LOGIN_TIMEOUT_MS: u64 = 15_000;
+/// Idle time before the target pings the initiator with a NOP-In.
+pub const NOP_INTERVAL_MS: u64 = 10_000;
+/// Login PDUs carry at most 8 KiB of text (§13.12 default before
+/// negotiation); bound what we accept.
+const LOGIN_DATA_MAX: usize = 64 * 1024;
+const READ_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Access policy per volume (ACLs and CHAP), from the cluster map.
+pub trait Policy: Send + Sync {
+    /// `None`: everyone may log in without authentication.
+    fn access(&self, volume: &str, initiator: &str) -> Access;
+}
+
+/// Everyone may log in to every volume without authentication.
+pub struct Open;
+impl Policy for Open {
+    fn access(&self, _volume: &str, _initiator: &str) -> Access {
+        Access::Allowed(None)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub offer: Offer,
+    pub connections_max: usize,
+    pub login_timeout_ms: u64,
+    pub nop_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            offer: Offer::default(),
+            connections_max: CONNECTIONS_MAX,
+            login_timeout_ms: LOGIN_TIMEOUT_MS,
+            nop_interval_ms: NOP_INTERVAL_MS,
+        }
+    }
+}
+
+/// Everything the portals share.
+pub struct Target {
+    pub catalog: Arc<dyn Catalog>,
+    pub policy: Arc<dyn Policy>,
+    pub persist: Option<Arc<dyn Persist>>,
+    pub config: Config,
+    /// Bound addresses of every portal (for SendTargets).
+    pub portals: Mutex<Vec<SocketAddr>>,
+    luns: Mutex<HashMap<String, Arc<Lun>>>,
+    tsih: AtomicU16,
+    slots: Arc<Semaphore>,
+}
+
+impl Target {
+    pub fn new(catalog: Arc<dyn Catalog>, policy: Arc<dyn Policy>, config: Config) -> Arc<Target> {
+        Arc::new(Target {
+            catalog,
+            policy,
+            persist: None,
+            slots: Arc::new(Semaphore::new(config.connections_max)),
+            config,
+            portals: Mutex::new(Vec::new()),
+            luns: Mutex::new(HashMap::new()),
+            tsih: AtomicU16::new(1),
+        })
+    }
+
+    /// The shared state of a volume's LUN (created on first use).
+    pub fn lun(&self, volume: &str) -> Arc<Lun> {
+        let mut l = self.luns.lock().expect("not poisoned");
+        Arc::clone(l.entry(volume.to_string()).or_default())
+    }
+
+    fn next_tsih(&self) -> u16 {
+        loop {
+            let t = self.tsih.fetch_add(1, Ordering::Relaxed);
+            if t != 0 {
+                return t;
+            }
+        }
+    }
+}
+
+pub fn volume_of(target_name: &str) -> Option<&str> {
+    target_name
+        .strip_prefix(IQN_PREFIX)
+        .filter(|v| !v.is_empty())
+}
+
+struct Dir<'a>(&'a Target);
+
+impl Directory for Dir<'_> {
+    fn access(&self, target: &str, initiator: &str) -> Access {
+        let Some(vol) = volume_of(target) else {
+            return Access::NotFound;
+        };
+        if self.0.catalog.open(vol).is_none() {
+            return Access::NotFound;
+        }
+        self.0.policy.access(vol, initiator)
+    }
+    fn discovery_chap(&self) -> Option<Chap> {
+        None
+    }
+}
+
+struct Disc<'a> {
+    target: &'a Target,
+    local: SocketAddr,
+}
+
+impl Discovery for Disc<'_> {
+    fn send_targets(&self, initiator: &str, which: &str) -> Vec<(String, Vec<String>)> {
+        let tag = self.target.config.offer.portal_group_tag;
+        let addrs: Vec<String> = self
+            .target
+            .portals
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|p| {
+                // A wildcard portal is reported at the address this
+                // connection reached.
+                let ip = if p.ip().is_unspecified() {
+                    self.local.ip()
+                } else {
+                    p.ip()
+                };
+                format!("{},{tag}", SocketAddr::new(ip, p.port()))
+            })
+            .collect();
+        let names = self.target.catalog.names();
+        names
+            .into_iter()
+            .filter(|v| which == "All" || which == format!("{IQN_PREFIX}{v}"))
+            .filter(|v| {
+                !matches!(
+                    self.target.policy.access(v, initiator),
+                    Access::Denied | Access::NotFound
+                )
+            })
+            .map(|v| (format!("{IQN_PREFIX}{v}"), addrs.clone()))
+            .collect()
+    }
+}
+
+/// Accept connections on one portal until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    target: Arc<Target>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "iscsi accept failed");
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&target.slots).try_acquire_owned() else {
+            tracing::warn!(%peer, "iscsi connection limit reached; closing");
+            continue;
+        };
+        let t = Arc::clone(&target);
+        tokio::spawn(async move {
+            let r = connection(stream, &t).await;
+            tracing::debug!(%peer, outcome = %r, "iscsi connection closed");
+            drop(slot);
+        });
+    }
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    use std::io::Read;
+    let mut b = [0u8; N];
+    // The kernel's CSPRNG; CHAP challenges must be unpredictable.
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("reading /dev/urandom");
+    b
+}
+
+/// Reads whole PDUs from a socket.
+struct Reader {
+    stream: tokio::net::tcp::OwnedReadHalf,
+    buf: Vec<u8>,
+}
+
+enum Read {
+    Pdu(Pdu),
+    /// Data digest mismatch: the header is good, so it can be rejected.
+    BadData(Pdu),
+    Closed,
+    Error(String),
+}
+
+impl Reader {
+    async fn next(&mut self, digests: Digests, data_max: usize) -> Read {
+        loop {
+            match pdu::decode(&self.buf, digests, data_max) {
+                Ok(Some((p, used))) => {
+                    self.buf.drain(..used);
+                    return Read::Pdu(p);
+                }
+                Ok(None) => {}
+                Err((pdu::Error::DataDigest, used)) => {
+                    let mut bhs = [0u8; pdu::BHS_BYTES];
+                    bhs.copy_from_slice(&self.buf[..pdu::BHS_BYTES]);
+                    self.buf.drain(..used);
+                    return Read::BadData(Pdu {
+                        bhs,
+                        ahs: Vec::new(),
+                        data: Vec::new(),
+                    });
+                }
+                Err((e, _)) => return Read::Error(e.to_string()),
+            }
+            let old = self.buf.len();
+            self.buf.resize(old + READ_CHUNK_BYTES, 0);
+            match self.stream.read(&mut self.buf[old..]).await {
+                Ok(0) => {
+                    self.buf.truncate(old);
+                    return Read::Closed;
+                }
+                Ok(n) => self.buf.truncate(old + n),
+                Err(e) => {
+                    self.buf.truncate(old);
+                    return Read::Error(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+async fn connection(stream: TcpStream, target: &Target) -> String {
+    let _ = stream.set_nodelay(true);
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(e) => return e.to_string(),
+    };
+    let (r, mut w) = stream.into_split();
+    let mut reader = Reader {
+        stream: r,
+        buf: Vec::new(),
+    };
+    let rnd: [u8; 20] = random_bytes();
+    let mut challenge = [0u8; login::CHAP_CHALLENGE_BYTES];
+    challenge.copy_from_slice(&rnd[..16]);
+    let stat_sn = u32::from_be_bytes([rnd[16], rnd[17], rnd[18], rnd[19]]);
+    let mut lg = Login::new(
+        target.config.offer,
+        challenge,
+        rnd[0],
+        target.next_tsih(),
+        stat_sn,
+    );
+    let dir = Dir(target);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(target.config.login_timeout_ms);
+    let done = loop {
+        let read = match tokio::time::timeout_at(
+            deadline,
+            reader.next(Digests::default(), LOGIN_DATA_MAX),
+        )
+        .await
+        {
+            Err(_) => return "login timeout".into(),
+            Ok(r) => r,
+        };
+        let p = match read {
+            Read::Pdu(p) => p,
+            Read::BadData(_) => return "digest error during login".into(),
+            Read::Closed => return "closed during login".into(),
+            Read::Error(e) => return e,
+        };
+        match lg.step(&p, &dir) {
+            Step::Continue(resp) => {
+                if w.write_all(&resp.to_bytes(Digests::default()))
+                    .await
+                    .is_err()
+                {
+                    return "write failed".into();
+                }
+            }
+            Step::Fail(resp) => {
+                let _ = w.write_all(&resp.to_bytes(Digests::default())).await;
+                let _ = w.shutdown().await;
+                let st = u16::from_be_bytes([resp.bhs[36], resp.bhs[37]]);
+                tracing::info!(status = format!("0x{st:04x}"), "iscsi login refused");
+                return format!("login failed 0x{st:04x}");
+            }
+            Step::Done(resp, done) => {
+                if w.write_all(&resp.to_bytes(Digests::default()))
+                    .await
+                    .is_err()
+                {
+                    return "write failed".into();
+                }
+                break done;
+            }
+        }
+    };
+    let isid = done.isid;
+    let nexus = format!(
+        "{},i,0x{}",
+        done.initiator,
+        isid.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    tracing::info!(initiator = %done.initiator, target = ?done.target, kind = ?done.kind, "iscsi login");
+    let (volume, lun): (Option<Arc<dyn Volume>>, Option<Arc<Lun>>) = match done.kind {
+        SessionKind::Discovery => (None, None),
+        SessionKind::Normal => {
+            let name = volume_of(done.target.as_deref().unwrap_or("")).unwrap_or("");
+            match target.catalog.open(name) {
+                Some(v) => (Some(v), Some(target.lun(name))),
+                None => return "volume vanished after login".into(),
+            }
+        }
+    };
+    let ident = Identity {
+        id: volume
+            .as_ref()
+            .map_or(0, |v| tessera_wire::map::mix64(fnv(v.name()))),
+        serial: volume.as_ref().map_or(String::new(), |v| {
+            format!("{:016x}", tessera_wire::map::mix64(fnv(v.name())))
+        }),
+        target_name: done.target.clone().unwrap_or_default(),
+        portal_group_tag: target.config.offer.portal_group_tag,
+    };
+    if let Some(l) = &lun {
+        l.attach(&nexus);
+    }
+    let p = done.params;
+    let digests = Digests {
+        header: p.header_digest,
+        data: p.data_digest,
+    };
+    let data_max = p.target_max_recv_data_segment_bytes as usize;
+    let mut session = Session::new(
+        p,
+        done.initiator.clone(),
+        done.target.clone(),
+        done.exp_cmd_sn,
+        done.stat_sn,
+    );
+    let disc = Disc { target, local };
+    let nop = Duration::from_millis(target.config.nop_interval_ms);
+    let mut out = Vec::new();
+    let mut effects = Vec::new();
+    let end = 'conn: loop {
+        let read = match tokio::time::timeout(nop, reader.next(digests, data_max)).await {
+            Err(_) => {
+                // Idle: ping, or give up on an initiator that did not
+                // answer the previous ping.
+                match session.ping() {
+                    Some(ping) => {
+                        ping.encode(digests, &mut out);
+                        if w.write_all(&out).await.is_err() {
+                            break "write failed".to_string();
+                        }
+                        out.clear();
+                        continue;
+                    }
+                    None => break "initiator did not answer NOP-In".to_string(),
+                }
+            }
+            Ok(r) => r,
+        };
+        match read {
+            Read::Pdu(p) => session.receive(p, &disc, &mut effects),
+            Read::BadData(hdr) => {
+                // §7.8 at ERL 0: reject the PDU; its data is lost, so a
+                // command it carried cannot complete: end the connection.
+                let mut r = Pdu::new(pdu::op::REJECT);
+                r.set_flags(pdu::FLAG_FINAL);
+                r.bhs[2] = pdu::reject::DATA_DIGEST_ERROR;
+                r.set_itt(pdu::TAG_NONE);
+                r.data = hdr.bhs.to_vec();
+                r.encode(digests, &mut out);
+                let _ = w.write_all(&out).await;
+                break "data digest error".to_string();
+            }
+            Read::Closed => break "initiator closed".to_string(),
+            Read::Error(e) => break e,
+        }
+        let mut i = 0;
+        while i < effects.len() {
+            let e = std::mem::replace(&mut effects[i], Effect::Close(""));
+            i += 1;
+            match e {
+                Effect::Send(p) => p.encode(digests, &mut out),
+                Effect::Execute(task) => {
+                    let (Some(v), Some(l)) = (&volume, &lun) else {
+                        unreachable!("the session refuses SCSI commands in discovery sessions")
+                    };
+                    let o = exec::execute(
+                        v.as_ref(),
+                        l,
+                        &ident,
+                        &nexus,
+                        target.persist.as_deref(),
+                        &task,
+                    )
+                    .await;
+                    let mut more = Vec::new();
+                    session.complete(&task, o, &mut more);
+                    for m in more {
+                        if let Effect::Send(p) = m {
+                            p.encode(digests, &mut out);
+                        }
+                    }
+                }
+                Effect::Reset(kind) => {
+                    // SAM-5 §6.3: a reset clears SPC-2 reservations and
+                    // raises a unit attention on every I_T nexus.
+                    if matches!(kind, Reset::TargetWarm | Reset::TargetCold) {
+                        for l in target.luns.lock().expect("not poisoned").values() {
+                            l.reservations.lock().expect("not poisoned").reset();
+                            l.unit_attention(Sense::new(key::UNIT_ATTENTION, asc::POWER_ON_RESET));
+                        }
+                    } else if let Some(l) = &lun {
+                        l.reservations.lock().expect("not poisoned").reset();
+                        l.unit_attention(Sense::new(key::UNIT_ATTENTION, asc::BUS_DEVICE_RESET));
+                    }
+                }
+                Effect::Close(why) => {
+                    let _ = w.write_all(&out).await;
+                    break 'conn why.to_string();
+                }
+            }
+        }
+        effects.clear();
+        if !out.is_empty() {
+            if w.write_all(&out).await.is_err() {
+                break "write failed".to_string();
+            }
+            out.clear();
+        }
+    };
+    if let Some(l) = &lun {
+        l.reservations
+            .lock()
+            .expect("not poisoned")
+            .nexus_lost(&nexus);
+        l.detach(&nexus);
+    }
+    let _ = w.shutdown().await;
+    end
+}
+
+/// FNV-1a of a volume name: the seed of its stable SCSI identifiers.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
