@@ -31,6 +31,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 pub const STORAGE_INFLIGHT_MAX: usize = 512;
 pub const CONNECT_TIMEOUT_MS: u64 = 2000;
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+const READ_BUFFER_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConnError {
@@ -248,6 +249,9 @@ async fn write_requests(
         if let Some(p) = &m.payload {
             w.write_all(p).await?;
         }
+        // Gather what other ready tasks are about to send (see
+        // nbd::session::write_replies).
+        tokio::task::yield_now().await;
         while let Ok(m) = rx.try_recv() {
             w.write_all(&m.header).await?;
             if let Some(p) = &m.payload {
@@ -260,7 +264,9 @@ async fn write_requests(
 }
 
 /// Read replies until the connection fails; returns why it did.
-async fn read_replies(mut rd: OwnedReadHalf, conn: &std::sync::Weak<Conn>) -> String {
+async fn read_replies(rd: OwnedReadHalf, conn: &std::sync::Weak<Conn>) -> String {
+    // One receive brings every reply the daemon sent together.
+    let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     loop {
         let mut b = [0u8; HEADER_SIZE];
         if let Err(e) = rd.read_exact(&mut b).await {

@@ -39,6 +39,11 @@ struct Args {
     /// Give up on a storage request (EIO to the client) after this long.
     #[arg(long, default_value_t = IO_TIMEOUT_MS_DEFAULT)]
     io_timeout_ms: u64,
+    /// Threads serving connections. 1 (the default) runs everything on one
+    /// event loop, which costs the least CPU per request on small machines;
+    /// more spread many busy connections over cores.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
 }
 
 /// The documented exit codes.
@@ -69,9 +74,17 @@ fn main() {
         fatal(Exit::Runtime, "--io-timeout-ms must be positive".into());
     }
     tracing::info!(?args, "starting");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let rt = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(args.threads))
+            .enable_all()
+            .build()
+    };
+    let rt = rt
         .unwrap_or_else(|e| fatal(Exit::Runtime, format!("cannot start the runtime: {e}")));
     let deadline = Instant::now() + Duration::from_millis(STARTUP_MAP_DEADLINE_MS);
     let initial = map::fetch_until(&args.manager, deadline).unwrap_or_else(|e| {

@@ -191,7 +191,11 @@ async fn connection(
     let (r, w) = stream.into_split();
     // Bytes the client pipelined after its final option belong to the
     // transmission phase.
-    let reader = std::io::Cursor::new(leftover).chain(r);
+    // Buffered, so one receive brings every request the client pipelined.
+    let reader = tokio::io::BufReader::with_capacity(
+        session::READ_BUFFER_BYTES,
+        std::io::Cursor::new(leftover).chain(r),
+    );
     Outcome::Session(
         session::run(
             reader,

@@ -814,6 +814,9 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     let writer = tokio::spawn(async move {
         let mut wr = BufWriter::with_capacity(256 * 1024, wr);
         while let Some(first) = rx.recv().await {
+            // Let the engine finish delivering what is ready so one send
+            // carries it all; returns at once when nothing else is ready.
+            tokio::task::yield_now().await;
             let mut next = Some(first);
             while let Some(o) = next.take() {
                 if write_outgoing(&mut wr, &o).await.is_err() {

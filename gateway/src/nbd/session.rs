@@ -32,6 +32,9 @@ pub const INFLIGHT_MAX: usize = 128;
 /// How long queued replies may take to drain after a protocol error.
 const PROTOCOL_ERROR_FLUSH_MS: u64 = 1000;
 /// Buffer of the reply writer: small replies are batched into one send.
+/// Receive buffer of a connection: holds many pipelined requests (and
+/// write payloads up to this size arrive in one read).
+pub const READ_BUFFER_BYTES: usize = 256 * 1024;
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 /// WRITE_ZEROES with NO_HOLE writes real zero blocks, this many bytes per
 /// volume write (the storage daemons' zeroing would deallocate them).
@@ -412,6 +415,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
     while let Some(r) = rx.recv().await {
         write_one(&mut w, &r).await?;
+        // Let the request tasks that are ready finish first, so one send
+        // carries every reply they produce: on loopback a send costs more
+        // than the request itself. Returns at once when nothing else is
+        // ready, so a lone request is not delayed.
+        tokio::task::yield_now().await;
         while let Ok(r) = rx.try_recv() {
             write_one(&mut w, &r).await?;
         }
