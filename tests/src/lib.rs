@@ -122,8 +122,6 @@ pub struct ClusterOptions {
     pub storage_daemons: u32,
     pub disk_size: &'static str,
     pub volumes: Vec<(String, String)>,
-    /// Gateway iSCSI portals (port 0: a free port each).
-    pub iscsi_listen: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -132,13 +130,18 @@ impl Default for ClusterOptions {
             storage_daemons: 2,
             disk_size: "2G",
             volumes: vec![("demo".into(), "1G".into())],
-            iscsi_listen: vec!["127.0.0.1:0".into()],
         }
     }
 }
 
 impl Cluster {
+    /// Start with one iSCSI portal on a free loopback port.
     pub fn start(dir: &Path, opts: &ClusterOptions) -> Cluster {
+        Cluster::start_with_portals(dir, opts, &["127.0.0.1:0"])
+    }
+
+    /// Start with the given gateway iSCSI portals (port 0: a free port).
+    pub fn start_with_portals(dir: &Path, opts: &ClusterOptions, iscsi_listen: &[&str]) -> Cluster {
         let mut cmd = Command::new(bin("tessera"));
         cmd.arg("up")
             .arg("--dir")
@@ -154,7 +157,7 @@ impl Cluster {
         for (name, size) in &opts.volumes {
             cmd.arg("--volume").arg(format!("{name}:{size}"));
         }
-        for l in &opts.iscsi_listen {
+        for l in iscsi_listen {
             cmd.arg("--iscsi-listen").arg(l);
         }
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());

@@ -110,9 +110,8 @@ fn iscsi_test_cu_conformance() {
         storage_daemons: 1,
         disk_size: "8G",
         volumes: volumes.clone(),
-        iscsi_listen: vec!["127.0.0.1:0".into(), "127.0.0.2:0".into()],
     };
-    let cluster = Cluster::start(dir.path(), &opts);
+    let cluster = Cluster::start_with_portals(dir.path(), &opts, &["127.0.0.1:0", "127.0.0.2:0"]);
     assert_eq!(cluster.iscsi.len(), 2, "two portals");
     let urls = |vol: &str| -> Vec<String> {
         cluster
@@ -197,9 +196,8 @@ fn iscsi_discovery_inquiry_and_nbd_crosscheck() {
             ("alpha".into(), "64M".into()),
             ("beta".into(), "64M".into()),
         ],
-        iscsi_listen: vec!["127.0.0.1:0".into(), "127.0.0.2:0".into()],
     };
-    let cluster = Cluster::start(dir.path(), &opts);
+    let cluster = Cluster::start_with_portals(dir.path(), &opts, &["127.0.0.1:0", "127.0.0.2:0"]);
     let out = iscsi_ls(&cluster.iscsi[0], &[]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "iscsi-ls failed: {text}");
