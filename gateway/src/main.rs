@@ -5,7 +5,8 @@
 //! Exit codes (documented in docs/nbd.md; systemd units rely on them):
 //! 0 clean shutdown, 2 bad command line (clap), 3 manager unreachable or map
 //! invalid, 4 NBD listen address unusable, 5 metrics listen address
-//! unusable, 6 runtime could not start, 7 iSCSI listen address unusable.
+//! unusable, 6 runtime could not start, 7 iSCSI listen address unusable,
+//! 8 TLS certificate or key unusable.
 
 use clap::Parser;
 use std::io::Write;
@@ -15,7 +16,7 @@ use tessera_gateway::client::Pool;
 use tessera_gateway::map::{self, MapHandle};
 use tessera_gateway::metrics::Metrics;
 use tessera_gateway::routing::{IO_TIMEOUT_MS_DEFAULT, MapCatalog, Router};
-use tessera_gateway::server;
+use tessera_gateway::{nbd, server};
 
 /// How long to wait for the manager's first map at start.
 const STARTUP_MAP_DEADLINE_MS: u64 = 30_000;
@@ -44,6 +45,43 @@ struct Args {
     /// more spread many busy connections over cores.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    /// Most NBD connections at once; extra ones are closed at accept.
+    #[arg(long, default_value_t = server::CONNECTIONS_MAX,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    nbd_connections_max: usize,
+    /// Most requests in flight per NBD connection (then TCP backpressure).
+    #[arg(long, default_value_t = nbd::session::INFLIGHT_MAX,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    nbd_inflight_max: usize,
+    /// Largest NBD READ/WRITE payload, advertised in NBD_INFO_BLOCK_SIZE:
+    /// a multiple of 4096 from 4096 to 32 MiB.
+    #[arg(long, default_value_t = nbd::codec::REQUEST_MAX_BYTES, value_parser = request_max)]
+    nbd_request_max_bytes: u32,
+    /// PEM certificate chain offered by NBD_OPT_STARTTLS (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Refuse every NBD option but STARTTLS and ABORT until TLS is up.
+    #[arg(long, requires = "tls_cert")]
+    tls_require: bool,
+    /// Time a client has to finish NBD option haggling.
+    #[arg(long, default_value_t = server::HANDSHAKE_TIMEOUT_MS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    nbd_handshake_timeout_ms: u64,
+}
+
+fn request_max(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    let (lo, hi) = (
+        nbd::codec::PREFERRED_BLOCK_BYTES,
+        nbd::codec::REQUEST_MAX_BYTES_LIMIT,
+    );
+    if v < lo || v > hi || v % lo != 0 {
+        return Err(format!("must be a multiple of {lo} between {lo} and {hi}"));
+    }
+    Ok(v)
 }
 
 /// The documented exit codes.
@@ -54,6 +92,7 @@ enum Exit {
     MetricsListen = 5,
     Runtime = 6,
     IscsiListen = 7,
+    Tls = 8,
 }
 
 fn fatal(code: Exit, msg: String) -> ! {
@@ -74,6 +113,20 @@ fn main() {
         fatal(Exit::Runtime, "--io-timeout-ms must be positive".into());
     }
     tracing::info!(?args, "starting");
+    let tls = args
+        .tls_cert
+        .as_ref()
+        .zip(args.tls_key.as_ref())
+        .map(|(c, k)| {
+            server::tls_acceptor(c, k).unwrap_or_else(|e| {
+                fatal(Exit::Tls, format!("cannot load the TLS certificate: {e}"))
+            })
+        });
+    let tls_mode = match (&tls, args.tls_require) {
+        (None, _) => nbd::handshake::TlsMode::Off,
+        (Some(_), false) => nbd::handshake::TlsMode::Optional,
+        (Some(_), true) => nbd::handshake::TlsMode::Required,
+    };
     let rt = if args.threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -84,8 +137,7 @@ fn main() {
             .enable_all()
             .build()
     };
-    let rt = rt
-        .unwrap_or_else(|e| fatal(Exit::Runtime, format!("cannot start the runtime: {e}")));
+    let rt = rt.unwrap_or_else(|e| fatal(Exit::Runtime, format!("cannot start the runtime: {e}")));
     let deadline = Instant::now() + Duration::from_millis(STARTUP_MAP_DEADLINE_MS);
     let initial = map::fetch_until(&args.manager, deadline).unwrap_or_else(|e| {
         fatal(
@@ -180,7 +232,17 @@ fn main() {
                 rx.clone(),
             ));
         }
-        server::serve(listener, catalog, metrics, server::Config::default(), rx).await;
+        let config = server::Config {
+            connections_max: args.nbd_connections_max,
+            inflight_max: args.nbd_inflight_max,
+            handshake_timeout_ms: args.nbd_handshake_timeout_ms,
+            handshake: nbd::handshake::Config {
+                request_max_bytes: args.nbd_request_max_bytes,
+                tls: tls_mode,
+            },
+            tls,
+        };
+        server::serve(listener, catalog, metrics, config, rx).await;
     });
     tracing::info!("stopped");
     // Connections still open are dropped with the runtime.

@@ -13,7 +13,7 @@ use crate::nbd::session;
 use crate::volume::{Capabilities, Catalog, Volume};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
@@ -23,13 +23,16 @@ pub const CONNECTIONS_MAX: usize = 256;
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 const HANDSHAKE_READ_BYTES: usize = 4096;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Config {
     pub connections_max: usize,
     pub inflight_max: usize,
     pub handshake_timeout_ms: u64,
     /// Advertised maximum payload and TLS mode.
     pub handshake: handshake::Config,
+    /// The certificate for NBD_OPT_STARTTLS; `Some` exactly when
+    /// `handshake.tls` is not `TlsMode::Off`.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Default for Config {
@@ -39,6 +42,7 @@ impl Default for Config {
             inflight_max: session::INFLIGHT_MAX,
             handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS,
             handshake: handshake::Config::default(),
+            tls: None,
         }
     }
 }
@@ -113,6 +117,10 @@ pub async fn serve(
     config: Config,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    assert_eq!(
+        config.tls.is_some(),
+        config.handshake.tls != handshake::TlsMode::Off
+    );
     let slots = Arc::new(Semaphore::new(config.connections_max));
     loop {
         let accepted = tokio::select! {
@@ -133,7 +141,8 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let (catalog, metrics) = (Arc::clone(&catalog), Arc::clone(&metrics));
+        let (catalog, metrics, config) =
+            (Arc::clone(&catalog), Arc::clone(&metrics), config.clone());
         tokio::spawn(async move {
             metrics.connections.inc();
             let r = connection(stream, catalog.as_ref(), &metrics, config).await;
@@ -152,8 +161,15 @@ pub enum Outcome {
     Session(session::End),
 }
 
+/// The connection's byte stream after the handshake: plain TCP, or TLS
+/// after NBD_OPT_STARTTLS.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>>),
+}
+
 async fn connection(
-    mut stream: TcpStream,
+    stream: TcpStream,
     catalog: &dyn Catalog,
     metrics: &Arc<Metrics>,
     config: Config,
@@ -165,8 +181,8 @@ async fn connection(
         catalog,
         last: Mutex::new(None),
     };
-    let hs = handshake(&mut stream, &exports, config.handshake);
-    let (agreed, leftover) = match tokio::time::timeout(timeout, hs).await {
+    let hs = negotiate(stream, &exports, &config);
+    let (agreed, leftover, transport) = match tokio::time::timeout(timeout, hs).await {
         Err(_) => return Outcome::HandshakeFailed("timeout".into()),
         Ok(Err(e)) => return Outcome::HandshakeFailed(e),
         Ok(Ok(None)) => return Outcome::Aborted,
@@ -176,6 +192,7 @@ async fn connection(
         export = %agreed.export.name,
         replies = session::mode_name(agreed.terms.mode),
         block_status = agreed.terms.block_status,
+        tls = agreed.tls,
         "transmission phase"
     );
     metrics
@@ -188,46 +205,86 @@ async fn connection(
         .expect("not poisoned")
         .take()
         .expect("a successful handshake looked its export up");
-    let (r, w) = stream.into_split();
+    let (metrics, inflight, terms) = (Arc::clone(metrics), config.inflight_max, agreed.terms);
     // Bytes the client pipelined after its final option belong to the
     // transmission phase.
     // Buffered, so one receive brings every request the client pipelined.
-    let reader = tokio::io::BufReader::with_capacity(
-        session::READ_BUFFER_BYTES,
-        std::io::Cursor::new(leftover).chain(r),
-    );
-    Outcome::Session(
-        session::run(
-            reader,
-            w,
-            volume,
-            Arc::clone(metrics),
-            config.inflight_max,
-            agreed.terms,
-        )
-        .await,
-    )
+    let prefix = std::io::Cursor::new(leftover);
+    let end = match transport {
+        Transport::Plain(s) => {
+            let (r, w) = s.into_split();
+            let reader =
+                tokio::io::BufReader::with_capacity(session::READ_BUFFER_BYTES, prefix.chain(r));
+            session::run(reader, w, volume, metrics, inflight, terms).await
+        }
+        Transport::Tls(s) => {
+            let (r, w) = tokio::io::split(*s);
+            let reader =
+                tokio::io::BufReader::with_capacity(session::READ_BUFFER_BYTES, prefix.chain(r));
+            session::run(reader, w, volume, metrics, inflight, terms).await
+        }
+    };
+    Outcome::Session(end)
 }
 
-/// Drive the handshake; `Some((terms, leftover bytes))` when transmission
-/// begins, `None` when the client aborted or left.
-async fn handshake(
-    stream: &mut TcpStream,
+/// Run the handshake, upgrading to TLS when the state machine says so.
+/// `Some((agreed, leftover bytes, transport))` when transmission begins,
+/// `None` when the client aborted or left.
+async fn negotiate(
+    mut stream: TcpStream,
     exports: &CatalogExports<'_>,
-    config: handshake::Config,
-) -> Result<Option<(Agreed, Vec<u8>)>, String> {
+    config: &Config,
+) -> Result<Option<(Agreed, Vec<u8>, Transport)>, String> {
     let mut out = Vec::new();
-    let mut hs = Handshake::new(&mut out, config);
+    let mut hs = Handshake::new(&mut out, config.handshake);
+    let leftover = match drive(&mut stream, &mut hs, exports, out).await? {
+        Driven::Gone => return Ok(None),
+        Driven::Done(a, left) => return Ok(Some((a, left, Transport::Plain(stream)))),
+        Driven::StartTls(left) => left,
+    };
+    let acceptor = config
+        .tls
+        .clone()
+        .ok_or("STARTTLS acknowledged without a TLS configuration")?;
+    // Anything read past the STARTTLS option is the start of the TLS
+    // handshake.
+    let mut tls = acceptor
+        .accept(Prefixed::new(leftover, stream))
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    match drive(&mut tls, &mut hs, exports, Vec::new()).await? {
+        Driven::Gone => Ok(None),
+        Driven::Done(a, left) => Ok(Some((a, left, Transport::Tls(Box::new(tls))))),
+        // The state machine refuses a second STARTTLS.
+        Driven::StartTls(_) => Err("second STARTTLS".into()),
+    }
+}
+
+enum Driven {
+    Done(Agreed, Vec<u8>),
+    StartTls(Vec<u8>),
+    Gone,
+}
+
+/// Feed the handshake from `stream` until it ends or asks for TLS; `out`
+/// holds bytes to send first (the greeting).
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    hs: &mut Handshake,
+    exports: &CatalogExports<'_>,
+    mut out: Vec<u8>,
+) -> Result<Driven, String> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; HANDSHAKE_READ_BYTES];
     loop {
         if !out.is_empty() {
             stream.write_all(&out).await.map_err(|e| e.to_string())?;
+            stream.flush().await.map_err(|e| e.to_string())?;
             out.clear();
         }
         let n = stream.read(&mut tmp).await.map_err(|e| e.to_string())?;
         if n == 0 {
-            return Ok(None);
+            return Ok(Driven::Gone);
         }
         buf.extend_from_slice(&tmp[..n]);
         let (used, progress) = hs
@@ -238,16 +295,106 @@ async fn handshake(
             Progress::NeedBytes(_) => {}
             Progress::Done(agreed) => {
                 stream.write_all(&out).await.map_err(|e| e.to_string())?;
-                return Ok(Some((*agreed, buf)));
+                stream.flush().await.map_err(|e| e.to_string())?;
+                return Ok(Driven::Done(*agreed, buf));
             }
-            Progress::StartTls => return Err("STARTTLS without a TLS configuration".into()),
+            Progress::StartTls => {
+                stream.write_all(&out).await.map_err(|e| e.to_string())?;
+                stream.flush().await.map_err(|e| e.to_string())?;
+                return Ok(Driven::StartTls(buf));
+            }
             Progress::Abort => {
                 let _ = stream.write_all(&out).await;
                 let _ = stream.shutdown().await;
-                return Ok(None);
+                return Ok(Driven::Gone);
             }
         }
     }
+}
+
+/// A stream whose first reads return `prefix`: bytes already read from the
+/// socket that belong to the next layer (the TLS handshake).
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
+        Prefixed {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = (self.prefix.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Load a PEM certificate chain and private key into a TLS acceptor
+/// (rustls, TLS 1.2 and 1.3, no client certificates).
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
 }
 
 #[cfg(test)]

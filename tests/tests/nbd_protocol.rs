@@ -959,3 +959,179 @@ fn raw_structured_reads_and_block_status() {
         assert_eq!(e, 0);
     }
 }
+
+// Proves the named limits given as gateway flags are advertised and
+// enforced: the maximum payload in NBD_INFO_BLOCK_SIZE and on READ, the
+// connection limit (an extra connection is closed at once, the others keep
+// working), and a small in-flight limit that pipelined requests get through
+// (backpressure, no deadlock).
+#[test]
+fn limits_from_flags() {
+    use raw::*;
+    use std::io::Write;
+    require(&["nbdinfo"]);
+    let dir = TempDir::new("nbdproto-limits");
+    let c = raw_cluster(&dir);
+    let gw = Gateway::start(
+        &c,
+        &[
+            "--nbd-connections-max",
+            "2",
+            "--nbd-inflight-max",
+            "2",
+            "--nbd-request-max-bytes",
+            "65536",
+        ],
+    );
+    let json = run(std::process::Command::new("nbdinfo").args(["--json", &gw.uri("r")]));
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(v["exports"][0]["block_size_maximum"].as_u64(), Some(65536));
+    let mut a = open(&gw.nbd, "r", ReplyMode::Simple);
+    request(&mut a, false, NBD_CMD_READ, 0, 1, 0, 65536 + 4096);
+    assert_eq!(simple_reply(&mut a), (NBD_EINVAL, 1));
+    // 16 pipelined reads with 2 in flight at most.
+    for i in 0..16 {
+        request(&mut a, false, NBD_CMD_READ, 0, 10 + i, i * 4096, 4096);
+    }
+    let mut seen = Vec::new();
+    for _ in 0..16 {
+        let (e, ck) = simple_reply(&mut a);
+        assert_eq!(e, 0);
+        read_n(&mut a, 4096);
+        seen.push(ck);
+    }
+    seen.sort();
+    assert_eq!(seen, (10..26).collect::<Vec<u64>>());
+    let mut b = connect(&gw.nbd);
+    greet(&mut b);
+    // A third connection is over the limit: closed without a greeting.
+    let mut third = std::net::TcpStream::connect(&gw.nbd).expect("connect");
+    third.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    assert!(closed(&mut third));
+    assert_eq!(go(&mut b, "r"), NBD_REP_ACK);
+    drop(a);
+    // A slot frees up once a client leaves.
+    poll(
+        "a connection slot",
+        std::time::Duration::from_secs(10),
+        || {
+            let mut s = std::net::TcpStream::connect(&gw.nbd).ok()?;
+            s.set_read_timeout(Some(DEADLINE)).ok()?;
+            let mut g = [0u8; 18];
+            use std::io::Read;
+            s.read_exact(&mut g).ok().map(|_| ())
+        },
+    );
+    b.write_all(&[0u8; 0]).expect("still open");
+    request(&mut b, false, NBD_CMD_READ, 0, 2, 0, 512);
+    assert_eq!(simple_reply(&mut b), (0, 2));
+    // Out-of-range flag values are refused at start (exit code 2).
+    let st = std::process::Command::new(bin("tessera-gateway"))
+        .args(["--manager", &c.manager, "--nbd-request-max-bytes", "1000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run gateway");
+    assert_eq!(st.code(), Some(2));
+}
+
+/// A self-signed certificate for 127.0.0.1/localhost, made with the
+/// openssl CLI, in `dir` as cert.pem, key.pem and (for libnbd, which loads
+/// `<dir>/ca-cert.pem` as its trust anchor) ca-cert.pem.
+fn self_signed(dir: &std::path::Path) {
+    run(std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stderr(std::process::Stdio::null()));
+    std::fs::copy(dir.join("cert.pem"), dir.join("ca-cert.pem")).expect("ca-cert");
+}
+
+// Proves NBD_OPT_STARTTLS with a self-signed certificate: nbdinfo and
+// nbdcopy over nbds:// (TLS verified against the certificate) read and
+// write; with --tls-require plain clients are refused (TLS_REQD, EXPORT_NAME
+// closed) while TLS clients are served; without a certificate STARTTLS is
+// refused (POLICY).
+#[test]
+fn tls_with_self_signed_certificate() {
+    use raw::*;
+    require(&["nbdinfo", "nbdcopy", "openssl"]);
+    let dir = TempDir::new("nbdproto-tls");
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).expect("certs dir");
+    self_signed(&certs);
+    let c = Cluster::start(
+        &dir.path().join("cluster"),
+        &ClusterOptions {
+            storage_daemons: 1,
+            disk_size: "1G",
+            volumes: vec![("t".into(), "16M".into())],
+        },
+    );
+    let cert = certs.join("cert.pem");
+    let key = certs.join("key.pem");
+    let tls_args = [
+        "--tls-cert",
+        cert.to_str().expect("utf8"),
+        "--tls-key",
+        key.to_str().expect("utf8"),
+    ];
+    let query = format!("?tls-certificates={}", certs.display());
+    for require_tls in [false, true] {
+        let mut args = tls_args.to_vec();
+        if require_tls {
+            args.push("--tls-require");
+        }
+        let gw = Gateway::start(&c, &args);
+        let nbds = format!("nbds://{}/t{query}", gw.nbd);
+        let (ok, out, err) =
+            output(std::process::Command::new("nbdinfo").args(["--is", "tls", &nbds]));
+        assert!(ok, "nbdinfo --is tls: {out}{err}");
+        let json = run(std::process::Command::new("nbdinfo").args(["--json", &nbds]));
+        assert!(json.contains("\"export-size\": 16777216"), "{json}");
+        let src = dir.path().join("src.img");
+        std::fs::write(&src, pattern(11, (16 * MIB) as usize)).expect("src");
+        run(std::process::Command::new("nbdcopy")
+            .arg("--flush")
+            .arg(&src)
+            .arg(&nbds));
+        let back = dir.path().join("back.img");
+        run(std::process::Command::new("nbdcopy").arg(&nbds).arg(&back));
+        assert!(files_equal(&src, &back), "TLS round trip differs");
+        let plain = gw.uri("t");
+        let (ok, _, _) = output(std::process::Command::new("nbdinfo").arg(&plain));
+        assert_eq!(
+            ok, !require_tls,
+            "plain client with --tls-require={require_tls}"
+        );
+        if require_tls {
+            let mut s = connect(&gw.nbd);
+            greet(&mut s);
+            send_opt(&mut s, NBD_OPT_LIST, &[]);
+            assert_eq!(opt_reply(&mut s).1, NBD_REP_ERR_TLS_REQD);
+            send_opt(&mut s, NBD_OPT_EXPORT_NAME, b"t");
+            assert!(closed(&mut s));
+        }
+    }
+    let gw = Gateway::start(&c, &[]);
+    let mut s = connect(&gw.nbd);
+    greet(&mut s);
+    send_opt(&mut s, NBD_OPT_STARTTLS, &[]);
+    assert_eq!(opt_reply(&mut s).1, NBD_REP_ERR_POLICY);
+    // A missing key file is a fatal start error (exit code 8).
+    let st = std::process::Command::new(bin("tessera-gateway"))
+        .args(["--manager", &c.manager])
+        .args(["--tls-cert", cert.to_str().expect("utf8")])
+        .args(["--tls-key", "/nonexistent/key.pem"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run gateway");
+    assert_eq!(st.code(), Some(8));
+}

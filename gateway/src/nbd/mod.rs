@@ -2,5 +2,6 @@
 //! transmission session (proto.md in NetworkBlockDevice/nbd).
 
 pub mod codec;
+pub mod fuzz;
 pub mod handshake;
 pub mod session;
