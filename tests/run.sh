@@ -15,6 +15,7 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v curl >/dev/null || need+=(curl)
+command -v openssl >/dev/null || need+=(openssl)
 command -v iscsi-test-cu >/dev/null || need+=(libiscsi-bin)
 [ -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ] || need+=(qemu-block-extra)
 if [ ${#need[@]} -gt 0 ]; then

@@ -101,6 +101,19 @@ fn nbdinfo_can_every_capability() {
             .is_some_and(|d| d.contains("caps")),
         "{json}"
     );
+    let list = run(Command::new("nbdinfo").args(["--list", "--json", &format!("nbd://{}", c.nbd)]));
+    let v: serde_json::Value = serde_json::from_str(&list).expect("json");
+    let names: Vec<&str> = v["exports"]
+        .as_array()
+        .expect("exports")
+        .iter()
+        .filter_map(|e| e["export-name"].as_str())
+        .collect();
+    assert_eq!(names, ["caps"], "{list}");
+    // An unknown export is an error reply, never a silent default.
+    let (ok, _, err) = output(Command::new("nbdinfo").arg(c.uri("nope")));
+    assert!(!ok, "nbdinfo on an unknown export succeeded");
+    assert!(!err.is_empty());
 }
 
 // Proves BLOCK_STATUS answers from the storage daemons' allocation maps:
