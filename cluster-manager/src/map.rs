@@ -320,6 +320,7 @@ pub fn build(c: &Catalog, up: impl Fn(u32) -> bool) -> ClusterMap {
                 uuid: d.uuid.clone(),
                 capacity_bytes: d.capacity_bytes,
                 up: up(d.node_id),
+                incarnation: d.incarnation,
             })
             .collect(),
         pgs: c.pgs.clone(),

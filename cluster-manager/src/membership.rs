@@ -109,6 +109,7 @@ pub fn register(c: &mut Catalog, req: &RegisterRequest) -> Result<Registered, Er
                     uuid: d.uuid.clone(),
                     path: d.path.clone(),
                     capacity_bytes: d.capacity_bytes,
+                    incarnation: 0,
                 });
                 id
             }

@@ -36,6 +36,9 @@ pub struct Disk {
     pub uuid: String,
     pub path: String,
     pub capacity_bytes: u64,
+    /// Bumped each time the disk's daemon registers as a new process.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// Everything the manager must not lose.

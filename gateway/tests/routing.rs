@@ -125,6 +125,7 @@ fn cluster_map(epoch: u64, addr: SocketAddr) -> ClusterMap {
                 uuid: format!("d{id}"),
                 capacity_bytes: 1 << 30,
                 up: true,
+                incarnation: 0,
             })
             .collect(),
         pgs: vec![vec![1], vec![2], vec![1], vec![2]],

@@ -5,6 +5,7 @@
 //!   completion-based trait, and aligned buffers.
 //! * [`engine`]: the on-disk format and the per-disk state machine
 //!   (allocation, redirect-on-write, journal, checkpoints, CRC32C).
+//! * [`replication`]: the placement-group replication state machine.
 //! * [`daemon`]: disks on their engine threads, the network server, the
 //!   manager client (registration, heartbeats, map), metrics.
 #![deny(unsafe_code)]
@@ -12,3 +13,4 @@
 pub mod daemon;
 pub mod engine;
 pub mod io;
+pub mod replication;

@@ -111,6 +111,10 @@ pub struct DiskEntry {
     pub uuid: String,
     pub capacity_bytes: u64,
     pub up: bool,
+    /// Bumped whenever the disk's daemon starts again (a new process has
+    /// lost whatever was not durable): primaries recover such copies anew.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -340,6 +344,62 @@ impl ClusterMap {
     }
 }
 
+/// The manager's copy-state policy when `disk` is lost (declared down, or
+/// restarted as a new process that lost what was not durable): each of its
+/// up-to-date copies becomes `Outdated`, except a group's last up-to-date
+/// copy, which stays `UpToDate` (the group then waits for it: no other copy
+/// is known to hold every acknowledged write). `states` is parallel to
+/// `pgs`. Returns whether anything changed.
+pub fn outdate_disk(pgs: &[Vec<u32>], states: &mut [Vec<CopyState>], disk: u32) -> bool {
+    let mut changed = false;
+    for (set, st) in pgs.iter().zip(states.iter_mut()) {
+        let Some(i) = set.iter().position(|d| *d == disk) else {
+            continue;
+        };
+        let others = st
+            .iter()
+            .enumerate()
+            .any(|(j, s)| j != i && *s == CopyState::UpToDate);
+        if st[i] == CopyState::UpToDate && others {
+            st[i] = CopyState::Outdated;
+            changed = true;
+        }
+    }
+    changed
+}
+
+/// The manager's answer to a primary reporting `disk`'s copy of `pg`
+/// recovered: accepted only at the current epoch (a restart or loss since
+/// bumps the epoch and voids the report), from the group's primary, for a
+/// member that is up. Returns whether the state changed.
+pub fn mark_clean(
+    map: &ClusterMap,
+    states: &mut [Vec<CopyState>],
+    pg: u32,
+    disk: u32,
+    reporter: u32,
+    epoch: u64,
+) -> bool {
+    if epoch != map.epoch || map.primary(pg) != Some(reporter) {
+        return false;
+    }
+    if !map.disk(disk).is_some_and(|d| d.up) {
+        return false;
+    }
+    let Some(set) = map.pgs.get(pg as usize) else {
+        return false;
+    };
+    let Some(i) = set.iter().position(|d| *d == disk) else {
+        return false;
+    };
+    let st = &mut states[pg as usize];
+    if st[i] == CopyState::UpToDate {
+        return false;
+    }
+    st[i] = CopyState::UpToDate;
+    true
+}
+
 /// The placement group of a chunk: a stable hash of (volume id, chunk index).
 /// Stable across releases: changing it moves every chunk.
 pub fn pg_of(volume_id: u64, chunk_index: u32, pg_count: u32) -> u32 {
@@ -378,6 +438,7 @@ mod tests {
             uuid: format!("d{id}"),
             capacity_bytes: 1 << 30,
             up,
+            incarnation: 0,
         };
         let pool = |id, name: &str, pg_base, pg_count| PoolEntry {
             id,

@@ -1,0 +1,1758 @@
+//! Primary-copy replication of placement groups: a pure state machine
+//! (inputs in, effects out; no clock, no randomness, no I/O), driven by the
+//! storage daemon in production and by a seeded simulation in tests
+//! (`sim.rs`). The protocol and why its invariants hold are in
+//! docs/replication.md; the short version:
+//!
+//! * The primary of a group is a pure function of the cluster map (first up,
+//!   `UpToDate` member), so one epoch never has two primaries.
+//! * The primary orders every change with a sequence number `Seq { term, n }`
+//!   whose `term` is the epoch its primacy began in: terms of later primaries
+//!   are larger, so their changes always supersede older ones. Overlapping
+//!   changes are serialised (a change starts only when every earlier
+//!   overlapping one is acknowledged by all its targets), so every copy
+//!   applies overlapping changes in the same order.
+//! * A client write is applied locally and sent to every member whose disk is
+//!   up (the write set) and acknowledged when all of them have it; it is
+//!   refused (retry later) while fewer than `min_replicas` members are up.
+//! * Replicas accept changes only from the primary of their own map at
+//!   exactly their own epoch (fencing): a deposed primary cannot get a write
+//!   acknowledged by a member that knows the new map, and the new primary
+//!   serves only once it knows the new map.
+//! * Every member keeps a log of recent changes (sequence and extent). The
+//!   primary piggybacks `committed` (every change up to it is acknowledged by
+//!   all targets) and `trim` (every change up to it is durable on every
+//!   member, present or not); logs are trimmed at `trim`. A member that was
+//!   away therefore missed at most the regions in the primary's log.
+//! * A new primary peers first: it collects the uncommitted log entries of
+//!   the other up-to-date members, pushes its own content of those regions
+//!   to them (so in-flight writes of the old primary cannot leave copies
+//!   diverged), then serves.
+//! * Outdated members (back after an absence or a restart) receive new
+//!   writes at once and, in the background, the primary's content of every
+//!   64 KiB region in its log (delta recovery), or of every allocated
+//!   region when the log cannot tell (full resync); then a flush, then the
+//!   primary asks the manager to mark them `UpToDate`.
+//!
+//! The type `D` is the data of a write (bytes in the daemon, block labels in
+//! the simulation).
+
+#[cfg(test)]
+mod sim;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use tessera_wire::map::{ClusterMap, CopyState};
+
+/// Granularity of change tracking and recovery.
+pub const REGION_BYTES: u32 = 64 * 1024;
+/// Log entries a group keeps before it gives up tracking and falls back to
+/// a full resync of returning members.
+pub const LOG_ENTRIES_MAX: usize = 1 << 20;
+/// Client changes a primary queues (behind conflicts or peering) before it
+/// answers "retry later".
+pub const QUEUE_MAX: usize = 4096;
+/// Recovery pushes in flight per group.
+pub const PUSHES_INFLIGHT_MAX: usize = 16;
+/// Messages for a newer epoch held until the map catches up.
+pub const FUTURE_MAX: usize = 4096;
+/// Ticks a message waits for its answer before it is sent again.
+pub const RESEND_TICKS: u64 = 5;
+
+/// The order of changes in a placement group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Seq {
+    /// Epoch in which the issuing primary's term began.
+    pub term: u64,
+    pub n: u64,
+}
+
+/// A byte range inside one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Extent {
+    pub volume_id: u64,
+    pub chunk_index: u32,
+    pub offset: u32,
+    pub length: u32,
+}
+
+impl Extent {
+    pub fn end(&self) -> u32 {
+        self.offset + self.length
+    }
+
+    pub fn overlaps(&self, o: &Extent) -> bool {
+        self.volume_id == o.volume_id
+            && self.chunk_index == o.chunk_index
+            && self.offset < o.end()
+            && o.offset < self.end()
+    }
+
+    /// The 64 KiB regions the extent touches.
+    pub fn regions(&self) -> impl Iterator<Item = Region> + '_ {
+        let first = self.offset / REGION_BYTES;
+        let last = (self.end().max(1) - 1) / REGION_BYTES;
+        (first..=last).map(move |index| Region {
+            volume_id: self.volume_id,
+            chunk_index: self.chunk_index,
+            index,
+        })
+    }
+}
+
+/// One 64 KiB-aligned region of a chunk: the unit of recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Region {
+    pub volume_id: u64,
+    pub chunk_index: u32,
+    pub index: u32,
+}
+
+impl Region {
+    pub fn extent(&self) -> Extent {
+        Extent {
+            volume_id: self.volume_id,
+            chunk_index: self.chunk_index,
+            offset: self.index * REGION_BYTES,
+            length: REGION_BYTES,
+        }
+    }
+}
+
+/// What a change does to its extent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change<D> {
+    Write(D),
+    Zeroes,
+    Trim,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update<D> {
+    pub seq: Seq,
+    pub extent: Extent,
+    pub change: Change<D>,
+    pub fua: bool,
+}
+
+/// The answer to a replicated change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckResult {
+    Ok,
+    /// The receiver's map is newer than the sender's epoch.
+    Stale,
+    /// The sender is not the primary in the receiver's map.
+    NotPrimary,
+    /// The receiver's disk failed the change.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body<D> {
+    /// Primary -> member: apply a change. `committed` and `trim` travel with
+    /// it (see the module comment).
+    Replicate {
+        update: Update<D>,
+        committed: Seq,
+        trim: Seq,
+    },
+    Ack {
+        seq: Seq,
+        result: AckResult,
+    },
+    /// New primary -> member: your uncommitted log entries (and, when `full`,
+    /// every allocated region of the group).
+    LogQuery {
+        full: bool,
+    },
+    LogReply {
+        entries: Vec<(Seq, Extent)>,
+        regions: Vec<Region>,
+        full: bool,
+    },
+    /// Primary -> member: make everything durable.
+    Flush {
+        round: u64,
+        trim: Seq,
+    },
+    Flushed {
+        round: u64,
+    },
+}
+
+/// A message between two disks about one placement group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg<D> {
+    pub pg: u32,
+    pub from: u32,
+    pub to: u32,
+    /// The sender's map epoch.
+    pub epoch: u64,
+    pub body: Body<D>,
+}
+
+/// How a client change ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientResult {
+    Ok,
+    /// Not served here or not now (not primary, peering, too few copies,
+    /// deposed mid-flight): the client refreshes its map and retries.
+    Retry,
+    /// A disk failed the change.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect<D> {
+    Send(Msg<D>),
+    /// Apply a change to the local disk; answer with `Input::Applied`.
+    Apply {
+        disk: u32,
+        token: u64,
+        update: Update<D>,
+    },
+    /// Read an extent of the local disk for a recovery push; answer with
+    /// `Input::ReadDone` (the driver may clamp the extent to the volume).
+    Read {
+        disk: u32,
+        token: u64,
+        extent: Extent,
+    },
+    /// List the allocated regions of a group on the local disk; answer with
+    /// `Input::Regions`.
+    ListRegions {
+        disk: u32,
+        token: u64,
+        pg: u32,
+    },
+    /// Make the local disk durable; answer with `Input::Flushed`.
+    Flush {
+        disk: u32,
+        token: u64,
+    },
+    Reply {
+        client: u64,
+        result: ClientResult,
+    },
+    /// Ask the manager to mark `disk`'s copy of `pg` up to date.
+    ReportClean {
+        pg: u32,
+        disk: u32,
+        epoch: u64,
+    },
+    /// A peer has a newer map: fetch it.
+    NeedMap,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input<D> {
+    /// A client change addressed to `disk` as primary of `pg`.
+    Client {
+        pg: u32,
+        disk: u32,
+        client: u64,
+        extent: Extent,
+        change: Change<D>,
+        fua: bool,
+    },
+    Msg(Msg<D>),
+    Applied {
+        token: u64,
+        ok: bool,
+    },
+    /// `data` is `None` when the extent reads as zeroes; `extent` is the
+    /// (possibly clamped) extent read, empty if the volume is gone.
+    ReadDone {
+        token: u64,
+        extent: Extent,
+        data: Option<D>,
+    },
+    Regions {
+        token: u64,
+        regions: Vec<Region>,
+    },
+    Flushed {
+        token: u64,
+        ok: bool,
+    },
+    Map(Arc<ClusterMap>),
+    Tick,
+}
+
+/// Whether a read may be served by `disk` for `pg` now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadCheck {
+    Ok,
+    Retry,
+}
+
+/// The view of one group in one map.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct View {
+    epoch: u64,
+    members: Vec<u32>,
+    states: Vec<CopyState>,
+    up: Vec<bool>,
+    incarnations: Vec<u64>,
+    primary: Option<u32>,
+    min_replicas: usize,
+}
+
+impl View {
+    fn of(map: &ClusterMap, pg: u32) -> View {
+        let members = map.pgs[pg as usize].clone();
+        View {
+            epoch: map.epoch,
+            states: (0..members.len()).map(|i| map.copy_state(pg, i)).collect(),
+            up: members
+                .iter()
+                .map(|d| map.disk(*d).is_some_and(|d| d.up))
+                .collect(),
+            incarnations: members
+                .iter()
+                .map(|d| map.disk(*d).map_or(0, |d| d.incarnation))
+                .collect(),
+            primary: map.primary(pg),
+            min_replicas: map.min_replicas(pg) as usize,
+            members,
+        }
+    }
+
+    fn write_set(&self) -> Vec<u32> {
+        self.members
+            .iter()
+            .zip(&self.up)
+            .filter(|(_, up)| **up)
+            .map(|(d, _)| *d)
+            .collect()
+    }
+
+    fn state(&self, disk: u32) -> Option<CopyState> {
+        let i = self.members.iter().position(|d| *d == disk)?;
+        Some(self.states[i])
+    }
+
+    fn incarnation(&self, disk: u32) -> u64 {
+        self.members
+            .iter()
+            .position(|d| *d == disk)
+            .map_or(0, |i| self.incarnations[i])
+    }
+}
+
+/// A change in flight at the primary: a client write or a recovery push.
+struct Op<D> {
+    update: Update<D>,
+    client: Option<u64>,
+    /// Members that have not acknowledged yet.
+    waiting: BTreeSet<u32>,
+    local_pending: bool,
+    /// The local apply waits for the first up-to-date replica to have the
+    /// change (see `pump`).
+    local_started: bool,
+    sent_tick: u64,
+    /// For a push: the member and region being recovered.
+    push: Option<(u32, Region)>,
+    /// A push whose local read has not returned yet.
+    reading: bool,
+    failed: bool,
+}
+
+struct Queued<D> {
+    client: u64,
+    extent: Extent,
+    change: Change<D>,
+    fua: bool,
+}
+
+#[derive(Default)]
+struct Recovery {
+    todo: BTreeSet<Region>,
+    /// Outstanding region listings of a full resync (local and remote).
+    listing: u8,
+    incarnation: u64,
+    /// All pushes done and flushed: waiting for the manager.
+    done: bool,
+    flush_round: Option<u64>,
+    bytes: u64,
+}
+
+struct Round {
+    covered: Seq,
+    /// Members flushed by the round (they become durable up to `covered`).
+    members: BTreeSet<u32>,
+    waiting: BTreeSet<u32>,
+    /// `Some(member)` for the flush that ends a member's recovery.
+    recovered: Option<u32>,
+    sent_tick: u64,
+}
+
+struct Primary<D> {
+    term: u64,
+    next_n: u64,
+    active: bool,
+    peering: BTreeSet<u32>,
+    peer_regions: BTreeSet<Region>,
+    peer_sent_tick: u64,
+    ops: BTreeMap<Seq, Op<D>>,
+    queue: VecDeque<Queued<D>>,
+    recovering: BTreeMap<u32, Recovery>,
+    durable: BTreeMap<u32, Seq>,
+    rounds: BTreeMap<u64, Round>,
+    pushes: usize,
+}
+
+/// One local disk's membership in one placement group.
+struct Pg<D> {
+    pg: u32,
+    me: u32,
+    view: View,
+    log: BTreeMap<Seq, Extent>,
+    /// Whether `log` holds every change since `trim`.
+    complete: bool,
+    trim: Seq,
+    committed: Seq,
+    /// Changes applied here since `trim`: a resent or duplicated change is
+    /// acknowledged without applying it again. Exact sequences, not regions:
+    /// two changes to different blocks of one region may arrive in either
+    /// order, and neither supersedes the other.
+    applied: BTreeSet<Seq>,
+    /// Replica changes being applied: seq -> (extent, members to ack).
+    applying: BTreeMap<Seq, (Extent, Vec<u32>)>,
+    primary: Option<Primary<D>>,
+}
+
+enum Token {
+    Apply {
+        pg: u32,
+        disk: u32,
+        seq: Seq,
+    },
+    Read {
+        pg: u32,
+        disk: u32,
+        seq: Seq,
+    },
+    ListLocal {
+        pg: u32,
+        disk: u32,
+        member: u32,
+    },
+    ListForQuery {
+        pg: u32,
+        disk: u32,
+        to: u32,
+        epoch: u64,
+    },
+    Flush {
+        pg: u32,
+        disk: u32,
+        round: u64,
+    },
+    FlushForPeer {
+        pg: u32,
+        disk: u32,
+        to: u32,
+        round: u64,
+    },
+}
+
+/// Counters the daemon turns into metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub recovery_bytes: u64,
+    pub recovery_regions: u64,
+    pub peerings: u64,
+}
+
+/// Per-group summary for metrics and status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PgSummary {
+    pub primaries: u32,
+    pub degraded: u32,
+    pub recovering: u32,
+}
+
+/// The replication state of every local disk in every group.
+pub struct Replicator<D> {
+    disks: BTreeSet<u32>,
+    map: Option<Arc<ClusterMap>>,
+    pgs: BTreeMap<(u32, u32), Pg<D>>,
+    tokens: BTreeMap<u64, Token>,
+    next_token: u64,
+    next_round: u64,
+    tick: u64,
+    future: Vec<Msg<D>>,
+    effects: Vec<Effect<D>>,
+    pub stats: Stats,
+}
+
+impl<D: Clone> Replicator<D> {
+    /// A replicator for a daemon that owns `disks` and has just started: its
+    /// logs are empty and so incomplete (it cannot tell what it missed).
+    pub fn new(disks: impl IntoIterator<Item = u32>) -> Replicator<D> {
+        Replicator {
+            disks: disks.into_iter().collect(),
+            map: None,
+            pgs: BTreeMap::new(),
+            tokens: BTreeMap::new(),
+            next_token: 1,
+            next_round: 1,
+            tick: 0,
+            future: Vec::new(),
+            effects: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn set_disks(&mut self, disks: impl IntoIterator<Item = u32>) {
+        self.disks = disks.into_iter().collect();
+    }
+
+    pub fn take_effects(&mut self) -> Vec<Effect<D>> {
+        std::mem::take(&mut self.effects)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.map.as_ref().map_or(0, |m| m.epoch)
+    }
+
+    /// Whether `disk` may serve a read for `pg` now: it is the active
+    /// primary.
+    pub fn read_check(&self, pg: u32, disk: u32) -> ReadCheck {
+        match self.pgs.get(&(pg, disk)).and_then(|p| p.primary.as_ref()) {
+            Some(p) if p.active => ReadCheck::Ok,
+            _ => ReadCheck::Retry,
+        }
+    }
+
+    /// Groups this daemon leads, and how many of them are degraded (a member
+    /// down or outdated) or recovering.
+    pub fn summary(&self) -> PgSummary {
+        let mut s = PgSummary::default();
+        for p in self.pgs.values() {
+            let Some(pr) = &p.primary else { continue };
+            s.primaries += 1;
+            let degraded = p
+                .view
+                .states
+                .iter()
+                .zip(&p.view.up)
+                .any(|(st, up)| !up || *st != CopyState::UpToDate);
+            s.degraded += u32::from(degraded);
+            s.recovering += u32::from(pr.recovering.values().any(|r| !r.done));
+        }
+        s
+    }
+
+    /// Nothing in flight: no change waiting for a copy, nothing queued, no
+    /// peering or recovery under way.
+    pub fn idle(&self) -> bool {
+        self.pgs.values().all(|p| {
+            p.applying.is_empty()
+                && p.primary.as_ref().is_none_or(|pr| {
+                    pr.active
+                        && pr.ops.is_empty()
+                        && pr.queue.is_empty()
+                        && pr.recovering.values().all(|r| {
+                            r.done || r.todo.is_empty() && r.listing == 0 && r.flush_round.is_none()
+                        })
+                })
+        })
+    }
+
+    fn token(&mut self, t: Token) -> u64 {
+        let id = self.next_token;
+        self.next_token += 1;
+        self.tokens.insert(id, t);
+        id
+    }
+
+    pub fn handle(&mut self, input: Input<D>) {
+        match input {
+            Input::Map(m) => self.on_map(m),
+            Input::Tick => self.on_tick(),
+            Input::Client {
+                pg,
+                disk,
+                client,
+                extent,
+                change,
+                fua,
+            } => self.on_client(pg, disk, client, extent, change, fua),
+            Input::Msg(m) => self.on_msg(m),
+            Input::Applied { token, ok } => self.on_applied(token, ok),
+            Input::ReadDone {
+                token,
+                extent,
+                data,
+            } => self.on_read(token, extent, data),
+            Input::Regions { token, regions } => self.on_regions(token, regions),
+            Input::Flushed { token, ok } => self.on_flushed(token, ok),
+        }
+    }
+
+    // ---- map changes ------------------------------------------------------
+
+    fn on_map(&mut self, map: Arc<ClusterMap>) {
+        if self.map.as_ref().is_some_and(|m| m.epoch >= map.epoch) {
+            return;
+        }
+        // Groups with a local member.
+        let mut keys = BTreeSet::new();
+        for (pg, set) in map.pgs.iter().enumerate() {
+            for d in set {
+                if self.disks.contains(d) {
+                    keys.insert((pg as u32, *d));
+                }
+            }
+        }
+        // Groups we left entirely: drop their state (no backfill yet, so this
+        // only happens when placement changes, which it does not today).
+        let gone: Vec<(u32, u32)> = self
+            .pgs
+            .keys()
+            .filter(|k| !keys.contains(k))
+            .copied()
+            .collect();
+        for k in gone {
+            if let Some(mut p) = self.pgs.remove(&k) {
+                step_down(&mut p, &mut self.effects);
+            }
+        }
+        self.map = Some(map.clone());
+        for (pg, me) in keys {
+            let view = View::of(&map, pg);
+            let p = self.pgs.entry((pg, me)).or_insert_with(|| Pg {
+                pg,
+                me,
+                view: View::default(),
+                log: BTreeMap::new(),
+                complete: false,
+                trim: Seq::default(),
+                committed: Seq::default(),
+                applied: BTreeSet::new(),
+                applying: BTreeMap::new(),
+                primary: None,
+            });
+            let was_primary = p.primary.is_some();
+            p.view = view;
+            // With every copy up and up to date nothing is missing anywhere:
+            // from here on this member's log tells what others miss.
+            if p.view.up.iter().all(|u| *u)
+                && p.view.states.iter().all(|s| *s == CopyState::UpToDate)
+            {
+                p.complete = true;
+            }
+            let leads = p.view.primary == Some(me);
+            if was_primary && !leads {
+                step_down(p, &mut self.effects);
+            }
+            if !was_primary && leads {
+                self.stats.peerings += 1;
+                start_term(p, self.tick, &mut self.effects);
+            } else if leads {
+                self.refresh_primary(pg, me);
+            }
+        }
+        // Messages that waited for this map.
+        let future = std::mem::take(&mut self.future);
+        for m in future {
+            self.on_msg(m);
+        }
+        let keys: Vec<(u32, u32)> = self.pgs.keys().copied().collect();
+        for (pg, me) in keys {
+            self.pump(pg, me);
+        }
+    }
+
+    /// The write set or member states changed under a continuing primary.
+    fn refresh_primary(&mut self, pg: u32, me: u32) {
+        let p = self.pgs.get_mut(&(pg, me)).expect("pg");
+        let ws = p.view.write_set();
+        let view = p.view.clone();
+        let pr = p.primary.as_mut().expect("primary");
+        for op in pr.ops.values_mut() {
+            op.waiting.retain(|m| ws.contains(m));
+        }
+        pr.peering.retain(|m| ws.contains(m));
+        for r in pr.rounds.values_mut() {
+            r.waiting.retain(|m| ws.contains(m) || *m == me);
+        }
+        // Members that left or restarted lose their recovery progress.
+        pr.recovering
+            .retain(|m, r| ws.contains(m) && view.incarnation(*m) == r.incarnation);
+        if pr.active {
+            start_recoveries(
+                p,
+                self.tick,
+                &mut self.effects,
+                &mut self.tokens,
+                &mut self.next_token,
+            );
+        }
+        self.finish_ops(pg, me);
+        self.check_peering(pg, me);
+    }
+
+    // ---- client changes (primary) ------------------------------------------
+
+    fn on_client(
+        &mut self,
+        pg: u32,
+        disk: u32,
+        client: u64,
+        extent: Extent,
+        change: Change<D>,
+        fua: bool,
+    ) {
+        let retry = Effect::Reply {
+            client,
+            result: ClientResult::Retry,
+        };
+        let Some(p) = self.pgs.get_mut(&(pg, disk)) else {
+            self.effects.push(retry);
+            return;
+        };
+        let ws_len = p.view.write_set().len();
+        let min = p.view.min_replicas;
+        let Some(pr) = p.primary.as_mut() else {
+            self.effects.push(retry);
+            return;
+        };
+        if ws_len < min || pr.queue.len() >= QUEUE_MAX {
+            self.effects.push(retry);
+            return;
+        }
+        pr.queue.push_back(Queued {
+            client,
+            extent,
+            change,
+            fua,
+        });
+        self.pump(pg, disk);
+    }
+
+    /// Start every queued change that no in-flight change overlaps, in queue
+    /// order (a change never overtakes an earlier overlapping one), then
+    /// recovery pushes.
+    fn pump(&mut self, pg: u32, me: u32) {
+        let tick = self.tick;
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let trim = p.trim;
+        let epoch = p.view.epoch;
+        let ws = p.view.write_set();
+        let ws_states: Vec<(u32, CopyState)> = p
+            .view
+            .members
+            .iter()
+            .copied()
+            .zip(p.view.states.iter().copied())
+            .collect();
+        let min = p.view.min_replicas;
+        let Some(pr) = p.primary.as_mut() else {
+            return;
+        };
+        if !pr.active {
+            return;
+        }
+        let mut started: Vec<(Seq, Extent)> = Vec::new();
+        let mut blocked: Vec<Extent> = Vec::new();
+        let mut keep = VecDeque::new();
+        while let Some(q) = pr.queue.pop_front() {
+            let busy = pr.ops.values().any(|o| o.update.extent.overlaps(&q.extent))
+                || blocked.iter().any(|b| b.overlaps(&q.extent));
+            if busy {
+                blocked.push(q.extent);
+                keep.push_back(q);
+                continue;
+            }
+            if ws.len() < min {
+                self.effects.push(Effect::Reply {
+                    client: q.client,
+                    result: ClientResult::Retry,
+                });
+                continue;
+            }
+            let seq = Seq {
+                term: pr.term,
+                n: pr.next_n,
+            };
+            pr.next_n += 1;
+            let update = Update {
+                seq,
+                extent: q.extent,
+                change: q.change,
+                fua: q.fua,
+            };
+            let waiting: BTreeSet<u32> = ws.iter().copied().filter(|m| *m != me).collect();
+            // The primary's own copy is written only once another up-to-date
+            // member holds the change in its log: if the primary then dies,
+            // the next one finds the change while peering, so no copy can
+            // keep a change that the survivors never heard of. With no other
+            // up-to-date member there is nobody to peer with (this copy
+            // stays the authority), so it is written at once.
+            let other_uptodate = waiting
+                .iter()
+                .any(|m| view_state(&ws_states, *m) == Some(CopyState::UpToDate));
+            let local_started = !other_uptodate;
+            if local_started {
+                let token = self.next_token;
+                self.next_token += 1;
+                self.tokens
+                    .insert(token, Token::Apply { pg, disk: me, seq });
+                self.effects.push(Effect::Apply {
+                    disk: me,
+                    token,
+                    update: update.clone(),
+                });
+            }
+            pr.ops.insert(
+                seq,
+                Op {
+                    update,
+                    client: Some(q.client),
+                    waiting,
+                    local_pending: true,
+                    local_started,
+                    sent_tick: tick,
+                    push: None,
+                    reading: false,
+                    failed: false,
+                },
+            );
+            started.push((seq, q.extent));
+        }
+        pr.queue = keep;
+        let committed = committed_of(pr);
+        for (seq, extent) in &started {
+            p.log.insert(*seq, *extent);
+            let op = &pr.ops[seq];
+            for m in &op.waiting {
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: me,
+                    to: *m,
+                    epoch,
+                    body: Body::Replicate {
+                        update: op.update.clone(),
+                        committed,
+                        trim,
+                    },
+                }));
+            }
+        }
+        if p.log.len() > LOG_ENTRIES_MAX {
+            // Too much to track: whoever is away gets a full resync.
+            p.log.clear();
+            p.complete = false;
+        }
+        // Recovery pushes: regions nobody is changing, a few at a time.
+        let members: Vec<u32> = pr.recovering.keys().copied().collect();
+        for m in members {
+            while pr.pushes < PUSHES_INFLIGHT_MAX {
+                let r = pr.recovering.get_mut(&m).expect("member");
+                if r.listing > 0 {
+                    break;
+                }
+                let next = r.todo.iter().copied().find(|reg| {
+                    let e = reg.extent();
+                    !pr.ops.values().any(|o| o.update.extent.overlaps(&e))
+                        && !pr.queue.iter().any(|q| q.extent.overlaps(&e))
+                });
+                let Some(reg) = next else { break };
+                r.todo.remove(&reg);
+                let seq = Seq {
+                    term: pr.term,
+                    n: pr.next_n,
+                };
+                pr.next_n += 1;
+                let token = self.next_token;
+                self.next_token += 1;
+                self.tokens.insert(token, Token::Read { pg, disk: me, seq });
+                self.effects.push(Effect::Read {
+                    disk: me,
+                    token,
+                    extent: reg.extent(),
+                });
+                pr.pushes += 1;
+                pr.ops.insert(
+                    seq,
+                    Op {
+                        update: Update {
+                            seq,
+                            extent: reg.extent(),
+                            change: Change::Zeroes,
+                            fua: false,
+                        },
+                        client: None,
+                        waiting: BTreeSet::from([m]),
+                        local_pending: false,
+                        local_started: true,
+                        sent_tick: tick,
+                        push: Some((m, reg)),
+                        reading: true,
+                        failed: false,
+                    },
+                );
+            }
+            let r = &pr.recovering[&m];
+            if r.listing == 0
+                && r.todo.is_empty()
+                && !r.done
+                && r.flush_round.is_none()
+                && !pr
+                    .ops
+                    .values()
+                    .any(|o| o.push.is_some_and(|(pm, _)| pm == m))
+            {
+                // Every push acknowledged: make them durable, then report.
+                let round = self.next_round;
+                self.next_round += 1;
+                pr.rounds.insert(
+                    round,
+                    Round {
+                        covered: Seq::default(),
+                        members: BTreeSet::from([m]),
+                        waiting: BTreeSet::from([m]),
+                        recovered: Some(m),
+                        sent_tick: tick,
+                    },
+                );
+                pr.recovering.get_mut(&m).expect("member").flush_round = Some(round);
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: me,
+                    to: m,
+                    epoch,
+                    body: Body::Flush { round, trim },
+                }));
+            }
+        }
+    }
+
+    /// Complete every op whose copies all answered.
+    fn finish_ops(&mut self, pg: u32, me: u32) {
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let view = p.view.clone();
+        let Some(pr) = p.primary.as_mut() else {
+            return;
+        };
+        // A local apply that waited for an up-to-date replica whose answer
+        // will not come (it left the write set): nobody else can hold the
+        // change unknown to us now, so write it.
+        for (seq, op) in pr.ops.iter_mut() {
+            if !op.local_started
+                && !op
+                    .waiting
+                    .iter()
+                    .any(|m| view.state(*m) == Some(CopyState::UpToDate))
+            {
+                op.local_started = true;
+                let token = self.next_token;
+                self.next_token += 1;
+                self.tokens.insert(
+                    token,
+                    Token::Apply {
+                        pg,
+                        disk: me,
+                        seq: *seq,
+                    },
+                );
+                self.effects.push(Effect::Apply {
+                    disk: me,
+                    token,
+                    update: op.update.clone(),
+                });
+            }
+        }
+        let done: Vec<Seq> = pr
+            .ops
+            .iter()
+            .filter(|(_, o)| !o.reading && !o.local_pending && (o.waiting.is_empty() || o.failed))
+            .map(|(s, _)| *s)
+            .collect();
+        if done.is_empty() {
+            return;
+        }
+        for s in done {
+            let op = pr.ops.remove(&s).expect("op");
+            if let Some(c) = op.client {
+                self.effects.push(Effect::Reply {
+                    client: c,
+                    result: if op.failed {
+                        ClientResult::Failed
+                    } else {
+                        ClientResult::Ok
+                    },
+                });
+            }
+            if let Some((m, reg)) = op.push {
+                pr.pushes -= 1;
+                if op.failed {
+                    if let Some(r) = pr.recovering.get_mut(&m) {
+                        r.todo.insert(reg);
+                    }
+                } else if let Some(r) = pr.recovering.get_mut(&m) {
+                    r.bytes += u64::from(op.update.extent.length);
+                    self.stats.recovery_bytes += u64::from(op.update.extent.length);
+                    self.stats.recovery_regions += 1;
+                }
+            }
+        }
+        p.committed = committed_of(pr);
+        self.pump(pg, me);
+    }
+
+    // ---- messages ---------------------------------------------------------
+
+    fn on_msg(&mut self, m: Msg<D>) {
+        let epoch = self.epoch();
+        if m.epoch > epoch {
+            if self.future.len() < FUTURE_MAX {
+                self.future.push(m);
+            }
+            self.effects.push(Effect::NeedMap);
+            return;
+        }
+        match m.body {
+            Body::Ack { seq, result } => self.on_ack(m.pg, m.to, m.from, seq, result),
+            Body::Flushed { round } => self.on_peer_flushed(m.pg, m.to, m.from, round),
+            Body::LogReply {
+                entries,
+                regions,
+                full,
+            } => self.on_log_reply(m.pg, m.to, m.from, m.epoch, entries, regions, full),
+            Body::Replicate {
+                update,
+                committed,
+                trim,
+            } => self.on_replicate(m.pg, m.to, m.from, m.epoch, update, committed, trim),
+            Body::LogQuery { full } => self.on_log_query(m.pg, m.to, m.from, m.epoch, full),
+            Body::Flush { round, trim } => {
+                self.on_flush_req(m.pg, m.to, m.from, m.epoch, round, trim)
+            }
+        }
+    }
+
+    /// Whether a request from `from` at `epoch` is one this member obeys:
+    /// exactly our epoch, from our map's primary.
+    fn fenced(&self, pg: u32, me: u32, from: u32, epoch: u64) -> Option<AckResult> {
+        if epoch < self.epoch() {
+            return Some(AckResult::Stale);
+        }
+        match self.pgs.get(&(pg, me)) {
+            Some(p) if p.view.primary == Some(from) => None,
+            _ => Some(AckResult::NotPrimary),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_replicate(
+        &mut self,
+        pg: u32,
+        me: u32,
+        from: u32,
+        epoch: u64,
+        update: Update<D>,
+        committed: Seq,
+        trim: Seq,
+    ) {
+        let my_epoch = self.epoch();
+        let ack = |result| Msg {
+            pg,
+            from: me,
+            to: from,
+            epoch: my_epoch,
+            body: Body::Ack {
+                seq: update.seq,
+                result,
+            },
+        };
+        if let Some(why) = self.fenced(pg, me, from, epoch) {
+            self.effects.push(Effect::Send(ack(why)));
+            return;
+        }
+        let p = self.pgs.get_mut(&(pg, me)).expect("fenced checked");
+        advance(p, committed, trim);
+        let seq = update.seq;
+        // Overlapping changes are serialised by the primary, so a change
+        // applied here before can only come back as a duplicate.
+        if seq <= p.trim || p.applied.contains(&seq) {
+            self.effects.push(Effect::Send(ack(AckResult::Ok)));
+            return;
+        }
+        if let Some((_, waiters)) = p.applying.get_mut(&seq) {
+            if !waiters.contains(&from) {
+                waiters.push(from);
+            }
+            return;
+        }
+        p.log.insert(seq, update.extent);
+        p.applying.insert(seq, (update.extent, vec![from]));
+        let token = self.token(Token::Apply { pg, disk: me, seq });
+        self.effects.push(Effect::Apply {
+            disk: me,
+            token,
+            update,
+        });
+    }
+
+    fn on_applied(&mut self, token: u64, ok: bool) {
+        let Some(Token::Apply { pg, disk, seq }) = self.tokens.remove(&token) else {
+            return;
+        };
+        let epoch = self.epoch();
+        let Some(p) = self.pgs.get_mut(&(pg, disk)) else {
+            return;
+        };
+        if let Some((_, waiters)) = p.applying.remove(&seq) {
+            // A replica's change.
+            if ok {
+                p.applied.insert(seq);
+            }
+            for to in waiters {
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: disk,
+                    to,
+                    epoch,
+                    body: Body::Ack {
+                        seq,
+                        result: if ok { AckResult::Ok } else { AckResult::Failed },
+                    },
+                }));
+            }
+            return;
+        }
+        if let Some(pr) = p.primary.as_mut()
+            && let Some(op) = pr.ops.get_mut(&seq)
+        {
+            op.local_pending = false;
+            op.failed |= !ok;
+            p.applied.insert(seq);
+            self.finish_ops(pg, disk);
+        }
+    }
+
+    fn on_ack(&mut self, pg: u32, me: u32, from: u32, seq: Seq, result: AckResult) {
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let from_uptodate = p.view.state(from) == Some(CopyState::UpToDate);
+        let Some(pr) = p.primary.as_mut() else {
+            return;
+        };
+        let Some(op) = pr.ops.get_mut(&seq) else {
+            return;
+        };
+        match result {
+            AckResult::Ok => {
+                op.waiting.remove(&from);
+                if !op.local_started && from_uptodate {
+                    op.local_started = true;
+                    let token = self.next_token;
+                    self.next_token += 1;
+                    self.tokens
+                        .insert(token, Token::Apply { pg, disk: me, seq });
+                    self.effects.push(Effect::Apply {
+                        disk: me,
+                        token,
+                        update: op.update.clone(),
+                    });
+                }
+            }
+            AckResult::Failed => {
+                op.waiting.remove(&from);
+                op.failed = true;
+            }
+            // The member knows a newer map: so will we, then resend.
+            AckResult::Stale | AckResult::NotPrimary => {
+                self.effects.push(Effect::NeedMap);
+                return;
+            }
+        }
+        self.finish_ops(pg, me);
+    }
+
+    fn on_read(&mut self, token: u64, extent: Extent, data: Option<D>) {
+        let Some(Token::Read { pg, disk, seq }) = self.tokens.remove(&token) else {
+            return;
+        };
+        let Some(p) = self.pgs.get_mut(&(pg, disk)) else {
+            return;
+        };
+        let (trim, committed, epoch) = (p.trim, p.committed, p.view.epoch);
+        let Some(pr) = p.primary.as_mut() else {
+            return;
+        };
+        let Some(op) = pr.ops.get_mut(&seq) else {
+            return;
+        };
+        op.reading = false;
+        if extent.length == 0 || op.waiting.is_empty() {
+            op.waiting.clear();
+        } else {
+            op.update.extent = extent;
+            op.update.change = match data {
+                Some(d) => Change::Write(d),
+                None => Change::Zeroes,
+            };
+            let to = *op.waiting.first().expect("push target");
+            op.sent_tick = self.tick;
+            self.effects.push(Effect::Send(Msg {
+                pg,
+                from: disk,
+                to,
+                epoch,
+                body: Body::Replicate {
+                    update: op.update.clone(),
+                    committed,
+                    trim,
+                },
+            }));
+        }
+        self.finish_ops(pg, disk);
+    }
+
+    fn on_log_query(&mut self, pg: u32, me: u32, from: u32, epoch: u64, full: bool) {
+        if self.fenced(pg, me, from, epoch).is_some() {
+            return;
+        }
+        if full {
+            let my_epoch = self.epoch();
+            let token = self.token(Token::ListForQuery {
+                pg,
+                disk: me,
+                to: from,
+                epoch: my_epoch,
+            });
+            self.effects.push(Effect::ListRegions {
+                disk: me,
+                token,
+                pg,
+            });
+            return;
+        }
+        let p = &self.pgs[&(pg, me)];
+        let entries = uncommitted(p);
+        self.effects.push(Effect::Send(Msg {
+            pg,
+            from: me,
+            to: from,
+            epoch: self.epoch(),
+            body: Body::LogReply {
+                entries,
+                regions: Vec::new(),
+                full: false,
+            },
+        }));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_log_reply(
+        &mut self,
+        pg: u32,
+        me: u32,
+        from: u32,
+        _epoch: u64,
+        entries: Vec<(Seq, Extent)>,
+        regions: Vec<Region>,
+        full: bool,
+    ) {
+        let Some(pr) = self.pgs.get_mut(&(pg, me)).and_then(|p| p.primary.as_mut()) else {
+            return;
+        };
+        if full {
+            if let Some(r) = pr.recovering.get_mut(&from)
+                && r.listing > 0
+            {
+                r.todo.extend(regions);
+                for (_, e) in entries {
+                    r.todo.extend(e.regions());
+                }
+                r.listing -= 1;
+            }
+        } else if pr.peering.remove(&from) {
+            for (_, e) in entries {
+                pr.peer_regions.extend(e.regions());
+            }
+        }
+        self.check_peering(pg, me);
+        self.pump(pg, me);
+    }
+
+    fn on_regions(&mut self, token: u64, regions: Vec<Region>) {
+        match self.tokens.remove(&token) {
+            Some(Token::ListLocal { pg, disk, member }) => {
+                if let Some(r) = self
+                    .pgs
+                    .get_mut(&(pg, disk))
+                    .and_then(|p| p.primary.as_mut())
+                    .and_then(|pr| pr.recovering.get_mut(&member))
+                    && r.listing > 0
+                {
+                    r.todo.extend(regions);
+                    r.listing -= 1;
+                }
+                self.pump(pg, disk);
+            }
+            Some(Token::ListForQuery {
+                pg,
+                disk,
+                to,
+                epoch,
+            }) => {
+                let Some(p) = self.pgs.get(&(pg, disk)) else {
+                    return;
+                };
+                let entries = uncommitted(p);
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: disk,
+                    to,
+                    epoch,
+                    body: Body::LogReply {
+                        entries,
+                        regions,
+                        full: true,
+                    },
+                }));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_flush_req(&mut self, pg: u32, me: u32, from: u32, epoch: u64, round: u64, trim: Seq) {
+        if self.fenced(pg, me, from, epoch).is_some() {
+            return;
+        }
+        let p = self.pgs.get_mut(&(pg, me)).expect("fenced checked");
+        advance(p, Seq::default(), trim);
+        let token = self.token(Token::FlushForPeer {
+            pg,
+            disk: me,
+            to: from,
+            round,
+        });
+        self.effects.push(Effect::Flush { disk: me, token });
+    }
+
+    fn on_flushed(&mut self, token: u64, ok: bool) {
+        match self.tokens.remove(&token) {
+            Some(Token::FlushForPeer {
+                pg,
+                disk,
+                to,
+                round,
+            }) if ok => {
+                let epoch = self.epoch();
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: disk,
+                    to,
+                    epoch,
+                    body: Body::Flushed { round },
+                }));
+            }
+            Some(Token::Flush { pg, disk, round }) if ok => {
+                self.on_peer_flushed(pg, disk, disk, round)
+            }
+            _ => {}
+        }
+    }
+
+    fn on_peer_flushed(&mut self, pg: u32, me: u32, from: u32, round: u64) {
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let epoch = p.view.epoch;
+        let Some(pr) = p.primary.as_mut() else {
+            return;
+        };
+        let Some(r) = pr.rounds.get_mut(&round) else {
+            return;
+        };
+        r.waiting.remove(&from);
+        if !r.waiting.is_empty() {
+            return;
+        }
+        let r = pr.rounds.remove(&round).expect("round");
+        if let Some(m) = r.recovered {
+            if let Some(rec) = pr.recovering.get_mut(&m)
+                && rec.flush_round == Some(round)
+            {
+                rec.done = true;
+                rec.flush_round = None;
+                self.effects
+                    .push(Effect::ReportClean { pg, disk: m, epoch });
+            }
+            return;
+        }
+        // A trim round: everyone in it is durable up to `covered`.
+        for m in r.members {
+            let d = pr.durable.entry(m).or_default();
+            *d = (*d).max(r.covered);
+        }
+        let trim = p
+            .view
+            .members
+            .iter()
+            .map(|m| pr.durable.get(m).copied().unwrap_or(p.trim))
+            .min()
+            .unwrap_or(p.trim);
+        advance(p, Seq::default(), trim);
+    }
+
+    // ---- time -------------------------------------------------------------
+
+    fn on_tick(&mut self) {
+        self.tick += 1;
+        let tick = self.tick;
+        let keys: Vec<(u32, u32)> = self.pgs.keys().copied().collect();
+        for (pg, me) in keys {
+            let p = self.pgs.get_mut(&(pg, me)).expect("pg");
+            let (trim, committed, epoch) = (p.trim, p.committed, p.view.epoch);
+            let log_above_trim = p.log.range(..).next_back().is_some_and(|(s, _)| *s > trim);
+            let ws = p.view.write_set();
+            let Some(pr) = p.primary.as_mut() else {
+                continue;
+            };
+            // Resend what has waited too long (lost messages, new maps).
+            for op in pr.ops.values_mut() {
+                if op.reading || op.waiting.is_empty() || tick - op.sent_tick < RESEND_TICKS {
+                    continue;
+                }
+                op.sent_tick = tick;
+                for m in &op.waiting {
+                    self.effects.push(Effect::Send(Msg {
+                        pg,
+                        from: me,
+                        to: *m,
+                        epoch,
+                        body: Body::Replicate {
+                            update: op.update.clone(),
+                            committed,
+                            trim,
+                        },
+                    }));
+                }
+            }
+            if !pr.active && tick - pr.peer_sent_tick >= RESEND_TICKS {
+                pr.peer_sent_tick = tick;
+                for m in &pr.peering {
+                    self.effects.push(Effect::Send(Msg {
+                        pg,
+                        from: me,
+                        to: *m,
+                        epoch,
+                        body: Body::LogQuery { full: false },
+                    }));
+                }
+            }
+            for (id, r) in pr.rounds.iter_mut() {
+                if tick - r.sent_tick < RESEND_TICKS {
+                    continue;
+                }
+                r.sent_tick = tick;
+                for m in r.waiting.iter().filter(|m| **m != me) {
+                    self.effects.push(Effect::Send(Msg {
+                        pg,
+                        from: me,
+                        to: *m,
+                        epoch,
+                        body: Body::Flush { round: *id, trim },
+                    }));
+                }
+            }
+            // Full-resync listings are asked again too.
+            for (m, r) in pr.recovering.iter() {
+                if r.listing > 0 && tick.is_multiple_of(RESEND_TICKS) {
+                    self.effects.push(Effect::Send(Msg {
+                        pg,
+                        from: me,
+                        to: *m,
+                        epoch,
+                        body: Body::LogQuery { full: true },
+                    }));
+                }
+            }
+            // Advance durability so logs can be trimmed.
+            let trim_round = pr.rounds.values().any(|r| r.recovered.is_none());
+            if pr.active && log_above_trim && !trim_round {
+                let round = self.next_round;
+                self.next_round += 1;
+                let covered = committed;
+                let mut waiting: BTreeSet<u32> = ws
+                    .iter()
+                    .copied()
+                    .filter(|m| *m == me || p.view.state(*m) == Some(CopyState::UpToDate))
+                    .collect();
+                waiting.insert(me);
+                for m in waiting.iter().filter(|m| **m != me) {
+                    self.effects.push(Effect::Send(Msg {
+                        pg,
+                        from: me,
+                        to: *m,
+                        epoch,
+                        body: Body::Flush { round, trim },
+                    }));
+                }
+                pr.rounds.insert(
+                    round,
+                    Round {
+                        covered,
+                        members: waiting.clone(),
+                        waiting,
+                        recovered: None,
+                        sent_tick: tick,
+                    },
+                );
+                let token = self.next_token;
+                self.next_token += 1;
+                self.tokens.insert(
+                    token,
+                    Token::Flush {
+                        pg,
+                        disk: me,
+                        round,
+                    },
+                );
+                self.effects.push(Effect::Flush { disk: me, token });
+            }
+            // Recovered members the manager has not marked yet: ask again.
+            for (m, r) in &pr.recovering {
+                if r.done
+                    && tick.is_multiple_of(RESEND_TICKS * 2)
+                    && p.view.state(*m) != Some(CopyState::UpToDate)
+                {
+                    self.effects.push(Effect::ReportClean {
+                        pg,
+                        disk: *m,
+                        epoch,
+                    });
+                }
+            }
+        }
+    }
+
+    fn check_peering(&mut self, pg: u32, me: u32) {
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let Some(pr) = p.primary.as_mut() else {
+            return;
+        };
+        if pr.active || !pr.peering.is_empty() {
+            return;
+        }
+        // Our own uncommitted entries may be missing elsewhere too.
+        let mine: Vec<(Seq, Extent)> = p
+            .log
+            .range(..)
+            .filter(|(s, _)| **s > p.committed)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (_, e) in mine {
+            pr.peer_regions.extend(e.regions());
+        }
+        pr.active = true;
+        // Make the uncertain regions agree: they become changes of this term
+        // (logged, so absent members get them too) pushed to every up-to-date
+        // member; outdated members get them through their recovery.
+        let regions = std::mem::take(&mut pr.peer_regions);
+        let uptodate: Vec<u32> = p
+            .view
+            .write_set()
+            .into_iter()
+            .filter(|m| *m != me && p.view.state(*m) == Some(CopyState::UpToDate))
+            .collect();
+        for reg in &regions {
+            let seq = Seq {
+                term: pr.term,
+                n: pr.next_n,
+            };
+            pr.next_n += 1;
+            p.log.insert(seq, reg.extent());
+        }
+        for m in uptodate {
+            let inc = p.view.incarnation(m);
+            let r = pr.recovering.entry(m).or_default();
+            r.incarnation = inc;
+            r.todo.extend(regions.iter().copied());
+        }
+        start_recoveries(
+            p,
+            self.tick,
+            &mut self.effects,
+            &mut self.tokens,
+            &mut self.next_token,
+        );
+        self.pump(pg, me);
+    }
+}
+
+fn view_state(states: &[(u32, CopyState)], disk: u32) -> Option<CopyState> {
+    states.iter().find(|(d, _)| *d == disk).map(|(_, s)| *s)
+}
+
+/// Everything after `committed` in a member's log: what a new primary must
+/// reconcile.
+fn uncommitted<D>(p: &Pg<D>) -> Vec<(Seq, Extent)> {
+    p.log
+        .range(..)
+        .filter(|(s, _)| **s > p.committed)
+        .map(|(s, e)| (*s, *e))
+        .collect()
+}
+
+/// The primary's commit point: every change before the oldest in flight has
+/// been acknowledged by all its targets.
+fn committed_of<D>(pr: &Primary<D>) -> Seq {
+    match pr.ops.keys().next() {
+        Some(s) => Seq {
+            term: s.term,
+            n: s.n - 1,
+        },
+        None => Seq {
+            term: pr.term,
+            n: pr.next_n - 1,
+        },
+    }
+}
+
+/// Learn a newer commit point and trim point; forget what the trim point
+/// makes durable everywhere.
+fn advance<D>(p: &mut Pg<D>, committed: Seq, trim: Seq) {
+    p.committed = p.committed.max(committed);
+    if trim > p.trim {
+        p.trim = trim;
+        p.log = p.log.split_off(&Seq {
+            term: trim.term,
+            n: trim.n + 1,
+        });
+        p.applied = p.applied.split_off(&Seq {
+            term: trim.term,
+            n: trim.n + 1,
+        });
+    }
+}
+
+/// Begin a primary term: peer with the other up-to-date members.
+fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) {
+    let me = p.me;
+    let term = p.view.epoch;
+    let peering: BTreeSet<u32> = p
+        .view
+        .write_set()
+        .into_iter()
+        .filter(|m| *m != me && p.view.state(*m) == Some(CopyState::UpToDate))
+        .collect();
+    for m in &peering {
+        effects.push(Effect::Send(Msg {
+            pg: p.pg,
+            from: me,
+            to: *m,
+            epoch: p.view.epoch,
+            body: Body::LogQuery { full: false },
+        }));
+    }
+    // Members absent now keep the log from the current trim point on.
+    let durable = p.view.members.iter().map(|m| (*m, p.trim)).collect();
+    p.primary = Some(Primary {
+        term,
+        next_n: 1,
+        active: false,
+        peering,
+        peer_regions: BTreeSet::new(),
+        peer_sent_tick: tick,
+        ops: BTreeMap::new(),
+        queue: VecDeque::new(),
+        recovering: BTreeMap::new(),
+        durable,
+        rounds: BTreeMap::new(),
+        pushes: 0,
+    });
+}
+
+/// Start recovering every outdated member of the write set that is not
+/// being recovered yet: the regions of our log, or a full resync when the
+/// log cannot tell.
+fn start_recoveries<D: Clone>(
+    p: &mut Pg<D>,
+    _tick: u64,
+    effects: &mut Vec<Effect<D>>,
+    tokens: &mut BTreeMap<u64, Token>,
+    next_token: &mut u64,
+) {
+    let me = p.me;
+    let (pg, epoch) = (p.pg, p.view.epoch);
+    let ws = p.view.write_set();
+    let view = p.view.clone();
+    let log_regions: BTreeSet<Region> = p.log.values().flat_map(|e| e.regions()).collect();
+    let complete = p.complete;
+    let pr = p.primary.as_mut().expect("primary");
+    for m in ws {
+        if m == me || view.state(m) == Some(CopyState::UpToDate) || pr.recovering.contains_key(&m) {
+            continue;
+        }
+        let mut r = Recovery {
+            incarnation: view.incarnation(m),
+            ..Recovery::default()
+        };
+        if complete {
+            r.todo = log_regions.clone();
+        } else {
+            r.listing = 2;
+            let token = *next_token;
+            *next_token += 1;
+            tokens.insert(
+                token,
+                Token::ListLocal {
+                    pg,
+                    disk: me,
+                    member: m,
+                },
+            );
+            effects.push(Effect::ListRegions {
+                disk: me,
+                token,
+                pg,
+            });
+            effects.push(Effect::Send(Msg {
+                pg,
+                from: me,
+                to: m,
+                epoch,
+                body: Body::LogQuery { full: true },
+            }));
+        }
+        pr.recovering.insert(m, r);
+    }
+}
+
+/// Stop being primary: every client change in flight or queued is told to
+/// retry (at the new primary); the log stays.
+fn step_down<D>(p: &mut Pg<D>, effects: &mut Vec<Effect<D>>) {
+    let Some(pr) = p.primary.take() else {
+        return;
+    };
+    for op in pr.ops.into_values() {
+        if let Some(c) = op.client {
+            effects.push(Effect::Reply {
+                client: c,
+                result: ClientResult::Retry,
+            });
+        }
+    }
+    for q in pr.queue {
+        effects.push(Effect::Reply {
+            client: q.client,
+            result: ClientResult::Retry,
+        });
+    }
+}
