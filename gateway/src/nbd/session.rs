@@ -187,10 +187,9 @@ where
         let payload = match cmd {
             Command::Disconnect => break End::Disconnect,
             Command::Write { length, .. } => {
-                let mut data = vec![0u8; length as usize];
-                if reader.read_exact(&mut data).await.is_err() {
+                let Ok(data) = crate::client::read_vec(&mut reader, length as usize).await else {
                     break End::ClientGone;
-                }
+                };
                 Some(data)
             }
             _ => None,

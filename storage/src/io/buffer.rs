@@ -5,7 +5,7 @@
 //! memory that Rust code can reach meanwhile.
 #![allow(unsafe_code)]
 
-use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::alloc::{Layout, alloc, alloc_zeroed, dealloc};
 use std::ptr::NonNull;
 
 /// Alignment of every buffer and of every disk offset used with O_DIRECT.
@@ -31,6 +31,29 @@ impl AlignedBuf {
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len }
+    }
+
+    /// A buffer holding `parts` one after another, written once (no
+    /// zeroing first: this is the write path's only copy of the data). The
+    /// total length must be a non-zero multiple of [`ALIGN`].
+    pub fn from_parts(parts: &[&[u8]]) -> AlignedBuf {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        assert!(len > 0);
+        assert!(len % ALIGN == 0);
+        let layout = Layout::from_size_align(len, ALIGN).expect("valid layout");
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { alloc(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let mut at = 0;
+        for p in parts {
+            // SAFETY: `at + p.len() <= len` (the parts sum to len), the
+            // regions do not overlap (fresh allocation), and every byte of
+            // the allocation is written before the buffer is returned.
+            unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), raw.add(at), p.len()) };
+            at += p.len();
+        }
+        debug_assert_eq!(at, len);
         AlignedBuf { ptr, len }
     }
 
@@ -60,7 +83,8 @@ impl AlignedBuf {
 impl std::ops::Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is valid for len bytes, initialised (zeroed at alloc),
+        // SAFETY: ptr is valid for len bytes, initialised (zeroed or fully
+        // written at allocation),
         // and uniquely owned by self.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
@@ -76,7 +100,7 @@ impl std::ops::DerefMut for AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         let layout = Layout::from_size_align(self.len, ALIGN).expect("valid layout");
-        // SAFETY: allocated in `zeroed` with this exact layout.
+        // SAFETY: allocated in `zeroed` or `from_parts` with this exact layout.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
     }
 }
@@ -97,6 +121,10 @@ mod tests {
         let b = AlignedBuf::zeroed(8192);
         assert_eq!(b.as_ptr() as usize % ALIGN, 0);
         assert!(b.iter().all(|&x| x == 0));
+        let p = AlignedBuf::from_parts(&[&[1u8; 4096][..], &[2u8; 4096][..]]);
+        assert_eq!(p.len(), 8192);
+        assert_eq!(p.as_ptr() as usize % ALIGN, 0);
+        assert!(p[..4096].iter().all(|&x| x == 1) && p[4096..].iter().all(|&x| x == 2));
         let c = AlignedBuf::from_slice(b"abc");
         assert_eq!(c.len(), 4096);
         assert_eq!(&c[..3], b"abc");
