@@ -22,6 +22,10 @@ const RANGE_BYTES_MAX: u64 = 1 << 30;
 /// WRITE SAME with data is written in pieces of at most this many bytes.
 const WRITE_SAME_PIECE_BYTES: u64 = 1 << 20;
 
+/// GET LBA STATUS looks at most this far ahead (64 chunks of 4 MiB, asked
+/// of the storage daemons in parallel).
+const LBA_STATUS_SCAN_BYTES: u64 = 256 << 20;
+
 /// Unit attentions kept per I_T nexus; older ones are dropped beyond this.
 pub const UNIT_ATTENTIONS_MAX: usize = 8;
 
@@ -334,11 +338,7 @@ async fn run(
                     return cx.check(Sense::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
                 }
                 if let Some(at) = first_mismatch(data, &medium) {
-                    return cx.check(Sense {
-                        key: key::MISCOMPARE,
-                        asc: asc::MISCOMPARE_DURING_VERIFY,
-                        info: Some(at as u64),
-                    });
+                    return cx.check(Sense::miscompare(at as u64));
                 }
             }
             good(Vec::new())
@@ -363,11 +363,7 @@ async fn run(
                 Err(e) => return io(e, false),
             };
             if let Some(at) = first_mismatch(data, &back) {
-                return cx.check(Sense {
-                    key: key::MISCOMPARE,
-                    asc: asc::MISCOMPARE_DURING_VERIFY,
-                    info: Some(at as u64),
-                });
+                return cx.check(Sense::miscompare(at as u64));
             }
             good(Vec::new())
         }
@@ -439,10 +435,18 @@ async fn run(
             good(Vec::new())
         }
         GetLbaStatus { lba, alloc } => {
-            // Without allocation maps from the volume every block reports
-            // as mapped (a permitted answer, SBC-4 §5.6).
-            let n = (g.blocks - lba).min(u32::MAX as u64) as u32;
-            good(truncated(scsi::lba_status(lba, &[(lba, n, true)]), alloc))
+            // From the storage daemons' allocation maps, over at most
+            // LBA_STATUS_SCAN_BYTES: SBC-4 §5.6 lets the answer end early;
+            // the initiator asks again from where it ends.
+            let scan = ((g.blocks - lba) * bs).min(LBA_STATUS_SCAN_BYTES / bs * bs);
+            let room = (alloc.saturating_sub(8) / 16) as usize;
+            match vol.allocation(lba * bs, scan).await {
+                Ok(extents) => {
+                    let runs = scsi::lba_runs(lba, g.block_size, &extents, room);
+                    good(truncated(scsi::lba_status(&runs), alloc))
+                }
+                Err(e) => io(e, false),
+            }
         }
         CompareAndWrite(r) => {
             let n = (r.blocks as u64 * bs) as usize;
@@ -462,11 +466,7 @@ async fn run(
                 Err(e) => return io(e, false),
             };
             if let Some(at) = first_mismatch(&data[..n], &medium) {
-                return cx.check(Sense {
-                    key: key::MISCOMPARE,
-                    asc: asc::MISCOMPARE_DURING_VERIFY,
-                    info: Some(at as u64),
-                });
+                return cx.check(Sense::miscompare(at as u64));
             }
             match vol.write(r.lba * bs, data[n..].to_vec(), r.fua).await {
                 Ok(()) => good(Vec::new()),

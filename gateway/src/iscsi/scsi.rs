@@ -69,6 +69,9 @@ pub struct Sense {
     pub asc: u16,
     /// INFORMATION field (e.g. the offset of a miscompare), when valid.
     pub info: Option<u64>,
+    /// Sense-key specific field pointer (SPC-4 §4.5.2.4.2): the CDB byte
+    /// holding the invalid field, when one is named.
+    pub field: Option<u16>,
 }
 
 impl Sense {
@@ -77,7 +80,26 @@ impl Sense {
             key,
             asc,
             info: None,
+            field: None,
         }
+    }
+    /// INVALID FIELD IN CDB pointing at CDB byte `byte` (C/D=1, no bit
+    /// pointer).
+    pub const fn invalid_cdb_at(byte: u16) -> Sense {
+        let mut s = Sense::invalid_cdb();
+        s.field = Some(byte);
+        s
+    }
+    /// A miscompare at byte `offset` of the compared data.
+    pub const fn miscompare(offset: u64) -> Sense {
+        let mut s = Sense::new(key::MISCOMPARE, asc::MISCOMPARE_DURING_VERIFY);
+        s.info = Some(offset);
+        s
+    }
+    /// The three sense-key specific bytes: SKSV, C/D=1, field pointer.
+    fn sense_key_specific(&self) -> Option<[u8; 3]> {
+        let f = self.field?;
+        Some([0x80 | 0x40, (f >> 8) as u8, f as u8])
     }
     pub const fn illegal(asc: u16) -> Sense {
         Sense::new(key::ILLEGAL_REQUEST, asc)
@@ -100,6 +122,12 @@ impl Sense {
                 s.extend_from_slice(&[0x00, 0x0a, 0x80, 0]);
                 s.extend_from_slice(&info.to_be_bytes());
             }
+            if let Some(sks) = self.sense_key_specific() {
+                // Sense key specific sense data descriptor (§4.5.2.4).
+                s.extend_from_slice(&[0x02, 0x06, 0, 0]);
+                s.extend_from_slice(&sks);
+                s.push(0);
+            }
             s[7] = (s.len() - 8) as u8;
             s
         } else {
@@ -113,6 +141,9 @@ impl Sense {
             s[7] = 10; // additional sense length
             s[12] = (self.asc >> 8) as u8;
             s[13] = self.asc as u8;
+            if let Some(sks) = self.sense_key_specific() {
+                s[15..18].copy_from_slice(&sks);
+            }
             s
         }
     }
@@ -402,7 +433,7 @@ pub fn decode(cdb: &[u8], g: &Geometry) -> Result<Command, Sense> {
                     alloc: be32(&cdb[10..]),
                 }
             }
-            _ => return Err(Sense::invalid_cdb()),
+            _ => return Err(Sense::invalid_cdb_at(1)),
         },
         opc::READ_6 | opc::WRITE_6 => {
             let lba = (be24(&cdb[1..]) & 0x1f_ffff) as u64;
@@ -614,7 +645,7 @@ pub fn decode(cdb: &[u8], g: &Geometry) -> Result<Command, Sense> {
             opc::SA_REPORT_SUPPORTED_OPCODES => {
                 let options = cdb[2] & 0x07;
                 if options > 3 {
-                    return Err(Sense::invalid_cdb());
+                    return Err(Sense::invalid_cdb_at(2));
                 }
                 ReportSupportedOpcodes {
                     rctd: cdb[2] & 0x80 != 0,
@@ -624,7 +655,8 @@ pub fn decode(cdb: &[u8], g: &Geometry) -> Result<Command, Sense> {
                     alloc: be32(&cdb[6..]),
                 }
             }
-            _ => return Err(Sense::invalid_cdb()),
+            // An unknown service action: the field at byte 1.
+            _ => return Err(Sense::invalid_cdb_at(1)),
         },
         _ => return Err(Sense::illegal(asc::INVALID_OPCODE)),
     })
@@ -819,13 +851,14 @@ pub fn inquiry_vpd(page: u8, id: &Identity, g: &Geometry) -> Option<Vec<u8>> {
             let mut b = vec![0u8; 0x3c];
             b[0] = 0x00; // WSNZ=0: WRITE SAME with 0 blocks means to the end
             b[1] = COMPARE_AND_WRITE_BLOCKS_MAX as u8;
-            b[2..4].copy_from_slice(&1u16.to_be_bytes()); // optimal granularity
+            // Optimal transfer length granularity: one physical block.
+            b[2..4].copy_from_slice(&(1u16 << g.lbppbe()).to_be_bytes());
             b[4..8].copy_from_slice(&(g.transfer_blocks_max() as u32).to_be_bytes());
             b[8..12].copy_from_slice(&((1 << 20) / g.block_size).to_be_bytes()); // optimal 1 MiB
             b[12..16].copy_from_slice(&(g.transfer_blocks_max() as u32).to_be_bytes()); // prefetch
             b[16..20].copy_from_slice(&(g.unmap_blocks_max() as u32).to_be_bytes());
             b[20..24].copy_from_slice(&UNMAP_DESCRIPTORS_MAX.to_be_bytes());
-            b[24..28].copy_from_slice(&(4096 / g.block_size).max(1).to_be_bytes()); // unmap granularity
+            b[24..28].copy_from_slice(&(1u32 << g.lbppbe()).to_be_bytes()); // unmap granularity
             b[28..32].copy_from_slice(&0x8000_0000u32.to_be_bytes()); // UGAVALID, alignment 0
             b[32..40].copy_from_slice(&g.write_same_blocks_max().to_be_bytes());
             vpd(0xb0, b)
@@ -852,12 +885,30 @@ pub fn read_capacity10(g: &Geometry) -> Vec<u8> {
     d
 }
 
-/// READ CAPACITY(16) parameter data (SBC-4 §5.20.2): LBPME and LBPRZ set
-/// (thin provisioned, unmapped blocks read as zeroes).
+/// The storage daemons keep data in 4 KiB blocks (one CRC32C each, see
+/// docs/on-disk-format.md): a write smaller than that is a read-modify-write
+/// there, which is what a physical block larger than the logical one means.
+pub const PHYSICAL_BLOCK_BYTES: u32 = 4096;
+
+impl Geometry {
+    /// LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (SBC-4 §5.20.2): 3 for
+    /// 512-byte volumes (8 logical blocks per 4 KiB physical block), 0 for
+    /// 4096-byte ones.
+    pub fn lbppbe(&self) -> u8 {
+        (PHYSICAL_BLOCK_BYTES / self.block_size)
+            .max(1)
+            .trailing_zeros() as u8
+    }
+}
+
+/// READ CAPACITY(16) parameter data (SBC-4 §5.20.2): the physical block
+/// exponent, LOWEST ALIGNED LBA 0, LBPME and LBPRZ set (thin provisioned,
+/// unmapped blocks read as zeroes).
 pub fn read_capacity16(g: &Geometry) -> Vec<u8> {
     let mut d = vec![0u8; 32];
     d[0..8].copy_from_slice(&g.blocks.saturating_sub(1).to_be_bytes());
     d[8..12].copy_from_slice(&g.block_size.to_be_bytes());
+    d[13] = g.lbppbe();
     d[14] = 0x80 | 0x40;
     d
 }
@@ -1394,15 +1445,17 @@ pub fn report_supported_opcodes(cmd: &Command) -> Result<Vec<u8>, Sense> {
     // One command: options 1 (no SA), 2 (with SA), 3 (either).
     let has_sa = all.iter().any(|(op, sa, _)| *op == opcode && sa.is_some());
     let found = match options {
+        // SPC-4 §6.35.1: asking for the wrong form (with or without a
+        // service action) is an invalid REPORTING OPTIONS field (byte 2).
         1 => {
             if has_sa {
-                return Err(Sense::invalid_cdb());
+                return Err(Sense::invalid_cdb_at(2));
             }
             all.iter().find(|(op, _, _)| *op == opcode)
         }
         2 => {
             if !has_sa && all.iter().any(|(op, _, _)| *op == opcode) {
-                return Err(Sense::invalid_cdb());
+                return Err(Sense::invalid_cdb_at(2));
             }
             all.iter()
                 .find(|(op, sa, _)| *op == opcode && *sa == Some(action as u8) && action < 0x20)
@@ -1426,10 +1479,9 @@ pub fn report_supported_opcodes(cmd: &Command) -> Result<Vec<u8>, Sense> {
     Ok(d)
 }
 
-/// One LBA status descriptor (SBC-4 §5.6.2): provisioning status 0 mapped,
-/// 1 deallocated.
-pub fn lba_status(lba: u64, descriptors: &[(u64, u32, bool)]) -> Vec<u8> {
-    let _ = lba;
+/// GET LBA STATUS parameter data (SBC-4 §5.6.2): one descriptor per
+/// (start LBA, blocks, mapped); provisioning status 0 mapped, 1 deallocated.
+pub fn lba_status(descriptors: &[(u64, u32, bool)]) -> Vec<u8> {
     let mut d = vec![0u8; 8];
     for (start, blocks, mapped) in descriptors {
         d.extend_from_slice(&start.to_be_bytes());
@@ -1440,6 +1492,52 @@ pub fn lba_status(lba: u64, descriptors: &[(u64, u32, bool)]) -> Vec<u8> {
     let len = (d.len() - 4) as u32;
     d[0..4].copy_from_slice(&len.to_be_bytes());
     d
+}
+
+/// LBA status descriptors for the blocks from `lba` on, from an allocation
+/// map in bytes (consecutive extents starting at byte `lba * block_size`).
+/// A logical block any byte of which is allocated reports as mapped (the
+/// safe answer); runs longer than a descriptor can hold are split; at most
+/// `descriptors_max` (at least one) are returned, the first starting at
+/// `lba` as SBC-4 §5.6.2 requires.
+pub fn lba_runs(
+    lba: u64,
+    block_size: u32,
+    extents: &[crate::volume::Extent],
+    descriptors_max: usize,
+) -> Vec<(u64, u32, bool)> {
+    let bs = block_size as u64;
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    let mut byte = lba * bs;
+    let mut next = lba; // first block not yet described
+    for e in extents {
+        let end_byte = byte + e.length;
+        byte = end_byte;
+        let end = if e.allocated {
+            end_byte.div_ceil(bs)
+        } else {
+            end_byte / bs
+        };
+        if end <= next {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(r) if r.2 == e.allocated => r.1 += end - next,
+            _ => runs.push((next, end - next, e.allocated)),
+        }
+        next = end;
+    }
+    let mut out = Vec::new();
+    let cap = descriptors_max.max(1);
+    for (mut start, mut n, mapped) in runs {
+        while n > 0 && out.len() < cap {
+            let m = n.min(u32::MAX as u64);
+            out.push((start, m as u32, mapped));
+            start += m;
+            n -= m;
+        }
+    }
+    out
 }
 
 /// Parse an UNMAP parameter list (SBC-4 §5.30.2) into (lba, blocks) ranges,
@@ -1487,6 +1585,67 @@ mod tests {
         let mut c = [0u8; 16];
         c[..bytes.len()].copy_from_slice(bytes);
         c
+    }
+
+    // Proves READ CAPACITY(16) reports 8 logical blocks per 4 KiB physical
+    // block for 512-byte volumes and 1 for 4096-byte ones, with the thin
+    // provisioning bits.
+    #[test]
+    fn read_capacity16_physical_exponent() {
+        let d = read_capacity16(&G);
+        assert_eq!(&d[0..8], &2047u64.to_be_bytes());
+        assert_eq!(&d[8..12], &512u32.to_be_bytes());
+        assert_eq!((d[13], d[14], d[15]), (3, 0xc0, 0));
+        let big = Geometry {
+            block_size: 4096,
+            blocks: 10,
+        };
+        assert_eq!(read_capacity16(&big)[13], 0);
+        let id = Identity {
+            id: 1,
+            serial: "s".into(),
+            target_name: "t".into(),
+            portal_group_tag: 1,
+        };
+        let b0 = inquiry_vpd(0xb0, &id, &G).unwrap();
+        assert_eq!(&b0[6..8], &8u16.to_be_bytes()); // optimal granularity
+        assert_eq!(&b0[28..32], &8u32.to_be_bytes()); // unmap granularity
+    }
+
+    // Proves allocation extents (bytes) become LBA status runs: merged,
+    // starting at the requested LBA, a partly allocated block counted as
+    // mapped, long runs split at the descriptor's 32-bit count, and the
+    // descriptor limit honoured.
+    #[test]
+    fn lba_runs_from_extents() {
+        use crate::volume::Extent;
+        let e = |length, allocated| Extent { length, allocated };
+        // 512-byte blocks from LBA 8: 4 KiB mapped, 8 KiB hole, 4 KiB
+        // mapped, 4 KiB mapped.
+        let ext = [e(4096, true), e(8192, false), e(4096, true), e(4096, true)];
+        assert_eq!(
+            lba_runs(8, 512, &ext, 16),
+            vec![(8, 8, true), (16, 16, false), (32, 16, true)]
+        );
+        assert_eq!(lba_runs(8, 512, &ext, 1), vec![(8, 8, true)]);
+        assert_eq!(lba_runs(8, 512, &ext, 0), vec![(8, 8, true)]);
+        // A hole that does not cover a whole block stays mapped.
+        let ext = [e(100, true), e(400, false), e(12, true), e(512, false)];
+        assert_eq!(
+            lba_runs(0, 512, &ext, 16),
+            vec![(0, 1, true), (1, 1, false)]
+        );
+        // Runs beyond u32::MAX blocks take several descriptors.
+        let huge = (u32::MAX as u64 + 10) * 512;
+        assert_eq!(
+            lba_runs(0, 512, &[e(huge, false)], 16),
+            vec![(0, u32::MAX, false), (u32::MAX as u64, 10, false)]
+        );
+        let d = lba_status(&[(8, 8, true), (16, 16, false)]);
+        assert_eq!(&d[0..4], &36u32.to_be_bytes());
+        assert_eq!(&d[8..16], &8u64.to_be_bytes());
+        assert_eq!(&d[16..20], &8u32.to_be_bytes());
+        assert_eq!((d[20], d[36]), (0, 1));
     }
 
     // Proves golden READ(10)/WRITE(16)/READ(6) CDBs decode to their ranges,
@@ -1584,11 +1743,11 @@ mod tests {
         // Unknown service actions.
         assert_eq!(
             decode(&cdb(&[0x9e, 0x1f]), &G),
-            ill(asc::INVALID_FIELD_IN_CDB)
+            Err(Sense::invalid_cdb_at(1))
         );
         assert_eq!(
             decode(&cdb(&[0xa3, 0x1f]), &G),
-            ill(asc::INVALID_FIELD_IN_CDB)
+            Err(Sense::invalid_cdb_at(1))
         );
         // WRITE SAME with ANCHOR; UNMAP with ANCHOR.
         assert_eq!(
@@ -1614,15 +1773,18 @@ mod tests {
         assert_eq!((f[0], f[2], f[7], f[12], f[13]), (0x70, 5, 10, 0x21, 0x00));
         let d = s.encode(true);
         assert_eq!(d, vec![0x72, 5, 0x21, 0, 0, 0, 0, 0]);
-        let m = Sense {
-            key: key::MISCOMPARE,
-            asc: asc::MISCOMPARE_DURING_VERIFY,
-            info: Some(3),
-        };
+        let m = Sense::miscompare(3);
         let f = m.encode(false);
         assert_eq!(f[0], 0xf0);
         assert_eq!(&f[3..7], &[0, 0, 0, 3]);
         assert_eq!(m.encode(true).len(), 20);
+        // Field pointer: SKSV and C/D set, CDB byte 2.
+        let p = Sense::invalid_cdb_at(2);
+        assert_eq!(&p.encode(false)[15..18], &[0xc0, 0, 2]);
+        assert_eq!(
+            p.encode(true),
+            vec![0x72, 5, 0x24, 0, 0, 0, 0, 8, 2, 6, 0, 0, 0xc0, 0, 2, 0]
+        );
     }
 
     // Proves the VPD pages list is sorted and each listed page exists.
