@@ -401,6 +401,30 @@ pub fn tls_acceptor(
 mod tests {
     use super::*;
 
+    // Proves a prefixed stream yields the prefix first, in pieces as small
+    // as the reader asks for, then the inner stream, and passes writes
+    // through: the TLS acceptor sees bytes read before STARTTLS completed.
+    #[tokio::test]
+    async fn prefixed_stream() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut p = Prefixed::new(b"hello ".to_vec(), a);
+        b.write_all(b"world").await.unwrap();
+        drop(b);
+        let mut first = [0u8; 3];
+        p.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"hel");
+        let mut rest = Vec::new();
+        p.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"lo world");
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut p = Prefixed::new(Vec::new(), a);
+        p.write_all(b"x").await.unwrap();
+        let mut got = [0u8; 1];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"x");
+    }
+
     // Proves the advertised flags for a full-featured volume are exactly
     // HAS_FLAGS|SEND_FLUSH|SEND_FUA|SEND_TRIM|SEND_WRITE_ZEROES|
     // CAN_MULTI_CONN|SEND_CACHE|SEND_FAST_ZERO, and that FAST_ZERO never
