@@ -89,6 +89,9 @@ impl Metrics {
 pub struct Api {
     manager: Arc<Manager>,
     metrics: Metrics,
+    /// The cluster secret gateways present for the gateway-only routes
+    /// (`crate::secret`); without one those routes refuse everyone.
+    cluster_secret: Option<String>,
 }
 
 type Reply = (u16, Vec<u8>);
@@ -113,12 +116,48 @@ impl Api {
         Api {
             manager,
             metrics: Metrics::new(),
+            cluster_secret: None,
         }
     }
 
-    /// Route one request: (route label for metrics, (status, body)).
+    /// Accept `Authorization: Bearer <secret>` for the gateway-only routes.
+    pub fn with_cluster_secret(mut self, secret: String) -> Api {
+        self.cluster_secret = Some(secret);
+        self
+    }
+
+    /// Whether an `Authorization` header value carries the cluster secret.
+    pub fn is_gateway(&self, authorization: Option<&str>) -> bool {
+        match (
+            &self.cluster_secret,
+            authorization.and_then(|a| a.strip_prefix("Bearer ")),
+        ) {
+            (Some(s), Some(p)) => crate::secret::matches(p.trim(), s),
+            _ => false,
+        }
+    }
+
+    /// Route one request from a client without the cluster secret.
     pub fn route(&self, method: &str, path: &str, body: &[u8]) -> (&'static str, Reply) {
+        self.route_as(method, path, body, false)
+    }
+
+    /// Route one request: (route label for metrics, (status, body)).
+    /// `gateway`: the request carried the cluster secret.
+    pub fn route_as(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        gateway: bool,
+    ) -> (&'static str, Reply) {
         let m = &self.manager;
+        let gateway_only = || {
+            error_reply(ApiError::new(
+                401,
+                "this route is for gateways: it needs the cluster secret (Authorization: Bearer)",
+            ))
+        };
         let path = path.split('?').next().unwrap_or("");
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         let r = |x: Result<Reply, ApiError>| x.unwrap_or_else(error_reply);
@@ -167,6 +206,47 @@ impl Api {
                 "volume_delete",
                 r(m.delete_volume(name).map(|()| (204, Vec::new()))),
             ),
+            ("GET", ["v1", "volumes", name, "iscsi"]) => {
+                ("iscsi_info", r(m.iscsi_access(name).map(|x| json(200, &x))))
+            }
+            ("POST", ["v1", "volumes", name, "iscsi", "initiators"]) => (
+                "iscsi_acl_add",
+                r(parse(body)
+                    .and_then(|b| m.iscsi_add_initiator(name, b))
+                    .map(|x| json(200, &x))),
+            ),
+            ("DELETE", ["v1", "volumes", name, "iscsi", "initiators", iqn]) => (
+                "iscsi_acl_remove",
+                r(m.iscsi_remove_initiator(name, iqn).map(|x| json(200, &x))),
+            ),
+            ("PUT", ["v1", "volumes", name, "iscsi", "chap"]) => (
+                "iscsi_chap_set",
+                r(parse(body)
+                    .and_then(|b| m.iscsi_set_chap(name, b))
+                    .map(|x| json(200, &x))),
+            ),
+            ("DELETE", ["v1", "volumes", name, "iscsi", "chap"]) => (
+                "iscsi_chap_clear",
+                r(m.iscsi_clear_chap(name).map(|x| json(200, &x))),
+            ),
+            ("GET", ["v1", "iscsi", "access"]) => (
+                "iscsi_access",
+                if gateway {
+                    json(200, &m.iscsi_snapshot())
+                } else {
+                    gateway_only()
+                },
+            ),
+            ("PUT", ["v1", "volumes", name, "iscsi", "reservations"]) => (
+                "iscsi_reservations",
+                if gateway {
+                    r(parse(body)
+                        .and_then(|b| m.iscsi_store_reservations(name, b))
+                        .map(|()| (204, Vec::new())))
+                } else {
+                    gateway_only()
+                },
+            ),
             ("GET", ["metrics"]) => ("metrics", (200, self.metrics_text())),
             (
                 _,
@@ -178,6 +258,19 @@ impl Api {
             | (_, ["v1", "volumes", _])
             | (_, ["v1", "nodes", "register"])
             | (_, ["v1", "nodes", _, "heartbeat"])
+            | (_, ["v1", "volumes", _, "iscsi"])
+            | (
+                _,
+                [
+                    "v1",
+                    "volumes",
+                    _,
+                    "iscsi",
+                    "initiators" | "chap" | "reservations",
+                ],
+            )
+            | (_, ["v1", "volumes", _, "iscsi", "initiators", _])
+            | (_, ["v1", "iscsi", "access"])
             | (_, ["metrics"]) => (
                 "bad_method",
                 error_reply(ApiError::new(
@@ -216,6 +309,12 @@ impl Api {
             let method = req.method().as_str().to_string();
             let url = req.url().to_string();
             let declared = req.body_length().unwrap_or(0) as u64;
+            let gateway = self.is_gateway(
+                req.headers()
+                    .iter()
+                    .find(|h| h.field.equiv("Authorization"))
+                    .map(|h| h.value.as_str()),
+            );
             let too_large = || {
                 (
                     "too_large",
@@ -236,7 +335,7 @@ impl Api {
                     .read_to_end(&mut body)
                 {
                     Ok(_) if body.len() as u64 > BODY_MAX_BYTES => too_large(),
-                    Ok(_) => self.route(&method, &url, &body),
+                    Ok(_) => self.route_as(&method, &url, &body, gateway),
                     Err(e) => (
                         "bad_body",
                         error_reply(ApiError::new(400, format!("cannot read body: {e}"))),
@@ -339,6 +438,123 @@ mod tests {
         let text = String::from_utf8(text).unwrap();
         assert!(text.contains("tessera_manager_volumes 1"), "{text}");
         assert!(text.contains("tessera_manager_pgs_assigned 16"), "{text}");
+        drop(a);
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
+
+#[cfg(test)]
+mod iscsi_tests {
+    use super::*;
+    use crate::daemon::Config;
+    use std::time::Duration;
+
+    // Proves the iSCSI routes: ACL and CHAP edits answer without secrets,
+    // the gateway-only routes refuse requests without the cluster secret
+    // (401) and serve the snapshot with the secrets to those that have it,
+    // and reservation state round-trips through the snapshot.
+    #[test]
+    fn iscsi_routes() {
+        let dir = std::env::temp_dir().join(format!("tessera-api-iscsi-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let m = Manager::open(&Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.clone(),
+            pg_count: 16,
+            heartbeat_grace: Duration::from_secs(5),
+            replicas: 1,
+            min_replicas: 1,
+            failure_domain: tessera_wire::map::FailureDomain::Host,
+        })
+        .unwrap();
+        let a = Api::new(Arc::new(m)).with_cluster_secret("s3cr3t-token".into());
+        assert!(a.is_gateway(Some("Bearer s3cr3t-token")));
+        assert!(!a.is_gateway(Some("Bearer s3cr3t-tokem")));
+        assert!(!a.is_gateway(Some("s3cr3t-token")));
+        assert!(!a.is_gateway(None));
+        let reg = r#"{"node_uuid":"n","addr":"h:1","metrics_addr":null,"pid":1,
+            "disks":[{"uuid":"d","path":"/x","capacity_bytes":1073741824}]}"#;
+        let call = |method: &str, path: &str, body: &str, gw: bool| {
+            let (_, (code, out)) = a.route_as(method, path, body.as_bytes(), gw);
+            (code, String::from_utf8(out).unwrap())
+        };
+        assert_eq!(call("POST", "/v1/nodes/register", reg, false).0, 200);
+        let vol = r#"{"name":"v","size_bytes":1073741824}"#;
+        assert_eq!(call("POST", "/v1/volumes", vol, false).0, 201);
+        let epoch = a.manager.map().epoch;
+        let iqn = r#"{"iqn":"iqn.2000-01.x:Host1"}"#;
+        let (code, body) = call("POST", "/v1/volumes/v/iscsi/initiators", iqn, false);
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("iqn.2000-01.x:host1"), "{body}");
+        assert_eq!(
+            call("POST", "/v1/volumes/v/iscsi/initiators", "{}", false).0,
+            400
+        );
+        assert_eq!(
+            call("POST", "/v1/volumes/w/iscsi/initiators", iqn, false).0,
+            404
+        );
+        let chap = r#"{"user":"u","secret":"twelve-bytes","mutual_user":"t","mutual_secret":"other-secret"}"#;
+        let (code, body) = call("PUT", "/v1/volumes/v/iscsi/chap", chap, false);
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            !body.contains("twelve") && !body.contains("other-secret"),
+            "{body}"
+        );
+        let (_, info) = call("GET", "/v1/volumes/v/iscsi", "", false);
+        assert!(
+            info.contains("\"mutual_chap_user\": \"t\"") && !info.contains("twelve"),
+            "{info}"
+        );
+        // Access control is not part of the map: no new epoch, no secret.
+        assert_eq!(a.manager.map().epoch, epoch);
+        let (_, map) = call("GET", "/v1/map", "", false);
+        assert!(!map.contains("twelve") && !map.contains("host1"), "{map}");
+        assert_eq!(call("GET", "/v1/iscsi/access", "", false).0, 401);
+        let (code, snap) = call("GET", "/v1/iscsi/access", "", true);
+        assert_eq!(code, 200);
+        let s: tessera_wire::iscsi::AccessSnapshot = serde_json::from_str(&snap).unwrap();
+        let c = s.volumes[0].access.chap.as_ref().unwrap();
+        assert_eq!((c.secret.as_str(), s.volumes[0].id), ("twelve-bytes", 1));
+        let st = r#"{"volume_id":1,"state":{"generation":2}}"#;
+        assert_eq!(
+            call("PUT", "/v1/volumes/v/iscsi/reservations", st, false).0,
+            401
+        );
+        assert_eq!(
+            call("PUT", "/v1/volumes/v/iscsi/reservations", st, true).0,
+            204
+        );
+        let stale = r#"{"volume_id":9,"state":null}"#;
+        assert_eq!(
+            call("PUT", "/v1/volumes/v/iscsi/reservations", stale, true).0,
+            409
+        );
+        let (_, snap) = call("GET", "/v1/iscsi/access", "", true);
+        assert!(snap.contains("\"generation\": 2"), "{snap}");
+        assert_eq!(
+            call(
+                "DELETE",
+                "/v1/volumes/v/iscsi/initiators/iqn.2000-01.x:host1",
+                "",
+                false
+            )
+            .0,
+            200
+        );
+        assert_eq!(
+            call(
+                "DELETE",
+                "/v1/volumes/v/iscsi/initiators/iqn.2000-01.x:host1",
+                "",
+                false
+            )
+            .0,
+            404
+        );
+        assert_eq!(call("DELETE", "/v1/volumes/v/iscsi/chap", "", false).0, 200);
+        assert_eq!(call("PATCH", "/v1/volumes/v/iscsi/chap", "", false).0, 405);
+        assert_eq!(call("POST", "/v1/iscsi/access", "", true).0, 405);
         drop(a);
         std::fs::remove_dir_all(dir).ok();
     }

@@ -10,6 +10,7 @@ use tessera_wire::api::{
     CreatePoolRequest, CreateVolumeRequest, DiskInfo, ErrorBody, NodeInfo, PoolInfo,
     ResizeVolumeRequest, VolumeInfo, format_size, parse_size,
 };
+use tessera_wire::iscsi::{AddInitiatorRequest, ChapSecrets, IscsiAccessInfo, normalize_initiator};
 use tessera_wire::map::FailureDomain;
 
 #[derive(Parser, Debug)]
@@ -88,6 +89,96 @@ pub enum VolumeCommand {
     Delete {
         name: String,
     },
+    /// iSCSI initiators allowed to log in to the volume (an empty list
+    /// admits every initiator).
+    Acl {
+        #[command(subcommand)]
+        command: AclCommand,
+    },
+    /// iSCSI CHAP credentials of the volume's target.
+    Chap {
+        #[command(subcommand)]
+        command: ChapCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AclCommand {
+    /// Allow an initiator (its iSCSI name, e.g. iqn.1994-05.com.redhat:host1).
+    Add {
+        name: String,
+        iqn: String,
+    },
+    /// Stop allowing an initiator.
+    Remove {
+        name: String,
+        iqn: String,
+    },
+    List {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ChapCommand {
+    /// Require CHAP. Secrets are read from files (`-` for stdin) or the
+    /// environment, never from the command line, where every user of the
+    /// machine could read them.
+    Set(ChapSetArgs),
+    /// Stop requiring CHAP.
+    Clear { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct ChapSetArgs {
+    pub name: String,
+    /// CHAP user name the initiator presents (CHAP_N).
+    #[arg(long)]
+    pub user: String,
+    /// File holding the initiator's secret (first line; `-` reads stdin).
+    /// Default: $TESSERA_CHAP_SECRET.
+    #[arg(long)]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// Mutual CHAP: the user name the target answers with.
+    #[arg(long, requires = "mutual_user")]
+    pub mutual_secret_file: Option<std::path::PathBuf>,
+    /// Mutual CHAP: the target's user name. Its secret comes from
+    /// --mutual-secret-file or $TESSERA_CHAP_MUTUAL_SECRET.
+    #[arg(long)]
+    pub mutual_user: Option<String>,
+}
+
+/// Environment variables the CHAP secrets may come from.
+pub const CHAP_SECRET_ENV: &str = "TESSERA_CHAP_SECRET";
+pub const CHAP_MUTUAL_SECRET_ENV: &str = "TESSERA_CHAP_MUTUAL_SECRET";
+
+/// A secret from a file's first line (`-`: stdin) or else an environment
+/// variable. The value never appears in an error message.
+fn read_secret(file: Option<&std::path::Path>, env: &str, what: &str) -> Result<String, CliError> {
+    use std::io::Read;
+    let text = match file {
+        Some(p) if p.as_os_str() == "-" => {
+            let mut t = String::new();
+            std::io::stdin()
+                .take(4096)
+                .read_to_string(&mut t)
+                .map_err(|e| CliError::new(format!("cannot read the {what} from stdin: {e}")))?;
+            t
+        }
+        Some(p) => std::fs::read_to_string(p).map_err(|e| {
+            CliError::new(format!("cannot read the {what} from {}: {e}", p.display()))
+        })?,
+        None => std::env::var(env).map_err(|_| {
+            CliError::new(format!(
+                "no {what}: give it with a file option (- for stdin) or in ${env}"
+            ))
+        })?,
+    };
+    let line = text.lines().next().unwrap_or("").to_string();
+    if line.is_empty() {
+        return Err(CliError::new(format!("the {what} is empty")));
+    }
+    Ok(line)
 }
 
 #[derive(Subcommand, Debug)]
@@ -515,6 +606,79 @@ fn volume(c: &Client, json: bool, cmd: VolumeCommand) -> Result<(), CliError> {
                 .ok_or_else(|| CliError::new("empty response from the manager"))?;
             show(&v);
         }
+        VolumeCommand::Acl { command } => {
+            let i: IscsiAccessInfo = match command {
+                AclCommand::Add { name, iqn } => c.post(
+                    &format!("/v1/volumes/{}/iscsi/initiators", path_segment(&name)?),
+                    serde_json::to_value(AddInitiatorRequest { iqn }).expect("json"),
+                )?,
+                AclCommand::Remove { name, iqn } => {
+                    let iqn = normalize_initiator(&iqn).map_err(CliError::new)?;
+                    c.call(
+                        "DELETE",
+                        &format!(
+                            "/v1/volumes/{}/iscsi/initiators/{iqn}",
+                            path_segment(&name)?
+                        ),
+                        None,
+                    )?
+                    .ok_or_else(|| CliError::new("empty response from the manager"))?
+                }
+                AclCommand::List { name } => {
+                    c.get(&format!("/v1/volumes/{}/iscsi", path_segment(&name)?))?
+                }
+            };
+            show_access(&i, json);
+        }
+        VolumeCommand::Chap { command } => {
+            let i: IscsiAccessInfo = match command {
+                ChapCommand::Set(a) => {
+                    let secret =
+                        read_secret(a.secret_file.as_deref(), CHAP_SECRET_ENV, "CHAP secret")?;
+                    let mutual_secret = match &a.mutual_user {
+                        None => None,
+                        Some(_) => {
+                            if a.secret_file.as_deref() == Some(std::path::Path::new("-"))
+                                && a.mutual_secret_file.as_deref()
+                                    == Some(std::path::Path::new("-"))
+                            {
+                                return Err(CliError::new(
+                                    "only one of the secrets can come from stdin",
+                                ));
+                            }
+                            Some(read_secret(
+                                a.mutual_secret_file.as_deref(),
+                                CHAP_MUTUAL_SECRET_ENV,
+                                "mutual CHAP secret",
+                            )?)
+                        }
+                    };
+                    let req = ChapSecrets {
+                        user: a.user,
+                        secret,
+                        mutual_user: a.mutual_user,
+                        mutual_secret,
+                    };
+                    // Refuse locally what the manager would refuse, without
+                    // sending the secret.
+                    req.validate().map_err(CliError::new)?;
+                    c.call(
+                        "PUT",
+                        &format!("/v1/volumes/{}/iscsi/chap", path_segment(&a.name)?),
+                        Some(serde_json::to_value(&req).expect("json")),
+                    )?
+                    .ok_or_else(|| CliError::new("empty response from the manager"))?
+                }
+                ChapCommand::Clear { name } => c
+                    .call(
+                        "DELETE",
+                        &format!("/v1/volumes/{}/iscsi/chap", path_segment(&name)?),
+                        None,
+                    )?
+                    .ok_or_else(|| CliError::new("empty response from the manager"))?,
+            };
+            show_access(&i, json);
+        }
         VolumeCommand::Delete { name } => {
             c.call::<serde_json::Value>(
                 "DELETE",
@@ -527,6 +691,29 @@ fn volume(c: &Client, json: bool, cmd: VolumeCommand) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+fn show_access(i: &IscsiAccessInfo, json: bool) {
+    if json {
+        print_json(i);
+        return;
+    }
+    println!("volume      {}", i.volume);
+    if i.initiators.is_empty() {
+        println!("initiators  any");
+    } else {
+        for (n, iqn) in i.initiators.iter().enumerate() {
+            println!(
+                "{}  {iqn}",
+                if n == 0 { "initiators" } else { "          " }
+            );
+        }
+    }
+    match (&i.chap_user, &i.mutual_chap_user) {
+        (None, _) => println!("chap        none"),
+        (Some(u), None) => println!("chap        user {u}"),
+        (Some(u), Some(m)) => println!("chap        user {u}, mutual user {m}"),
+    }
 }
 
 /// Volume names go into URL paths: refuse anything that is not a valid

@@ -140,6 +140,12 @@ impl Manager {
         let path = config.data_dir.join("catalog.redb");
         let store_err = |e: StoreError| env(format!("{} ({})", e, path.display()));
         let store = Store::open(&path).map_err(store_err)?;
+        // The catalogue holds iSCSI CHAP secrets: owner only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| env(format!("cannot restrict {}: {e}", path.display())))?;
+        }
         let catalog = match store.load().map_err(store_err)? {
             Some(mut c) => {
                 if c.migrate() {
@@ -195,6 +201,36 @@ impl Manager {
 
     pub fn map(&self) -> ClusterMap {
         self.lock().map()
+    }
+
+    /// Read the catalogue under the lock.
+    pub(crate) fn read_catalog<T>(&self, f: impl FnOnce(&Catalog) -> T) -> T {
+        f(&self.lock().catalog)
+    }
+
+    /// Change the catalogue outside the cluster map (iSCSI access control,
+    /// reservation state): `f` returns its answer and whether anything
+    /// changed; a change is persisted before the answer, without an epoch
+    /// bump, and rolled back if it cannot be.
+    pub(crate) fn update_catalog<T>(
+        &self,
+        f: impl FnOnce(&mut Catalog) -> Result<(T, bool), ApiError>,
+    ) -> Result<T, ApiError> {
+        let mut inner = self.lock();
+        let before = inner.catalog.clone();
+        let (out, changed) = match f(&mut inner.catalog) {
+            Ok(r) => r,
+            Err(e) => {
+                inner.catalog = before;
+                return Err(e);
+            }
+        };
+        if changed && let Err(e) = self.store.save(&inner.catalog) {
+            inner.catalog = before;
+            tracing::error!(error = %e, "cannot persist the catalogue");
+            return Err(ApiError::new(500, format!("cannot persist catalogue: {e}")));
+        }
+        Ok(out)
     }
 
     pub fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, ApiError> {
@@ -319,6 +355,7 @@ impl Manager {
         let mut inner = self.lock();
         let before = inner.catalog.clone();
         let id = map::delete_volume(&mut inner.catalog, name)?;
+        crate::iscsi::forget_volume(&mut inner.catalog, id);
         self.commit(&mut inner, before)?;
         tracing::info!(name, id, "volume deleted");
         Ok(())
@@ -442,7 +479,12 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         .to_ip()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let api = Arc::new(crate::api::Api::new(manager.clone()));
+    let secret = crate::secret::load_or_create(&config.data_dir.join(crate::secret::FILE_NAME))
+        .map_err(|message| Fatal {
+            code: ExitCode::Environment,
+            message,
+        })?;
+    let api = Arc::new(crate::api::Api::new(manager.clone()).with_cluster_secret(secret));
     for _ in 0..crate::api::HTTP_THREADS {
         let (a, s) = (api.clone(), server.clone());
         std::thread::spawn(move || a.serve(&s));

@@ -5,12 +5,14 @@
 //! * [`health`]: which nodes are up, from heartbeat times and a grace.
 //! * [`placement`]: placement groups onto disks.
 //! * [`map`]: the volume catalogue rules and the published cluster map.
+//! * [`iscsi`]: iSCSI ACLs, CHAP credentials and reservation state.
 //!
 //! Around them:
 //! * [`store`]: the embedded catalogue store (redb).
 //! * [`daemon`]: the manager's state (catalogue + liveness under one lock),
 //!   persistence and epoch bumps, and `run`.
 //! * [`api`]: the REST API and metrics over HTTP.
+//! * [`secret`]: the cluster secret gateways present to the manager.
 //! * [`sys`]: the few system calls std lacks (signals, PDEATHSIG).
 //! * [`cli`]: the `tessera` commands (tables and JSON) over the REST API.
 //! * [`up`]: `tessera up`, a whole local cluster under one supervisor.
@@ -20,9 +22,11 @@ pub mod api;
 pub mod cli;
 pub mod daemon;
 pub mod health;
+pub mod iscsi;
 pub mod map;
 pub mod membership;
 pub mod placement;
+pub mod secret;
 pub mod store;
 pub mod sys;
 pub mod up;

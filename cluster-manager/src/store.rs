@@ -6,7 +6,9 @@
 
 use redb::{Database, TableDefinition};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
+use tessera_wire::iscsi::VolumeAccess;
 use tessera_wire::map::{
     CHUNK_SIZE_DEFAULT_BYTES, CopyState, FailureDomain, PoolEntry, VolumeEntry,
 };
@@ -60,6 +62,14 @@ pub struct Catalog {
     /// Copy state of every acting-set member (parallel to `pgs`).
     #[serde(default)]
     pub pg_states: Vec<Vec<CopyState>>,
+    /// iSCSI ACLs and CHAP credentials by volume id (absent: open, no
+    /// CHAP); see `crate::iscsi`. Never part of the cluster map.
+    #[serde(default)]
+    pub iscsi_access: BTreeMap<u64, VolumeAccess>,
+    /// Persistent-reservation state by volume id, as gateways stored it
+    /// (opaque here).
+    #[serde(default)]
+    pub iscsi_reservations: BTreeMap<u64, serde_json::Value>,
 }
 
 /// The id and name of the pool every cluster starts with.
@@ -141,6 +151,8 @@ impl Catalog {
             next_volume_id: 1,
             pools: Vec::new(),
             pg_states: Vec::new(),
+            iscsi_access: BTreeMap::new(),
+            iscsi_reservations: BTreeMap::new(),
         }
     }
 }

@@ -344,6 +344,12 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
             a.nbd_listen.clone().into(),
             "--metrics-listen".into(),
             "127.0.0.1:0".into(),
+            // The manager created it in its data directory; the gateway
+            // needs it to read iSCSI access control.
+            "--cluster-secret-file".into(),
+            dir.join("manager")
+                .join(crate::secret::FILE_NAME)
+                .into_os_string(),
         ]
         .into_iter()
         .chain(

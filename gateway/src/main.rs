@@ -6,13 +6,15 @@
 //! 0 clean shutdown, 2 bad command line (clap), 3 manager unreachable or map
 //! invalid, 4 NBD listen address unusable, 5 metrics listen address
 //! unusable, 6 runtime could not start, 7 iSCSI listen address unusable,
-//! 8 TLS certificate or key unusable.
+//! 8 TLS certificate or key unusable. The cluster secret file being
+//! unreadable, or refused by the manager, is exit 3 too.
 
 use clap::Parser;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tessera_gateway::client::Pool;
+use tessera_gateway::iscsi::access::ManagerAccess;
 use tessera_gateway::map::{self, MapHandle};
 use tessera_gateway::metrics::Metrics;
 use tessera_gateway::routing::{IO_TIMEOUT_MS_DEFAULT, MapCatalog, Router};
@@ -66,6 +68,12 @@ struct Args {
     /// Refuse every NBD option but STARTTLS and ABORT until TLS is up.
     #[arg(long, requires = "tls_cert")]
     tls_require: bool,
+    /// File holding the cluster secret (the manager's
+    /// `<data-dir>/cluster-secret`), needed to read iSCSI access control
+    /// and store reservations. Without it every iSCSI login to a volume is
+    /// refused ("service unavailable").
+    #[arg(long, env = "TESSERA_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<std::path::PathBuf>,
     /// Time a client has to finish NBD option haggling.
     #[arg(long, default_value_t = server::HANDSHAKE_TIMEOUT_MS,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -166,10 +174,28 @@ fn main() {
         io_timeout: Duration::from_millis(args.io_timeout_ms),
         metrics: Arc::clone(&metrics),
     });
+    let maps = router.maps.clone();
     let catalog = Arc::new(MapCatalog { router });
-    let iscsi = tessera_gateway::iscsi::target::Target::new(
+    let iscsi_on = args.iscsi_listen.iter().any(|a| a != "none");
+    let access = match (&args.cluster_secret_file, iscsi_on) {
+        (Some(path), true) => {
+            let secret = read_secret(path).unwrap_or_else(|e| fatal(Exit::Manager, e));
+            ManagerAccess::follow(args.manager.clone(), secret, maps, deadline)
+                .unwrap_or_else(|e| fatal(Exit::Manager, e))
+        }
+        (None, true) => {
+            tracing::warn!(
+                "no --cluster-secret-file: iSCSI access control cannot be read from the manager, \
+                 so every iSCSI login to a volume is refused"
+            );
+            ManagerAccess::closed(maps)
+        }
+        (_, false) => ManagerAccess::closed(maps),
+    };
+    let iscsi = tessera_gateway::iscsi::target::Target::with_persist(
         catalog.clone(),
-        Arc::new(tessera_gateway::iscsi::target::Open),
+        access.clone(),
+        Some(access),
         tessera_gateway::iscsi::target::Config::default(),
     );
     rt.block_on(async move {
@@ -247,6 +273,20 @@ fn main() {
     tracing::info!("stopped");
     // Connections still open are dropped with the runtime.
     rt.shutdown_timeout(Duration::from_millis(100));
+}
+
+/// The cluster secret: the first line of its file. Never logged.
+fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the cluster secret {}: {e}", path.display()))?;
+    let s = text.lines().next().unwrap_or("").trim().to_string();
+    if s.is_empty() {
+        return Err(format!(
+            "the cluster secret file {} is empty",
+            path.display()
+        ));
+    }
+    Ok(s)
 }
 
 async fn wait_for_signal() {

@@ -15,6 +15,8 @@ use super::scsi::{
 use super::session::{Outcome, Task};
 use crate::volume::{Volume, VolumeError};
 use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
 
 /// Largest single trim/write-zeroes request handed to the volume.
@@ -33,6 +35,10 @@ pub const UNIT_ATTENTIONS_MAX: usize = 8;
 #[derive(Default)]
 pub struct Lun {
     pub reservations: Mutex<Reservations>,
+    /// Held by PERSISTENT RESERVE OUT across storing its result, and by
+    /// SPC-2 RESERVE/RELEASE, so changes are stored in the order they are
+    /// made and none is computed from a state another is replacing.
+    pub pr_serial: tokio::sync::Mutex<()>,
     pub mode: Mutex<ModeState>,
     pub atomic: tokio::sync::RwLock<()>,
     /// Connected I_T nexuses and their pending unit attentions (SAM-5
@@ -41,6 +47,14 @@ pub struct Lun {
 }
 
 impl Lun {
+    /// A logical unit starting from stored reservation state.
+    pub fn with_reservations(r: Reservations) -> Lun {
+        Lun {
+            reservations: Mutex::new(r),
+            ..Lun::default()
+        }
+    }
+
     pub fn attach(&self, nexus: &str) {
         self.nexuses
             .lock()
@@ -69,10 +83,18 @@ impl Lun {
     }
 }
 
-/// Called after every successful PERSISTENT RESERVE OUT, to keep the state
-/// elsewhere (the manager).
+/// A boxed future of a store operation.
+pub type SaveFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// Where persistent-reservation state lives beyond this gateway's memory
+/// (the manager), so it survives a gateway restart.
 pub trait Persist: Send + Sync {
-    fn save(&self, volume: &str, state: &Reservations);
+    /// The stored state of `volume`, read when its logical unit is first
+    /// used in this gateway.
+    fn load(&self, volume: &str) -> Option<Reservations>;
+    /// Store the state after a PERSISTENT RESERVE OUT changed it; the
+    /// command is answered GOOD only once this succeeds.
+    fn save(&self, volume: &str, state: &Reservations) -> SaveFuture;
 }
 
 fn good(data: Vec<u8>) -> Outcome {
@@ -491,37 +513,68 @@ async fn run(
             if (task.data.len() as u32) < len {
                 return cx.check(Sense::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
             }
-            let mut res = cx.lun.reservations.lock().expect("not poisoned");
-            match res.out(nexus, action, scope, kind, data) {
+            // The change is computed on a copy, stored, and only then
+            // installed: commands checked against the reservations never
+            // see a state that was not stored, and a failed store leaves
+            // everything as it was.
+            let _serial = cx.lun.pr_serial.lock().await;
+            let mut next = cx.lun.reservations.lock().expect("not poisoned").clone();
+            match next.out(nexus, action, scope, kind, data) {
                 Ok(()) => {
-                    if let Some(p) = persist {
-                        p.save(vol.name(), &res);
+                    let changed = !cx
+                        .lun
+                        .reservations
+                        .lock()
+                        .expect("not poisoned")
+                        .same_persistent(&next);
+                    if changed
+                        && let Some(p) = persist
+                        && let Err(e) = p.save(vol.name(), &next).await
+                    {
+                        tracing::warn!(volume = vol.name(), error = %e,
+                            "cannot store reservations; PERSISTENT RESERVE OUT not done");
+                        // Retryable: the initiator sends it again.
+                        return cx.check(Sense::new(
+                            key::ABORTED_COMMAND,
+                            asc::LU_COMMUNICATION_FAILURE,
+                        ));
                     }
+                    cx.lun
+                        .reservations
+                        .lock()
+                        .expect("not poisoned")
+                        .adopt_persistent(next);
                     good(Vec::new())
                 }
                 Err(Refusal::Conflict) => conflict(),
                 Err(Refusal::Sense(s)) => cx.check(s),
             }
         }
-        Reserve => match cx
-            .lun
-            .reservations
-            .lock()
-            .expect("not poisoned")
-            .reserve_spc2(nexus)
-        {
-            Ok(()) => good(Vec::new()),
-            Err(_) => conflict(),
-        },
-        Release => match cx
-            .lun
-            .reservations
-            .lock()
-            .expect("not poisoned")
-            .release_spc2(nexus)
-        {
-            Ok(()) => good(Vec::new()),
-            Err(_) => conflict(),
-        },
+        Reserve => {
+            let _serial = cx.lun.pr_serial.lock().await;
+            match cx
+                .lun
+                .reservations
+                .lock()
+                .expect("not poisoned")
+                .reserve_spc2(nexus)
+            {
+                Ok(()) => good(Vec::new()),
+                Err(_) => conflict(),
+            }
+        }
+        Release => {
+            let _serial = cx.lun.pr_serial.lock().await;
+            match cx
+                .lun
+                .reservations
+                .lock()
+                .expect("not poisoned")
+                .release_spc2(nexus)
+            {
+                Ok(()) => good(Vec::new()),
+                Err(_) => conflict(),
+            }
+        }
     }
 }

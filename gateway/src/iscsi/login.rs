@@ -33,6 +33,7 @@ pub mod status {
     pub const SESSION_DOES_NOT_EXIST: u16 = 0x020a;
     pub const INVALID_DURING_LOGIN: u16 = 0x020b;
     pub const TARGET_ERROR: u16 = 0x0300;
+    pub const SERVICE_UNAVAILABLE: u16 = 0x0301;
 }
 
 /// Login stages (§11.12.3 CSG/NSG).
@@ -78,6 +79,10 @@ impl std::fmt::Debug for Chap {
 pub enum Access {
     NotFound,
     Denied,
+    /// The target exists but whether this initiator may use it is not
+    /// known right now (access control not loaded yet): refused as
+    /// "service unavailable" (§11.13.5, 0x0301), which initiators retry.
+    Unavailable,
     /// Allowed, with CHAP required when `Some`.
     Allowed(Option<Chap>),
 }
@@ -457,6 +462,7 @@ impl Login {
                 match dir.access(t, initiator) {
                     Access::NotFound => return Err(status::NOT_FOUND),
                     Access::Denied => return Err(status::AUTHORIZATION_FAILURE),
+                    Access::Unavailable => return Err(status::SERVICE_UNAVAILABLE),
                     Access::Allowed(c) => c,
                 }
             }
@@ -871,6 +877,14 @@ mod tests {
         assert_eq!(
             fails(&mut login(), &Dir(Access::Denied), req(SEC_TO_OP, &[i, t])),
             status::AUTHORIZATION_FAILURE
+        );
+        assert_eq!(
+            fails(
+                &mut login(),
+                &Dir(Access::Unavailable),
+                req(SEC_TO_OP, &[i, t])
+            ),
+            status::SERVICE_UNAVAILABLE
         );
         assert_eq!(
             fails(

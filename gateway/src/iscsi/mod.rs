@@ -9,7 +9,9 @@
 //! * [`session`]: the full feature phase state machine of one connection.
 //! * [`target`]: the async glue: listeners, connections and command
 //!   execution against a [`crate::volume::Volume`].
+//! * [`access`]: ACLs, CHAP secrets and reservation state from the manager.
 
+pub mod access;
 pub mod exec;
 pub mod login;
 pub mod pdu;

@@ -140,6 +140,21 @@ impl Reservations {
         }
     }
 
+    /// Whether the persistent part (what is serialised) equals `other`'s.
+    pub fn same_persistent(&self, other: &Reservations) -> bool {
+        self.generation == other.generation
+            && self.registrations == other.registrations
+            && self.holder == other.holder
+    }
+
+    /// Take the persistent part of `next` (computed from a copy of this
+    /// state and stored elsewhere), keeping this state's SPC-2 holder.
+    pub fn adopt_persistent(&mut self, next: Reservations) {
+        self.generation = next.generation;
+        self.registrations = next.registrations;
+        self.holder = next.holder;
+    }
+
     /// LUN or target reset: SPC-2 reservations go; persistent ones stay.
     pub fn reset(&mut self) {
         self.spc2 = None;

@@ -60,6 +60,7 @@ pub mod asc {
     pub const INVALID_FIELD_IN_INFORMATION_UNIT: u16 = 0x0e03;
     pub const INSUFFICIENT_REGISTRATION_RESOURCES: u16 = 0x5504;
     pub const TIMEOUT_ON_LOGICAL_UNIT: u16 = 0x3e02;
+    pub const LU_COMMUNICATION_FAILURE: u16 = 0x0800;
 }
 
 /// Sense data to report with CHECK CONDITION.

@@ -39,9 +39,11 @@ pub const NOP_INTERVAL_MS: u64 = 10_000;
 const LOGIN_DATA_MAX: usize = 64 * 1024;
 const READ_CHUNK_BYTES: usize = 256 * 1024;
 
-/// Access policy per volume (ACLs and CHAP), from the cluster map.
+/// Access policy per volume (ACLs and CHAP); the gateway's comes from the
+/// manager ([`super::access::ManagerAccess`]).
 pub trait Policy: Send + Sync {
-    /// `None`: everyone may log in without authentication.
+    /// May `initiator` log in to `volume` (which exists), and must it
+    /// authenticate (`Access::Allowed(Some(chap))`)?
     fn access(&self, volume: &str, initiator: &str) -> Access;
 }
 
@@ -87,10 +89,21 @@ pub struct Target {
 
 impl Target {
     pub fn new(catalog: Arc<dyn Catalog>, policy: Arc<dyn Policy>, config: Config) -> Arc<Target> {
+        Target::with_persist(catalog, policy, None, config)
+    }
+
+    /// A target whose persistent reservations are loaded from and stored
+    /// to `persist`.
+    pub fn with_persist(
+        catalog: Arc<dyn Catalog>,
+        policy: Arc<dyn Policy>,
+        persist: Option<Arc<dyn Persist>>,
+        config: Config,
+    ) -> Arc<Target> {
         Arc::new(Target {
             catalog,
             policy,
-            persist: None,
+            persist,
             slots: Arc::new(Semaphore::new(config.connections_max)),
             config,
             portals: Mutex::new(Vec::new()),
@@ -99,10 +112,22 @@ impl Target {
         })
     }
 
-    /// The shared state of a volume's LUN (created on first use).
+    /// The shared state of a volume's LUN (created on first use, from the
+    /// stored reservations when there are any).
     pub fn lun(&self, volume: &str) -> Arc<Lun> {
         let mut l = self.luns.lock().expect("not poisoned");
-        Arc::clone(l.entry(volume.to_string()).or_default())
+        Arc::clone(l.entry(volume.to_string()).or_insert_with(|| {
+            let stored = self.persist.as_ref().and_then(|p| p.load(volume));
+            if let Some(r) = &stored {
+                tracing::info!(
+                    volume,
+                    registrations = r.registrations.len(),
+                    reserved = r.holder.is_some(),
+                    "persistent reservations restored"
+                );
+            }
+            Arc::new(Lun::with_reservations(stored.unwrap_or_default()))
+        }))
     }
 
     fn next_tsih(&self) -> u16 {
@@ -168,10 +193,10 @@ impl Discovery for Disc<'_> {
             .into_iter()
             .filter(|v| which == "All" || which == format!("{IQN_PREFIX}{v}"))
             .filter(|v| {
-                !matches!(
-                    self.target.policy.access(v, initiator),
-                    Access::Denied | Access::NotFound
-                )
+                // Only targets the initiator may log in to (RFC 7143
+                // §4.3: SendTargets answers with the targets "available
+                // to the requesting initiator").
+                matches!(self.target.policy.access(v, initiator), Access::Allowed(_))
             })
             .map(|v| (format!("{IQN_PREFIX}{v}"), addrs.clone()))
             .collect()

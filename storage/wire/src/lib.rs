@@ -6,12 +6,15 @@
 //!   placement hash that turns (volume, chunk) into a placement group. The
 //!   gateway and the manager must agree on it bit for bit, so it lives here.
 //! * [`api`]: the JSON bodies of the manager's REST API.
+//! * [`iscsi`]: iSCSI access control (ACLs, CHAP) and reservation state as
+//!   the manager keeps them.
 //!
 //! This crate does no I/O: bytes in, values out, values in, bytes out.
 #![deny(unsafe_code)]
 
 pub mod api;
 pub mod header;
+pub mod iscsi;
 pub mod map;
 
 pub use header::{Flags, Header, HeaderError, Op, Status};
