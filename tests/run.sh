@@ -25,8 +25,9 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# Build every binary once; the real-client tests start them from target/release.
-cargo build --release --workspace --bins
-# Unit, property, simulation and real-client tests, in release mode so the
+# Build every binary once (profile `ci`: optimised, no LTO; see Cargo.toml);
+# the real-client tests start them from target/ci.
+cargo build --profile ci --workspace --bins
+# Unit, property, simulation and real-client tests, optimised so the
 # crash-consistency simulation covers many seeds in little time.
-cargo test --release --workspace -- --test-threads="${TESSERA_TEST_THREADS:-4}"
+cargo test --profile ci --workspace -- --test-threads="${TESSERA_TEST_THREADS:-4}"

@@ -10,8 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Directory holding the release binaries (`target/release`), found from
-/// the test executable's own path (`target/release/deps/...`).
+/// Directory holding the binaries built with the same profile as this test
+/// (`target/ci` under tests/run.sh), found from the test executable's own
+/// path (`target/<profile>/deps/...`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let deps = exe.parent().expect("deps dir");
@@ -22,7 +23,7 @@ pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
-        "{} is missing: build the binaries first (cargo build --release --workspace --bins)",
+        "{} is missing: build the binaries first with the test's profile (tests/run.sh does: cargo build --profile ci --workspace --bins)",
         p.display()
     );
     p
