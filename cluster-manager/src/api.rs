@@ -180,6 +180,12 @@ impl Api {
                     .map(|x| json(200, &x))),
             ),
             ("GET", ["v1", "pools"]) => ("pools", json(200, &m.pools())),
+            ("POST", ["v1", "pgs", "clean"]) => (
+                "pg_clean",
+                r(parse(body)
+                    .and_then(|b| m.report_clean(b))
+                    .map(|changed| json(200, &serde_json::json!({ "changed": changed })))),
+            ),
             ("POST", ["v1", "pools"]) => (
                 "pool_create",
                 r(parse(body)
@@ -271,6 +277,7 @@ impl Api {
             )
             | (_, ["v1", "volumes", _, "iscsi", "initiators", _])
             | (_, ["v1", "iscsi", "access"])
+            | (_, ["v1", "pgs", "clean"])
             | (_, ["metrics"]) => (
                 "bad_method",
                 error_reply(ApiError::new(

@@ -394,6 +394,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 println!("volumes   {}", s.volumes);
                 println!("pgs       {} ({} assigned)", s.pgs_total, s.pgs_assigned);
                 println!(
+                    "          {} clean, {} degraded, {} recovering",
+                    s.pgs_clean, s.pgs_degraded, s.pgs_recovering
+                );
+                println!(
                     "capacity  {} used of {}",
                     format_size(s.used_bytes),
                     format_size(s.capacity_bytes)
@@ -575,7 +579,24 @@ fn volume(c: &Client, json: bool, cmd: VolumeCommand) -> Result<(), CliError> {
                     v.chunks,
                     format_size(v.chunk_size_bytes)
                 );
-                println!("placement:");
+                println!("pool        {} ({} replicas)", v.pool, v.replicas);
+                println!("copies:");
+                table(
+                    &["  DISK", "NODE", "STATE", "UP", "PGS"],
+                    v.copies
+                        .iter()
+                        .map(|c| {
+                            vec![
+                                format!("  {}", c.disk_id),
+                                c.node_id.to_string(),
+                                c.state.clone(),
+                                if c.up { "up" } else { "down" }.into(),
+                                c.pgs.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+                println!("placement (primaries):");
                 table(
                     &["  DISK", "NODE", "CHUNKS"],
                     v.placement

@@ -100,6 +100,20 @@ pub struct Status {
     pub pgs_assigned: u32,
     pub capacity_bytes: u64,
     pub used_bytes: u64,
+    /// Storage daemons up / down (same as nodes_up / nodes_down).
+    #[serde(default)]
+    pub daemons_up: u32,
+    #[serde(default)]
+    pub daemons_down: u32,
+    /// Placed groups whose every copy is up and up to date.
+    #[serde(default)]
+    pub pgs_clean: u32,
+    /// Placed groups with a copy down, outdated or missing.
+    #[serde(default)]
+    pub pgs_degraded: u32,
+    /// Degraded groups with an outdated copy that is up (being recovered).
+    #[serde(default)]
+    pub pgs_recovering: u32,
 }
 
 pub struct Manager {
@@ -237,11 +251,23 @@ impl Manager {
         let mut inner = self.lock();
         let before = inner.catalog.clone();
         let r = membership::register(&mut inner.catalog, &req)?;
+        // A registration is a new process: whatever it had not made durable
+        // is gone, so its copies are outdated until a primary recovers them
+        // (the new incarnation tells primaries to start that recovery anew).
+        let mut outdated = false;
+        for a in &r.disks {
+            let c = &mut inner.catalog;
+            if let Some(d) = c.disks.iter_mut().find(|d| d.id == a.disk_id) {
+                d.incarnation += 1;
+            }
+            let pgs = c.pgs.clone();
+            outdated |= tessera_wire::map::outdate_disk(&pgs, &mut c.pg_states, a.disk_id);
+        }
         let live = inner.live.entry(r.node_id).or_insert_with(Live::assumed_up);
         let was_down = !live.up;
         live.up = true;
         live.last_heartbeat = Some(Instant::now());
-        if (r.changed || was_down)
+        if (r.changed || was_down || outdated || !r.disks.is_empty())
             && let Err(e) = self.commit(&mut inner, before)
         {
             if was_down {
@@ -298,14 +324,59 @@ impl Manager {
                 tracing::info!(node_id = id, "node is up");
             } else {
                 tracing::warn!(node_id = id, grace = ?self.grace, "node missed its heartbeats: down");
+                // Writes go on without its copies: they are outdated now.
+                let disks: Vec<u32> = inner
+                    .catalog
+                    .disks
+                    .iter()
+                    .filter(|d| d.node_id == *id)
+                    .map(|d| d.id)
+                    .collect();
+                let c = &mut inner.catalog;
+                let pgs = c.pgs.clone();
+                for d in disks {
+                    tessera_wire::map::outdate_disk(&pgs, &mut c.pg_states, d);
+                }
             }
         }
-        if self.commit(&mut inner, before).is_err() {
+        if self.commit(&mut inner, before.clone()).is_err() {
             // Retried at the next check: the states did not change on disk.
+            inner.catalog = before;
             for (id, up) in changes {
                 inner.live.get_mut(&id).expect("live").up = !up;
             }
         }
+    }
+
+    /// Primaries report copies recovered (`POST /v1/pgs/clean`). Each
+    /// report is judged against the map as it was before this batch, and is
+    /// accepted only under that epoch, from the group's primary: anything
+    /// that happened since (a restart, a loss) bumped the epoch. One new
+    /// epoch for the whole batch. Returns how many copies changed state.
+    pub fn report_clean(&self, reports: Vec<CleanReport>) -> Result<u32, ApiError> {
+        let mut inner = self.lock();
+        let map = inner.map();
+        let before = inner.catalog.clone();
+        let mut changed = 0;
+        for r in &reports {
+            if r.pg < inner.catalog.pg_count
+                && tessera_wire::map::mark_clean(
+                    &map,
+                    &mut inner.catalog.pg_states,
+                    r.pg,
+                    r.disk_id,
+                    r.reporter_disk_id,
+                    r.epoch,
+                )
+            {
+                changed += 1;
+                tracing::info!(pg = r.pg, disk = r.disk_id, "copy is up to date again");
+            }
+        }
+        if changed > 0 {
+            self.commit(&mut inner, before)?;
+        }
+        Ok(changed)
     }
 
     pub fn create_pool(&self, req: CreatePoolRequest) -> Result<PoolInfo, ApiError> {
@@ -442,7 +513,14 @@ impl Manager {
         let inner = self.lock();
         let c = &inner.catalog;
         let nodes_up = c.nodes.iter().filter(|n| inner.up(n.id)).count() as u32;
+        let map = inner.map();
+        let h = map::pg_health(&map);
         Status {
+            daemons_up: nodes_up,
+            daemons_down: c.nodes.len() as u32 - nodes_up,
+            pgs_clean: h.clean,
+            pgs_degraded: h.degraded,
+            pgs_recovering: h.recovering,
             cluster_id: c.cluster_id.clone(),
             epoch: c.epoch,
             nodes_up,

@@ -164,9 +164,7 @@ pub fn create_pool(c: &mut Catalog, req: &CreatePoolRequest) -> Result<u32, Erro
         pg_count,
     });
     c.pgs.extend((0..pg_count).map(|_| Vec::new()));
-    if !c.pg_states.is_empty() {
-        c.pg_states.extend((0..pg_count).map(|_| Vec::new()));
-    }
+    c.pg_states.extend((0..pg_count).map(|_| Vec::new()));
     c.pg_count += pg_count;
     Ok(id)
 }
@@ -213,9 +211,9 @@ fn place_pool(c: &mut Catalog, pool: &PoolEntry, up_disks: &[Candidate]) -> Resu
         });
     }
     placement::fill(&mut c.pgs, range.clone(), &placer, pool.replicas as usize);
-    if !c.pg_states.is_empty() {
-        for pg in range {
-            let n = c.pgs[pg as usize].len();
+    for pg in range {
+        let n = c.pgs[pg as usize].len();
+        if c.pg_states[pg as usize].len() != n {
             c.pg_states[pg as usize] = vec![CopyState::UpToDate; n];
         }
     }
@@ -383,7 +381,82 @@ pub fn volume_info<'a>(
             .pool(v.pool_id)
             .map_or_else(String::new, |p| p.name.clone()),
         replicas: map.pool(v.pool_id).map_or(1, |p| p.replicas),
+        copies: copies(map, v),
     }
+}
+
+/// Placement-group health counted from the map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PgHealth {
+    pub clean: u32,
+    pub degraded: u32,
+    pub recovering: u32,
+}
+
+pub fn pg_health(map: &ClusterMap) -> PgHealth {
+    let mut h = PgHealth::default();
+    for (pg, set) in map.pgs.iter().enumerate() {
+        if set.is_empty() {
+            continue;
+        }
+        let pg = pg as u32;
+        let want = map.pool_of_pg(pg).map_or(1, |p| p.replicas as usize);
+        let up = |d: &u32| map.disk(*d).is_some_and(|d| d.up);
+        let clean = set.len() >= want
+            && set
+                .iter()
+                .enumerate()
+                .all(|(i, d)| up(d) && map.copy_state(pg, i) == CopyState::UpToDate);
+        if clean {
+            h.clean += 1;
+            continue;
+        }
+        h.degraded += 1;
+        let recovering = set
+            .iter()
+            .enumerate()
+            .any(|(i, d)| up(d) && map.copy_state(pg, i) != CopyState::UpToDate);
+        h.recovering += u32::from(recovering);
+    }
+    h
+}
+
+/// Per disk holding copies of `v`: how many of its groups the disk is in
+/// and the state of its copies (`UpToDate` when all are; otherwise
+/// `Recovering` when the disk is up, `Outdated` when it is down).
+pub fn copies(map: &ClusterMap, v: &VolumeEntry) -> Vec<tessera_wire::api::CopyInfo> {
+    let (base, count) = match map.pool(v.pool_id) {
+        Some(p) => (p.pg_base, p.pg_count),
+        None => (0, map.pg_count),
+    };
+    let mut per: BTreeMap<u32, (u32, bool)> = BTreeMap::new();
+    for pg in base..base + count {
+        for (i, d) in map.pgs[pg as usize].iter().enumerate() {
+            let e = per.entry(*d).or_insert((0, true));
+            e.0 += 1;
+            e.1 &= map.copy_state(pg, i) == CopyState::UpToDate;
+        }
+    }
+    per.into_iter()
+        .map(|(disk_id, (pgs, uptodate))| {
+            let disk = map.disk(disk_id);
+            let up = disk.is_some_and(|d| d.up);
+            tessera_wire::api::CopyInfo {
+                disk_id,
+                node_id: disk.map_or(0, |d| d.node_id),
+                pgs,
+                up,
+                state: if uptodate {
+                    "UpToDate"
+                } else if up {
+                    "Recovering"
+                } else {
+                    "Outdated"
+                }
+                .into(),
+            }
+        })
+        .collect()
 }
 
 /// Disks eligible for new placement groups: those whose node is up.

@@ -134,6 +134,22 @@ impl Catalog {
                 changed = true;
             }
         }
+        // Copy states arrived with replication: every placed copy of an
+        // older catalogue is as good as the single copy it was.
+        let shaped = self.pg_states.len() == self.pgs.len()
+            && self
+                .pg_states
+                .iter()
+                .zip(&self.pgs)
+                .all(|(s, m)| s.len() == m.len());
+        if !shaped {
+            self.pg_states = self
+                .pgs
+                .iter()
+                .map(|m| vec![CopyState::UpToDate; m.len()])
+                .collect();
+            changed = true;
+        }
         changed
     }
 
@@ -150,7 +166,7 @@ impl Catalog {
             next_disk_id: 1,
             next_volume_id: 1,
             pools: Vec::new(),
-            pg_states: Vec::new(),
+            pg_states: vec![Vec::new(); pg_count as usize],
             iscsi_access: BTreeMap::new(),
             iscsi_reservations: BTreeMap::new(),
         }

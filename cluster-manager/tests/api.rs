@@ -242,11 +242,13 @@ fn volumes_nodes_and_persistence() {
         vec![1, 2]
     );
     assert_eq!(n2.disks[0].disk_id, 3);
-    // Same uuids again: same ids, no new epoch.
+    // Same uuids again: same ids. A registration is a new process (its
+    // disks get a new incarnation, which primaries must see), so it
+    // publishes a new epoch.
     let again = m.register("node-a", &[("disk-a0", 4 * GIB), ("disk-a1", 4 * GIB)]);
     assert_eq!(again.node_id, 1);
     assert_eq!(again.disks, n1.disks);
-    assert_eq!(again.epoch, n2.epoch);
+    assert_eq!(again.epoch, n2.epoch + 1);
 
     let nodes: Vec<NodeInfo> = m.get("/v1/nodes");
     assert_eq!(nodes.len(), 2);

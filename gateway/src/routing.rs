@@ -254,7 +254,10 @@ impl Router {
     /// Flush one disk, if it is still in the map.
     async fn flush_disk(self: Arc<Self>, disk_id: u32) -> Result<Option<Vec<u8>>, VolumeError> {
         let target = |map: &ClusterMap| {
-            let in_acting_set = map.pgs.iter().any(|s| s.contains(&disk_id));
+            // Down disks are skipped: their copies are outdated and will be
+            // recovered; every acting (up) copy is flushed.
+            let in_acting_set = map.pgs.iter().any(|s| s.contains(&disk_id))
+                && map.disk(disk_id).is_some_and(|d| d.up);
             let node = map.disk(disk_id).and_then(|d| map.node(d.node_id));
             match node {
                 Some(n) if in_acting_set => {

@@ -137,6 +137,12 @@ enum Route {
         started: Instant,
     },
     Internal,
+    /// A request of the replication driver: the completion goes back to it.
+    Repl {
+        token: u64,
+        kind: ReplKind,
+        tx: mpsc::Sender<ReplIn>,
+    },
 }
 
 enum EngineMsg {
@@ -353,6 +359,17 @@ async fn engine_task(
 fn deliver(routes: &mut Slab<Route>, done: &mut Vec<Completion>, metrics: &Metrics) {
     for c in done.drain(..) {
         let route = routes.remove(c.tag as usize);
+        let route = match route {
+            Route::Repl { token, kind, tx } => {
+                let _ = tx.send(ReplIn::Engine {
+                    token,
+                    kind,
+                    result: c.result,
+                });
+                continue;
+            }
+            r => r,
+        };
         let Route::Net {
             header,
             tx,
@@ -363,7 +380,7 @@ fn deliver(routes: &mut Slab<Route>, done: &mut Vec<Completion>, metrics: &Metri
             continue;
         };
         let (status, data) = match c.result {
-            Ok(Reply::Done) => (Status::Ok, Vec::new()),
+            Ok(Reply::Done) | Ok(Reply::Allocated(_)) => (Status::Ok, Vec::new()),
             Ok(Reply::Data(d)) | Ok(Reply::Allocation(d)) => (Status::Ok, d),
             Err(e) => (status_of(e), Vec::new()),
         };
@@ -421,6 +438,7 @@ fn op_name(op: Op) -> &'static str {
         Op::WriteZeroes => "write_zeroes",
         Op::BlockStatus => "block_status",
         Op::Ping => "ping",
+        Op::Repl => "repl",
     }
 }
 
@@ -455,6 +473,10 @@ struct Metrics {
     capacity: IntGaugeVec,
     used: IntGaugeVec,
     protocol_errors: IntCounter,
+    pgs_primary: IntGauge,
+    pgs_degraded: IntGauge,
+    pgs_recovering: IntGauge,
+    recovery_bytes: IntCounter,
 }
 
 impl Metrics {
@@ -521,8 +543,30 @@ impl Metrics {
             "Connections closed for malformed messages",
         )
         .expect("metric");
+        let g = |n: &str, h: &str| IntGauge::new(n, h).expect("metric");
+        let pgs_primary = g(
+            "tessera_storage_pgs_primary",
+            "Replicated placement groups this daemon leads",
+        );
+        let pgs_degraded = g(
+            "tessera_storage_pgs_degraded",
+            "Led placement groups with a copy down or outdated",
+        );
+        let pgs_recovering = g(
+            "tessera_storage_pgs_recovering",
+            "Led placement groups recovering a copy",
+        );
+        let recovery_bytes = IntCounter::new(
+            "tessera_storage_recovery_bytes_total",
+            "Bytes pushed to outdated copies by recovery",
+        )
+        .expect("metric");
         for m in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pgs_primary.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pgs_degraded.clone()),
+            Box::new(pgs_recovering.clone()),
+            Box::new(recovery_bytes.clone()),
+            Box::new(requests.clone()),
             Box::new(errors.clone()),
             Box::new(bytes.clone()),
             Box::new(latency.clone()),
@@ -545,6 +589,10 @@ impl Metrics {
             capacity,
             used,
             protocol_errors,
+            pgs_primary,
+            pgs_degraded,
+            pgs_recovering,
+            recovery_bytes,
         }
     }
 
@@ -571,6 +619,11 @@ struct Shared {
     advertise: String,
     metrics_addr: Option<String>,
     all: Vec<Arc<DiskHandle>>,
+    /// (group, disk) pairs whose replicated groups this daemon serves as
+    /// active primary (published by the replication driver).
+    active: RwLock<std::collections::BTreeSet<(u32, u32)>>,
+    /// The replication driver's input, once started.
+    repl: Mutex<Option<mpsc::Sender<ReplIn>>>,
 }
 
 impl Shared {
@@ -676,8 +729,12 @@ fn publish_map(shared: &Shared, map: ClusterMap) {
         }
     }
     let epoch = map.epoch;
-    *shared.map.write().expect("map lock") = Arc::new(map);
+    let map = Arc::new(map);
+    *shared.map.write().expect("map lock") = map.clone();
     shared.epoch_tx.send_replace(epoch);
+    if let Some(tx) = shared.repl.lock().expect("repl").as_ref() {
+        let _ = tx.send(ReplIn::Input(ReplInput::Map(map)));
+    }
 }
 
 fn map_follower(shared: Arc<Shared>, refresh_rx: mpsc::Receiver<()>) {
@@ -871,8 +928,24 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
                 .requests
                 .with_label_values(&[op_name(h.op)])
                 .inc();
+            if h.op == Op::Repl {
+                let status = accept_repl(&shared, &h, &payload);
+                if status != Status::Ok {
+                    shared
+                        .metrics
+                        .errors
+                        .with_label_values(&[status_name(status)])
+                        .inc();
+                }
+                let _ = tx.send(Outgoing {
+                    header: h.reply_to(status, shared.map().epoch, 0),
+                    data: Vec::new(),
+                    _permit: Some(permit),
+                });
+                continue;
+            }
             match admit(&shared, &h, payload).await {
-                Ok((disk, req)) => disk.send(EngineMsg::Request(
+                Ok(Admitted::Engine(disk, req)) => disk.send(EngineMsg::Request(
                     req,
                     Route::Net {
                         header: h,
@@ -881,6 +954,36 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
                         started: Instant::now(),
                     },
                 )),
+                Ok(Admitted::Replicated {
+                    pg,
+                    extent,
+                    change,
+                    fua,
+                }) => {
+                    let reply = PendingReply {
+                        header: h,
+                        tx: tx.clone(),
+                        permit,
+                        started: Instant::now(),
+                    };
+                    let sent = shared.repl.lock().expect("repl").as_ref().map(|r| {
+                        r.send(ReplIn::Client {
+                            pg,
+                            disk: h.disk_id,
+                            extent,
+                            change,
+                            fua,
+                            reply,
+                        })
+                        .is_ok()
+                    });
+                    if sent != Some(true) {
+                        // Starting or stopping: the reply (and its permit)
+                        // went with the failed send; the gateway times out
+                        // and retries.
+                        tracing::warn!("replication driver unavailable");
+                    }
+                }
                 Err(status) => {
                     shared
                         .metrics
@@ -911,7 +1014,10 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
 
 /// Read exactly `n` bytes into a new vector, without zero-filling it first
 /// (a 128 KiB payload was a visible memset per request).
-async fn read_vec<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, n: usize) -> std::io::Result<Vec<u8>> {
+async fn read_vec<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    n: usize,
+) -> std::io::Result<Vec<u8>> {
     let mut v = Vec::with_capacity(n);
     // Capacity is exactly n, so no read can overshoot into the next frame.
     while v.len() < n {
@@ -932,13 +1038,61 @@ async fn write_outgoing<W: AsyncWriteExt + Unpin>(w: &mut W, o: &Outgoing) -> st
     Ok(())
 }
 
+/// Validate a replication message from a peer daemon and hand it to the
+/// replication driver. Epoch and primacy are judged by the state machine
+/// (it fences old epochs and holds newer ones until the map catches up).
+fn accept_repl(shared: &Shared, h: &Header, payload: &[u8]) -> Status {
+    if shared.stopping.load(Ordering::Relaxed) {
+        return Status::ShuttingDown;
+    }
+    let Some(body) = open_payload(payload) else {
+        return Status::BadPayloadCrc;
+    };
+    if !shared.disks.read().expect("disks").contains_key(&h.disk_id) {
+        return Status::WrongDisk;
+    }
+    let msg = match repl::codec::decode(body, h.disk_id, h.epoch) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "malformed replication message");
+            return Status::Invalid;
+        }
+    };
+    if let repl::Body::Replicate { update, .. } = &msg.body {
+        let e = &update.extent;
+        let chunk_ok = shared
+            .disks
+            .read()
+            .expect("disks")
+            .get(&h.disk_id)
+            .is_some_and(|d| u64::from(e.end()) <= d.chunk_bytes);
+        if !chunk_ok || e.offset % 512 != 0 || e.length % 512 != 0 {
+            return Status::Invalid;
+        }
+    }
+    match shared.repl.lock().expect("repl").as_ref() {
+        Some(tx) if tx.send(ReplIn::Input(ReplInput::Msg(msg))).is_ok() => Status::Ok,
+        _ => Status::Busy,
+    }
+}
+
+/// Where an admitted request goes.
+enum Admitted {
+    /// Straight to one disk's engine (reads, single-copy pools, flushes).
+    Engine(Arc<DiskHandle>, Request),
+    /// A change to a replicated group this disk leads: through the
+    /// replication driver.
+    Replicated {
+        pg: u32,
+        extent: repl::Extent,
+        change: repl::Change<Data>,
+        fua: bool,
+    },
+}
+
 /// Validate a request against the daemon's map and turn it into an engine
 /// request for one of its disks.
-async fn admit(
-    shared: &Shared,
-    h: &Header,
-    payload: Vec<u8>,
-) -> Result<(Arc<DiskHandle>, Request), Status> {
+async fn admit(shared: &Shared, h: &Header, payload: Vec<u8>) -> Result<Admitted, Status> {
     if shared.stopping.load(Ordering::Relaxed) {
         return Err(Status::ShuttingDown);
     }
@@ -971,7 +1125,7 @@ async fn admit(
         return Err(Status::Ok);
     }
     if h.op == Op::Flush {
-        return Ok((disk, Request::Flush));
+        return Ok(Admitted::Engine(disk, Request::Flush));
     }
     if !h.op.is_ranged() {
         return Err(Status::Invalid);
@@ -990,6 +1144,68 @@ async fn admit(
     }
     if !map.disk_holds(h.disk_id, h.volume_id, h.chunk_index) {
         return Err(Status::WrongDisk);
+    }
+    // Replicated groups: only their active primary serves, and changes go
+    // through replication.
+    let pg = map
+        .pg_for(h.volume_id, h.chunk_index)
+        .ok_or(Status::UnknownVolume)?;
+    let replicated = map.pool_of_pg(pg).is_some_and(|p| p.replicas > 1);
+    if replicated {
+        let changes = matches!(h.op, Op::Write | Op::WriteZeroes | Op::Trim);
+        let is_primary = map.primary(pg) == Some(h.disk_id);
+        let active = shared
+            .active
+            .read()
+            .expect("active")
+            .contains(&(pg, h.disk_id));
+        // Changes only at the serving primary. Reads also at any copy the map
+        // says is up to date: it applied every acknowledged change before
+        // the primary acknowledged it.
+        let uptodate = map.pgs[pg as usize]
+            .iter()
+            .position(|d| *d == h.disk_id)
+            .is_some_and(|i| map.copy_state(pg, i) == tessera_wire::map::CopyState::UpToDate);
+        let ok = if is_primary {
+            active
+        } else {
+            !changes && uptodate
+        };
+        if !ok {
+            return Err(Status::WrongDisk);
+        }
+        let extent = repl::Extent {
+            volume_id: h.volume_id,
+            chunk_index: h.chunk_index,
+            offset: h.offset,
+            length: h.length,
+        };
+        let fua = h.flags.contains(Flags::FUA);
+        if matches!(h.op, Op::Write | Op::WriteZeroes | Op::Trim) {
+            let change = match h.op {
+                Op::Write => {
+                    if open_payload(&payload).is_none() {
+                        return Err(Status::BadPayloadCrc);
+                    }
+                    let mut data = payload;
+                    data.truncate(h.length as usize);
+                    shared
+                        .metrics
+                        .bytes
+                        .with_label_values(&["write"])
+                        .inc_by(data.len() as u64);
+                    repl::Change::Write(Arc::new(data))
+                }
+                Op::WriteZeroes => repl::Change::Zeroes,
+                _ => repl::Change::Trim,
+            };
+            return Ok(Admitted::Replicated {
+                pg,
+                extent,
+                change,
+                fua,
+            });
+        }
     }
     let key = ChunkKey {
         volume_id: h.volume_id,
@@ -1038,7 +1254,7 @@ async fn admit(
         },
         _ => return Err(Status::Invalid),
     };
-    Ok((disk, req))
+    Ok(Admitted::Engine(disk, req))
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
@@ -1114,10 +1330,17 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         advertise,
         metrics_addr: metrics_server_handle.clone(),
         all: handles.clone(),
+        active: RwLock::new(std::collections::BTreeSet::new()),
+        repl: Mutex::new(None),
     });
     let resp = register(&agent, &shared)
         .map_err(|e| Fatal::env(format!("registration with the manager failed: {e}")))?;
     apply_registration(&shared, &resp).map_err(Fatal::env)?;
+    // The replicator starts with this process's (empty) logs, after the
+    // registration told the manager that a new process owns the disks.
+    let repl_tx = start_driver(shared.clone(), rt.handle().clone());
+    let _ = repl_tx.send(ReplIn::Input(ReplInput::Map(shared.map())));
+    *shared.repl.lock().expect("repl") = Some(repl_tx);
     if let Ok(m) = fetch_map(&agent, &config.manager) {
         publish_map(&shared, m);
     }
@@ -1198,4 +1421,516 @@ mod tests {
         assert!(DiskSpec::parse("/x,color=red").is_err());
         assert!(DiskSpec::parse("/x,size=lots").is_err());
     }
+}
+
+// ---- replication driver ----------------------------------------------------
+//
+// One thread owns the `Replicator` of this daemon's disks and turns its
+// effects into engine requests, messages to peer daemons, replies to
+// gateways and reports to the manager. Everything reaches it through one
+// channel (`ReplIn`), so the state machine sees a single ordered stream of
+// inputs, exactly as in the simulation.
+
+use crate::replication::{
+    self as repl, ClientResult, Effect as ReplEffect, Input as ReplInput, Replicator,
+};
+
+/// How often the replication state machine is ticked (resends, flush
+/// rounds that trim logs).
+const REPL_TICK: Duration = Duration::from_millis(100);
+/// Messages queued towards one peer daemon before new ones are dropped
+/// (the state machine resends what is not answered).
+const PEER_QUEUE_MAX: usize = 8192;
+
+type Data = Arc<Vec<u8>>;
+
+/// What an engine request of the driver was for.
+#[derive(Debug, Clone, Copy)]
+enum ReplKind {
+    Apply,
+    Read(repl::Extent),
+    List(u32),
+    Flush,
+}
+
+/// A gateway request waiting for the replication of its change.
+struct PendingReply {
+    header: Header,
+    tx: tmpsc::UnboundedSender<Outgoing>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    started: Instant,
+}
+
+enum ReplIn {
+    Input(ReplInput<Data>),
+    Client {
+        pg: u32,
+        disk: u32,
+        extent: repl::Extent,
+        change: repl::Change<Data>,
+        fua: bool,
+        reply: PendingReply,
+    },
+    Engine {
+        token: u64,
+        kind: ReplKind,
+        result: Result<Reply, EngineError>,
+    },
+}
+
+/// Connections to peer daemons for one-way replication messages.
+struct Peers {
+    rt: tokio::runtime::Handle,
+    cluster_id: String,
+    conns: Mutex<BTreeMap<String, tmpsc::Sender<Vec<u8>>>>,
+}
+
+impl Peers {
+    fn send(&self, addr: &str, frame: Vec<u8>) {
+        let mut conns = self.conns.lock().expect("peers");
+        let tx = match conns.get(addr) {
+            Some(tx) if !tx.is_closed() => tx.clone(),
+            _ => {
+                let (tx, rx) = tmpsc::channel(PEER_QUEUE_MAX);
+                let (a, id) = (addr.to_string(), self.cluster_id.clone());
+                self.rt.spawn(peer_task(a, id, rx));
+                conns.insert(addr.to_string(), tx.clone());
+                tx
+            }
+        };
+        // Full or closed: the message is lost, as on a broken link; the
+        // state machine sends it again.
+        let _ = tx.try_send(frame);
+    }
+}
+
+async fn peer_task(addr: String, cluster_id: String, mut rx: tmpsc::Receiver<Vec<u8>>) {
+    let connect = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&addr));
+    let Ok(Ok(stream)) = connect.await else {
+        tracing::debug!(%addr, "cannot reach peer daemon");
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut rd, wr) = stream.into_split();
+    // Replies only acknowledge receipt: read and drop them.
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    let mut hello = cluster_id.into_bytes();
+    tessera_wire::header::seal_payload(&mut hello);
+    let mut h = Header::request(Op::Hello, 0, 0);
+    h.payload_len = hello.len() as u32;
+    if wr.write_all(&h.to_bytes()).await.is_err() || wr.write_all(&hello).await.is_err() {
+        return;
+    }
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(f) = next.take() {
+            if wr.write_all(&f).await.is_err() {
+                reader.abort();
+                return;
+            }
+            next = rx.try_recv().ok();
+        }
+        if wr.flush().await.is_err() {
+            break;
+        }
+    }
+    reader.abort();
+}
+
+/// One `Op::Repl` frame: header, body, CRC.
+fn repl_frame(m: &repl::Msg<Data>) -> Vec<u8> {
+    let mut body = repl::codec::encode(m);
+    tessera_wire::header::seal_payload(&mut body);
+    let mut h = Header::request(Op::Repl, 0, m.epoch);
+    h.disk_id = m.to;
+    h.payload_len = body.len() as u32;
+    let mut out = Vec::with_capacity(HEADER_SIZE + body.len());
+    out.extend_from_slice(&h.to_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    rep: Replicator<Data>,
+    tx: mpsc::Sender<ReplIn>,
+    peers: Peers,
+    pending: BTreeMap<u64, PendingReply>,
+    next_client: u64,
+    reports: mpsc::Sender<(u32, u32, u32, u64)>,
+    local: std::collections::VecDeque<ReplInput<Data>>,
+    recovery_reported: u64,
+}
+
+fn status_of_client(r: ClientResult) -> Status {
+    match r {
+        ClientResult::Ok => Status::Ok,
+        // Not the primary (any more), still peering or too few copies: the
+        // gateway refreshes its map and tries again, so clients see a pause.
+        ClientResult::Retry => Status::WrongDisk,
+        ClientResult::Failed => Status::Io,
+    }
+}
+
+impl Driver {
+    fn run(mut self, rx: mpsc::Receiver<ReplIn>) {
+        let mut next_tick = Instant::now() + REPL_TICK;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(m) => {
+                    self.input(m);
+                    while let Ok(m) = rx.try_recv() {
+                        self.input(m);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            if Instant::now() >= next_tick {
+                next_tick = Instant::now() + REPL_TICK;
+                self.feed(ReplInput::Tick);
+                self.publish_stats();
+            }
+            self.publish_active();
+        }
+    }
+
+    fn input(&mut self, m: ReplIn) {
+        match m {
+            ReplIn::Input(i) => self.feed(i),
+            ReplIn::Client {
+                pg,
+                disk,
+                extent,
+                change,
+                fua,
+                reply,
+            } => {
+                let client = self.next_client;
+                self.next_client += 1;
+                self.pending.insert(client, reply);
+                self.feed(ReplInput::Client {
+                    pg,
+                    disk,
+                    client,
+                    extent,
+                    change,
+                    fua,
+                });
+            }
+            ReplIn::Engine {
+                token,
+                kind,
+                result,
+            } => {
+                let input = match kind {
+                    ReplKind::Apply => ReplInput::Applied {
+                        token,
+                        ok: result.is_ok(),
+                    },
+                    ReplKind::Flush => ReplInput::Flushed {
+                        token,
+                        ok: result.is_ok(),
+                    },
+                    ReplKind::Read(extent) => match result {
+                        Ok(Reply::Data(d)) => {
+                            let zero = d.iter().all(|b| *b == 0);
+                            ReplInput::ReadDone {
+                                token,
+                                extent,
+                                data: (!zero).then(|| Arc::new(d)),
+                            }
+                        }
+                        // Unreadable here: leave the region for a retry
+                        // by reporting nothing read (the push is dropped
+                        // and the member stays outdated until the next
+                        // recovery).
+                        _ => ReplInput::ReadDone {
+                            token,
+                            extent: repl::Extent {
+                                length: 0,
+                                ..extent
+                            },
+                            data: None,
+                        },
+                    },
+                    ReplKind::List(pg) => {
+                        let map = self.shared.map();
+                        let mut regions = Vec::new();
+                        if let Ok(Reply::Allocated(list)) = result {
+                            for (k, mask) in list {
+                                if map.pg_for(k.volume_id, k.chunk_index) != Some(pg) {
+                                    continue;
+                                }
+                                for i in 0..64 {
+                                    if mask & (1 << i) != 0 {
+                                        regions.push(repl::Region {
+                                            volume_id: k.volume_id,
+                                            chunk_index: k.chunk_index,
+                                            index: i,
+                                        });
+                                    }
+                                }
+                            }
+                        }
+                        ReplInput::Regions { token, regions }
+                    }
+                };
+                self.feed(input);
+            }
+        }
+    }
+
+    fn feed(&mut self, input: ReplInput<Data>) {
+        self.local.push_back(input);
+        while let Some(i) = self.local.pop_front() {
+            self.rep.handle(i);
+            for e in self.rep.take_effects() {
+                self.effect(e);
+            }
+        }
+    }
+
+    fn disk(&self, id: u32) -> Option<Arc<DiskHandle>> {
+        self.shared.disks.read().expect("disks").get(&id).cloned()
+    }
+
+    fn engine(&self, disk: u32, token: u64, kind: ReplKind, req: Request) -> bool {
+        let Some(d) = self.disk(disk) else {
+            return false;
+        };
+        d.send(EngineMsg::Request(
+            req,
+            Route::Repl {
+                token,
+                kind,
+                tx: self.tx.clone(),
+            },
+        ));
+        true
+    }
+
+    fn effect(&mut self, e: ReplEffect<Data>) {
+        let key = |e: &repl::Extent| ChunkKey {
+            volume_id: e.volume_id,
+            chunk_index: e.chunk_index,
+        };
+        match e {
+            ReplEffect::Send(m) => {
+                if self.shared.disks.read().expect("disks").contains_key(&m.to) {
+                    self.local.push_back(ReplInput::Msg(m));
+                    return;
+                }
+                let map = self.shared.map();
+                let Some(addr) = map
+                    .disk(m.to)
+                    .and_then(|d| map.node(d.node_id))
+                    .map(|n| n.addr.clone())
+                else {
+                    return;
+                };
+                self.peers.send(&addr, repl_frame(&m));
+            }
+            ReplEffect::Apply {
+                disk,
+                token,
+                update,
+            } => {
+                let k = key(&update.extent);
+                let req = match update.change {
+                    repl::Change::Write(d) => Request::Write {
+                        key: k,
+                        offset: update.extent.offset,
+                        data: Arc::try_unwrap(d).unwrap_or_else(|a| (*a).clone()),
+                        fua: update.fua,
+                    },
+                    repl::Change::Zeroes => Request::WriteZeroes {
+                        key: k,
+                        offset: update.extent.offset,
+                        length: update.extent.length,
+                        fua: update.fua,
+                    },
+                    repl::Change::Trim => Request::Trim {
+                        key: k,
+                        offset: update.extent.offset,
+                        length: update.extent.length,
+                    },
+                };
+                if !self.engine(disk, token, ReplKind::Apply, req) {
+                    self.local
+                        .push_back(ReplInput::Applied { token, ok: false });
+                }
+            }
+            ReplEffect::Read {
+                disk,
+                token,
+                extent,
+            } => {
+                // Clamp to the volume: its last chunk may end mid-region.
+                let map = self.shared.map();
+                let end = map.volume(extent.volume_id).map_or(0, |v| {
+                    let chunk_start = u64::from(extent.chunk_index) * v.chunk_size_bytes;
+                    v.size_bytes
+                        .saturating_sub(chunk_start)
+                        .min(u64::from(extent.end()))
+                });
+                let length = end.saturating_sub(u64::from(extent.offset)) as u32;
+                let extent = repl::Extent { length, ..extent };
+                let sent = length > 0
+                    && self.engine(
+                        disk,
+                        token,
+                        ReplKind::Read(extent),
+                        Request::Read {
+                            key: key(&extent),
+                            offset: extent.offset,
+                            length,
+                        },
+                    );
+                if !sent {
+                    self.local.push_back(ReplInput::ReadDone {
+                        token,
+                        extent: repl::Extent {
+                            length: 0,
+                            ..extent
+                        },
+                        data: None,
+                    });
+                }
+            }
+            ReplEffect::ListRegions { disk, token, pg } => {
+                if !self.engine(disk, token, ReplKind::List(pg), Request::ListAllocated) {
+                    self.local.push_back(ReplInput::Regions {
+                        token,
+                        regions: Vec::new(),
+                    });
+                }
+            }
+            ReplEffect::Flush { disk, token } => {
+                if !self.engine(disk, token, ReplKind::Flush, Request::Flush) {
+                    self.local
+                        .push_back(ReplInput::Flushed { token, ok: false });
+                }
+            }
+            ReplEffect::Reply { client, result } => {
+                if let Some(p) = self.pending.remove(&client) {
+                    let status = status_of_client(result);
+                    let m = &self.shared.metrics;
+                    m.latency
+                        .with_label_values(&[op_name(p.header.op)])
+                        .observe(p.started.elapsed().as_secs_f64());
+                    if status != Status::Ok {
+                        m.errors.with_label_values(&[status_name(status)]).inc();
+                    }
+                    let _ = p.tx.send(Outgoing {
+                        header: p.header.reply_to(status, 0, 0),
+                        data: Vec::new(),
+                        _permit: Some(p.permit),
+                    });
+                }
+            }
+            ReplEffect::ReportClean { pg, disk, epoch } => {
+                let map = self.shared.map();
+                if let Some(reporter) = map.primary(pg) {
+                    let _ = self.reports.send((pg, disk, reporter, epoch));
+                }
+            }
+            ReplEffect::NeedMap => {
+                let _ = self.shared.refresh_tx.lock().expect("refresh").send(());
+            }
+        }
+    }
+
+    /// Let the network side know which groups may serve reads here.
+    fn publish_active(&self) {
+        let active = self.rep.active_primaries();
+        let mut cur = self.shared.active.write().expect("active");
+        if *cur != active {
+            *cur = active;
+        }
+    }
+
+    fn publish_stats(&mut self) {
+        let s = self.rep.summary();
+        let m = &self.shared.metrics;
+        m.pgs_primary.set(i64::from(s.primaries));
+        m.pgs_degraded.set(i64::from(s.degraded));
+        m.pgs_recovering.set(i64::from(s.recovering));
+        let bytes = self.rep.stats.recovery_bytes;
+        m.recovery_bytes
+            .inc_by(bytes.saturating_sub(self.recovery_reported));
+        self.recovery_reported = bytes;
+    }
+}
+
+/// Reports recovered copies to the manager (blocking HTTP, off the driver).
+fn report_loop(shared: Arc<Shared>, rx: mpsc::Receiver<(u32, u32, u32, u64)>) {
+    let agent = http();
+    while let Ok(first) = rx.recv() {
+        // Everything pending goes in one request: the manager judges a
+        // batch against one epoch, so reports do not void each other.
+        let mut batch = vec![first];
+        std::thread::sleep(Duration::from_millis(20));
+        batch.extend(rx.try_iter());
+        let body: Vec<tessera_wire::api::CleanReport> = batch
+            .iter()
+            .map(
+                |&(pg, disk, reporter, epoch)| tessera_wire::api::CleanReport {
+                    pg,
+                    disk_id: disk,
+                    reporter_disk_id: reporter,
+                    epoch,
+                },
+            )
+            .collect();
+        let r = agent
+            .post(&format!("{}/v1/pgs/clean", shared.config.manager))
+            .send_json(&body);
+        match r {
+            Ok(_) => tracing::info!(copies = body.len(), "reported copies recovered"),
+            Err(e) => tracing::debug!(error = %e, "recovery report refused"),
+        }
+    }
+}
+
+/// Start the driver for this daemon's disks; returns its input channel.
+fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> mpsc::Sender<ReplIn> {
+    let (tx, rx) = mpsc::channel();
+    let (rtx, rrx) = mpsc::channel();
+    let disks: Vec<u32> = shared
+        .disks
+        .read()
+        .expect("disks")
+        .keys()
+        .copied()
+        .collect();
+    let driver = Driver {
+        shared: shared.clone(),
+        rep: Replicator::new(disks),
+        tx: tx.clone(),
+        peers: Peers {
+            rt,
+            cluster_id: shared.map().cluster_id.clone(),
+            conns: Mutex::new(BTreeMap::new()),
+        },
+        pending: BTreeMap::new(),
+        next_client: 1,
+        reports: rtx,
+        local: std::collections::VecDeque::new(),
+        recovery_reported: 0,
+    };
+    {
+        let s = shared.clone();
+        std::thread::spawn(move || report_loop(s, rrx));
+    }
+    std::thread::Builder::new()
+        .name("replication".into())
+        .spawn(move || driver.run(rx))
+        .expect("spawn the replication driver");
+    tx
 }

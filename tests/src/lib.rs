@@ -143,6 +143,16 @@ impl Cluster {
 
     /// Start with the given gateway iSCSI portals (port 0: a free port).
     pub fn start_with_portals(dir: &Path, opts: &ClusterOptions, iscsi_listen: &[&str]) -> Cluster {
+        Cluster::start_with_args(dir, opts, iscsi_listen, &[])
+    }
+
+    /// Start with extra `tessera up` arguments (e.g. `--replicas 3`).
+    pub fn start_with_args(
+        dir: &Path,
+        opts: &ClusterOptions,
+        iscsi_listen: &[&str],
+        extra: &[&str],
+    ) -> Cluster {
         let mut cmd = Command::new(bin("tessera"));
         cmd.arg("up")
             .arg("--dir")
@@ -161,6 +171,7 @@ impl Cluster {
         for l in iscsi_listen {
             cmd.arg("--iscsi-listen").arg(l);
         }
+        cmd.args(extra);
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn tessera up");
         let stdout = child.stdout.take().expect("stdout");

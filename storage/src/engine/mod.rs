@@ -80,6 +80,10 @@ pub enum Request {
     },
     /// Free every chunk of a deleted volume.
     DropVolume { volume_id: u64 },
+    /// Every chunk holding data, with one bit per 64 KiB region (bit i =
+    /// region i holds at least one mapped block): what a full resync of a
+    /// replica must compare.
+    ListAllocated,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -87,6 +91,7 @@ pub enum Reply {
     Done,
     Data(Vec<u8>),
     Allocation(Vec<u8>),
+    Allocated(Vec<(ChunkKey, u64)>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -652,7 +657,7 @@ impl<D: Disk> Engine<D> {
                     u32::try_from(data.len()).map_err(|_| EngineError::Invalid("too long"))?;
                 Some((*offset, len))
             }
-            Request::Flush | Request::DropVolume { .. } => None,
+            Request::Flush | Request::DropVolume { .. } | Request::ListAllocated => None,
         };
         if let Some((offset, length)) = range {
             if length == 0 {
@@ -719,6 +724,25 @@ impl<D: Disk> Engine<D> {
             Request::DropVolume { volume_id } => {
                 self.drop_volume(volume_id);
                 self.complete(tag, Ok(Reply::Done), 0);
+            }
+            Request::ListAllocated => {
+                // 64 KiB regions of 4 KiB blocks; a u64 covers a 4 MiB chunk.
+                const BLOCKS_PER_REGION: usize = 16;
+                let list = self
+                    .chunks
+                    .iter()
+                    .filter(|(k, c)| c.mapped > 0 && !self.dropped.contains(&k.volume_id))
+                    .map(|(k, c)| {
+                        let mut mask = 0u64;
+                        for (i, b) in c.blocks.iter().enumerate() {
+                            if *b != ENTRY_NONE {
+                                mask |= 1 << (i / BLOCKS_PER_REGION).min(63);
+                            }
+                        }
+                        (*k, mask)
+                    })
+                    .collect();
+                self.complete(tag, Ok(Reply::Allocated(list)), 0);
             }
         }
     }

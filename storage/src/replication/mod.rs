@@ -37,6 +37,7 @@
 //! The type `D` is the data of a write (bytes in the daemon, block labels in
 //! the simulation).
 
+pub mod codec;
 #[cfg(test)]
 mod sim;
 
@@ -524,6 +525,15 @@ impl<D: Clone> Replicator<D> {
             Some(p) if p.active => ReadCheck::Ok,
             _ => ReadCheck::Retry,
         }
+    }
+
+    /// The (group, disk) pairs this daemon leads and serves now.
+    pub fn active_primaries(&self) -> BTreeSet<(u32, u32)> {
+        self.pgs
+            .iter()
+            .filter(|(_, p)| p.primary.as_ref().is_some_and(|pr| pr.active))
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     /// Groups this daemon leads, and how many of them are degraded (a member

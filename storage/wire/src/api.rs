@@ -85,6 +85,16 @@ pub struct CreateVolumeRequest {
     pub pool: Option<String>,
 }
 
+/// `POST /v1/pgs/clean` carries a list of these: a primary reports that it
+/// brought `disk_id`'s copy of `pg` up to date under map `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanReport {
+    pub pg: u32,
+    pub disk_id: u32,
+    pub reporter_disk_id: u32,
+    pub epoch: u64,
+}
+
 /// `POST /v1/pools`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreatePoolRequest {
@@ -145,6 +155,22 @@ pub struct VolumeInfo {
     pub pool: String,
     #[serde(default)]
     pub replicas: u32,
+    /// Every disk holding copies of the volume and their state.
+    #[serde(default)]
+    pub copies: Vec<CopyInfo>,
+}
+
+/// One disk's copies of a volume (its share of the volume's groups).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyInfo {
+    pub disk_id: u32,
+    pub node_id: u32,
+    /// Placement groups of the volume's pool this disk is a member of.
+    pub pgs: u32,
+    pub up: bool,
+    /// `UpToDate`, `Recovering` (up, being brought up to date) or
+    /// `Outdated` (down, missing writes).
+    pub state: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

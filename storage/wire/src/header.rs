@@ -65,6 +65,11 @@ pub enum Op {
     /// Reply payload: one bit per 4 KiB block of the range, 1 = allocated.
     BlockStatus = 7,
     Ping = 8,
+    /// Storage daemon to storage daemon: one replication message about one
+    /// placement group (payload: `tessera_storage::replication::codec`),
+    /// addressed to `disk_id`, sent under the sender's `epoch`. One-way: the
+    /// reply only acknowledges receipt.
+    Repl = 9,
 }
 
 impl Op {
@@ -78,6 +83,7 @@ impl Op {
             6 => Op::WriteZeroes,
             7 => Op::BlockStatus,
             8 => Op::Ping,
+            9 => Op::Repl,
             _ => return None,
         })
     }
@@ -344,7 +350,7 @@ impl Header {
     pub fn expected_payload_len(&self) -> Option<u32> {
         let with_crc = |n: u32| n + 4;
         match (self.op, self.reply) {
-            (Op::Hello, _) => None,
+            (Op::Hello, _) | (Op::Repl, false) => None,
             (Op::Write, false) => Some(with_crc(self.length)),
             (Op::Read, true) if self.status == Status::Ok => Some(with_crc(self.length)),
             (Op::BlockStatus, true) if self.status == Status::Ok => {
@@ -474,7 +480,7 @@ mod tests {
 
     fn arb_header() -> impl Strategy<Value = Header> {
         (
-            1u8..=8,
+            1u8..=9,
             any::<bool>(),
             0u16..=1,
             0u16..=11,
