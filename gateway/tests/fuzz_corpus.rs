@@ -3,6 +3,7 @@
 //! without cargo-fuzz or a nightly toolchain.
 
 use std::path::Path;
+use tessera_gateway::iscsi::fuzz as iscsi;
 use tessera_gateway::nbd::fuzz;
 
 fn replay(target: &str, f: fn(&[u8])) -> usize {
@@ -35,4 +36,24 @@ fn handshake_corpus() {
 #[test]
 fn requests_corpus() {
     assert!(replay("requests", fuzz::requests) >= 10);
+}
+
+// Proves every iSCSI PDU/session corpus input runs without violating an
+// invariant.
+#[test]
+fn iscsi_pdu_corpus() {
+    assert!(replay("iscsi_pdu", iscsi::pdu) >= 5);
+}
+
+// Proves every iSCSI login corpus input runs without violating an
+// invariant.
+#[test]
+fn iscsi_login_corpus() {
+    assert!(replay("iscsi_login", iscsi::login) >= 5);
+}
+
+// Proves every CDB corpus input runs without violating an invariant.
+#[test]
+fn iscsi_cdb_corpus() {
+    assert!(replay("iscsi_cdb", iscsi::cdb) >= 10);
 }

@@ -10,9 +10,11 @@
 //! * [`target`]: the async glue: listeners, connections and command
 //!   execution against a [`crate::volume::Volume`].
 //! * [`access`]: ACLs, CHAP secrets and reservation state from the manager.
+//! * [`fuzz`]: entry points of the cargo-fuzz targets and corpus replay.
 
 pub mod access;
 pub mod exec;
+pub mod fuzz;
 pub mod login;
 pub mod pdu;
 pub mod pr;

@@ -613,11 +613,18 @@ pub fn decode(cdb: &[u8], g: &Geometry) -> Result<Command, Sense> {
             if action > 7 {
                 return Err(Sense::invalid_cdb());
             }
+            let len = be32(&cdb[5..]);
+            // The one parameter list length field here wide enough to ask
+            // for more than PARAMETER_LIST_BYTES_MAX (found by fuzzing; the
+            // session's Data-Out cap kept it harmless).
+            if len > PARAMETER_LIST_BYTES_MAX {
+                return Err(Sense::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
+            }
             PrOut {
                 action,
                 scope: cdb[2] >> 4,
                 kind: cdb[2] & 0x0f,
-                len: be32(&cdb[5..]),
+                len,
             }
         }
         opc::RESERVE_6 | opc::RESERVE_10 => {
@@ -1749,6 +1756,11 @@ mod tests {
         assert_eq!(
             decode(&cdb(&[0xa3, 0x1f]), &G),
             Err(Sense::invalid_cdb_at(1))
+        );
+        // PERSISTENT RESERVE OUT parameter list beyond our limit.
+        assert_eq!(
+            decode(&cdb(&[0x5f, 0, 0, 0, 0, 0xff, 0, 0, 0, 0]), &G),
+            ill(asc::PARAMETER_LIST_LENGTH_ERROR)
         );
         // WRITE SAME with ANCHOR; UNMAP with ANCHOR.
         assert_eq!(
