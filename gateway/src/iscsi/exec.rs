@@ -495,6 +495,27 @@ async fn run(
                 Err(e) => io(e, true),
             }
         }
+        OrWrite(r) => {
+            if data.is_empty() {
+                return good(Vec::new());
+            }
+            // Atomic against every other write through this gateway, like
+            // COMPARE AND WRITE (SBC-4 §5.13: an uninterrupted read,
+            // modify and write).
+            let _exclusive = cx.lun.atomic.write().await;
+            let span = data.len().div_ceil(bs as usize) * bs as usize;
+            let mut medium = match vol.read(r.lba * bs, span as u32).await {
+                Ok(d) => d,
+                Err(e) => return io(e, false),
+            };
+            for (m, d) in medium.iter_mut().zip(data) {
+                *m |= *d;
+            }
+            match vol.write(r.lba * bs, medium, r.fua).await {
+                Ok(()) => good(Vec::new()),
+                Err(e) => io(e, true),
+            }
+        }
         PrIn { action, alloc } => {
             let d = cx
                 .lun

@@ -230,7 +230,10 @@ pub fn cdb(data: &[u8]) {
     };
     let within = |lba: u64, blocks: u64| lba.checked_add(blocks).is_some_and(|e| e <= g.blocks);
     match c {
-        Command::Read(r) | Command::Write(r) | Command::CompareAndWrite(r) => {
+        Command::Read(r)
+        | Command::Write(r)
+        | Command::CompareAndWrite(r)
+        | Command::OrWrite(r) => {
             assert!(within(r.lba, r.blocks as u64), "{c:?} beyond {g:?}");
             assert!(r.blocks as u64 <= g.transfer_blocks_max());
         }

@@ -181,6 +181,7 @@ pub mod opc {
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8a;
+    pub const ORWRITE_16: u8 = 0x8b;
     pub const WRITE_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
     pub const PRE_FETCH_16: u8 = 0x90;
@@ -295,6 +296,8 @@ pub enum Command {
         alloc: u32,
     },
     CompareAndWrite(Rw),
+    /// ORWRITE(16): OR the Data-Out into the medium, atomically.
+    OrWrite(Rw),
     ModeSense {
         ten: bool,
         dbd: bool,
@@ -460,6 +463,10 @@ pub fn decode(cdb: &[u8], g: &Geometry) -> Result<Command, Sense> {
             } else {
                 Write(r)
             }
+        }
+        opc::ORWRITE_16 => {
+            // SBC-4 §5.13: ORPROTECT in bits 7..5, DPO, FUA; no BMOP.
+            OrWrite(rw(g, be64(&cdb[2..]), be32(&cdb[10..]), cdb[1], false)?)
         }
         opc::VERIFY_10
         | opc::VERIFY_12
@@ -714,6 +721,7 @@ impl Command {
             }
             Unmap { len } | ModeSelect { len, .. } | PrOut { len, .. } => Transfer::Out(len),
             CompareAndWrite(r) => Transfer::Out(2 * r.blocks * bs),
+            OrWrite(r) => Transfer::Out(r.blocks * bs),
         }
     }
 
@@ -726,7 +734,8 @@ impl Command {
             | WriteVerify { .. }
             | WriteSame { .. }
             | Unmap { .. }
-            | CompareAndWrite(_) => Access::Write,
+            | CompareAndWrite(_)
+            | OrWrite(_) => Access::Write,
             Read(_) | Verify { .. } | PreFetch { .. } | GetLbaStatus { .. } => Access::Read,
             SynchronizeCache | ModeSelect { .. } | StartStopUnit | PreventAllow => Access::Write,
             ModeSense { .. } | ReadCapacity10 | ReadCapacity16 { .. } | TestUnitReady => {
@@ -1317,6 +1326,11 @@ pub fn supported_commands() -> Vec<(u8, Option<u8>, Vec<u8>)> {
         }),
         (opc::WRITE_16, None, with_op(opc::WRITE_16, rw16.clone())),
         (
+            opc::ORWRITE_16,
+            None,
+            with_op(opc::ORWRITE_16, rw16.clone()),
+        ),
+        (
             opc::WRITE_VERIFY_16,
             None,
             with_op(opc::WRITE_VERIFY_16, ver16.clone()),
@@ -1654,6 +1668,47 @@ mod tests {
         assert_eq!(&d[8..16], &8u64.to_be_bytes());
         assert_eq!(&d[16..20], &8u32.to_be_bytes());
         assert_eq!((d[20], d[36]), (0, 1));
+    }
+
+    // Proves ORWRITE(16) decodes like WRITE(16) (range, FUA, Data-Out of
+    // its blocks, a write for reservations), refuses ORPROTECT and ranges
+    // beyond the end, and is listed by REPORT SUPPORTED OPERATION CODES.
+    #[test]
+    fn orwrite() {
+        let c = decode(
+            &cdb(&[0x8b, 0x08, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 3, 0, 0]),
+            &G,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Command::OrWrite(Rw {
+                lba: 5,
+                blocks: 3,
+                fua: true
+            })
+        );
+        assert_eq!(c.transfer(&G), Transfer::Out(1536));
+        assert_eq!(c.access(), Access::Write);
+        assert_eq!(
+            decode(
+                &cdb(&[0x8b, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]),
+                &G
+            ),
+            Err(Sense::invalid_cdb())
+        );
+        assert_eq!(
+            decode(
+                &cdb(&[0x8b, 0, 0, 0, 0, 0, 0, 0, 0x08, 0, 0, 0, 0, 1, 0, 0]),
+                &G
+            ),
+            Err(Sense::illegal(asc::LBA_OUT_OF_RANGE))
+        );
+        assert!(
+            supported_commands()
+                .iter()
+                .any(|(op, sa, m)| *op == 0x8b && sa.is_none() && m[1] & 0x18 == 0x18)
+        );
     }
 
     // Proves golden READ(10)/WRITE(16)/READ(6) CDBs decode to their ranges,
