@@ -235,8 +235,9 @@ fn iscsi_ls(portal: &str, extra: &[&str]) -> std::process::Output {
 }
 
 // Proves discovery lists every volume at every portal, iscsi-inq reads the
-// standard INQUIRY and a VPD page, and data written through iSCSI reads
-// back identically through NBD and the other way round.
+// standard INQUIRY and a VPD page, and data written through iSCSI (16
+// concurrent out-of-order requests on one connection) reads back
+// identically through NBD and the other way round.
 #[test]
 fn iscsi_discovery_inquiry_and_nbd_crosscheck() {
     for tool in ["iscsi-ls", "iscsi-inq", "nbdcopy"] {
@@ -277,7 +278,7 @@ fn iscsi_discovery_inquiry_and_nbd_crosscheck() {
     // iSCSI -> NBD: qemu-img (libiscsi block driver) writes through iSCSI,
     // nbdcopy reads back through NBD.
     let src = dir.path().join("src.img");
-    std::fs::write(&src, pattern(11, 8 << 20)).unwrap();
+    std::fs::write(&src, pattern(11, 32 << 20)).unwrap();
     let via_iscsi = qemu_iscsi_write(&src, &url);
     if !via_iscsi {
         panic!("qemu-img could not write through iSCSI (is qemu-block-extra installed?)");
@@ -286,7 +287,7 @@ fn iscsi_discovery_inquiry_and_nbd_crosscheck() {
     run(Command::new("nbdcopy").arg(cluster.uri("alpha")).arg(&back));
     let got = std::fs::read(&back).unwrap();
     assert_eq!(
-        &got[..8 << 20],
+        &got[..32 << 20],
         &std::fs::read(&src).unwrap()[..],
         "iSCSI write read back via NBD"
     );
@@ -297,15 +298,18 @@ fn iscsi_discovery_inquiry_and_nbd_crosscheck() {
     run(Command::new("nbdcopy").arg(&src2).arg(cluster.uri("beta")));
     let back2 = dir.path().join("back2.img");
     run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
+        .args(["convert", "-m", "16", "-f", "raw", "-O", "raw"])
         .arg(format!("iscsi://{}/{IQN}beta/0", cluster.iscsi[0]))
         .arg(&back2));
     assert!(files_same(&src2, &back2), "NBD write read back via iSCSI");
 }
 
+/// qemu-img writes with 16 requests in flight, completing out of order
+/// (`-m 16 -W`), so the target runs commands of one connection
+/// concurrently.
 fn qemu_iscsi_write(src: &Path, url: &str) -> bool {
     Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .args(["convert", "-n", "-m", "16", "-W", "-f", "raw", "-O", "raw"])
         .arg(src)
         .arg(url)
         .status()

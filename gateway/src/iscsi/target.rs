@@ -15,16 +15,18 @@ use super::exec::{self, Lun, Persist};
 use super::login::{self, Access, Chap, Directory, Login, Offer, SessionKind, Step};
 use super::pdu::{self, Digests, Pdu};
 use super::scsi::{Identity, Sense, asc, key};
-use super::session::{Discovery, Effect, Reset, Session};
+use super::session::{Discovery, Effect, Outcome, Reset, Session, Task};
 use crate::volume::{Catalog, Volume};
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
 
 /// Target names are this prefix plus the volume name.
 pub const IQN_PREFIX: &str = "iqn.2026-11.io.tessera:";
@@ -38,6 +40,14 @@ pub const NOP_INTERVAL_MS: u64 = 10_000;
 /// negotiation); bound what we accept.
 const LOGIN_DATA_MAX: usize = 64 * 1024;
 const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Commands of one connection executing at once (beyond it, no more PDUs
+/// are read until one finishes: TCP backpressure).
+pub const INFLIGHT_MAX: usize = 64;
+/// Data (EDTL) of the commands of one connection executing at once; a
+/// single larger command still runs.
+pub const INFLIGHT_BYTES_MAX: u64 = 64 << 20;
+/// PDUs read ahead of the connection loop.
+const READ_QUEUE: usize = 16;
 
 /// Access policy per volume (ACLs and CHAP); the gateway's comes from the
 /// manager ([`super::access::ManagerAccess`]).
@@ -410,91 +420,108 @@ async fn connection(stream: TcpStream, target: &Target) -> String {
     );
     let disc = Disc { target, local };
     let nop = Duration::from_millis(target.config.nop_interval_ms);
+    // PDUs come from their own task so that waiting for them can be
+    // interrupted by a command finishing.
+    let (tx, mut rx) = mpsc::channel(READ_QUEUE);
+    let reading = tokio::spawn(read_pdus(reader, digests, data_max, tx));
+    let run = Run {
+        volume,
+        lun: lun.clone(),
+        ident: Arc::new(ident),
+        nexus: Arc::from(nexus.as_str()),
+        persist: target.persist.clone(),
+    };
+    let mut running: JoinSet<(Task, Outcome)> = JoinSet::new();
+    let mut running_bytes: u64 = 0;
     let mut out = Vec::new();
     let mut effects = Vec::new();
+    let mut idle_until = tokio::time::Instant::now() + nop;
     let end = 'conn: loop {
-        let read = match tokio::time::timeout(nop, reader.next(digests, data_max)).await {
-            Err(_) => {
+        let room = running.len() < INFLIGHT_MAX && running_bytes < INFLIGHT_BYTES_MAX;
+        tokio::select! {
+            biased;
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                let (task, o) = finished(done);
+                running_bytes -= task.edtl as u64;
+                complete(&mut session, &task, o, digests, &mut out);
+            }
+            r = rx.recv(), if room => {
+                idle_until = tokio::time::Instant::now() + nop;
+                let p = match r {
+                    Some(Read::Pdu(p)) => p,
+                    Some(Read::BadData(hdr)) => {
+                        // §7.8 at ERL 0: reject the PDU; its data is lost,
+                        // so a command it carried cannot complete: end the
+                        // connection.
+                        let mut r = Pdu::new(pdu::op::REJECT);
+                        r.set_flags(pdu::FLAG_FINAL);
+                        r.bhs[2] = pdu::reject::DATA_DIGEST_ERROR;
+                        r.set_itt(pdu::TAG_NONE);
+                        r.data = hdr.bhs.to_vec();
+                        r.encode(digests, &mut out);
+                        let _ = w.write_all(&out).await;
+                        break "data digest error".to_string();
+                    }
+                    Some(Read::Closed) | None => break "initiator closed".to_string(),
+                    Some(Read::Error(e)) => break e,
+                };
+                // Task management and logout act on completed tasks only:
+                // an aborted task's status must not follow the TMF
+                // response, and a reset must not race commands.
+                if matches!(p.opcode(), pdu::op::TASK_MGMT_REQUEST | pdu::op::LOGOUT_REQUEST) {
+                    drain(&mut running, &mut running_bytes, &mut session, digests, &mut out).await;
+                }
+                session.receive(p, &disc, &mut effects);
+                let mut i = 0;
+                while i < effects.len() {
+                    let e = std::mem::replace(&mut effects[i], Effect::Close(""));
+                    i += 1;
+                    match e {
+                        Effect::Send(p) => p.encode(digests, &mut out),
+                        Effect::Execute(task) => {
+                            if concurrent(&task.cdb) {
+                                running_bytes += task.edtl as u64;
+                                running.spawn(run.execute(task));
+                            } else {
+                                // Runs alone: after the commands before
+                                // it, before any after it.
+                                drain(&mut running, &mut running_bytes, &mut session, digests, &mut out).await;
+                                let (task, o) = run.execute(task).await;
+                                complete(&mut session, &task, o, digests, &mut out);
+                            }
+                        }
+                        Effect::Reset(kind) => {
+                            // SAM-5 §6.3: a reset clears SPC-2 reservations
+                            // and raises a unit attention on every I_T
+                            // nexus.
+                            if matches!(kind, Reset::TargetWarm | Reset::TargetCold) {
+                                for l in target.luns.lock().expect("not poisoned").values() {
+                                    l.reservations.lock().expect("not poisoned").reset();
+                                    l.unit_attention(Sense::new(key::UNIT_ATTENTION, asc::POWER_ON_RESET));
+                                }
+                            } else if let Some(l) = &lun {
+                                l.reservations.lock().expect("not poisoned").reset();
+                                l.unit_attention(Sense::new(key::UNIT_ATTENTION, asc::BUS_DEVICE_RESET));
+                            }
+                        }
+                        Effect::Close(why) => {
+                            let _ = w.write_all(&out).await;
+                            break 'conn why.to_string();
+                        }
+                    }
+                }
+                effects.clear();
+            }
+            _ = tokio::time::sleep_until(idle_until), if running.is_empty() => {
                 // Idle: ping, or give up on an initiator that did not
                 // answer the previous ping.
+                idle_until = tokio::time::Instant::now() + nop;
                 match session.ping() {
-                    Some(ping) => {
-                        ping.encode(digests, &mut out);
-                        if w.write_all(&out).await.is_err() {
-                            break "write failed".to_string();
-                        }
-                        out.clear();
-                        continue;
-                    }
+                    Some(ping) => ping.encode(digests, &mut out),
                     None => break "initiator did not answer NOP-In".to_string(),
                 }
             }
-            Ok(r) => r,
-        };
-        match read {
-            Read::Pdu(p) => session.receive(p, &disc, &mut effects),
-            Read::BadData(hdr) => {
-                // §7.8 at ERL 0: reject the PDU; its data is lost, so a
-                // command it carried cannot complete: end the connection.
-                let mut r = Pdu::new(pdu::op::REJECT);
-                r.set_flags(pdu::FLAG_FINAL);
-                r.bhs[2] = pdu::reject::DATA_DIGEST_ERROR;
-                r.set_itt(pdu::TAG_NONE);
-                r.data = hdr.bhs.to_vec();
-                r.encode(digests, &mut out);
-                let _ = w.write_all(&out).await;
-                break "data digest error".to_string();
-            }
-            Read::Closed => break "initiator closed".to_string(),
-            Read::Error(e) => break e,
         }
-        let mut i = 0;
-        while i < effects.len() {
-            let e = std::mem::replace(&mut effects[i], Effect::Close(""));
-            i += 1;
-            match e {
-                Effect::Send(p) => p.encode(digests, &mut out),
-                Effect::Execute(task) => {
-                    let (Some(v), Some(l)) = (&volume, &lun) else {
-                        unreachable!("the session refuses SCSI commands in discovery sessions")
-                    };
-                    let o = exec::execute(
-                        v.as_ref(),
-                        l,
-                        &ident,
-                        &nexus,
-                        target.persist.as_deref(),
-                        &task,
-                    )
-                    .await;
-                    let mut more = Vec::new();
-                    session.complete(&task, o, &mut more);
-                    for m in more {
-                        if let Effect::Send(p) = m {
-                            p.encode(digests, &mut out);
-                        }
-                    }
-                }
-                Effect::Reset(kind) => {
-                    // SAM-5 §6.3: a reset clears SPC-2 reservations and
-                    // raises a unit attention on every I_T nexus.
-                    if matches!(kind, Reset::TargetWarm | Reset::TargetCold) {
-                        for l in target.luns.lock().expect("not poisoned").values() {
-                            l.reservations.lock().expect("not poisoned").reset();
-                            l.unit_attention(Sense::new(key::UNIT_ATTENTION, asc::POWER_ON_RESET));
-                        }
-                    } else if let Some(l) = &lun {
-                        l.reservations.lock().expect("not poisoned").reset();
-                        l.unit_attention(Sense::new(key::UNIT_ATTENTION, asc::BUS_DEVICE_RESET));
-                    }
-                }
-                Effect::Close(why) => {
-                    let _ = w.write_all(&out).await;
-                    break 'conn why.to_string();
-                }
-            }
-        }
-        effects.clear();
         if !out.is_empty() {
             if w.write_all(&out).await.is_err() {
                 break "write failed".to_string();
@@ -502,6 +529,9 @@ async fn connection(stream: TcpStream, target: &Target) -> String {
             out.clear();
         }
     };
+    reading.abort();
+    // Commands still running finish (their writes are not torn), unanswered.
+    while running.join_next().await.is_some() {}
     if let Some(l) = &lun {
         l.reservations
             .lock()
@@ -511,6 +541,110 @@ async fn connection(stream: TcpStream, target: &Target) -> String {
     }
     let _ = w.shutdown().await;
     end
+}
+
+/// Read PDUs until the connection ends or the receiver goes away.
+async fn read_pdus(mut reader: Reader, digests: Digests, data_max: usize, tx: mpsc::Sender<Read>) {
+    loop {
+        let r = reader.next(digests, data_max).await;
+        let last = !matches!(r, Read::Pdu(_));
+        if tx.send(r).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// What a spawned command needs, shared by the connection's commands.
+struct Run {
+    volume: Option<Arc<dyn Volume>>,
+    lun: Option<Arc<Lun>>,
+    ident: Arc<Identity>,
+    nexus: Arc<str>,
+    persist: Option<Arc<dyn Persist>>,
+}
+
+impl Run {
+    fn execute(&self, task: Task) -> impl Future<Output = (Task, Outcome)> + Send + 'static {
+        let (Some(v), Some(l)) = (self.volume.clone(), self.lun.clone()) else {
+            unreachable!("the session refuses SCSI commands in discovery sessions")
+        };
+        let (ident, nexus, persist) = (
+            Arc::clone(&self.ident),
+            Arc::clone(&self.nexus),
+            self.persist.clone(),
+        );
+        async move {
+            let o = exec::execute(v.as_ref(), &l, &ident, &nexus, persist.as_deref(), &task).await;
+            (task, o)
+        }
+    }
+}
+
+/// Whether a command may run while others of its connection run: the data
+/// path (SIMPLE task attribute semantics, SAM-5 §8.6: any order). The rest
+/// (mode pages, reservations, reports) runs alone, in order.
+fn concurrent(cdb: &[u8; 16]) -> bool {
+    use super::scsi::opc::*;
+    matches!(
+        cdb[0],
+        READ_6
+            | READ_10
+            | READ_12
+            | READ_16
+            | WRITE_6
+            | WRITE_10
+            | WRITE_12
+            | WRITE_16
+            | VERIFY_10
+            | VERIFY_12
+            | VERIFY_16
+            | WRITE_VERIFY_10
+            | WRITE_VERIFY_12
+            | WRITE_VERIFY_16
+            | COMPARE_AND_WRITE
+            | ORWRITE_16
+            | WRITE_SAME_10
+            | WRITE_SAME_16
+            | UNMAP
+            | PRE_FETCH_10
+            | PRE_FETCH_16
+            | SYNCHRONIZE_CACHE_10
+            | SYNCHRONIZE_CACHE_16
+            | SERVICE_ACTION_IN_16
+    )
+}
+
+fn finished(r: Result<(Task, Outcome), tokio::task::JoinError>) -> (Task, Outcome) {
+    match r {
+        Ok(x) => x,
+        // A bug in a command: let it surface as the panic it is.
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+fn complete(session: &mut Session, task: &Task, o: Outcome, digests: Digests, out: &mut Vec<u8>) {
+    let mut more = Vec::new();
+    session.complete(task, o, &mut more);
+    for m in more {
+        if let Effect::Send(p) = m {
+            p.encode(digests, out);
+        }
+    }
+}
+
+/// Wait for every running command and answer it.
+async fn drain(
+    running: &mut JoinSet<(Task, Outcome)>,
+    running_bytes: &mut u64,
+    session: &mut Session,
+    digests: Digests,
+    out: &mut Vec<u8>,
+) {
+    while let Some(done) = running.join_next().await {
+        let (task, o) = finished(done);
+        *running_bytes -= task.edtl as u64;
+        complete(session, &task, o, digests, out);
+    }
 }
 
 /// FNV-1a of a volume name: the seed of its stable SCSI identifiers.
