@@ -93,7 +93,8 @@ class Tgt:
         return [f"iscsi://127.0.0.{i}:{self.port}/{name}/1" for i in (1, 2)]
 
     def stop(self):
-        self.proc.terminate()
+        # tgtd ignores SIGTERM while it has targets; ask it to stop.
+        self.adm("--op", "delete", "--mode", "system", check=False)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
