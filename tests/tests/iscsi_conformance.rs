@@ -141,9 +141,9 @@ fn iscsi_test_cu_conformance() {
     let queue = Arc::new(Mutex::new(parallel));
     let results: Arc<Mutex<BTreeMap<String, (Verdict, String)>>> = Arc::default();
     std::thread::scope(|s| {
-        for w in 0..WORKERS {
+        for (vol, _) in &volumes {
             let (queue, results) = (Arc::clone(&queue), Arc::clone(&results));
-            let u = urls(&volumes[w].0);
+            let u = urls(vol);
             s.spawn(move || {
                 loop {
                     let Some(t) = queue.lock().unwrap().pop() else {
