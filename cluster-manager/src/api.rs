@@ -235,6 +235,19 @@ impl Api {
                 "iscsi_chap_clear",
                 r(m.iscsi_clear_chap(name).map(|x| json(200, &x))),
             ),
+            ("GET", ["v1", "iscsi", "discovery-chap"]) => {
+                ("iscsi_discovery", json(200, &m.iscsi_discovery_chap()))
+            }
+            ("PUT", ["v1", "iscsi", "discovery-chap"]) => (
+                "iscsi_discovery_set",
+                r(parse(body)
+                    .and_then(|b| m.iscsi_set_discovery_chap(Some(b)))
+                    .map(|x| json(200, &x))),
+            ),
+            ("DELETE", ["v1", "iscsi", "discovery-chap"]) => (
+                "iscsi_discovery_clear",
+                r(m.iscsi_set_discovery_chap(None).map(|x| json(200, &x))),
+            ),
             ("GET", ["v1", "iscsi", "access"]) => (
                 "iscsi_access",
                 if gateway {
@@ -276,7 +289,7 @@ impl Api {
                 ],
             )
             | (_, ["v1", "volumes", _, "iscsi", "initiators", _])
-            | (_, ["v1", "iscsi", "access"])
+            | (_, ["v1", "iscsi", "access" | "discovery-chap"])
             | (_, ["v1", "pgs", "clean"])
             | (_, ["metrics"]) => (
                 "bad_method",
@@ -562,6 +575,21 @@ mod iscsi_tests {
         assert_eq!(call("DELETE", "/v1/volumes/v/iscsi/chap", "", false).0, 200);
         assert_eq!(call("PATCH", "/v1/volumes/v/iscsi/chap", "", false).0, 405);
         assert_eq!(call("POST", "/v1/iscsi/access", "", true).0, 405);
+        let (code, body) = call("PUT", "/v1/iscsi/discovery-chap", chap, false);
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            body.contains("\"chap_user\": \"u\"") && !body.contains("twelve"),
+            "{body}"
+        );
+        let (_, snap) = call("GET", "/v1/iscsi/access", "", true);
+        let s: tessera_wire::iscsi::AccessSnapshot = serde_json::from_str(&snap).unwrap();
+        assert_eq!(s.discovery_chap.unwrap().secret, "twelve-bytes");
+        assert_eq!(call("PUT", "/v1/iscsi/discovery-chap", "{}", false).0, 400);
+        let (code, body) = call("DELETE", "/v1/iscsi/discovery-chap", "", false);
+        assert!(
+            code == 200 && body.contains("\"chap_user\": null"),
+            "{body}"
+        );
         drop(a);
         std::fs::remove_dir_all(dir).ok();
     }

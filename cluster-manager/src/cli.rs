@@ -10,7 +10,9 @@ use tessera_wire::api::{
     CreatePoolRequest, CreateVolumeRequest, DiskInfo, ErrorBody, NodeInfo, PoolInfo,
     ResizeVolumeRequest, VolumeInfo, format_size, parse_size,
 };
-use tessera_wire::iscsi::{AddInitiatorRequest, ChapSecrets, IscsiAccessInfo, normalize_initiator};
+use tessera_wire::iscsi::{
+    AddInitiatorRequest, ChapSecrets, DiscoveryChapInfo, IscsiAccessInfo, normalize_initiator,
+};
 use tessera_wire::map::FailureDomain;
 
 #[derive(Parser, Debug)]
@@ -62,8 +64,43 @@ pub enum Command {
         #[command(subcommand)]
         command: PoolCommand,
     },
+    /// Cluster-wide iSCSI settings.
+    Iscsi {
+        #[command(subcommand)]
+        command: IscsiCommand,
+    },
     /// Cluster summary.
     Status,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IscsiCommand {
+    /// CHAP for discovery sessions (SendTargets), on every gateway.
+    DiscoveryChap {
+        #[command(subcommand)]
+        command: DiscoveryChapCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiscoveryChapCommand {
+    /// Require CHAP for discovery; secrets as for `volume chap set`.
+    Set(DiscoveryChapArgs),
+    /// Discovery without authentication again.
+    Clear,
+    Show,
+}
+
+#[derive(Args, Debug)]
+pub struct DiscoveryChapArgs {
+    #[arg(long)]
+    pub user: String,
+    #[arg(long)]
+    pub secret_file: Option<std::path::PathBuf>,
+    #[arg(long, requires = "mutual_user")]
+    pub mutual_secret_file: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub mutual_user: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -470,6 +507,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Volume { command } => volume(&c, json, command),
         Command::Pool { command } => pool(&c, json, command),
+        Command::Iscsi { command } => iscsi(&c, json, command),
     }
 }
 
@@ -654,35 +692,12 @@ fn volume(c: &Client, json: bool, cmd: VolumeCommand) -> Result<(), CliError> {
         VolumeCommand::Chap { command } => {
             let i: IscsiAccessInfo = match command {
                 ChapCommand::Set(a) => {
-                    let secret =
-                        read_secret(a.secret_file.as_deref(), CHAP_SECRET_ENV, "CHAP secret")?;
-                    let mutual_secret = match &a.mutual_user {
-                        None => None,
-                        Some(_) => {
-                            if a.secret_file.as_deref() == Some(std::path::Path::new("-"))
-                                && a.mutual_secret_file.as_deref()
-                                    == Some(std::path::Path::new("-"))
-                            {
-                                return Err(CliError::new(
-                                    "only one of the secrets can come from stdin",
-                                ));
-                            }
-                            Some(read_secret(
-                                a.mutual_secret_file.as_deref(),
-                                CHAP_MUTUAL_SECRET_ENV,
-                                "mutual CHAP secret",
-                            )?)
-                        }
-                    };
-                    let req = ChapSecrets {
-                        user: a.user,
-                        secret,
-                        mutual_user: a.mutual_user,
-                        mutual_secret,
-                    };
-                    // Refuse locally what the manager would refuse, without
-                    // sending the secret.
-                    req.validate().map_err(CliError::new)?;
+                    let req = chap_secrets(
+                        a.user,
+                        a.secret_file.as_deref(),
+                        a.mutual_user,
+                        a.mutual_secret_file.as_deref(),
+                    )?;
                     c.call(
                         "PUT",
                         &format!("/v1/volumes/{}/iscsi/chap", path_segment(&a.name)?),
@@ -709,6 +724,71 @@ fn volume(c: &Client, json: bool, cmd: VolumeCommand) -> Result<(), CliError> {
             if !json {
                 println!("deleted {name}");
             }
+        }
+    }
+    Ok(())
+}
+
+/// CHAP credentials from the user names and the secret sources, checked
+/// locally (so nothing the manager would refuse is sent).
+fn chap_secrets(
+    user: String,
+    secret_file: Option<&std::path::Path>,
+    mutual_user: Option<String>,
+    mutual_secret_file: Option<&std::path::Path>,
+) -> Result<ChapSecrets, CliError> {
+    let stdin = Some(std::path::Path::new("-"));
+    if mutual_user.is_some() && secret_file == stdin && mutual_secret_file == stdin {
+        return Err(CliError::new("only one of the secrets can come from stdin"));
+    }
+    let secret = read_secret(secret_file, CHAP_SECRET_ENV, "CHAP secret")?;
+    let mutual_secret = match &mutual_user {
+        None => None,
+        Some(_) => Some(read_secret(
+            mutual_secret_file,
+            CHAP_MUTUAL_SECRET_ENV,
+            "mutual CHAP secret",
+        )?),
+    };
+    let req = ChapSecrets {
+        user,
+        secret,
+        mutual_user,
+        mutual_secret,
+    };
+    req.validate().map_err(CliError::new)?;
+    Ok(req)
+}
+
+fn iscsi(c: &Client, json: bool, cmd: IscsiCommand) -> Result<(), CliError> {
+    let IscsiCommand::DiscoveryChap { command } = cmd;
+    let i: DiscoveryChapInfo = match command {
+        DiscoveryChapCommand::Set(a) => {
+            let req = chap_secrets(
+                a.user,
+                a.secret_file.as_deref(),
+                a.mutual_user,
+                a.mutual_secret_file.as_deref(),
+            )?;
+            c.call(
+                "PUT",
+                "/v1/iscsi/discovery-chap",
+                Some(serde_json::to_value(&req).expect("json")),
+            )?
+            .ok_or_else(|| CliError::new("empty response from the manager"))?
+        }
+        DiscoveryChapCommand::Clear => c
+            .call("DELETE", "/v1/iscsi/discovery-chap", None)?
+            .ok_or_else(|| CliError::new("empty response from the manager"))?,
+        DiscoveryChapCommand::Show => c.get("/v1/iscsi/discovery-chap")?,
+    };
+    if json {
+        print_json(&i);
+    } else {
+        match (&i.chap_user, &i.mutual_chap_user) {
+            (None, _) => println!("discovery chap  none"),
+            (Some(u), None) => println!("discovery chap  user {u}"),
+            (Some(u), Some(m)) => println!("discovery chap  user {u}, mutual user {m}"),
         }
     }
     Ok(())

@@ -17,9 +17,9 @@
 use crate::daemon::{ApiError, Manager};
 use crate::store::Catalog;
 use tessera_wire::iscsi::{
-    AccessSnapshot, AddInitiatorRequest, ChapSecrets, INITIATORS_MAX, IscsiAccessInfo,
-    RESERVATION_STATE_BYTES_MAX, ReservationState, VolumeAccess, VolumeAccessEntry,
-    normalize_initiator,
+    AccessSnapshot, AddInitiatorRequest, ChapSecrets, DiscoveryChapInfo, INITIATORS_MAX,
+    IscsiAccessInfo, RESERVATION_STATE_BYTES_MAX, ReservationState, VolumeAccess,
+    VolumeAccessEntry, normalize_initiator,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -151,7 +151,21 @@ pub fn snapshot(c: &Catalog) -> AccessSnapshot {
         })
         .collect();
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
-    AccessSnapshot { volumes }
+    AccessSnapshot {
+        volumes,
+        discovery_chap: c.iscsi_discovery_chap.clone(),
+    }
+}
+
+/// Require (`Some`) or stop requiring (`None`) CHAP for discovery sessions;
+/// returns whether anything changed.
+pub fn set_discovery_chap(c: &mut Catalog, chap: Option<ChapSecrets>) -> Result<bool, Error> {
+    if let Some(x) = &chap {
+        x.validate().map_err(Error::Invalid)?;
+    }
+    let changed = c.iscsi_discovery_chap != chap;
+    c.iscsi_discovery_chap = chap;
+    Ok(changed)
 }
 
 /// Replace a volume's reservation state; returns whether it changed.
@@ -235,6 +249,20 @@ impl Manager {
     pub fn iscsi_clear_chap(&self, name: &str) -> Result<IscsiAccessInfo, ApiError> {
         let out = self.update_catalog(|c| Ok(clear_chap(c, name)?))?;
         tracing::info!(volume = name, "iSCSI CHAP cleared");
+        Ok(out)
+    }
+
+    pub fn iscsi_discovery_chap(&self) -> DiscoveryChapInfo {
+        self.read_catalog(|c| DiscoveryChapInfo::of(c.iscsi_discovery_chap.as_ref()))
+    }
+
+    pub fn iscsi_set_discovery_chap(
+        &self,
+        chap: Option<ChapSecrets>,
+    ) -> Result<DiscoveryChapInfo, ApiError> {
+        let out = DiscoveryChapInfo::of(chap.as_ref());
+        self.update_catalog(|c| Ok(((), set_discovery_chap(c, chap)?)))?;
+        tracing::info!(user = ?out.chap_user, mutual_user = ?out.mutual_chap_user, "iSCSI discovery CHAP set");
         Ok(out)
     }
 
@@ -343,6 +371,15 @@ mod tests {
         assert!(had);
         set_chap(&mut c, "a", chap()).unwrap();
         forget_volume(&mut c, 1);
+        // Discovery CHAP: validated, in the snapshot, cleared.
+        let mut bad = chap();
+        bad.secret = "short".into();
+        assert!(set_discovery_chap(&mut c, Some(bad)).is_err());
+        assert!(set_discovery_chap(&mut c, Some(chap())).unwrap());
+        assert!(!set_discovery_chap(&mut c, Some(chap())).unwrap());
+        assert_eq!(snapshot(&c).discovery_chap, Some(chap()));
+        assert!(set_discovery_chap(&mut c, None).unwrap());
+        assert_eq!(snapshot(&c).discovery_chap, None);
         assert!(c.iscsi_access.is_empty() && c.iscsi_reservations.is_empty());
     }
 

@@ -8,7 +8,7 @@ use redb::{Database, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
-use tessera_wire::iscsi::VolumeAccess;
+use tessera_wire::iscsi::{ChapSecrets, VolumeAccess};
 use tessera_wire::map::{
     CHUNK_SIZE_DEFAULT_BYTES, CopyState, FailureDomain, PoolEntry, VolumeEntry,
 };
@@ -70,6 +70,9 @@ pub struct Catalog {
     /// (opaque here).
     #[serde(default)]
     pub iscsi_reservations: BTreeMap<u64, serde_json::Value>,
+    /// CHAP required of iSCSI discovery sessions (none: discovery is open).
+    #[serde(default)]
+    pub iscsi_discovery_chap: Option<ChapSecrets>,
 }
 
 /// The id and name of the pool every cluster starts with.
@@ -169,6 +172,7 @@ impl Catalog {
             pg_states: vec![Vec::new(); pg_count as usize],
             iscsi_access: BTreeMap::new(),
             iscsi_reservations: BTreeMap::new(),
+            iscsi_discovery_chap: None,
         }
     }
 }

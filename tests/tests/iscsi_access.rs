@@ -320,3 +320,56 @@ fn chap_cli_refusals() {
         .env("TESSERA_CHAP_SECRET", "long-enough-secret"));
     assert!(out.contains("user u"), "{out}");
 }
+
+// Proves discovery CHAP set through the CLI: iscsi-ls without credentials
+// is refused with 0x0201, with the discovery credentials (URL form) it
+// lists the targets, normal logins are not affected, and clearing it opens
+// discovery again.
+#[test]
+fn discovery_chap_with_iscsi_ls() {
+    assert!(
+        have("iscsi-ls"),
+        "iscsi-ls is missing: tests/run.sh installs libiscsi-bin"
+    );
+    let dir = TempDir::new("iscsi-discovery-chap");
+    let opts = ClusterOptions {
+        storage_daemons: 1,
+        disk_size: "1G",
+        volumes: vec![("v".into(), "16M".into())],
+    };
+    let c = Cluster::start(&dir.0, &opts);
+    let p = c.iscsi[0].clone();
+    let secret = "discovery-secret-1";
+    let out = cli(
+        &c,
+        &["iscsi", "discovery-chap", "set", "--user", "disc"],
+        &[("TESSERA_CHAP_SECRET", secret)],
+        None,
+    );
+    assert!(out.contains("user disc") && !out.contains(secret), "{out}");
+    let refused = poll("discovery CHAP to apply", Duration::from_secs(20), || {
+        let o = ls(&p, OTHER, None);
+        (!listed(&o, "v")).then_some(o)
+    });
+    assert!(refused.contains("Authentication failure(513)"), "{refused}");
+    let wrong = ls(&p, OTHER, Some("disc%not-the-secret"));
+    assert!(wrong.contains("Authentication failure(513)"), "{wrong}");
+    let with = ls(&p, OTHER, Some(&format!("disc%{secret}")));
+    assert!(listed(&with, "v"), "{with}");
+    let (ok, out) = inq(&p, "v", OTHER, &[]);
+    assert!(ok, "normal login without CHAP: {out}");
+    let shown = cli(
+        &c,
+        &["--output", "json", "iscsi", "discovery-chap", "show"],
+        &[],
+        None,
+    );
+    assert!(
+        shown.contains("\"chap_user\": \"disc\"") && !shown.contains(secret),
+        "{shown}"
+    );
+    cli(&c, &["iscsi", "discovery-chap", "clear"], &[], None);
+    poll("discovery to open again", Duration::from_secs(20), || {
+        listed(&ls(&p, OTHER, None), "v").then_some(())
+    });
+}

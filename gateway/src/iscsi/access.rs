@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tessera_wire::iscsi::{AccessSnapshot, ReservationState, VolumeAccessEntry};
+use tessera_wire::iscsi::{AccessSnapshot, ChapSecrets, ReservationState, VolumeAccessEntry};
 
 /// How often the access snapshot is polled.
 pub const POLL_INTERVAL_MS: u64 = 1000;
@@ -39,13 +39,26 @@ const STARTUP_RETRY_MS: u64 = 200;
 #[derive(Debug, Default)]
 pub struct Index {
     by_name: BTreeMap<String, VolumeAccessEntry>,
+    discovery_chap: Option<ChapSecrets>,
 }
 
 impl Index {
     pub fn new(s: AccessSnapshot) -> Index {
         Index {
             by_name: s.volumes.into_iter().map(|v| (v.name.clone(), v)).collect(),
+            discovery_chap: s.discovery_chap,
         }
+    }
+}
+
+fn login_chap(c: &ChapSecrets) -> Chap {
+    Chap {
+        user: c.user.clone(),
+        secret: c.secret.as_bytes().to_vec(),
+        mutual: c
+            .mutual_user
+            .clone()
+            .zip(c.mutual_secret.as_ref().map(|s| s.as_bytes().to_vec())),
     }
 }
 
@@ -66,16 +79,7 @@ pub fn decide(index: Option<&Index>, volume: &str, map_id: Option<u64>, initiato
     if !entry.access.admits(initiator) {
         return Access::Denied;
     }
-    Access::Allowed(entry.access.chap.as_ref().map(|c| {
-        Chap {
-            user: c.user.clone(),
-            secret: c.secret.as_bytes().to_vec(),
-            mutual: c
-                .mutual_user
-                .clone()
-                .zip(c.mutual_secret.as_ref().map(|s| s.as_bytes().to_vec())),
-        }
-    }))
+    Access::Allowed(entry.access.chap.as_ref().map(login_chap))
 }
 
 /// Access control and reservation state from the manager.
@@ -189,6 +193,7 @@ impl ManagerAccess {
         let mut cur = self.index.write().expect("not poisoned");
         let changed = cur.as_ref().is_none_or(|old| {
             old.by_name.len() != s.volumes.len()
+                || old.discovery_chap != s.discovery_chap
                 || s.volumes
                     .iter()
                     .any(|v| old.by_name.get(&v.name) != Some(v))
@@ -198,6 +203,7 @@ impl ManagerAccess {
             tracing::info!(
                 volumes = s.volumes.len(),
                 with_acl_or_chap = guarded,
+                discovery_chap = s.discovery_chap.is_some(),
                 "iSCSI access control loaded"
             );
             *cur = Some(Arc::new(Index::new(s)));
@@ -214,6 +220,10 @@ impl ManagerAccess {
 }
 
 impl Policy for ManagerAccess {
+    fn discovery_chap(&self) -> Option<Chap> {
+        self.current()?.discovery_chap.as_ref().map(login_chap)
+    }
+
     fn access(&self, volume: &str, initiator: &str) -> Access {
         let a = decide(
             self.current().as_deref(),
@@ -303,6 +313,7 @@ mod tests {
         };
         Index::new(AccessSnapshot {
             volumes: vec![open, guarded],
+            discovery_chap: None,
         })
     }
 

@@ -55,6 +55,10 @@ pub trait Policy: Send + Sync {
     /// May `initiator` log in to `volume` (which exists), and must it
     /// authenticate (`Access::Allowed(Some(chap))`)?
     fn access(&self, volume: &str, initiator: &str) -> Access;
+    /// CHAP required of discovery sessions (`None`: discovery is open).
+    fn discovery_chap(&self) -> Option<Chap> {
+        None
+    }
 }
 
 /// Everyone may log in to every volume without authentication.
@@ -169,7 +173,7 @@ impl Directory for Dir<'_> {
         self.0.policy.access(vol, initiator)
     }
     fn discovery_chap(&self) -> Option<Chap> {
-        None
+        self.0.policy.discovery_chap()
     }
 }
 

@@ -201,6 +201,25 @@ pub struct VolumeAccessEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct AccessSnapshot {
     pub volumes: Vec<VolumeAccessEntry>,
+    /// CHAP required of every discovery session (cluster-wide), if set.
+    #[serde(default)]
+    pub discovery_chap: Option<ChapSecrets>,
+}
+
+/// `GET`/`PUT`/`DELETE /v1/iscsi/discovery-chap`: user names only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscoveryChapInfo {
+    pub chap_user: Option<String>,
+    pub mutual_chap_user: Option<String>,
+}
+
+impl DiscoveryChapInfo {
+    pub fn of(c: Option<&ChapSecrets>) -> DiscoveryChapInfo {
+        DiscoveryChapInfo {
+            chap_user: c.map(|c| c.user.clone()),
+            mutual_chap_user: c.and_then(|c| c.mutual_user.clone()),
+        }
+    }
 }
 
 /// `GET`/`PUT /v1/volumes/{name}/iscsi/reservations` (gateways only): the
