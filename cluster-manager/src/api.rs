@@ -261,7 +261,11 @@ impl Api {
                 if gateway {
                     r(parse(body)
                         .and_then(|b| m.iscsi_store_reservations(name, b))
-                        .map(|()| (204, Vec::new())))
+                        .map(|x| match x {
+                            Ok(stored) => json(200, &stored),
+                            // Compare-and-swap lost: what is stored.
+                            Err(stored) => json(409, &stored),
+                        }))
                 } else {
                     gateway_only()
                 },
@@ -543,7 +547,14 @@ mod iscsi_tests {
         );
         assert_eq!(
             call("PUT", "/v1/volumes/v/iscsi/reservations", st, true).0,
-            204
+            200
+        );
+        let cas = r#"{"volume_id":1,"state":{"generation":3},"expected_version":0}"#;
+        let (code, body) = call("PUT", "/v1/volumes/v/iscsi/reservations", cas, true);
+        assert_eq!(code, 409);
+        assert!(
+            body.contains("\"version\": 1") && body.contains("\"generation\": 2"),
+            "{body}"
         );
         let stale = r#"{"volume_id":9,"state":null}"#;
         assert_eq!(

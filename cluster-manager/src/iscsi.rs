@@ -18,8 +18,8 @@ use crate::daemon::{ApiError, Manager};
 use crate::store::Catalog;
 use tessera_wire::iscsi::{
     AccessSnapshot, AddInitiatorRequest, ChapSecrets, DiscoveryChapInfo, INITIATORS_MAX,
-    IscsiAccessInfo, RESERVATION_STATE_BYTES_MAX, ReservationState, VolumeAccess,
-    VolumeAccessEntry, normalize_initiator,
+    IscsiAccessInfo, RESERVATION_STATE_BYTES_MAX, ReservationState, StoredReservations,
+    VolumeAccess, VolumeAccessEntry, normalize_initiator,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,6 +148,11 @@ pub fn snapshot(c: &Catalog) -> AccessSnapshot {
             name: v.name.clone(),
             access: access_of(c, v.id),
             reservations: c.iscsi_reservations.get(&v.id).cloned(),
+            reservations_version: c
+                .iscsi_reservation_versions
+                .get(&v.id)
+                .copied()
+                .unwrap_or(0),
         })
         .collect();
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -168,12 +173,15 @@ pub fn set_discovery_chap(c: &mut Catalog, chap: Option<ChapSecrets>) -> Result<
     Ok(changed)
 }
 
-/// Replace a volume's reservation state; returns whether it changed.
+/// Replace a volume's reservation state if `expected_version` (when
+/// given) is the stored version: `Ok(Ok(new))` and whether the catalogue
+/// changed, or `Ok(Err(stored))` when another writer got there first.
+#[allow(clippy::type_complexity)]
 pub fn store_reservations(
     c: &mut Catalog,
     name: &str,
     req: ReservationState,
-) -> Result<bool, Error> {
+) -> Result<(Result<StoredReservations, StoredReservations>, bool), Error> {
     let id = volume_id(c, name)?;
     if id != req.volume_id {
         return Err(Error::Replaced {
@@ -188,21 +196,45 @@ pub fn store_reservations(
             return Err(Error::TooLarge);
         }
     }
-    let old = c.iscsi_reservations.get(&id);
-    if old == req.state.as_ref() {
-        return Ok(false);
+    let version = c.iscsi_reservation_versions.get(&id).copied().unwrap_or(0);
+    let old = c.iscsi_reservations.get(&id).cloned();
+    if req.expected_version.is_some_and(|v| v != version) {
+        return Ok((
+            Err(StoredReservations {
+                version,
+                state: old,
+            }),
+            false,
+        ));
     }
-    match req.state {
-        Some(s) => c.iscsi_reservations.insert(id, s),
+    if old == req.state {
+        return Ok((
+            Ok(StoredReservations {
+                version,
+                state: old,
+            }),
+            false,
+        ));
+    }
+    match &req.state {
+        Some(s) => c.iscsi_reservations.insert(id, s.clone()),
         None => c.iscsi_reservations.remove(&id),
     };
-    Ok(true)
+    c.iscsi_reservation_versions.insert(id, version + 1);
+    Ok((
+        Ok(StoredReservations {
+            version: version + 1,
+            state: req.state,
+        }),
+        true,
+    ))
 }
 
 /// A deleted volume takes its access control and reservations with it.
 pub fn forget_volume(c: &mut Catalog, id: u64) {
     c.iscsi_access.remove(&id);
     c.iscsi_reservations.remove(&id);
+    c.iscsi_reservation_versions.remove(&id);
 }
 
 impl Manager {
@@ -273,12 +305,13 @@ impl Manager {
 
     /// For gateways: persist a volume's reservation state before the
     /// gateway answers the PERSISTENT RESERVE OUT that changed it.
+    #[allow(clippy::type_complexity)]
     pub fn iscsi_store_reservations(
         &self,
         name: &str,
         req: ReservationState,
-    ) -> Result<(), ApiError> {
-        self.update_catalog(|c| Ok(((), store_reservations(c, name, req)?)))
+    ) -> Result<Result<StoredReservations, StoredReservations>, ApiError> {
+        self.update_catalog(|c| Ok(store_reservations(c, name, req)?))
     }
 }
 
@@ -358,10 +391,22 @@ mod tests {
         let st = ReservationState {
             volume_id: 1,
             state: Some(serde_json::json!({"generation": 3})),
+            expected_version: Some(0),
         };
-        assert!(store_reservations(&mut c, "a", st.clone()).unwrap());
-        assert!(!store_reservations(&mut c, "a", st.clone()).unwrap());
+        let (r, changed) = store_reservations(&mut c, "a", st.clone()).unwrap();
+        assert_eq!((r.unwrap().version, changed), (1, true));
+        // The same expected version again: someone else's store won.
+        let (r, changed) = store_reservations(&mut c, "a", st.clone()).unwrap();
+        assert_eq!(r.unwrap_err().version, 1);
+        assert!(!changed);
+        let again = ReservationState {
+            expected_version: Some(1),
+            ..st.clone()
+        };
+        let (r, changed) = store_reservations(&mut c, "a", again).unwrap();
+        assert_eq!((r.unwrap().version, changed), (1, false));
         assert_eq!(snapshot(&c).volumes[0].reservations, st.state);
+        assert_eq!(snapshot(&c).volumes[0].reservations_version, 1);
         let wrong = ReservationState { volume_id: 2, ..st };
         assert_eq!(
             ApiError::from(store_reservations(&mut c, "a", wrong).unwrap_err()).status,

@@ -70,6 +70,9 @@ pub struct Catalog {
     /// (opaque here).
     #[serde(default)]
     pub iscsi_reservations: BTreeMap<u64, serde_json::Value>,
+    /// Version of each volume's reservation state (absent: 0).
+    #[serde(default)]
+    pub iscsi_reservation_versions: BTreeMap<u64, u64>,
     /// CHAP required of iSCSI discovery sessions (none: discovery is open).
     #[serde(default)]
     pub iscsi_discovery_chap: Option<ChapSecrets>,
@@ -172,6 +175,7 @@ impl Catalog {
             pg_states: vec![Vec::new(); pg_count as usize],
             iscsi_access: BTreeMap::new(),
             iscsi_reservations: BTreeMap::new(),
+            iscsi_reservation_versions: BTreeMap::new(),
             iscsi_discovery_chap: None,
         }
     }

@@ -17,16 +17,19 @@
 //! The decision itself is the pure [`decide`]; this module's I/O is the
 //! HTTP polling thread and the reservation store.
 
-use super::exec::{Persist, SaveFuture};
+use super::exec::{Persist, SaveError, SaveFuture, Stored};
 use super::login::{Access, Chap};
 use super::pr::Reservations;
 use super::target::Policy;
 use crate::map::MapHandle;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tessera_wire::iscsi::{AccessSnapshot, ChapSecrets, ReservationState, VolumeAccessEntry};
+use tessera_wire::iscsi::{
+    AccessSnapshot, ChapSecrets, ReservationState, StoredReservations, VolumeAccessEntry,
+};
 
 /// How often the access snapshot is polled.
 pub const POLL_INTERVAL_MS: u64 = 1000;
@@ -89,6 +92,8 @@ pub struct ManagerAccess {
     secret: Option<String>,
     maps: MapHandle,
     index: RwLock<Option<Arc<Index>>>,
+    /// Grows with every snapshot installed (see `Persist::generation`).
+    generation: AtomicU64,
     refresh: Option<SyncSender<()>>,
 }
 
@@ -135,6 +140,7 @@ impl ManagerAccess {
             secret: None,
             maps,
             index: RwLock::new(None),
+            generation: AtomicU64::new(0),
             refresh: None,
         })
     }
@@ -165,6 +171,7 @@ impl ManagerAccess {
             secret: Some(secret),
             maps,
             index: RwLock::new(None),
+            generation: AtomicU64::new(0),
             refresh: Some(tx),
         });
         me.install(first);
@@ -207,6 +214,7 @@ impl ManagerAccess {
                 "iSCSI access control loaded"
             );
             *cur = Some(Arc::new(Index::new(s)));
+            self.generation.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -241,46 +249,91 @@ impl Policy for ManagerAccess {
     }
 }
 
-impl Persist for ManagerAccess {
-    fn load(&self, volume: &str) -> Option<Reservations> {
+/// A stored state as the gateway reads it.
+fn parse_stored(volume: &str, version: u64, state: Option<serde_json::Value>) -> Stored {
+    let state = match state.map(serde_json::from_value::<Reservations>) {
+        None => Reservations::default(),
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            tracing::error!(volume, error = %e, "stored reservation state is unreadable; using none");
+            Reservations::default()
+        }
+    };
+    Stored { version, state }
+}
+
+impl ManagerAccess {
+    /// The snapshot's entry for `volume` if it is the volume the map has.
+    fn entry(&self, volume: &str) -> Option<(Arc<Index>, u64)> {
         let index = self.current()?;
-        let entry = index.by_name.get(volume)?;
-        if Some(entry.id) != self.map_id(volume) {
-            return None;
-        }
-        let state = entry.reservations.clone()?;
-        match serde_json::from_value(state) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::error!(volume, error = %e, "stored reservation state is unreadable; starting without reservations");
-                None
-            }
-        }
+        let id = index.by_name.get(volume)?.id;
+        (Some(id) == self.map_id(volume)).then_some((index, id))
+    }
+}
+
+impl Persist for ManagerAccess {
+    fn load(&self, volume: &str) -> Option<Stored> {
+        let (index, _) = self.entry(volume)?;
+        let e = &index.by_name[volume];
+        Some(parse_stored(
+            volume,
+            e.reservations_version,
+            e.reservations.clone(),
+        ))
     }
 
-    fn save(&self, volume: &str, state: &Reservations) -> SaveFuture {
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn newer(&self, volume: &str, version: u64) -> Option<Stored> {
+        let (index, _) = self.entry(volume)?;
+        let e = &index.by_name[volume];
+        (e.reservations_version > version)
+            .then(|| parse_stored(volume, e.reservations_version, e.reservations.clone()))
+    }
+
+    fn save(&self, volume: &str, expected: u64, state: &Reservations) -> SaveFuture {
         let (Some(secret), Some(volume_id)) = (self.secret.clone(), self.map_id(volume)) else {
-            return Box::pin(async { Err("no cluster secret or volume gone".to_string()) });
+            return Box::pin(async {
+                Err(SaveError::Failed(
+                    "no cluster secret or volume gone".to_string(),
+                ))
+            });
         };
         let body = ReservationState {
             volume_id,
             state: Some(serde_json::to_value(state).expect("reservations serialise")),
+            expected_version: Some(expected),
         };
         let target = url(
             &self.manager,
             &format!("/v1/volumes/{volume}/iscsi/reservations"),
         );
+        let name = volume.to_string();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                agent()
+                let r = agent()
                     .put(&target)
                     .set("Authorization", &format!("Bearer {secret}"))
-                    .send_json(&body)
-                    .map(|_| ())
-                    .map_err(reason)
+                    .send_json(&body);
+                match r {
+                    Ok(resp) => resp
+                        .into_json::<StoredReservations>()
+                        .map(|s| s.version)
+                        .map_err(|e| SaveError::Failed(e.to_string())),
+                    Err(ureq::Error::Status(409, resp)) => match resp
+                        .into_json::<StoredReservations>()
+                    {
+                        Ok(s) => Err(SaveError::Conflict(parse_stored(&name, s.version, s.state))),
+                        // A 409 for a volume replaced under the same name.
+                        Err(_) => Err(SaveError::Failed("volume replaced".into())),
+                    },
+                    Err(e) => Err(SaveError::Failed(reason(e))),
+                }
             })
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| SaveError::Failed(e.to_string()))?
         })
     }
 }
@@ -296,6 +349,7 @@ mod tests {
             name: "open".into(),
             access: VolumeAccess::default(),
             reservations: None,
+            reservations_version: 0,
         };
         let guarded = VolumeAccessEntry {
             id: 2,
@@ -310,6 +364,7 @@ mod tests {
                 }),
             },
             reservations: None,
+            reservations_version: 0,
         };
         Index::new(AccessSnapshot {
             volumes: vec![open, guarded],

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Largest single trim/write-zeroes request handed to the volume.
 const RANGE_BYTES_MAX: u64 = 1 << 30;
@@ -39,6 +40,10 @@ pub struct Lun {
     /// SPC-2 RESERVE/RELEASE, so changes are stored in the order they are
     /// made and none is computed from a state another is replacing.
     pub pr_serial: tokio::sync::Mutex<()>,
+    /// Version of the stored reservation state `reservations` matches.
+    pub pr_version: AtomicU64,
+    /// The store's change counter when this LU last compared versions.
+    pr_seen: AtomicU64,
     pub mode: Mutex<ModeState>,
     pub atomic: tokio::sync::RwLock<()>,
     /// Connected I_T nexuses and their pending unit attentions (SAM-5
@@ -48,10 +53,33 @@ pub struct Lun {
 
 impl Lun {
     /// A logical unit starting from stored reservation state.
-    pub fn with_reservations(r: Reservations) -> Lun {
+    pub fn with_reservations(s: Stored) -> Lun {
         Lun {
-            reservations: Mutex::new(r),
+            reservations: Mutex::new(s.state),
+            pr_version: AtomicU64::new(s.version),
             ..Lun::default()
+        }
+    }
+
+    /// Take a stored state (newer than ours, or what a lost
+    /// compare-and-swap found) in place of the persistent part.
+    fn adopt(&self, s: Stored) {
+        self.reservations
+            .lock()
+            .expect("not poisoned")
+            .adopt_persistent(s.state);
+        self.pr_version.store(s.version, Ordering::Release);
+    }
+
+    /// Take a state another gateway stored since ours, if the store has
+    /// one (cheap when nothing changed: one counter compared).
+    fn refresh(&self, volume: &str, p: &dyn Persist) {
+        let generation = p.generation();
+        if self.pr_seen.swap(generation, Ordering::AcqRel) == generation {
+            return;
+        }
+        if let Some(s) = p.newer(volume, self.pr_version.load(Ordering::Acquire)) {
+            self.adopt(s);
         }
     }
 
@@ -83,19 +111,51 @@ impl Lun {
     }
 }
 
-/// A boxed future of a store operation.
-pub type SaveFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+/// Reservation state as stored, with its version (it grows by one per
+/// store).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Stored {
+    pub version: u64,
+    pub state: Reservations,
+}
+
+/// Why a store did not happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SaveError {
+    /// Another writer (another gateway serving the volume) stored first:
+    /// this is what is stored now.
+    Conflict(Stored),
+    Failed(String),
+}
+
+/// A boxed future of a store operation: the new version.
+pub type SaveFuture = Pin<Box<dyn Future<Output = Result<u64, SaveError>> + Send>>;
 
 /// Where persistent-reservation state lives beyond this gateway's memory
-/// (the manager), so it survives a gateway restart.
+/// (the manager): it survives a gateway restart and is shared by every
+/// gateway serving the volume.
 pub trait Persist: Send + Sync {
     /// The stored state of `volume`, read when its logical unit is first
     /// used in this gateway.
-    fn load(&self, volume: &str) -> Option<Reservations>;
-    /// Store the state after a PERSISTENT RESERVE OUT changed it; the
-    /// command is answered GOOD only once this succeeds.
-    fn save(&self, volume: &str, state: &Reservations) -> SaveFuture;
+    fn load(&self, volume: &str) -> Option<Stored>;
+    /// A counter that changes whenever `newer` may answer differently.
+    fn generation(&self) -> u64 {
+        0
+    }
+    /// The stored state of `volume` if it is newer than `version`.
+    fn newer(&self, _volume: &str, _version: u64) -> Option<Stored> {
+        None
+    }
+    /// Store `state`, computed from stored version `expected`, after a
+    /// PERSISTENT RESERVE OUT changed it (a compare-and-swap); the command
+    /// is answered GOOD only once this succeeds.
+    fn save(&self, volume: &str, expected: u64, state: &Reservations) -> SaveFuture;
 }
+
+/// A PERSISTENT RESERVE OUT whose store keeps losing compare-and-swaps
+/// (other gateways changing the same volume's reservations) gives up after
+/// this many tries, retryably.
+pub const PR_STORE_ATTEMPTS: u32 = 4;
 
 fn good(data: Vec<u8>) -> Outcome {
     Outcome {
@@ -249,6 +309,9 @@ pub async fn execute(
                 return cx.check(ua);
             }
         }
+    }
+    if let Some(p) = persist {
+        lun.refresh(vol.name(), p);
     }
     let access = cmd.access();
     if access != scsi::Access::Reservation
@@ -534,42 +597,64 @@ async fn run(
             if (task.data.len() as u32) < len {
                 return cx.check(Sense::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
             }
-            // The change is computed on a copy, stored, and only then
+            // The change is computed on a copy, stored (compare-and-swap
+            // against the version it was computed from), and only then
             // installed: commands checked against the reservations never
-            // see a state that was not stored, and a failed store leaves
-            // everything as it was.
+            // see a state that was not stored, a failed store leaves
+            // everything as it was, and when another gateway stored first
+            // the command is evaluated again on what it stored.
             let _serial = cx.lun.pr_serial.lock().await;
-            let mut next = cx.lun.reservations.lock().expect("not poisoned").clone();
-            match next.out(nexus, action, scope, kind, data) {
-                Ok(()) => {
-                    let changed = !cx
-                        .lun
-                        .reservations
-                        .lock()
-                        .expect("not poisoned")
-                        .same_persistent(&next);
-                    if changed
-                        && let Some(p) = persist
-                        && let Err(e) = p.save(vol.name(), &next).await
-                    {
+            let aborted = || {
+                // Retryable: the initiator sends it again.
+                cx.check(Sense::new(
+                    key::ABORTED_COMMAND,
+                    asc::LU_COMMUNICATION_FAILURE,
+                ))
+            };
+            for _ in 0..PR_STORE_ATTEMPTS {
+                let version = cx.lun.pr_version.load(Ordering::Acquire);
+                let mut next = cx.lun.reservations.lock().expect("not poisoned").clone();
+                if let Err(r) = next.out(nexus, action, scope, kind, data) {
+                    return match r {
+                        Refusal::Conflict => conflict(),
+                        Refusal::Sense(s) => cx.check(s),
+                    };
+                }
+                let changed = !cx
+                    .lun
+                    .reservations
+                    .lock()
+                    .expect("not poisoned")
+                    .same_persistent(&next);
+                let Some(p) = persist.filter(|_| changed) else {
+                    cx.lun.adopt(Stored {
+                        version,
+                        state: next,
+                    });
+                    return good(Vec::new());
+                };
+                match p.save(vol.name(), version, &next).await {
+                    Ok(v) => {
+                        cx.lun.adopt(Stored {
+                            version: v,
+                            state: next,
+                        });
+                        return good(Vec::new());
+                    }
+                    Err(SaveError::Conflict(stored)) => cx.lun.adopt(stored),
+                    Err(SaveError::Failed(e)) => {
                         tracing::warn!(volume = vol.name(), error = %e,
                             "cannot store reservations; PERSISTENT RESERVE OUT not done");
-                        // Retryable: the initiator sends it again.
-                        return cx.check(Sense::new(
-                            key::ABORTED_COMMAND,
-                            asc::LU_COMMUNICATION_FAILURE,
-                        ));
+                        return aborted();
                     }
-                    cx.lun
-                        .reservations
-                        .lock()
-                        .expect("not poisoned")
-                        .adopt_persistent(next);
-                    good(Vec::new())
                 }
-                Err(Refusal::Conflict) => conflict(),
-                Err(Refusal::Sense(s)) => cx.check(s),
             }
+            tracing::warn!(
+                volume = vol.name(),
+                "reservations changed by other gateways {PR_STORE_ATTEMPTS} times in a row; \
+                 PERSISTENT RESERVE OUT not done"
+            );
+            aborted()
         }
         Reserve => {
             let _serial = cx.lun.pr_serial.lock().await;

@@ -132,11 +132,12 @@ impl Target {
         let mut l = self.luns.lock().expect("not poisoned");
         Arc::clone(l.entry(volume.to_string()).or_insert_with(|| {
             let stored = self.persist.as_ref().and_then(|p| p.load(volume));
-            if let Some(r) = &stored {
+            if let Some(s) = &stored {
                 tracing::info!(
                     volume,
-                    registrations = r.registrations.len(),
-                    reserved = r.holder.is_some(),
+                    version = s.version,
+                    registrations = s.state.registrations.len(),
+                    reserved = s.state.holder.is_some(),
                     "persistent reservations restored"
                 );
             }

@@ -193,6 +193,10 @@ pub struct VolumeAccessEntry {
     /// a gateway starts a volume's logical unit from it.
     #[serde(default)]
     pub reservations: Option<serde_json::Value>,
+    /// Version of `reservations` (0: never stored); it grows by one with
+    /// every store, so a gateway can tell a newer state from its own.
+    #[serde(default)]
+    pub reservations_version: u64,
 }
 
 /// `GET /v1/iscsi/access` (gateways only, behind the cluster secret):
@@ -222,14 +226,29 @@ impl DiscoveryChapInfo {
     }
 }
 
-/// `GET`/`PUT /v1/volumes/{name}/iscsi/reservations` (gateways only): the
+/// `PUT /v1/volumes/{name}/iscsi/reservations` (gateways only): the
 /// gateway's persistent-reservation state of a volume, opaque to the
 /// manager. `volume_id` guards against a volume deleted and created again
-/// under the same name between a gateway's read and its write.
+/// under the same name between a gateway's read and its write;
+/// `expected_version` makes the store a compare-and-swap, so gateways
+/// serving the same volume cannot overwrite each other's changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReservationState {
     pub volume_id: u64,
     /// `None`: nothing stored yet.
+    pub state: Option<serde_json::Value>,
+    /// The version the new state was computed from: the store is refused
+    /// (409, with the stored state) when the stored version differs.
+    /// Absent: stored whatever the version.
+    #[serde(default)]
+    pub expected_version: Option<u64>,
+}
+
+/// The stored state and its version: the answer to a store (200: the new
+/// version; 409: what is stored instead).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredReservations {
+    pub version: u64,
     pub state: Option<serde_json::Value>,
 }
 
