@@ -33,7 +33,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+# TESSERA_BIN overrides (e.g. target/ci for the CI profile).
+BIN = os.environ.get("TESSERA_BIN", os.path.join(ROOT, "target", "release"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 WORKLOADS = [
@@ -144,9 +145,10 @@ class Nbd(Target):
 
 class Tessera(Nbd):
     name = "tessera"
+    extra = []
 
     def __init__(self, work, size):
-        d = os.path.join(work, "tessera")
+        d = os.path.join(work, self.name)
         disk = int(parse_size(size) * 1.5) // (1 << 20) * (1 << 20)
         # The storage daemon writes every block to a fresh place
         # (redirect-on-write), so on a sparse file each write would also pay
@@ -161,8 +163,8 @@ class Tessera(Nbd):
         cmd = [os.path.join(BIN, "tessera"), "up", "--dir", d,
                "--storage-daemons", "1", "--disk-size", str(disk),
                "--nbd-listen", "127.0.0.1:0", "--manager-listen", "127.0.0.1:0",
-               "--volume", f"bench:{size}"]
-        self.log = open(os.path.join(work, "tessera-up.log"), "w")
+               "--volume", f"bench:{size}"] + self.extra
+        self.log = open(os.path.join(work, self.name + "-up.log"), "w")
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.procs = [p]
         self.pids = []
@@ -170,7 +172,9 @@ class Tessera(Nbd):
         for line in p.stdout:
             line = line.strip()
             f = dict(w.split("=", 1) for w in line.split() if "=" in w)
-            if line.startswith(("storage-", "gateway ")) and "pid" in f:
+            # The embedded gateway's pid is storage-0's: count it once.
+            if line.startswith(("storage-", "gateway ")) and "pid" in f \
+                    and int(f["pid"]) not in self.pids:
                 self.pids.append(int(f["pid"]))
             if line.startswith("gateway "):
                 self.port = int(f["nbd"].rsplit(":", 1)[1])
@@ -183,6 +187,12 @@ class Tessera(Nbd):
         import threading
         threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()
         prefill(self.fio_args(), size)
+
+
+class TesseraEmbedded(Tessera):
+    """The gateway inside the storage daemon (`tessera up --embedded-gateway`)."""
+    name = "tessera-embedded"
+    extra = ["--embedded-gateway"]
 
 
 class QemuNbd(Nbd):
@@ -257,7 +267,7 @@ def _stop_nbd_server(self):
 
 NbdServer.stop = _stop_nbd_server
 
-TARGETS = {"local": Local, "tessera": Tessera, "qemu-nbd": QemuNbd,
+TARGETS = {"local": Local, "tessera": Tessera, "tessera-embedded": TesseraEmbedded, "qemu-nbd": QemuNbd,
            "nbdkit": Nbdkit, "nbd-server": NbdServer}
 
 
@@ -320,7 +330,8 @@ def main():
     ap.add_argument("--runtime", type=int, default=10, help="seconds per fio job")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", default="2G", help="size of each backing store")
-    ap.add_argument("--targets", default="local,tessera,qemu-nbd,nbdkit,nbd-server")
+    ap.add_argument("--targets",
+                    default="local,tessera,tessera-embedded,qemu-nbd,nbdkit,nbd-server")
     ap.add_argument("--workloads", default=",".join(w[0] for w in WORKLOADS))
     ap.add_argument("--workdir", default=os.path.join(ROOT, "target", "bench"),
                     help="scratch directory (must be on the disk being measured)")

@@ -68,6 +68,11 @@ pub struct UpArgs {
     /// and its placement groups fail over.
     #[arg(long, default_value_t = 2000)]
     pub heartbeat_grace_ms: u64,
+    /// Run the gateway inside storage-0 instead of as its own process
+    /// (NBD only, on --nbd-listen; no iSCSI): requests for storage-0's
+    /// chunks skip the gateway-to-storage TCP hop (docs/nbd.md).
+    #[arg(long)]
+    pub embedded_gateway: bool,
 }
 
 pub fn parse_volume(s: &str) -> Result<(String, u64), String> {
@@ -270,8 +275,10 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
     say(&format!("manager pid={} listen={maddr}", manager.pid()));
     procs.push(manager);
 
+    let mut embedded: Option<(u32, String)> = None;
     for i in 0..a.storage_daemons {
         let disk = dir.join(format!("storage-{i}")).join("disk0.img");
+        let gateway_here = a.embedded_gateway && i == 0;
         let mut p = Proc {
             name: format!("storage-{i}"),
             bin: sibling("tessera-storage")?,
@@ -287,12 +294,23 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
             ],
             log: logs.join(format!("storage-{i}.log")),
             child: None,
-            pin: vec![("--listen", "listen"), ("--metrics-listen", "metrics")],
+            pin: vec![
+                ("--listen", "listen"),
+                ("--metrics-listen", "metrics"),
+                ("--nbd-listen", "nbd"),
+            ],
             restart_at: None,
             backoff: BACKOFF_MIN,
             ready: String::new(),
         };
+        if gateway_here {
+            p.args.push("--nbd-listen".into());
+            p.args.push(a.nbd_listen.clone().into());
+        }
         p.start()?;
+        if gateway_here {
+            embedded = Some((p.pid(), ready_field(&p.ready, "nbd").unwrap_or_default()));
+        }
         say(&format!(
             "storage-{i} pid={} listen={}",
             p.pid(),
@@ -334,46 +352,70 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
         }
     }
 
-    let mut gw = Proc {
-        name: "gateway".into(),
-        bin: sibling("tessera-gateway")?,
-        args: vec![
-            "--manager".into(),
-            murl.clone().into(),
-            "--nbd-listen".into(),
-            a.nbd_listen.clone().into(),
-            "--metrics-listen".into(),
-            "127.0.0.1:0".into(),
-            // The manager created it in its data directory; the gateway
-            // needs it to read iSCSI access control.
-            "--cluster-secret-file".into(),
-            dir.join("manager")
-                .join(crate::secret::FILE_NAME)
-                .into_os_string(),
-        ]
-        .into_iter()
-        .chain(
-            a.iscsi_listen
-                .iter()
-                .flat_map(|l| [OsString::from("--iscsi-listen"), l.into()]),
-        )
-        .collect(),
-        log: logs.join("gateway.log"),
-        child: None,
-        pin: vec![
-            ("--nbd-listen", "nbd"),
-            ("--metrics-listen", "metrics"),
-            ("--iscsi-listen", "iscsi"),
-        ],
-        restart_at: None,
-        backoff: BACKOFF_MIN,
-        ready: String::new(),
+    let (nbd, iscsi) = if let Some((pid, nbd)) = embedded {
+        // The gateway is storage-0's embedded one (restarted with it). It
+        // started before the volumes existed and learns of them from its
+        // next map poll: "ready" waits until it lists them.
+        let names: Vec<String> = a.volumes.iter().map(|(n, _)| n.clone()).collect();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match nbd_list(&nbd) {
+                Ok(listed) if names.iter().all(|n| listed.contains(n)) => break,
+                r if Instant::now() > deadline => {
+                    return Err(format!(
+                        "the embedded gateway on {nbd} does not list the volumes: {r:?}"
+                    ));
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        say(&format!(
+            "gateway pid={pid} nbd={nbd} iscsi=none embedded=storage-0"
+        ));
+        (nbd, "none".to_string())
+    } else {
+        let mut gw = Proc {
+            name: "gateway".into(),
+            bin: sibling("tessera-gateway")?,
+            args: vec![
+                "--manager".into(),
+                murl.clone().into(),
+                "--nbd-listen".into(),
+                a.nbd_listen.clone().into(),
+                "--metrics-listen".into(),
+                "127.0.0.1:0".into(),
+                // The manager created it in its data directory; the gateway
+                // needs it to read iSCSI access control.
+                "--cluster-secret-file".into(),
+                dir.join("manager")
+                    .join(crate::secret::FILE_NAME)
+                    .into_os_string(),
+            ]
+            .into_iter()
+            .chain(
+                a.iscsi_listen
+                    .iter()
+                    .flat_map(|l| [OsString::from("--iscsi-listen"), l.into()]),
+            )
+            .collect(),
+            log: logs.join("gateway.log"),
+            child: None,
+            pin: vec![
+                ("--nbd-listen", "nbd"),
+                ("--metrics-listen", "metrics"),
+                ("--iscsi-listen", "iscsi"),
+            ],
+            restart_at: None,
+            backoff: BACKOFF_MIN,
+            ready: String::new(),
+        };
+        gw.start()?;
+        let nbd = ready_field(&gw.ready, "nbd").unwrap_or_default();
+        let iscsi = ready_field(&gw.ready, "iscsi").unwrap_or_else(|| "none".into());
+        say(&format!("gateway pid={} nbd={nbd} iscsi={iscsi}", gw.pid()));
+        procs.push(gw);
+        (nbd, iscsi)
     };
-    gw.start()?;
-    let nbd = ready_field(&gw.ready, "nbd").unwrap_or_default();
-    let iscsi = ready_field(&gw.ready, "iscsi").unwrap_or_else(|| "none".into());
-    say(&format!("gateway pid={} nbd={nbd} iscsi={iscsi}", gw.pid()));
-    procs.push(gw);
     say("ready");
     for (name, _) in &a.volumes {
         say(&format!("  nbdinfo nbd://{nbd}/{name}"));
@@ -475,4 +517,57 @@ mod tests {
         assert_eq!(ready_field(l, "node_id").as_deref(), Some("3"));
         assert_eq!(ready_field(l, "nope"), None);
     }
+}
+
+/// The export names an NBD server lists (fixed newstyle, NBD_OPT_LIST, then
+/// NBD_OPT_ABORT; NetworkBlockDevice/nbd doc/proto.md).
+fn nbd_list(addr: &str) -> Result<Vec<String>, String> {
+    use std::io::{Read, Write};
+    const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    const OPT_ABORT: u32 = 2;
+    const OPT_LIST: u32 = 3;
+    const REP_ACK: u32 = 1;
+    const REP_SERVER: u32 = 2;
+    let e = |e: std::io::Error| e.to_string();
+    let mut s = std::net::TcpStream::connect(addr).map_err(e)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(e)?;
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).map_err(e)?;
+    // Client flags: FIXED_NEWSTYLE | NO_ZEROES.
+    let mut out = 3u32.to_be_bytes().to_vec();
+    for opt in [OPT_LIST] {
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&opt.to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+    }
+    s.write_all(&out).map_err(e)?;
+    let mut names = Vec::new();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).map_err(e)?;
+        let magic = u64::from_be_bytes(h[0..8].try_into().expect("8 bytes"));
+        let kind = u32::from_be_bytes(h[12..16].try_into().expect("4 bytes"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4 bytes")) as usize;
+        if magic != REPLY_MAGIC || len > 1 << 16 {
+            return Err("not an NBD option reply".into());
+        }
+        let mut data = vec![0u8; len];
+        s.read_exact(&mut data).map_err(e)?;
+        match kind {
+            REP_SERVER if len >= 4 => {
+                let n = (u32::from_be_bytes(data[0..4].try_into().expect("4 bytes")) as usize)
+                    .min(len - 4);
+                names.push(String::from_utf8_lossy(&data[4..4 + n]).into_owned());
+            }
+            REP_ACK => break,
+            _ => return Err(format!("NBD_OPT_LIST answered with reply type {kind}")),
+        }
+    }
+    let mut abort = IHAVEOPT.to_be_bytes().to_vec();
+    abort.extend_from_slice(&OPT_ABORT.to_be_bytes());
+    abort.extend_from_slice(&0u32.to_be_bytes());
+    let _ = s.write_all(&abort);
+    Ok(names)
 }

@@ -22,9 +22,8 @@ use std::time::Duration;
 use tessera_wire::header::{HEADER_SIZE, open_payload, seal_payload};
 use tessera_wire::{Header, Op, Status};
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Requests in flight on one storage connection.
@@ -118,32 +117,31 @@ impl Conn {
         .map_err(|_| cerr("timeout".into()))?
         .map_err(|e| cerr(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let mut payload = cluster_id.as_bytes().to_vec();
-        seal_payload(&mut payload);
-        let mut h = Header::request(Op::Hello, 0, epoch);
-        h.payload_len = payload.len() as u32;
-        let hello = async {
-            stream.write_all(&h.to_bytes()).await?;
-            stream.write_all(&payload).await?;
-            let mut b = [0u8; HEADER_SIZE];
-            stream.read_exact(&mut b).await?;
-            let mut skip = vec![];
-            let r = Header::decode(&b).map_err(std::io::Error::other)?;
-            skip.resize(r.payload_len as usize, 0);
-            stream.read_exact(&mut skip).await?;
-            Ok::<Header, std::io::Error>(r)
-        };
-        let r = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), hello)
-            .await
-            .map_err(|_| cerr("hello timeout".into()))?
-            .map_err(|e| cerr(e.to_string()))?;
-        if r.op != Op::Hello || !r.reply {
-            return Err(cerr(format!("unexpected hello reply {:?}", r.op)));
-        }
-        if r.status != Status::Ok {
-            return Err(ConnError::Refused);
-        }
+        hello(addr, &mut stream, cluster_id, epoch).await?;
+        // The owned halves of a TCP stream need no lock between them.
         let (rd, wr) = stream.into_split();
+        Ok(Conn::start(addr, rd, wr))
+    }
+
+    /// Talk to a storage daemon in this process over an in-memory stream
+    /// (`Local`): the same protocol, validation and tasks as over TCP, but
+    /// no socket, no system call and no thread switch per request.
+    pub async fn over_local(
+        addr: &str,
+        mut stream: tokio::io::DuplexStream,
+        cluster_id: &str,
+        epoch: u64,
+    ) -> Result<Arc<Conn>, ConnError> {
+        hello(addr, &mut stream, cluster_id, epoch).await?;
+        let (rd, wr) = tokio::io::split(stream);
+        Ok(Conn::start(addr, rd, wr))
+    }
+
+    fn start<R, W>(addr: &str, rd: R, wr: W) -> Arc<Conn>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel(STORAGE_INFLIGHT_MAX);
         let conn = Arc::new(Conn {
             addr: addr.to_string(),
@@ -173,7 +171,7 @@ impl Conn {
             }
         });
         tracing::info!(addr, "connected to storage daemon");
-        Ok(conn)
+        conn
     }
 
     pub fn is_dead(&self) -> bool {
@@ -239,8 +237,45 @@ impl Conn {
     }
 }
 
-async fn write_requests(
-    wr: OwnedWriteHalf,
+/// Say Hello (cluster id) and check the daemon's answer.
+async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
+    addr: &str,
+    stream: &mut S,
+    cluster_id: &str,
+    epoch: u64,
+) -> Result<(), ConnError> {
+    let cerr = |e: String| ConnError::Connect(addr.to_string(), e);
+    let mut payload = cluster_id.as_bytes().to_vec();
+    seal_payload(&mut payload);
+    let mut h = Header::request(Op::Hello, 0, epoch);
+    h.payload_len = payload.len() as u32;
+    let exchange = async {
+        stream.write_all(&h.to_bytes()).await?;
+        stream.write_all(&payload).await?;
+        stream.flush().await?;
+        let mut b = [0u8; HEADER_SIZE];
+        stream.read_exact(&mut b).await?;
+        let mut skip = vec![];
+        let r = Header::decode(&b).map_err(std::io::Error::other)?;
+        skip.resize(r.payload_len as usize, 0);
+        stream.read_exact(&mut skip).await?;
+        Ok::<Header, std::io::Error>(r)
+    };
+    let r = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), exchange)
+        .await
+        .map_err(|_| cerr("hello timeout".into()))?
+        .map_err(|e| cerr(e.to_string()))?;
+    if r.op != Op::Hello || !r.reply {
+        return Err(cerr(format!("unexpected hello reply {:?}", r.op)));
+    }
+    if r.status != Status::Ok {
+        return Err(ConnError::Refused);
+    }
+    Ok(())
+}
+
+async fn write_requests<W: AsyncWrite + Unpin>(
+    wr: W,
     mut rx: mpsc::Receiver<Outgoing>,
 ) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);
@@ -280,7 +315,7 @@ pub(crate) async fn read_vec<R: tokio::io::AsyncRead + Unpin>(
 }
 
 /// Read replies until the connection fails; returns why it did.
-async fn read_replies(rd: OwnedReadHalf, conn: &std::sync::Weak<Conn>) -> String {
+async fn read_replies<R: AsyncRead + Unpin>(rd: R, conn: &std::sync::Weak<Conn>) -> String {
     // One receive brings every reply the daemon sent together.
     let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     loop {
@@ -347,10 +382,17 @@ async fn read_replies(rd: OwnedReadHalf, conn: &std::sync::Weak<Conn>) -> String
 /// The connection to one address; the async lock serialises reconnects.
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
 
+/// Opens an in-memory connection to a storage daemon in this process.
+pub type LocalConnect = Arc<dyn Fn() -> tokio::io::DuplexStream + Send + Sync>;
+
 /// One connection per storage daemon address, (re)connected on demand.
 pub struct Pool {
     cluster_id: String,
     conns: Mutex<HashMap<String, Slot>>,
+    /// The address of a storage daemon in this process (the gateway
+    /// embedded in `tessera-storage --nbd-listen`) and how to reach it
+    /// without a socket.
+    local: Option<(String, LocalConnect)>,
 }
 
 impl Pool {
@@ -358,6 +400,16 @@ impl Pool {
         Pool {
             cluster_id,
             conns: Mutex::new(HashMap::new()),
+            local: None,
+        }
+    }
+
+    /// A pool that reaches the storage daemon advertised as `addr` through
+    /// `connect` (in memory) and every other one over TCP.
+    pub fn with_local(cluster_id: String, addr: String, connect: LocalConnect) -> Pool {
+        Pool {
+            local: Some((addr, connect)),
+            ..Pool::new(cluster_id)
         }
     }
 
@@ -378,7 +430,12 @@ impl Pool {
             return Ok(Arc::clone(c));
         }
         *g = None;
-        let c = Conn::connect(addr, &self.cluster_id, epoch).await?;
+        let c = match &self.local {
+            Some((local, connect)) if local == addr => {
+                Conn::over_local(addr, connect(), &self.cluster_id, epoch).await?
+            }
+            _ => Conn::connect(addr, &self.cluster_id, epoch).await?,
+        };
         *g = Some(Arc::clone(&c));
         Ok(c)
     }

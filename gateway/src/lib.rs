@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod embedded;
 pub mod iscsi;
 pub mod map;
 pub mod metrics;

@@ -39,6 +39,9 @@ use tokio::sync::{Semaphore, mpsc as tmpsc, watch};
 pub const INFLIGHT_PER_CONNECTION_MAX: usize = 512;
 /// Connections the daemon serves at once.
 pub const CONNECTIONS_MAX: usize = 1024;
+/// Buffer of each direction of the embedded gateway's in-memory stream
+/// (like a socket buffer: a few large requests).
+const LOCAL_STREAM_BYTES: usize = 1 << 20;
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(1000);
 const MAP_POLL_INTERVAL: Duration = Duration::from_millis(500);
 const STATS_INTERVAL: Duration = Duration::from_millis(200);
@@ -119,6 +122,8 @@ pub struct Config {
     pub advertise: Option<String>,
     pub disks: Vec<DiskSpec>,
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve NBD here with an embedded gateway (`tessera_gateway::embedded`).
+    pub nbd_listen: Option<SocketAddr>,
     pub engine: EngineKind,
     pub host: String,
     pub zone: String,
@@ -866,6 +871,17 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let peer = stream.peer_addr().ok();
     let (rd, wr) = stream.into_split();
+    serve_stream(rd, wr, peer, shared).await;
+}
+
+/// Serve one connection of the internal protocol: a TCP connection, or the
+/// in-memory stream of the gateway embedded in this process (same
+/// protocol, same checks).
+async fn serve_stream<R, W>(rd: R, wr: W, peer: Option<std::net::SocketAddr>, shared: Arc<Shared>)
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
     let (tx, mut rx) = tmpsc::unbounded_channel::<Outgoing>();
     let writer = tokio::spawn(async move {
@@ -1350,10 +1366,49 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         let s = shared.clone();
         std::thread::spawn(move || heartbeat_loop(s));
     }
+    // The embedded gateway: bound before READY so the address is in it.
+    let nbd = match config.nbd_listen {
+        Some(addr) => {
+            let l = rt
+                .block_on(tokio::net::TcpListener::bind(addr))
+                .map_err(|e| Fatal::env(format!("cannot listen for NBD on {addr}: {e}")))?;
+            let a = l.local_addr().map_err(|e| Fatal::env(e.to_string()))?;
+            Some((l, a))
+        }
+        None => None,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nbd_text = nbd
+        .as_ref()
+        .map_or("none".to_string(), |(_, a)| a.to_string());
+    if let Some((l, _)) = nbd {
+        let s = shared.clone();
+        // Each connection of the embedded gateway to this daemon is an
+        // in-memory stream served like a TCP connection.
+        let connect: tessera_gateway::client::LocalConnect = Arc::new(move || {
+            let (ours, theirs) = tokio::io::duplex(LOCAL_STREAM_BYTES);
+            let (rd, wr) = tokio::io::split(ours);
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.metrics.connections.inc();
+                serve_stream(rd, wr, None, s.clone()).await;
+                s.metrics.connections.dec();
+            });
+            theirs
+        });
+        rt.spawn(tessera_gateway::embedded::serve_nbd(
+            l,
+            config.manager.clone(),
+            (*shared.map()).clone(),
+            (shared.advertise.clone(), connect),
+            stop_rx,
+        ));
+    }
     println!(
-        "READY listen={bound} node_id={} metrics={}",
+        "READY listen={bound} node_id={} metrics={} nbd={}",
         resp.node_id,
-        metrics_server_handle.as_deref().unwrap_or("none")
+        metrics_server_handle.as_deref().unwrap_or("none"),
+        nbd_text
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -1385,6 +1440,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
             }
         }
     });
+    let _ = stop_tx.send(true);
     tracing::info!("stopping: committing metadata");
     shared.stopping.store(true, Ordering::Relaxed);
     for h in handles {

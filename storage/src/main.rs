@@ -26,6 +26,12 @@ struct Args {
     /// Prometheus metrics listen address.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Also serve every volume over NBD on this address, with the gateway
+    /// embedded in this daemon: requests for chunks on this daemon's disks
+    /// skip the gateway-to-storage TCP hop (docs/nbd.md). Port 0 picks a
+    /// free port.
+    #[arg(long)]
+    nbd_listen: Option<SocketAddr>,
     /// Disk I/O engine.
     #[arg(long, value_enum, default_value = "uring")]
     engine: EngineKind,
@@ -56,6 +62,7 @@ fn main() {
         advertise: a.advertise,
         disks: a.disks,
         metrics_listen: a.metrics_listen,
+        nbd_listen: a.nbd_listen,
         engine: a.engine,
         host: a.host,
         zone: a.zone,
