@@ -4,6 +4,8 @@
 In one run, on the same disk:
   * tessera - `tessera up` (manager, one storage daemon, gateway), one copy,
               a 512-byte-block volume written in full first
+  * tessera-embedded - the same with `--embedded-gateway` (the gateway
+              inside the storage daemon)
   * tgtd    - a file LUN of the same size, written in full first, with
               `--bstype aio` (which opens the file O_DIRECT itself; tgtd
               refuses `--bsoflags direct` for aio), one portal
@@ -86,15 +88,16 @@ def parse_size(s):
 
 class Tessera:
     name = "tessera"
+    extra = []
 
     def __init__(self, work, size):
-        self.dir = os.path.join(work, "tessera")
-        self.log = open(os.path.join(work, "tessera-up.log"), "w")
+        self.dir = os.path.join(work, self.name)
+        self.log = open(os.path.join(work, self.name + "-up.log"), "w")
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "tessera"), "up", "--dir", self.dir, "--storage-daemons", "1",
              "--disk-size", str(size * 2 // (1 << 20)) + "M", "--nbd-listen", "127.0.0.1:0",
              "--manager-listen", "127.0.0.1:0", "--iscsi-listen", "127.0.0.1:0",
-             "--volume", f"bench:{size // (1 << 20)}M"],
+             "--volume", f"bench:{size // (1 << 20)}M"] + self.extra,
             stdout=subprocess.PIPE, stderr=self.log, text=True)
         lines = []
         try:
@@ -109,10 +112,21 @@ class Tessera:
             self.stop()
             raise
         text = "".join(lines)
-        self.pids = [int(p) for p in re.findall(r"^(?:storage-0|gateway) pid=(\d+)", text, re.M)]
+        # The embedded gateway's pid is storage-0's: count it once.
+        self.pids = sorted({int(p) for p in
+                            re.findall(r"^(?:storage-0|gateway) pid=(\d+)", text, re.M)})
         self.nbd = re.search(r"^gateway .*nbd=(\S+)", text, re.M).group(1)
         portal = re.search(r"^gateway .*iscsi=(\S+)", text, re.M).group(1).split(",")[0]
         self.url = f"iscsi://{portal}/iqn.2026-11.io.tessera:bench/0"
+        # iSCSI access control reaches an embedded gateway with its next
+        # snapshot poll (about a second): wait until the target is listed.
+        deadline = time.time() + 30
+        while "iqn.2026-11.io.tessera:bench" not in subprocess.run(
+                ["iscsi-ls", "-s", f"iscsi://{portal}"], capture_output=True, text=True).stdout:
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError("the iSCSI target never appeared")
+            time.sleep(0.2)
         subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri=nbd://{self.nbd}/bench",
                         "--rw=write", "--bs=1m", "--iodepth=8", f"--size={size}"],
                        check=True, capture_output=True)
@@ -124,6 +138,12 @@ class Tessera:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class TesseraEmbedded(Tessera):
+    """The gateway inside the storage daemon (`tessera up --embedded-gateway`)."""
+    name = "tessera-embedded"
+    extra = ["--embedded-gateway"]
 
 
 class Tgt:
@@ -210,14 +230,16 @@ def main():
     commands = {}
     try:
         targets.append(Tessera(work, size))
+        targets.append(TesseraEmbedded(work, size))
         targets.append(Tgt(work, size))
-        order = ["tessera", "tgtd", "local"]
+        tgt = targets[-1]
+        order = ["tessera", "tessera-embedded", "tgtd", "local"]
         for r in range(a.rounds):
             rot = order[r % len(order):] + order[:r % len(order)]
             for wl, random, nbytes, qd in WORKLOADS:
                 for name in rot:
                     if name == "local":
-                        iops, cmd = fio_local(targets[1].file, random, nbytes, qd, a.runtime)
+                        iops, cmd = fio_local(tgt.file, random, nbytes, qd, a.runtime)
                         cpu = None
                     else:
                         t = next(x for x in targets if x.name == name)
@@ -238,12 +260,12 @@ def main():
     rows = []
     for wl, _, nbytes, _ in WORKLOADS:
         med = {}
-        for name in ("local", "tessera", "tgtd"):
+        for name in order:
             runs = results[(wl, name)]
             iops = statistics.median(x[0] for x in runs)
             cpus = [x[1] for x in runs if x[1] is not None]
             med[name] = (iops, statistics.median(cpus) if cpus else None)
-        for name in ("local", "tessera", "tgtd"):
+        for name in order:
             iops, cpu = med[name]
             rows.append({
                 "workload": wl, "target": name, "iops": iops,

@@ -68,8 +68,8 @@ pub struct UpArgs {
     /// and its placement groups fail over.
     #[arg(long, default_value_t = 2000)]
     pub heartbeat_grace_ms: u64,
-    /// Run the gateway inside storage-0 instead of as its own process
-    /// (NBD only, on --nbd-listen; no iSCSI): requests for storage-0's
+    /// Run the gateway inside storage-0 instead of as its own process (NBD
+    /// on --nbd-listen, iSCSI on --iscsi-listen): requests for storage-0's
     /// chunks skip the gateway-to-storage TCP hop (docs/nbd.md).
     #[arg(long)]
     pub embedded_gateway: bool,
@@ -275,7 +275,7 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
     say(&format!("manager pid={} listen={maddr}", manager.pid()));
     procs.push(manager);
 
-    let mut embedded: Option<(u32, String)> = None;
+    let mut embedded: Option<(u32, String, String)> = None;
     for i in 0..a.storage_daemons {
         let disk = dir.join(format!("storage-{i}")).join("disk0.img");
         let gateway_here = a.embedded_gateway && i == 0;
@@ -298,6 +298,7 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
                 ("--listen", "listen"),
                 ("--metrics-listen", "metrics"),
                 ("--nbd-listen", "nbd"),
+                ("--iscsi-listen", "iscsi"),
             ],
             restart_at: None,
             backoff: BACKOFF_MIN,
@@ -306,10 +307,24 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
         if gateway_here {
             p.args.push("--nbd-listen".into());
             p.args.push(a.nbd_listen.clone().into());
+            for l in a.iscsi_listen.iter().filter(|l| l.as_str() != "none") {
+                p.args.push("--iscsi-listen".into());
+                p.args.push(l.into());
+            }
+            p.args.push("--cluster-secret-file".into());
+            p.args.push(
+                dir.join("manager")
+                    .join(crate::secret::FILE_NAME)
+                    .into_os_string(),
+            );
         }
         p.start()?;
         if gateway_here {
-            embedded = Some((p.pid(), ready_field(&p.ready, "nbd").unwrap_or_default()));
+            embedded = Some((
+                p.pid(),
+                ready_field(&p.ready, "nbd").unwrap_or_default(),
+                ready_field(&p.ready, "iscsi").unwrap_or_else(|| "none".into()),
+            ));
         }
         say(&format!(
             "storage-{i} pid={} listen={}",
@@ -352,7 +367,7 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
         }
     }
 
-    let (nbd, iscsi) = if let Some((pid, nbd)) = embedded {
+    let (nbd, iscsi) = if let Some((pid, nbd, iscsi)) = embedded {
         // The gateway is storage-0's embedded one (restarted with it). It
         // started before the volumes existed and learns of them from its
         // next map poll: "ready" waits until it lists them.
@@ -370,9 +385,9 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
             }
         }
         say(&format!(
-            "gateway pid={pid} nbd={nbd} iscsi=none embedded=storage-0"
+            "gateway pid={pid} nbd={nbd} iscsi={iscsi} embedded=storage-0"
         ));
-        (nbd, "none".to_string())
+        (nbd, iscsi)
     } else {
         let mut gw = Proc {
             name: "gateway".into(),

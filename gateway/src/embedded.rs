@@ -1,5 +1,5 @@
 //! The gateway embedded in a storage daemon (`tessera-storage
-//! --nbd-listen`): NBD served by the storage daemon's own event loop, with
+//! --nbd-listen`, `--iscsi-listen`): NBD and iSCSI served by the storage daemon's own event loop, with
 //! requests for the daemon's own disks passed through an in-memory stream
 //! instead of a loopback TCP connection.
 //!
@@ -18,42 +18,103 @@
 //! tell it from a remote gateway, and nothing trusts it more.
 
 use crate::client::{LocalConnect, Pool};
+use crate::iscsi::access::ManagerAccess;
+use crate::iscsi::target::{self, Target};
 use crate::map::MapHandle;
 use crate::metrics::Metrics;
 use crate::routing::{IO_TIMEOUT_MS_DEFAULT, MapCatalog, Router};
 use crate::server;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tessera_wire::map::ClusterMap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Serve NBD on `listener` until `shutdown` turns true. `local` is the
-/// storage daemon's advertised address and how to open an in-memory
-/// connection to it; `initial` is the map the daemon started with (the
-/// gateway follows the manager from there on its own thread).
-pub async fn serve_nbd(
-    listener: TcpListener,
-    manager: String,
-    initial: ClusterMap,
-    local: (String, LocalConnect),
-    shutdown: watch::Receiver<bool>,
-) {
-    let metrics = Metrics::new();
-    let cluster_id = initial.cluster_id.clone();
-    let router = Arc::new(Router {
-        maps: MapHandle::follow(manager, initial),
-        pool: Pool::with_local(cluster_id, local.0, local.1),
-        io_timeout: Duration::from_millis(IO_TIMEOUT_MS_DEFAULT),
-        metrics: Arc::clone(&metrics),
-    });
-    let catalog = Arc::new(MapCatalog { router });
-    server::serve(
-        listener,
-        catalog,
-        metrics,
-        server::Config::default(),
-        shutdown,
-    )
-    .await;
+/// What the embedded gateway serves: NBD and/or iSCSI listeners, bound by
+/// the daemon before it announces readiness.
+pub struct Listeners {
+    pub nbd: Option<TcpListener>,
+    pub iscsi: Vec<TcpListener>,
+}
+
+/// The embedded gateway, ready to serve.
+pub struct Embedded {
+    catalog: Arc<MapCatalog>,
+    metrics: Arc<Metrics>,
+    iscsi: Arc<Target>,
+}
+
+impl Embedded {
+    /// Set up routing (following the manager's map on its own thread from
+    /// `initial`) and, when `secret` is given, iSCSI access control read
+    /// from the manager (blocking until the first snapshot or `deadline`;
+    /// call it outside the runtime). `local` is the daemon's advertised
+    /// address and how to open an in-memory connection to it.
+    pub fn new(
+        manager: String,
+        initial: ClusterMap,
+        local: (String, LocalConnect),
+        secret: Option<String>,
+        deadline: Instant,
+    ) -> Result<Embedded, String> {
+        let metrics = Metrics::new();
+        let cluster_id = initial.cluster_id.clone();
+        let router = Arc::new(Router {
+            maps: MapHandle::follow(manager.clone(), initial),
+            pool: Pool::with_local(cluster_id, local.0, local.1),
+            io_timeout: Duration::from_millis(IO_TIMEOUT_MS_DEFAULT),
+            metrics: Arc::clone(&metrics),
+        });
+        let maps = router.maps.clone();
+        let catalog = Arc::new(MapCatalog { router });
+        let access = match secret {
+            Some(secret) => ManagerAccess::follow(manager, secret, maps, deadline)?,
+            None => ManagerAccess::closed(maps),
+        };
+        let iscsi = Target::with_persist(
+            catalog.clone(),
+            access.clone(),
+            Some(access),
+            target::Config::default(),
+        );
+        Ok(Embedded {
+            catalog,
+            metrics,
+            iscsi,
+        })
+    }
+
+    /// Serve until `shutdown` turns true.
+    pub async fn serve(self, listeners: Listeners, shutdown: watch::Receiver<bool>) {
+        for l in listeners.iscsi {
+            if let Ok(a) = l.local_addr() {
+                self.iscsi.portals.lock().expect("not poisoned").push(a);
+            }
+            tokio::spawn(target::serve(l, Arc::clone(&self.iscsi), shutdown.clone()));
+        }
+        if let Some(l) = listeners.nbd {
+            server::serve(
+                l,
+                self.catalog,
+                self.metrics,
+                server::Config::default(),
+                shutdown,
+            )
+            .await;
+        }
+    }
+}
+
+/// The addresses of bound listeners, comma-separated ("none" if empty).
+pub fn addresses(ls: &[&TcpListener]) -> String {
+    let v: Vec<String> = ls
+        .iter()
+        .filter_map(|l| l.local_addr().ok().map(|a: SocketAddr| a.to_string()))
+        .collect();
+    if v.is_empty() {
+        "none".to_string()
+    } else {
+        v.join(",")
+    }
 }

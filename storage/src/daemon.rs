@@ -124,6 +124,11 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Serve NBD here with an embedded gateway (`tessera_gateway::embedded`).
     pub nbd_listen: Option<SocketAddr>,
+    /// iSCSI portals of the embedded gateway.
+    pub iscsi_listen: Vec<SocketAddr>,
+    /// The cluster secret (first line of the file): the embedded gateway
+    /// needs it to read iSCSI access control and store reservations.
+    pub cluster_secret_file: Option<PathBuf>,
     pub engine: EngineKind,
     pub host: String,
     pub zone: String,
@@ -843,6 +848,20 @@ fn metrics_server(listener: tiny_http::Server, metrics: Metrics) {
     }
 }
 
+/// The cluster secret: the first line of its file. Never logged.
+fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the cluster secret {}: {e}", path.display()))?;
+    let s = text.lines().next().unwrap_or("").trim().to_string();
+    if s.is_empty() {
+        return Err(format!(
+            "the cluster secret file {} is empty",
+            path.display()
+        ));
+    }
+    Ok(s)
+}
+
 /// Tell systemd (Type=notify) that the daemon is ready, when run under it.
 pub fn notify_ready() {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -1366,22 +1385,34 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         let s = shared.clone();
         std::thread::spawn(move || heartbeat_loop(s));
     }
-    // The embedded gateway: bound before READY so the address is in it.
-    let nbd = match config.nbd_listen {
-        Some(addr) => {
-            let l = rt
-                .block_on(tokio::net::TcpListener::bind(addr))
-                .map_err(|e| Fatal::env(format!("cannot listen for NBD on {addr}: {e}")))?;
-            let a = l.local_addr().map_err(|e| Fatal::env(e.to_string()))?;
-            Some((l, a))
-        }
-        None => None,
-    };
+    // The embedded gateway: bound before READY so the addresses are in it.
     let (stop_tx, stop_rx) = watch::channel(false);
-    let nbd_text = nbd
-        .as_ref()
-        .map_or("none".to_string(), |(_, a)| a.to_string());
-    if let Some((l, _)) = nbd {
+    let mut nbd_text = "none".to_string();
+    let mut iscsi_text = "none".to_string();
+    if config.nbd_listen.is_some() || !config.iscsi_listen.is_empty() {
+        let bind = |addr: SocketAddr, what: &str| {
+            rt.block_on(tokio::net::TcpListener::bind(addr))
+                .map_err(|e| Fatal::env(format!("cannot listen for {what} on {addr}: {e}")))
+        };
+        let nbd = config.nbd_listen.map(|a| bind(a, "NBD")).transpose()?;
+        let iscsi = config
+            .iscsi_listen
+            .iter()
+            .map(|a| bind(*a, "iSCSI"))
+            .collect::<Result<Vec<_>, _>>()?;
+        nbd_text = tessera_gateway::embedded::addresses(&nbd.iter().collect::<Vec<_>>());
+        iscsi_text = tessera_gateway::embedded::addresses(&iscsi.iter().collect::<Vec<_>>());
+        let secret = match &config.cluster_secret_file {
+            Some(p) => Some(read_secret(p).map_err(Fatal::env)?),
+            None => {
+                if !iscsi.is_empty() {
+                    tracing::warn!(
+                        "no --cluster-secret-file: every iSCSI login to a volume is refused"
+                    );
+                }
+                None
+            }
+        };
         let s = shared.clone();
         // Each connection of the embedded gateway to this daemon is an
         // in-memory stream served like a TCP connection.
@@ -1396,19 +1427,20 @@ pub fn run(config: Config) -> Result<(), Fatal> {
             });
             theirs
         });
-        rt.spawn(tessera_gateway::embedded::serve_nbd(
-            l,
+        let gw = tessera_gateway::embedded::Embedded::new(
             config.manager.clone(),
             (*shared.map()).clone(),
             (shared.advertise.clone(), connect),
-            stop_rx,
-        ));
+            secret,
+            Instant::now() + Duration::from_secs(30),
+        )
+        .map_err(Fatal::env)?;
+        rt.spawn(gw.serve(tessera_gateway::embedded::Listeners { nbd, iscsi }, stop_rx));
     }
     println!(
-        "READY listen={bound} node_id={} metrics={} nbd={}",
+        "READY listen={bound} node_id={} metrics={} nbd={nbd_text} iscsi={iscsi_text}",
         resp.node_id,
         metrics_server_handle.as_deref().unwrap_or("none"),
-        nbd_text
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();

@@ -32,6 +32,15 @@ struct Args {
     /// free port.
     #[arg(long)]
     nbd_listen: Option<SocketAddr>,
+    /// iSCSI portal of the embedded gateway (repeatable; port 0 picks a
+    /// free port).
+    #[arg(long = "iscsi-listen")]
+    iscsi_listen: Vec<SocketAddr>,
+    /// File holding the cluster secret (the manager's
+    /// `<data-dir>/cluster-secret`): the embedded gateway reads iSCSI
+    /// access control and stores reservations with it.
+    #[arg(long, env = "TESSERA_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<std::path::PathBuf>,
     /// Disk I/O engine.
     #[arg(long, value_enum, default_value = "uring")]
     engine: EngineKind,
@@ -63,6 +72,8 @@ fn main() {
         disks: a.disks,
         metrics_listen: a.metrics_listen,
         nbd_listen: a.nbd_listen,
+        iscsi_listen: a.iscsi_listen,
+        cluster_secret_file: a.cluster_secret_file,
         engine: a.engine,
         host: a.host,
         zone: a.zone,

@@ -19,14 +19,15 @@ fn require(tools: &[&str]) {
 }
 
 // Proves the embedded gateway serves a volume spread over its own daemon
-// and another one: nbdinfo sees it, 128 MiB copied in with nbdcopy reads
+// and another one: iscsi-ls lists its target and iscsi-inq gets an
+// INQUIRY answer, nbdinfo sees it, 128 MiB copied in with nbdcopy reads
 // back identically, fio writes with verify pass, both daemons served
 // chunk requests, and after storage-0 (the gateway itself) is killed with
 // -9 and restarted by `tessera up`, the flushed data reads back unchanged
 // on the same address.
 #[test]
 fn embedded_gateway_serves_local_and_remote_chunks() {
-    require(&["nbdinfo", "nbdcopy", "fio"]);
+    require(&["nbdinfo", "nbdcopy", "fio", "iscsi-ls", "iscsi-inq"]);
     let dir = TempDir::new("embedded-gw");
     let src = dir.path().join("src.img");
     let back = dir.path().join("back.img");
@@ -47,7 +48,28 @@ fn embedded_gateway_serves_local_and_remote_chunks() {
         c.pid("storage-0"),
         "the gateway runs inside storage-0"
     );
-    assert!(c.iscsi.is_empty(), "no iSCSI from the embedded gateway");
+    // iSCSI from the same daemon: the target is listed and answers
+    // INQUIRY (access control arrives with the next snapshot poll).
+    assert_eq!(c.iscsi.len(), 1, "one portal");
+    let portal = &c.iscsi[0];
+    let ls = poll(
+        "iscsi-ls to list the target",
+        Duration::from_secs(30),
+        || {
+            let out = Command::new("iscsi-ls")
+                .arg("-s")
+                .arg(format!("iscsi://{portal}"))
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.contains("iqn.2026-11.io.tessera:emb").then_some(text)
+        },
+    );
+    assert!(ls.contains("iqn.2026-11.io.tessera:emb"), "{ls}");
+    let inq = run(
+        Command::new("iscsi-inq").arg(format!("iscsi://{portal}/iqn.2026-11.io.tessera:emb/0"))
+    );
+    assert!(inq.to_lowercase().contains("tessera"), "{inq}");
     let json = run(Command::new("nbdinfo").arg("--json").arg(c.uri("emb")));
     let v: serde_json::Value = serde_json::from_str(&json).expect("nbdinfo json");
     assert_eq!(v["exports"][0]["export-size"].as_u64(), Some(256 << 20));
