@@ -168,6 +168,13 @@ impl Cluster {
         for (name, size) in &opts.volumes {
             cmd.arg("--volume").arg(format!("{name}:{size}"));
         }
+        // Never the default portal (127.0.0.1:3260): tests run in
+        // parallel, and two gateways cannot share it.
+        let iscsi_listen: &[&str] = if iscsi_listen.is_empty() {
+            &["127.0.0.1:0"]
+        } else {
+            iscsi_listen
+        };
         for l in iscsi_listen {
             cmd.arg("--iscsi-listen").arg(l);
         }
