@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side iSCSI read benchmark: Tessera's gateway against tgtd.
+"""Side-by-side iSCSI benchmark: Tessera's gateway against tgtd.
 
 In one run, on the same disk:
   * tessera - `tessera up` (manager, one storage daemon, gateway), one copy,
@@ -10,9 +10,10 @@ In one run, on the same disk:
               `--bstype aio` (which opens the file O_DIRECT itself; tgtd
               refuses `--bsoflags direct` for aio), one portal
   * local   - fio with io_uring and O_DIRECT on tgtd's file (the limit)
-and measures each with libiscsi's `iscsi-perf` (reads only: Debian's fio
-has no libiscsi engine): 4k random reads at queue depth 1 and 32, 128k
-sequential reads at queue depth 8. Rounds rotate the order of targets; the
+and measures reads with libiscsi's `iscsi-perf` (4k random at queue depth
+1 and 32, 128k sequential at queue depth 8) and the same workloads as
+writes with fio's libiscsi engine (Debian's fio has none: build it with
+bench/build_fio_libiscsi.sh; without it, reads only). Rounds rotate the order of targets; the
 report gives medians. Server CPU time per I/O comes from /proc/PID/stat
 (gateway + storage daemon for Tessera, tgtd).
 
@@ -46,6 +47,14 @@ WORKLOADS = [
     ("randread-4k-qd32", True, 4096, 32),
     ("read-128k-qd8", False, 131072, 8),
 ]
+# Writes need fio's libiscsi engine (bench/build_fio_libiscsi.sh); without
+# it they are left out.
+WRITE_WORKLOADS = [
+    ("randwrite-4k-qd1", True, 4096, 1),
+    ("randwrite-4k-qd32", True, 4096, 32),
+    ("write-128k-qd8", False, 131072, 8),
+]
+FIO_LIBISCSI = os.environ.get("FIO_LIBISCSI", "/var/tmp/fio-libiscsi/fio")
 
 
 def free_port():
@@ -93,6 +102,14 @@ class Tessera:
     def __init__(self, work, size):
         self.dir = os.path.join(work, self.name)
         self.log = open(os.path.join(work, self.name + "-up.log"), "w")
+        # A disk file written in full, as a raw device would be (see
+        # nbd_compare.py): redirect-on-write on a sparse file would make
+        # every write allocate filesystem blocks, which io_uring hands to a
+        # worker thread.
+        disk = os.path.join(self.dir, "storage-0", "disk0.img")
+        os.makedirs(os.path.dirname(disk), exist_ok=True)
+        subprocess.run(["dd", "if=/dev/zero", "of=" + disk, "bs=1M",
+                        f"count={size * 2 >> 20}", "oflag=direct", "status=none"], check=True)
         self.proc = subprocess.Popen(
             [os.path.join(BIN, "tessera"), "up", "--dir", self.dir, "--storage-daemons", "1",
              "--disk-size", str(size * 2 // (1 << 20)) + "M", "--nbd-listen", "127.0.0.1:0",
@@ -161,7 +178,7 @@ class Tgt:
                                       f"portal=127.0.0.1:{port}"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.time() + 10
+            deadline = time.time() + 30
             while self.adm("--op", "show", "--mode", "target", check=False).returncode != 0:
                 if time.time() > deadline:
                     raise RuntimeError("tgtd did not start")
@@ -203,13 +220,28 @@ def iscsi_perf(url, random, nbytes, qd, runtime):
     return int(m[-1][0]), " ".join(cmd + ["URL"])
 
 
-def fio_local(path, random, nbytes, qd, runtime):
+def fio_iscsi(url, random, nbytes, qd, runtime):
+    """Writes through fio's libiscsi engine (a userspace initiator)."""
+    cmd = [FIO_LIBISCSI, "--name=w", "--ioengine=libiscsi",
+           f"--rw={'randwrite' if random else 'write'}", f"--bs={nbytes}", f"--iodepth={qd}",
+           "--time_based", f"--runtime={runtime}", "--output-format=json"]
+    # fio splits --filename at colons unless they are escaped.
+    out = subprocess.run(cmd + ["--filename=" + url.replace(":", "\\:")],
+                         capture_output=True, text=True, timeout=runtime + 60)
+    if out.returncode != 0 or "{" not in out.stdout:
+        raise RuntimeError(f"fio libiscsi failed: {cmd} {out.stdout[-500:]} {out.stderr[-500:]}")
+    j = json.loads(out.stdout[out.stdout.index("{"):])
+    return round(j["jobs"][0]["write"]["iops"]), " ".join(cmd + ["--filename=URL"])
+
+
+def fio_local(path, random, nbytes, qd, runtime, write=False):
+    rw = ("randwrite" if random else "write") if write else ("randread" if random else "read")
     cmd = ["fio", "--name=local", "--ioengine=io_uring", "--direct=1", f"--filename={path}",
-           f"--rw={'randread' if random else 'read'}", f"--bs={nbytes}", f"--iodepth={qd}",
+           f"--rw={rw}", f"--bs={nbytes}", f"--iodepth={qd}",
            "--time_based", f"--runtime={runtime}", "--output-format=json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     j = json.loads(out[out.index("{"):])
-    return round(j["jobs"][0]["read"]["iops"]), " ".join(cmd)
+    return round(j["jobs"][0]["write" if write else "read"]["iops"]), " ".join(cmd)
 
 
 def main():
@@ -225,6 +257,11 @@ def main():
             raise SystemExit(f"{tool} is missing (apt-get install libiscsi-bin tgt fio)")
     work = a.dir or tempfile.mkdtemp(prefix="tessera-iscsi-bench-", dir="/var/tmp")
     os.makedirs(work, exist_ok=True)
+    have_fio = os.access(FIO_LIBISCSI, os.X_OK)
+    workloads = WORKLOADS + (WRITE_WORKLOADS if have_fio else [])
+    writes = {w[0] for w in WRITE_WORKLOADS}
+    if not have_fio:
+        print(f"no fio with libiscsi at {FIO_LIBISCSI} (bench/build_fio_libiscsi.sh): reads only")
     targets = []
     results = {}  # (workload, target) -> list of (iops, cpu_us_per_io)
     commands = {}
@@ -236,15 +273,17 @@ def main():
         order = ["tessera", "tessera-embedded", "tgtd", "local"]
         for r in range(a.rounds):
             rot = order[r % len(order):] + order[:r % len(order)]
-            for wl, random, nbytes, qd in WORKLOADS:
+            for wl, random, nbytes, qd in workloads:
+                write = wl in writes
                 for name in rot:
                     if name == "local":
-                        iops, cmd = fio_local(tgt.file, random, nbytes, qd, a.runtime)
+                        iops, cmd = fio_local(tgt.file, random, nbytes, qd, a.runtime, write)
                         cpu = None
                     else:
                         t = next(x for x in targets if x.name == name)
                         c0, t0 = cpu_ticks(t.pids), time.time()
-                        iops, cmd = iscsi_perf(t.url, random, nbytes, qd, a.runtime)
+                        run = fio_iscsi if write else iscsi_perf
+                        iops, cmd = run(t.url, random, nbytes, qd, a.runtime)
                         c1 = cpu_ticks(t.pids)
                         ios = max(iops * a.runtime, 1)
                         cpu = (c1 - c0) / CLK_TCK * 1e6 / ios
@@ -258,7 +297,7 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
     rows = []
-    for wl, _, nbytes, _ in WORKLOADS:
+    for wl, _, nbytes, _ in workloads:
         med = {}
         for name in order:
             runs = results[(wl, name)]
@@ -287,10 +326,12 @@ def main():
     base = os.path.join(ROOT, "bench", "results", f"iscsi-{stamp}")
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# iSCSI read benchmark {stamp}", "",
+    lines = [f"# iSCSI benchmark {stamp}", "",
              f"Command: `bench/iscsi_compare.py --runtime {a.runtime} --rounds {a.rounds} --size {a.size}`",
              "",
-             f"iscsi-perf (libiscsi {meta['libiscsi']}), reads only; {a.rounds} round(s) of "
+             f"Reads: iscsi-perf (libiscsi {meta['libiscsi']}); writes: "
+             f"{'fio libiscsi engine' if have_fio else 'not measured (no fio with libiscsi)'}; "
+             f"{a.rounds} round(s) of "
              f"{a.runtime} s per job, order rotated; medians. Tessera: one storage daemon, one "
              f"copy, 512-byte blocks; tgtd {meta['tgt']}: file LUN, bstype aio, O_DIRECT. Both "
              f"written in full first, on the same disk. `local` is fio io_uring + O_DIRECT on "
