@@ -180,6 +180,10 @@ impl Api {
                     .map(|x| json(200, &x))),
             ),
             ("GET", ["v1", "pools"]) => ("pools", json(200, &m.pools())),
+            ("POST", ["v1", "scrub"]) => (
+                "scrub",
+                json(200, &serde_json::json!({ "generation": m.request_scrub() })),
+            ),
             ("POST", ["v1", "pgs", "clean"]) => (
                 "pg_clean",
                 r(parse(body)
@@ -295,6 +299,7 @@ impl Api {
             | (_, ["v1", "volumes", _, "iscsi", "initiators", _])
             | (_, ["v1", "iscsi", "access" | "discovery-chap"])
             | (_, ["v1", "pgs", "clean"])
+            | (_, ["v1", "scrub"])
             | (_, ["metrics"]) => (
                 "bad_method",
                 error_reply(ApiError::new(

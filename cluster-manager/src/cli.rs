@@ -69,8 +69,27 @@ pub enum Command {
         #[command(subcommand)]
         command: IscsiCommand,
     },
+    /// Placement groups.
+    Pg {
+        #[command(subcommand)]
+        command: PgCommand,
+    },
     /// Cluster summary.
     Status,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PgCommand {
+    /// Scrub every placement group now: each primary compares its copies'
+    /// checksums and repairs bad or missing ones (see `tessera status`).
+    Scrub {
+        /// Wait until every up storage daemon has finished.
+        #[arg(long)]
+        wait: bool,
+        /// Longest wait, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -431,8 +450,20 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 println!("volumes   {}", s.volumes);
                 println!("pgs       {} ({} assigned)", s.pgs_total, s.pgs_assigned);
                 println!(
-                    "          {} clean, {} degraded, {} recovering",
-                    s.pgs_clean, s.pgs_degraded, s.pgs_recovering
+                    "          {} clean, {} degraded, {} recovering, {} scrubbing",
+                    s.pgs_clean, s.pgs_degraded, s.pgs_recovering, s.pgs_scrubbing
+                );
+                let last = if s.scrub_generation == 0 {
+                    "none requested".to_string()
+                } else {
+                    format!(
+                        "last request done on {} of {} daemons",
+                        s.scrub_daemons_done, s.daemons_up
+                    )
+                };
+                println!(
+                    "scrub     {last}; {} group scrubs, {} regions, {} bad copies found, {} repaired, {} unrepairable",
+                    s.scrubs, s.scrub_regions, s.scrub_errors, s.repairs, s.unrepairable
                 );
                 println!(
                     "capacity  {} used of {}",
@@ -507,6 +538,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Volume { command } => volume(&c, json, command),
         Command::Pool { command } => pool(&c, json, command),
+        Command::Pg {
+            command: PgCommand::Scrub { wait, timeout },
+        } => scrub(&c, json, wait, Duration::from_secs(timeout)),
         Command::Iscsi { command } => iscsi(&c, json, command),
     }
 }
@@ -514,6 +548,43 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 const POOL_HEADERS: [&str; 8] = [
     "NAME", "ID", "REPLICAS", "MIN", "DOMAIN", "CHUNK", "PGS", "VOLUMES",
 ];
+
+/// Ask for a scrub; with `wait`, poll the status until every up daemon has
+/// completed it (a daemon reports it once no group it leads is scrubbing).
+fn scrub(c: &Client, json: bool, wait: bool, timeout: Duration) -> Result<(), CliError> {
+    let r: serde_json::Value = c.post("/v1/scrub", serde_json::json!({}))?;
+    let generation = r["generation"].as_u64().unwrap_or(0);
+    let deadline = std::time::Instant::now() + timeout;
+    let mut s: crate::daemon::Status = c.get("/v1/status")?;
+    while wait && (s.scrub_generation > generation || s.scrub_daemons_done < s.daemons_up) {
+        if s.scrub_generation > generation {
+            // A newer request replaced ours: it covers ours.
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(CliError::new(format!(
+                "scrub not finished after {}s: {} of {} daemons done",
+                timeout.as_secs(),
+                s.scrub_daemons_done,
+                s.daemons_up
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        s = c.get("/v1/status")?;
+    }
+    if json {
+        print_json(&s);
+    } else {
+        println!("scrub {generation} requested");
+        if wait {
+            println!(
+                "done on {} daemons: {} regions compared, {} bad copies found, {} repaired, {} unrepairable (since the daemons started)",
+                s.scrub_daemons_done, s.scrub_regions, s.scrub_errors, s.repairs, s.unrepairable
+            );
+        }
+    }
+    Ok(())
+}
 
 fn pool_rows(ps: &[PoolInfo]) -> Vec<Vec<String>> {
     ps.iter()

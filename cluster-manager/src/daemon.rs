@@ -114,6 +114,30 @@ pub struct Status {
     /// Degraded groups with an outdated copy that is up (being recovered).
     #[serde(default)]
     pub pgs_recovering: u32,
+    /// The newest scrub request (`POST /v1/scrub`; 0: none since the
+    /// manager started).
+    #[serde(default)]
+    pub scrub_generation: u64,
+    /// Up storage daemons that have completed it on every group they led.
+    #[serde(default)]
+    pub scrub_daemons_done: u32,
+    /// Groups being scrubbed now.
+    #[serde(default)]
+    pub pgs_scrubbing: u32,
+    /// Summed over the up daemons' reports (counted since each started):
+    /// group scrubs completed, regions compared, copies of regions found
+    /// bad or different, copies repaired (scrub and read repair), repairs
+    /// without a good copy.
+    #[serde(default)]
+    pub scrubs: u64,
+    #[serde(default)]
+    pub scrub_regions: u64,
+    #[serde(default)]
+    pub scrub_errors: u64,
+    #[serde(default)]
+    pub repairs: u64,
+    #[serde(default)]
+    pub unrepairable: u64,
 }
 
 pub struct Manager {
@@ -126,6 +150,11 @@ struct Inner {
     catalog: Catalog,
     live: BTreeMap<u32, Live>,
     started: Instant,
+    /// The newest scrub request, handed to daemons with heartbeat answers.
+    /// Memory only: it starts from the clock (milliseconds since the
+    /// epoch) at the first request, so a restarted manager's requests are
+    /// still newer than any a daemon has seen.
+    scrub_generation: u64,
 }
 
 impl Inner {
@@ -191,6 +220,7 @@ impl Manager {
                 catalog,
                 live,
                 started: Instant::now(),
+                scrub_generation: 0,
             }),
             grace: config.heartbeat_grace,
         })
@@ -307,7 +337,20 @@ impl Manager {
         }
         Ok(HeartbeatResponse {
             epoch: inner.catalog.epoch,
+            scrub_generation: inner.scrub_generation,
         })
+    }
+
+    /// Ask every storage daemon to scrub the groups it leads now; returns
+    /// the request's generation (see `Status::scrub_generation`).
+    pub fn request_scrub(&self) -> u64 {
+        let mut inner = self.lock();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        inner.scrub_generation = (inner.scrub_generation + 1).max(now_ms);
+        tracing::info!(generation = inner.scrub_generation, "scrub requested");
+        inner.scrub_generation
     }
 
     /// Apply the health policy at `now`; one new epoch for all changes.
@@ -515,7 +558,28 @@ impl Manager {
         let nodes_up = c.nodes.iter().filter(|n| inner.up(n.id)).count() as u32;
         let map = inner.map();
         let h = map::pg_health(&map);
+        let reports: Vec<&tessera_wire::api::ScrubReport> = c
+            .nodes
+            .iter()
+            .filter(|n| inner.up(n.id))
+            .filter_map(|n| inner.live.get(&n.id)?.usage.as_ref())
+            .map(|u| &u.scrub)
+            .collect();
+        let sum = |f: fn(&tessera_wire::api::ScrubReport) -> u64| -> u64 {
+            reports.iter().map(|r| f(r)).sum()
+        };
         Status {
+            scrub_generation: inner.scrub_generation,
+            scrub_daemons_done: reports
+                .iter()
+                .filter(|r| r.generation_done >= inner.scrub_generation)
+                .count() as u32,
+            pgs_scrubbing: reports.iter().map(|r| r.running).sum(),
+            scrubs: sum(|r| r.scrubs),
+            scrub_regions: sum(|r| r.regions),
+            scrub_errors: sum(|r| r.errors),
+            repairs: sum(|r| r.repairs),
+            unrepairable: sum(|r| r.unrepairable),
             daemons_up: nodes_up,
             daemons_down: c.nodes.len() as u32 - nodes_up,
             pgs_clean: h.clean,
@@ -672,6 +736,7 @@ mod tests {
         let hb = || HeartbeatRequest {
             disks: vec![],
             volumes: vec![],
+            scrub: Default::default(),
         };
         assert_eq!(m.heartbeat(r.node_id, hb()).unwrap().epoch, e0 + 2);
         assert!(m.map().nodes[0].up);

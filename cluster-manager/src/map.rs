@@ -617,6 +617,7 @@ mod tests {
                     allocated_bytes: 1000,
                 },
             ],
+            scrub: Default::default(),
         };
         let usage = [hb(5), hb(7)];
         let info = volume_info(&map, &c.volumes[0], usage.iter());

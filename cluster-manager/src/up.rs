@@ -73,6 +73,13 @@ pub struct UpArgs {
     /// chunks skip the gateway-to-storage TCP hop (docs/nbd.md).
     #[arg(long)]
     pub embedded_gateway: bool,
+    /// Each storage daemon scrubs the placement groups it leads this often
+    /// (30s, 10m, 24h, 7d or off; `tessera pg scrub` scrubs now).
+    #[arg(long, default_value = "24h")]
+    pub scrub_interval: String,
+    /// Bytes of each copy a scrub reads per second, at most.
+    #[arg(long, default_value = "16M")]
+    pub scrub_rate: String,
 }
 
 pub fn parse_volume(s: &str) -> Result<(String, u64), String> {
@@ -291,6 +298,10 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
                 format!("{},size={}", disk.display(), a.disk_size).into(),
                 "--metrics-listen".into(),
                 "127.0.0.1:0".into(),
+                "--scrub-interval".into(),
+                a.scrub_interval.clone().into(),
+                "--scrub-rate".into(),
+                a.scrub_rate.clone().into(),
             ],
             log: logs.join(format!("storage-{i}.log")),
             child: None,

@@ -151,6 +151,7 @@ impl Manager {
             &HeartbeatRequest {
                 disks: vec![],
                 volumes,
+                scrub: Default::default(),
             },
             200,
         )

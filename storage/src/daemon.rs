@@ -25,7 +25,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tessera_wire::api::{
-    DiskRegistration, DiskUsage, HeartbeatRequest, RegisterRequest, RegisterResponse, VolumeUsage,
+    DiskRegistration, DiskUsage, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
+    RegisterResponse, ScrubReport, VolumeUsage,
 };
 use tessera_wire::header::{HEADER_SIZE, PAYLOAD_MAX_BYTES, open_payload};
 use tessera_wire::map::{CHUNK_SIZE_DEFAULT_BYTES, ClusterMap};
@@ -133,6 +134,34 @@ pub struct Config {
     pub host: String,
     pub zone: String,
     pub rack: String,
+    /// Scrub every group this daemon leads this often (`None`: only when
+    /// asked through the manager).
+    pub scrub_interval: Option<Duration>,
+    /// Bytes of each copy a scrub reads per second, at most.
+    pub scrub_rate_bytes: u64,
+}
+
+/// Parse a duration: `0` or `off` (none), or a number with `s`, `m`, `h` or
+/// `d`.
+pub fn parse_interval(s: &str) -> Result<Option<Duration>, String> {
+    if s == "0" || s == "off" {
+        return Ok(None);
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad interval {s:?}: expected e.g. 30s, 10m, 24h, 7d or off"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("bad interval unit in {s:?} (s, m, h or d)")),
+    };
+    if secs == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Duration::from_secs(secs)))
 }
 
 // ---- engine tasks --------------------------------------------------------
@@ -145,6 +174,9 @@ enum Route {
         tx: tmpsc::UnboundedSender<Outgoing>,
         permit: tokio::sync::OwnedSemaphorePermit,
         started: Instant,
+        /// A read of a replicated group: a checksum error goes to the
+        /// replication driver for a read repair instead of to the client.
+        repair: Option<RepairRoute>,
     },
     Internal,
     /// A request of the replication driver: the completion goes back to it.
@@ -154,6 +186,19 @@ enum Route {
         tx: mpsc::Sender<ReplIn>,
     },
 }
+
+/// Where a read's checksum error goes for repair.
+struct RepairRoute {
+    pg: u32,
+    /// Reads of this request so far (each failed one is repaired once).
+    attempt: u32,
+    tx: mpsc::Sender<ReplIn>,
+}
+
+/// Reads of one request that may find a checksum error and be repaired:
+/// a copy corrupted again between the repair and the read again is
+/// repaired again, but not forever.
+const READ_REPAIR_ATTEMPTS_MAX: u32 = 3;
 
 enum EngineMsg {
     Request(Request, Route),
@@ -385,10 +430,36 @@ fn deliver(routes: &mut Slab<Route>, done: &mut Vec<Completion>, metrics: &Metri
             tx,
             permit,
             started,
+            repair,
         } = route
         else {
             continue;
         };
+        if let (Err(EngineError::Checksum), Some(r)) = (&c.result, &repair)
+            && r.attempt < READ_REPAIR_ATTEMPTS_MAX
+        {
+            let pending = PendingReply {
+                header,
+                tx,
+                permit,
+                started,
+            };
+            let m = ReplIn::ReadRepair {
+                pg: r.pg,
+                attempt: r.attempt,
+                reply: pending,
+            };
+            if let Err(mpsc::SendError(ReplIn::ReadRepair { reply, .. })) = r.tx.send(m) {
+                // The driver is gone (stopping): answer the error as is.
+                let h = reply.header.reply_to(Status::Checksum, 0, 0);
+                let _ = reply.tx.send(Outgoing {
+                    header: h,
+                    data: Vec::new(),
+                    _permit: Some(reply.permit),
+                });
+            }
+            continue;
+        }
         let (status, data) = match c.result {
             Ok(Reply::Done) | Ok(Reply::Allocated(_)) => (Status::Ok, Vec::new()),
             Ok(Reply::Data(d)) | Ok(Reply::Allocation(d)) => (Status::Ok, d),
@@ -487,6 +558,13 @@ struct Metrics {
     pgs_degraded: IntGauge,
     pgs_recovering: IntGauge,
     recovery_bytes: IntCounter,
+    pgs_scrubbing: IntGauge,
+    repairs: IntCounter,
+    repair_bytes: IntCounter,
+    unrepairable: IntCounter,
+    scrubs: IntCounter,
+    scrub_regions: IntCounter,
+    scrub_errors: IntCounter,
 }
 
 impl Metrics {
@@ -571,8 +649,44 @@ impl Metrics {
             "Bytes pushed to outdated copies by recovery",
         )
         .expect("metric");
+        let c = |n: &str, h: &str| IntCounter::new(n, h).expect("metric");
+        let pgs_scrubbing = g(
+            "tessera_storage_pgs_scrubbing",
+            "Led placement groups being scrubbed",
+        );
+        let repairs = c(
+            "tessera_storage_repairs_total",
+            "Copies of extents rewritten from a good copy (read repair and scrub)",
+        );
+        let repair_bytes = c(
+            "tessera_storage_repair_bytes_total",
+            "Bytes rewritten by repairs, summed over the copies rewritten",
+        );
+        let unrepairable = c(
+            "tessera_storage_unrepairable_total",
+            "Repairs that found no good copy (the client read got an error)",
+        );
+        let scrubs = c(
+            "tessera_storage_scrubs_total",
+            "Scrubs of a led placement group completed",
+        );
+        let scrub_regions = c(
+            "tessera_storage_scrub_regions_total",
+            "64 KiB regions compared across copies by scrubs",
+        );
+        let scrub_errors = c(
+            "tessera_storage_scrub_errors_total",
+            "Copies of regions a scrub found bad or different",
+        );
         for m in [
             Box::new(pgs_primary.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pgs_scrubbing.clone()),
+            Box::new(repairs.clone()),
+            Box::new(repair_bytes.clone()),
+            Box::new(unrepairable.clone()),
+            Box::new(scrubs.clone()),
+            Box::new(scrub_regions.clone()),
+            Box::new(scrub_errors.clone()),
             Box::new(pgs_degraded.clone()),
             Box::new(pgs_recovering.clone()),
             Box::new(recovery_bytes.clone()),
@@ -603,6 +717,13 @@ impl Metrics {
             pgs_degraded,
             pgs_recovering,
             recovery_bytes,
+            pgs_scrubbing,
+            repairs,
+            repair_bytes,
+            unrepairable,
+            scrubs,
+            scrub_regions,
+            scrub_errors,
         }
     }
 
@@ -634,6 +755,10 @@ struct Shared {
     active: RwLock<std::collections::BTreeSet<(u32, u32)>>,
     /// The replication driver's input, once started.
     repl: Mutex<Option<mpsc::Sender<ReplIn>>>,
+    /// Scrub counters for the heartbeat, kept by the driver.
+    scrub_state: Mutex<ScrubReport>,
+    /// The manager's newest scrub request (from heartbeat answers).
+    scrub_requested: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -802,6 +927,7 @@ fn heartbeat_loop(shared: Arc<Shared>) {
             });
         }
         let body = HeartbeatRequest {
+            scrub: shared.scrub_state.lock().expect("scrub state").clone(),
             disks: usage,
             volumes: volumes
                 .into_iter()
@@ -819,7 +945,13 @@ fn heartbeat_loop(shared: Arc<Shared>) {
             ))
             .send_json(&body);
         match r {
-            Ok(_) => {}
+            Ok(resp) => {
+                if let Ok(hb) = resp.into_json::<HeartbeatResponse>() {
+                    shared
+                        .scrub_requested
+                        .fetch_max(hb.scrub_generation, Ordering::Relaxed);
+                }
+            }
             Err(ureq::Error::Status(404, _)) => {
                 tracing::warn!("manager does not know this node; registering again");
                 match register(&agent, &shared).and_then(|resp| apply_registration(&shared, &resp))
@@ -980,15 +1112,22 @@ where
                 continue;
             }
             match admit(&shared, &h, payload).await {
-                Ok(Admitted::Engine(disk, req)) => disk.send(EngineMsg::Request(
-                    req,
-                    Route::Net {
-                        header: h,
-                        tx: tx.clone(),
-                        permit,
-                        started: Instant::now(),
-                    },
-                )),
+                Ok(Admitted::Engine(disk, req, repair_pg)) => {
+                    let repair = repair_pg.and_then(|pg| {
+                        let tx = shared.repl.lock().expect("repl").clone()?;
+                        Some(RepairRoute { pg, attempt: 0, tx })
+                    });
+                    disk.send(EngineMsg::Request(
+                        req,
+                        Route::Net {
+                            header: h,
+                            tx: tx.clone(),
+                            permit,
+                            started: Instant::now(),
+                            repair,
+                        },
+                    ))
+                }
                 Ok(Admitted::Replicated {
                     pg,
                     extent,
@@ -1093,8 +1232,17 @@ fn accept_repl(shared: &Shared, h: &Header, payload: &[u8]) -> Status {
             return Status::Invalid;
         }
     };
-    if let repl::Body::Replicate { update, .. } = &msg.body {
-        let e = &update.extent;
+    let extent = match &msg.body {
+        repl::Body::Replicate { update, .. } => Some(update.extent),
+        repl::Body::RepairReq { extent, .. }
+        | repl::Body::Fetch { extent, .. }
+        | repl::Body::DigestReq { extent, .. } => Some(*extent),
+        repl::Body::Fetched {
+            extent, ok: true, ..
+        } => Some(*extent),
+        _ => None,
+    };
+    if let Some(e) = &extent {
         let chunk_ok = shared
             .disks
             .read()
@@ -1113,8 +1261,9 @@ fn accept_repl(shared: &Shared, h: &Header, payload: &[u8]) -> Status {
 
 /// Where an admitted request goes.
 enum Admitted {
-    /// Straight to one disk's engine (reads, single-copy pools, flushes).
-    Engine(Arc<DiskHandle>, Request),
+    /// Straight to one disk's engine (reads, single-copy pools, flushes);
+    /// with the group of a replicated read (repaired on a checksum error).
+    Engine(Arc<DiskHandle>, Request, Option<u32>),
     /// A change to a replicated group this disk leads: through the
     /// replication driver.
     Replicated {
@@ -1160,7 +1309,7 @@ async fn admit(shared: &Shared, h: &Header, payload: Vec<u8>) -> Result<Admitted
         return Err(Status::Ok);
     }
     if h.op == Op::Flush {
-        return Ok(Admitted::Engine(disk, Request::Flush));
+        return Ok(Admitted::Engine(disk, Request::Flush, None));
     }
     if !h.op.is_ranged() {
         return Err(Status::Invalid);
@@ -1186,6 +1335,7 @@ async fn admit(shared: &Shared, h: &Header, payload: Vec<u8>) -> Result<Admitted
         .pg_for(h.volume_id, h.chunk_index)
         .ok_or(Status::UnknownVolume)?;
     let replicated = map.pool_of_pg(pg).is_some_and(|p| p.replicas > 1);
+    let repair_pg = (replicated && h.op == Op::Read).then_some(pg);
     if replicated {
         let changes = matches!(h.op, Op::Write | Op::WriteZeroes | Op::Trim);
         let is_primary = map.primary(pg) == Some(h.disk_id);
@@ -1289,7 +1439,7 @@ async fn admit(shared: &Shared, h: &Header, payload: Vec<u8>) -> Result<Admitted
         },
         _ => return Err(Status::Invalid),
     };
-    Ok(Admitted::Engine(disk, req))
+    Ok(Admitted::Engine(disk, req, repair_pg))
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
@@ -1367,6 +1517,8 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         all: handles.clone(),
         active: RwLock::new(std::collections::BTreeSet::new()),
         repl: Mutex::new(None),
+        scrub_state: Mutex::new(ScrubReport::default()),
+        scrub_requested: std::sync::atomic::AtomicU64::new(0),
     });
     let resp = register(&agent, &shared)
         .map_err(|e| Fatal::env(format!("registration with the manager failed: {e}")))?;
@@ -1537,6 +1689,7 @@ type Data = Arc<Vec<u8>>;
 enum ReplKind {
     Apply,
     Read(repl::Extent),
+    Digest,
     List(u32),
     Flush,
 }
@@ -1563,6 +1716,12 @@ enum ReplIn {
         token: u64,
         kind: ReplKind,
         result: Result<Reply, EngineError>,
+    },
+    /// A client read of a replicated group found a block failing its CRC.
+    ReadRepair {
+        pg: u32,
+        attempt: u32,
+        reply: PendingReply,
     },
 }
 
@@ -1629,6 +1788,26 @@ async fn peer_task(addr: String, cluster_id: String, mut rx: tmpsc::Receiver<Vec
     reader.abort();
 }
 
+/// A copy's digest of an extent it read (every block's CRC verified): its
+/// CRC32C in the high half xored with FNV-1a over 64-bit words. CRCs are
+/// linear (two contents whose difference is a multiple of the polynomial
+/// collide whatever the seed), the multiply of FNV is not, so the two
+/// together collide far less often than either. Stable across builds and
+/// machines, as every copy must compute the same digest.
+fn digest_of(data: &[u8]) -> u64 {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = FNV_OFFSET;
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        h = (h ^ u64::from_le_bytes(w.try_into().expect("8"))).wrapping_mul(FNV_PRIME);
+    }
+    for b in words.remainder() {
+        h = (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME);
+    }
+    h ^ (u64::from(tessera_wire::crc32c(data)) << 32) ^ data.len() as u64
+}
+
 /// One `Op::Repl` frame: header, body, CRC.
 fn repl_frame(m: &repl::Msg<Data>) -> Vec<u8> {
     let mut body = repl::codec::encode(m);
@@ -1648,10 +1827,17 @@ struct Driver {
     tx: mpsc::Sender<ReplIn>,
     peers: Peers,
     pending: BTreeMap<u64, PendingReply>,
+    /// Client reads waiting for the repair of their copy.
+    repair_reads: BTreeMap<u64, (PendingReply, u32, u32)>,
     next_client: u64,
     reports: mpsc::Sender<(u32, u32, u32, u64)>,
     local: std::collections::VecDeque<ReplInput<Data>>,
-    recovery_reported: u64,
+    /// Counters as last published to the metrics.
+    reported: repl::Stats,
+    /// When the next timed scrub starts.
+    next_scrub: Option<Instant>,
+    /// The manager's scrub request last acted on.
+    scrub_generation: u64,
 }
 
 fn status_of_client(r: ClientResult) -> Status {
@@ -1681,6 +1867,7 @@ impl Driver {
             }
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + REPL_TICK;
+                self.schedule_scrub();
                 self.feed(ReplInput::Tick);
                 self.publish_stats();
             }
@@ -1734,10 +1921,13 @@ impl Driver {
                                 data: (!zero).then(|| Arc::new(d)),
                             }
                         }
-                        // Unreadable here: leave the region for a retry
-                        // by reporting nothing read (the push is dropped
-                        // and the member stays outdated until the next
-                        // recovery).
+                        // A block failed its CRC (or the disk the read):
+                        // the state machine repairs this copy.
+                        Err(EngineError::Checksum) | Err(EngineError::Io(_)) => {
+                            ReplInput::ReadFailed { token }
+                        }
+                        // Refused (the volume went away meanwhile):
+                        // nothing read.
                         _ => ReplInput::ReadDone {
                             token,
                             extent: repl::Extent {
@@ -1745,6 +1935,13 @@ impl Driver {
                                 ..extent
                             },
                             data: None,
+                        },
+                    },
+                    ReplKind::Digest => ReplInput::Digested {
+                        token,
+                        digest: match result {
+                            Ok(Reply::Data(d)) => repl::Digest::Sum(digest_of(&d)),
+                            _ => repl::Digest::Bad,
                         },
                     },
                     ReplKind::List(pg) => {
@@ -1771,6 +1968,23 @@ impl Driver {
                 };
                 self.feed(input);
             }
+            ReplIn::ReadRepair { pg, attempt, reply } => {
+                let client = self.next_client;
+                self.next_client += 1;
+                let h = reply.header;
+                self.repair_reads.insert(client, (reply, pg, attempt));
+                self.feed(ReplInput::Repair {
+                    pg,
+                    disk: h.disk_id,
+                    client,
+                    extent: repl::Extent {
+                        volume_id: h.volume_id,
+                        chunk_index: h.chunk_index,
+                        offset: h.offset,
+                        length: h.length,
+                    },
+                });
+            }
         }
     }
 
@@ -1782,6 +1996,67 @@ impl Driver {
                 self.effect(e);
             }
         }
+    }
+
+    /// Clamp an extent to its volume: the last chunk may end mid-region
+    /// (empty when the volume is gone).
+    fn clamp(&self, extent: repl::Extent) -> repl::Extent {
+        let map = self.shared.map();
+        let end = map.volume(extent.volume_id).map_or(0, |v| {
+            let chunk_start = u64::from(extent.chunk_index) * v.chunk_size_bytes;
+            v.size_bytes
+                .saturating_sub(chunk_start)
+                .min(u64::from(extent.end()))
+        });
+        let length = end.saturating_sub(u64::from(extent.offset)) as u32;
+        repl::Extent { length, ..extent }
+    }
+
+    /// A read repair ended: read the repaired copy again for the client, or
+    /// answer the error.
+    fn after_repair(&mut self, p: PendingReply, pg: u32, attempt: u32, result: ClientResult) {
+        let h = p.header;
+        let status = match result {
+            ClientResult::Ok => match self.disk(h.disk_id) {
+                Some(d) => {
+                    d.send(EngineMsg::Request(
+                        Request::Read {
+                            key: ChunkKey {
+                                volume_id: h.volume_id,
+                                chunk_index: h.chunk_index,
+                            },
+                            offset: h.offset,
+                            length: h.length,
+                        },
+                        Route::Net {
+                            header: h,
+                            tx: p.tx,
+                            permit: p.permit,
+                            started: p.started,
+                            repair: Some(RepairRoute {
+                                pg,
+                                attempt: attempt + 1,
+                                tx: self.tx.clone(),
+                            }),
+                        },
+                    ));
+                    return;
+                }
+                None => Status::WrongDisk,
+            },
+            // Not the place to repair (any more): the gateway refreshes its
+            // map and reads at the primary.
+            ClientResult::Retry => Status::WrongDisk,
+            // No copy holds good data: the error stands.
+            ClientResult::Failed => Status::Checksum,
+        };
+        let m = &self.shared.metrics;
+        m.errors.with_label_values(&[status_name(status)]).inc();
+        let _ = p.tx.send(Outgoing {
+            header: h.reply_to(status, 0, 0),
+            data: Vec::new(),
+            _permit: Some(p.permit),
+        });
     }
 
     fn disk(&self, id: u32) -> Option<Arc<DiskHandle>> {
@@ -1859,16 +2134,8 @@ impl Driver {
                 token,
                 extent,
             } => {
-                // Clamp to the volume: its last chunk may end mid-region.
-                let map = self.shared.map();
-                let end = map.volume(extent.volume_id).map_or(0, |v| {
-                    let chunk_start = u64::from(extent.chunk_index) * v.chunk_size_bytes;
-                    v.size_bytes
-                        .saturating_sub(chunk_start)
-                        .min(u64::from(extent.end()))
-                });
-                let length = end.saturating_sub(u64::from(extent.offset)) as u32;
-                let extent = repl::Extent { length, ..extent };
+                let extent = self.clamp(extent);
+                let length = extent.length;
                 let sent = length > 0
                     && self.engine(
                         disk,
@@ -1891,6 +2158,32 @@ impl Driver {
                     });
                 }
             }
+            ReplEffect::Digest {
+                disk,
+                token,
+                extent,
+            } => {
+                let extent = self.clamp(extent);
+                let sent = extent.length > 0
+                    && self.engine(
+                        disk,
+                        token,
+                        ReplKind::Digest,
+                        Request::Read {
+                            key: key(&extent),
+                            offset: extent.offset,
+                            length: extent.length,
+                        },
+                    );
+                if !sent {
+                    // Nothing of the volume there (or no such disk): every
+                    // copy digests it alike.
+                    self.local.push_back(ReplInput::Digested {
+                        token,
+                        digest: repl::Digest::Sum(digest_of(&[])),
+                    });
+                }
+            }
             ReplEffect::ListRegions { disk, token, pg } => {
                 if !self.engine(disk, token, ReplKind::List(pg), Request::ListAllocated) {
                     self.local.push_back(ReplInput::Regions {
@@ -1906,6 +2199,10 @@ impl Driver {
                 }
             }
             ReplEffect::Reply { client, result } => {
+                if let Some((p, pg, attempt)) = self.repair_reads.remove(&client) {
+                    self.after_repair(p, pg, attempt, result);
+                    return;
+                }
                 if let Some(p) = self.pending.remove(&client) {
                     let status = status_of_client(result);
                     let m = &self.shared.metrics;
@@ -1934,6 +2231,31 @@ impl Driver {
         }
     }
 
+    /// Start a scrub when the manager asked for one or the interval
+    /// passed; note a requested scrub done once no group scrubs any more.
+    fn schedule_scrub(&mut self) {
+        let wanted = self.shared.scrub_requested.load(Ordering::Relaxed);
+        let timed = self.next_scrub.is_some_and(|t| Instant::now() >= t);
+        if timed {
+            self.next_scrub = self
+                .shared
+                .config
+                .scrub_interval
+                .map(|i| Instant::now() + i);
+        }
+        let asked = wanted > self.scrub_generation;
+        if asked || timed {
+            self.feed(ReplInput::Scrub { pg: None });
+        }
+        if asked {
+            self.scrub_generation = wanted;
+        }
+        if self.rep.summary().scrubbing == 0 {
+            let mut st = self.shared.scrub_state.lock().expect("scrub state");
+            st.generation_done = st.generation_done.max(self.scrub_generation);
+        }
+    }
+
     /// Let the network side know which groups may serve reads here.
     fn publish_active(&self) {
         let active = self.rep.active_primaries();
@@ -1949,10 +2271,36 @@ impl Driver {
         m.pgs_primary.set(i64::from(s.primaries));
         m.pgs_degraded.set(i64::from(s.degraded));
         m.pgs_recovering.set(i64::from(s.recovering));
-        let bytes = self.rep.stats.recovery_bytes;
+        m.pgs_scrubbing.set(i64::from(s.scrubbing));
+        let (now, was) = (&self.rep.stats, &self.reported);
         m.recovery_bytes
-            .inc_by(bytes.saturating_sub(self.recovery_reported));
-        self.recovery_reported = bytes;
+            .inc_by(now.recovery_bytes.saturating_sub(was.recovery_bytes));
+        m.repairs.inc_by(now.repairs.saturating_sub(was.repairs));
+        m.repair_bytes
+            .inc_by(now.repair_bytes.saturating_sub(was.repair_bytes));
+        m.unrepairable
+            .inc_by(now.unrepairable.saturating_sub(was.unrepairable));
+        m.scrubs.inc_by(now.scrubs.saturating_sub(was.scrubs));
+        m.scrub_regions
+            .inc_by(now.scrub_regions.saturating_sub(was.scrub_regions));
+        m.scrub_errors
+            .inc_by(now.scrub_errors.saturating_sub(was.scrub_errors));
+        self.reported = now.clone();
+        // Checksum errors are the reason for repairs: publish them as often
+        // as the repair counters (the heartbeat does too, every second).
+        for (id, d) in self.shared.disks.read().expect("disks").iter() {
+            let errors = d.stats.lock().expect("stats").checksum_errors;
+            m.checksum_errors
+                .with_label_values(&[&id.to_string()])
+                .set(errors as i64);
+        }
+        let mut st = self.shared.scrub_state.lock().expect("scrub state");
+        st.running = s.scrubbing;
+        st.scrubs = now.scrubs;
+        st.regions = now.scrub_regions;
+        st.errors = now.scrub_errors;
+        st.repairs = now.repairs;
+        st.unrepairable = now.unrepairable;
     }
 }
 
@@ -1997,9 +2345,14 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> mpsc::Sender
         .keys()
         .copied()
         .collect();
+    let mut rep = Replicator::new(disks);
+    // The rate limit in 64 KiB regions per tick of the state machine.
+    let per_tick = shared.config.scrub_rate_bytes as f64 * REPL_TICK.as_secs_f64()
+        / f64::from(repl::REGION_BYTES);
+    rep.set_scrub_rate(per_tick.ceil() as usize);
     let driver = Driver {
         shared: shared.clone(),
-        rep: Replicator::new(disks),
+        rep,
         tx: tx.clone(),
         peers: Peers {
             rt,
@@ -2007,10 +2360,13 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> mpsc::Sender
             conns: Mutex::new(BTreeMap::new()),
         },
         pending: BTreeMap::new(),
+        repair_reads: BTreeMap::new(),
         next_client: 1,
         reports: rtx,
         local: std::collections::VecDeque::new(),
-        recovery_reported: 0,
+        reported: repl::Stats::default(),
+        next_scrub: shared.config.scrub_interval.map(|i| Instant::now() + i),
+        scrub_generation: 0,
     };
     {
         let s = shared.clone();

@@ -54,6 +54,13 @@ struct Args {
     /// Failure-domain zone of this daemon.
     #[arg(long, default_value = "")]
     zone: String,
+    /// Scrub every placement group this daemon leads this often (30s, 10m,
+    /// 24h, 7d; `off`: only when asked with `tessera pg scrub`).
+    #[arg(long, default_value = "24h")]
+    scrub_interval: String,
+    /// Bytes of each copy a scrub reads per second, at most (K, M, G).
+    #[arg(long, default_value = "16M", value_parser = tessera_wire::api::parse_size)]
+    scrub_rate: u64,
 }
 
 fn main() {
@@ -65,6 +72,13 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
+    let scrub_interval = match daemon::parse_interval(&a.scrub_interval) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("tessera-storage: --scrub-interval: {e}");
+            std::process::exit(daemon::ExitCode::Config as i32);
+        }
+    };
     let config = Config {
         manager: a.manager.trim_end_matches('/').to_string(),
         listen: a.listen,
@@ -78,6 +92,8 @@ fn main() {
         host: a.host,
         zone: a.zone,
         rack: a.rack,
+        scrub_interval,
+        scrub_rate_bytes: a.scrub_rate,
     };
     match daemon::run(config) {
         Ok(()) => std::process::exit(daemon::ExitCode::Ok as i32),

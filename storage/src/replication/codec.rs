@@ -10,6 +10,12 @@
 //! 4 LogReply:  full u8 | pad 3 | n u32 | n x (seq 16 | extent 20) | m u32 | m x region 16
 //! 5 Flush:     round u64 | trim 16
 //! 6 Flushed:   round u64
+//! 7 RepairReq: id u64 | extent 20
+//! 8 Repaired:  id u64 | ok u8
+//! 9 Fetch:     id u64 | extent 20
+//! 10 Fetched:  id u64 | ok u8 | has data u8 | pad 2 | extent 20 | data (extent length, when has data)
+//! 11 DigestReq: id u64 | extent 20
+//! 12 DigestReply: id u64 | bad 0 / sum 1 u8 | pad 7 | sum u64
 //! seq = term u64 | n u64; extent = volume u64 | chunk u32 | offset u32 | length u32;
 //! region = volume u64 | chunk u32 | index u32
 //! ```
@@ -73,6 +79,20 @@ impl Reader<'_> {
             return Err(DecodeError::Field("extent overflows"));
         }
         Ok(e)
+    }
+    fn nonempty_extent(&mut self) -> Result<Extent, DecodeError> {
+        let e = self.extent()?;
+        if e.length == 0 {
+            return Err(DecodeError::Field("empty extent"));
+        }
+        Ok(e)
+    }
+    fn flag(&mut self, what: &'static str) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::Field(what)),
+        }
     }
     fn count(&mut self, each: usize) -> Result<usize, DecodeError> {
         let n = self.u32()? as usize;
@@ -160,6 +180,51 @@ pub fn encode(m: &Msg<Arc<Vec<u8>>>) -> Vec<u8> {
         Body::Flushed { round } => {
             out.extend_from_slice(&[6, 0, 0, 0]);
             out.extend_from_slice(&round.to_le_bytes());
+        }
+        Body::RepairReq { id, extent } => {
+            out.extend_from_slice(&[7, 0, 0, 0]);
+            out.extend_from_slice(&id.to_le_bytes());
+            put_extent(&mut out, extent);
+        }
+        Body::Repaired { id, ok } => {
+            out.extend_from_slice(&[8, 0, 0, 0]);
+            out.extend_from_slice(&id.to_le_bytes());
+            out.push(u8::from(*ok));
+        }
+        Body::Fetch { id, extent } => {
+            out.extend_from_slice(&[9, 0, 0, 0]);
+            out.extend_from_slice(&id.to_le_bytes());
+            put_extent(&mut out, extent);
+        }
+        Body::Fetched {
+            id,
+            ok,
+            extent,
+            data,
+        } => {
+            out.extend_from_slice(&[10, 0, 0, 0]);
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&[u8::from(*ok), u8::from(data.is_some()), 0, 0]);
+            put_extent(&mut out, extent);
+            if let Some(d) = data {
+                assert_eq!(d.len(), extent.length as usize, "fetched data length");
+                out.extend_from_slice(d);
+            }
+        }
+        Body::DigestReq { id, extent } => {
+            out.extend_from_slice(&[11, 0, 0, 0]);
+            out.extend_from_slice(&id.to_le_bytes());
+            put_extent(&mut out, extent);
+        }
+        Body::DigestReply { id, digest } => {
+            out.extend_from_slice(&[12, 0, 0, 0]);
+            out.extend_from_slice(&id.to_le_bytes());
+            let (kind, sum) = match digest {
+                Digest::Bad => (0, 0),
+                Digest::Sum(x) => (1, *x),
+            };
+            out.extend_from_slice(&[kind, 0, 0, 0, 0, 0, 0, 0]);
+            out.extend_from_slice(&sum.to_le_bytes());
         }
     }
     out
@@ -258,6 +323,55 @@ pub fn decode(b: &[u8], to: u32, epoch: u64) -> Result<Msg<Arc<Vec<u8>>>, Decode
             trim: r.seq()?,
         },
         6 => Body::Flushed { round: r.u64()? },
+        7 => Body::RepairReq {
+            id: r.u64()?,
+            extent: r.nonempty_extent()?,
+        },
+        8 => Body::Repaired {
+            id: r.u64()?,
+            ok: r.flag("ok")?,
+        },
+        9 => Body::Fetch {
+            id: r.u64()?,
+            extent: r.nonempty_extent()?,
+        },
+        10 => {
+            let id = r.u64()?;
+            let ok = r.flag("ok")?;
+            let has = r.flag("has data")?;
+            r.take(2)?;
+            let extent = r.extent()?;
+            if has && !ok {
+                return Err(DecodeError::Field("data of a failed fetch"));
+            }
+            let data = if has {
+                Some(Arc::new(r.take(extent.length as usize)?.to_vec()))
+            } else {
+                None
+            };
+            Body::Fetched {
+                id,
+                ok,
+                extent,
+                data,
+            }
+        }
+        11 => Body::DigestReq {
+            id: r.u64()?,
+            extent: r.nonempty_extent()?,
+        },
+        12 => {
+            let id = r.u64()?;
+            let kind = r.u8()?;
+            r.take(7)?;
+            let sum = r.u64()?;
+            let digest = match (kind, sum) {
+                (0, 0) => Digest::Bad,
+                (1, x) => Digest::Sum(x),
+                _ => return Err(DecodeError::Field("digest")),
+            };
+            Body::DigestReply { id, digest }
+        }
         k => return Err(DecodeError::Kind(k)),
     };
     if !r.0.is_empty() {
@@ -322,6 +436,30 @@ mod tests {
             },
             Body::Flush { round: 77, trim: s },
             Body::Flushed { round: 78 },
+            Body::RepairReq { id: 5, extent: e },
+            Body::Repaired { id: 5, ok: true },
+            Body::Fetch { id: 6, extent: e },
+            Body::Fetched {
+                id: 6,
+                ok: true,
+                extent: e,
+                data: Some(Arc::new(vec![9; 8])),
+            },
+            Body::Fetched {
+                id: 6,
+                ok: false,
+                extent: e,
+                data: None,
+            },
+            Body::DigestReq { id: 7, extent: e },
+            Body::DigestReply {
+                id: 7,
+                digest: Digest::Sum(0xdead_beef_0123),
+            },
+            Body::DigestReply {
+                id: 7,
+                digest: Digest::Bad,
+            },
         ];
         bodies
             .into_iter()

@@ -59,6 +59,16 @@ pub const PUSHES_INFLIGHT_MAX: usize = 16;
 pub const FUTURE_MAX: usize = 4096;
 /// Ticks a message waits for its answer before it is sent again.
 pub const RESEND_TICKS: u64 = 5;
+/// Repairs a primary queues per group (read repairs of its own copy or
+/// asked by members, and scrub findings) before it refuses new ones.
+pub const REPAIRS_MAX: usize = 1024;
+/// Read repairs a member has asked its primary for and not heard back on.
+pub const ASKS_MAX: usize = 1024;
+/// Regions a group's scrub checks at once.
+pub const SCRUB_INFLIGHT_MAX: usize = 4;
+/// Bytes of one block: the unit a repair rewrites whole (a partial write of
+/// a block whose CRC fails cannot merge into it).
+pub const BLOCK_BYTES: u32 = 4096;
 
 /// The order of changes in a placement group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -87,6 +97,17 @@ impl Extent {
             && self.chunk_index == o.chunk_index
             && self.offset < o.end()
             && o.offset < self.end()
+    }
+
+    /// The smallest block-aligned extent covering this one.
+    pub fn blocks(&self) -> Extent {
+        let offset = self.offset / BLOCK_BYTES * BLOCK_BYTES;
+        let end = self.end().div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+        Extent {
+            offset,
+            length: end - offset,
+            ..*self
+        }
     }
 
     /// The 64 KiB regions the extent touches.
@@ -148,6 +169,17 @@ pub enum AckResult {
     Failed,
 }
 
+/// A copy's digest of one extent, computed from a read of it that verified
+/// every block's own CRC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Digest {
+    /// Some block failed its CRC (or the read failed): this copy is bad.
+    Bad,
+    /// A hash of the content (never-written blocks hash as zeroes, so an
+    /// unallocated block equals an allocated block of zeroes).
+    Sum(u64),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body<D> {
     /// Primary -> member: apply a change. `committed` and `trim` travel with
@@ -178,6 +210,40 @@ pub enum Body<D> {
     },
     Flushed {
         round: u64,
+    },
+    /// Member -> primary: a read of my copy of `extent` failed its CRC;
+    /// rewrite it from a good copy (in your order of changes).
+    RepairReq {
+        id: u64,
+        extent: Extent,
+    },
+    /// Primary -> member: the repair asked as `id` is done (`ok`) or no good
+    /// copy exists.
+    Repaired {
+        id: u64,
+        ok: bool,
+    },
+    /// Primary -> member: send me your copy of `extent` (a repair source).
+    Fetch {
+        id: u64,
+        extent: Extent,
+    },
+    /// `ok` false: the copy failed its CRC. `extent` is the (possibly
+    /// clamped) extent read; `data` is `None` when it reads as zeroes.
+    Fetched {
+        id: u64,
+        ok: bool,
+        extent: Extent,
+        data: Option<D>,
+    },
+    /// Primary -> member: digest your copy of `extent` (scrub).
+    DigestReq {
+        id: u64,
+        extent: Extent,
+    },
+    DigestReply {
+        id: u64,
+        digest: Digest,
     },
 }
 
@@ -241,6 +307,13 @@ pub enum Effect<D> {
         disk: u32,
         epoch: u64,
     },
+    /// Digest an extent of the local disk, verifying every block's CRC;
+    /// answer with `Input::Digested` (the driver may clamp the extent).
+    Digest {
+        disk: u32,
+        token: u64,
+        extent: Extent,
+    },
     /// A peer has a newer map: fetch it.
     NeedMap,
 }
@@ -278,6 +351,29 @@ pub enum Input<D> {
     },
     Map(Arc<ClusterMap>),
     Tick,
+    /// A `Read` effect failed: a block of the local copy failed its CRC (or
+    /// the disk failed the read).
+    ReadFailed {
+        token: u64,
+    },
+    Digested {
+        token: u64,
+        digest: Digest,
+    },
+    /// A client read of `extent` on `disk` found a block failing its CRC:
+    /// repair the copy from a good one, then answer `client` (`Ok`: read
+    /// again, the copy is good; `Failed`: no good copy; `Retry`: ask the
+    /// primary).
+    Repair {
+        pg: u32,
+        disk: u32,
+        client: u64,
+        extent: Extent,
+    },
+    /// Scrub every group this daemon leads (or only `pg`).
+    Scrub {
+        pg: Option<u32>,
+    },
 }
 
 /// Whether a read may be served by `disk` for `pg` now.
@@ -357,6 +453,75 @@ struct Op<D> {
     /// A push whose local read has not returned yet.
     reading: bool,
     failed: bool,
+    /// A repair (the copies being rewritten are `waiting`, and the local
+    /// copy when `local_pending`): counted as repaired when it completes.
+    repair: Option<RepairOrigin>,
+    /// For a repair: the copies it rewrites.
+    repaired: BTreeSet<u32>,
+}
+
+/// Who a repair answers when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RepairOrigin {
+    /// A client read on the primary's own copy.
+    Client(u64),
+    /// A member's `RepairReq { id }`.
+    Member(u32, u64),
+    /// A scrub finding.
+    Scrub,
+    /// Our own copy, found bad by a recovery push.
+    Internal,
+}
+
+/// A repair waiting to start: rewrite `targets`' copies of `extent` from a
+/// good copy.
+struct RepairJob {
+    extent: Extent,
+    targets: BTreeSet<u32>,
+    origin: RepairOrigin,
+}
+
+/// What a check (a repair or a scrub of one region, before its rewrite) is
+/// doing. A check holds its extent like a change in flight: no client
+/// change overlapping it starts until it ends or becomes a rewrite `Op`, so
+/// every copy it reads holds every change acknowledged before it, and no
+/// change made after it is overwritten by its rewrite.
+enum Stage {
+    /// Waiting for the digests of these members (scrub).
+    Digest {
+        waiting: BTreeSet<u32>,
+        digests: BTreeMap<u32, Digest>,
+    },
+    /// Reading the primary's own copy.
+    ReadLocal,
+    /// Reading `source`'s copy (the primary's is bad).
+    Fetch { source: u32 },
+}
+
+struct Check {
+    extent: Extent,
+    targets: BTreeSet<u32>,
+    /// Members that failed as a source.
+    tried: BTreeSet<u32>,
+    origin: RepairOrigin,
+    stage: Stage,
+    sent_tick: u64,
+}
+
+/// A scrub of one group under way at its primary.
+#[derive(Default)]
+struct ScrubRun {
+    /// Members whose list of allocated regions has not arrived.
+    listing: BTreeSet<u32>,
+    todo: BTreeSet<Region>,
+    inflight: usize,
+}
+
+/// A read repair a member asked its primary for.
+struct Ask {
+    client: u64,
+    extent: Extent,
+    sent_tick: u64,
 }
 
 struct Queued<D> {
@@ -401,6 +566,23 @@ struct Primary<D> {
     durable: BTreeMap<u32, Seq>,
     rounds: BTreeMap<u64, Round>,
     pushes: usize,
+    checks: BTreeMap<u64, Check>,
+    repairs: VecDeque<RepairJob>,
+    scrub: Option<ScrubRun>,
+    /// While peering's pushes to up-to-date members are not all done, the
+    /// commit point stays where it was when peering ended: the regions it
+    /// found uncertain may still differ between copies, and a member told
+    /// they are committed would not report them to the next primary if this
+    /// one fails first (found by the scrub's checker in the simulation).
+    commit_floor: Option<Seq>,
+}
+
+impl<D> Primary<D> {
+    /// Whether a change or check in flight covers part of `e`.
+    fn busy(&self, e: &Extent) -> bool {
+        self.ops.values().any(|o| o.update.extent.overlaps(e))
+            || self.checks.values().any(|c| c.extent.overlaps(e))
+    }
 }
 
 /// One local disk's membership in one placement group.
@@ -420,6 +602,8 @@ struct Pg<D> {
     applied: BTreeSet<Seq>,
     /// Replica changes being applied: seq -> (extent, members to ack).
     applying: BTreeMap<Seq, (Extent, Vec<u32>)>,
+    /// Read repairs asked of the primary, by id.
+    asks: BTreeMap<u64, Ask>,
     primary: Option<Primary<D>>,
 }
 
@@ -456,6 +640,34 @@ enum Token {
         to: u32,
         round: u64,
     },
+    /// The primary's read of its own copy for check `id`.
+    CheckRead {
+        pg: u32,
+        disk: u32,
+        id: u64,
+    },
+    /// The primary's digest of its own copy for check `id`.
+    CheckDigest {
+        pg: u32,
+        disk: u32,
+        id: u64,
+    },
+    FetchForPeer {
+        pg: u32,
+        disk: u32,
+        to: u32,
+        id: u64,
+    },
+    DigestForPeer {
+        pg: u32,
+        disk: u32,
+        to: u32,
+        id: u64,
+    },
+    ScrubList {
+        pg: u32,
+        disk: u32,
+    },
 }
 
 /// Counters the daemon turns into metrics.
@@ -464,6 +676,24 @@ pub struct Stats {
     pub recovery_bytes: u64,
     pub recovery_regions: u64,
     pub peerings: u64,
+    /// Copies of extents rewritten from a good copy (read repair and scrub).
+    pub repairs: u64,
+    /// Bytes those rewrites wrote, summed over the copies rewritten.
+    pub repair_bytes: u64,
+    /// Repairs that found no good copy to take the data from.
+    pub unrepairable: u64,
+    /// Scrubs of a group completed, and regions they compared.
+    pub scrubs: u64,
+    pub scrub_regions: u64,
+    /// Copies of regions a scrub found bad (a block failing its CRC) or
+    /// different from the authoritative copy.
+    pub scrub_errors: u64,
+    /// Of those, copies whose blocks all verified but whose content differed
+    /// from the authority's (never expected: the protocol keeps copies
+    /// identical; a corrupt block fails its own CRC instead).
+    pub scrub_mismatches: u64,
+    /// Scrubs aborted by a change of primary or membership.
+    pub scrubs_aborted: u64,
 }
 
 /// Per-group summary for metrics and status.
@@ -472,6 +702,7 @@ pub struct PgSummary {
     pub primaries: u32,
     pub degraded: u32,
     pub recovering: u32,
+    pub scrubbing: u32,
 }
 
 /// The replication state of every local disk in every group.
@@ -485,6 +716,10 @@ pub struct Replicator<D> {
     tick: u64,
     future: Vec<Msg<D>>,
     effects: Vec<Effect<D>>,
+    /// Scrub regions this daemon may start per tick (its rate limit) and
+    /// what is left of this tick's allowance.
+    scrub_per_tick: usize,
+    scrub_budget: usize,
     pub stats: Stats,
 }
 
@@ -502,8 +737,16 @@ impl<D: Clone> Replicator<D> {
             tick: 0,
             future: Vec::new(),
             effects: Vec::new(),
+            scrub_per_tick: 16,
+            scrub_budget: 16,
             stats: Stats::default(),
         }
+    }
+
+    /// Scrub regions (64 KiB of every copy) this daemon starts per tick at
+    /// most: the scrub's rate limit.
+    pub fn set_scrub_rate(&mut self, regions_per_tick: usize) {
+        self.scrub_per_tick = regions_per_tick.max(1);
     }
 
     pub fn set_disks(&mut self, disks: impl IntoIterator<Item = u32>) {
@@ -551,6 +794,7 @@ impl<D: Clone> Replicator<D> {
                 .any(|(st, up)| !up || *st != CopyState::UpToDate);
             s.degraded += u32::from(degraded);
             s.recovering += u32::from(pr.recovering.values().any(|r| !r.done));
+            s.scrubbing += u32::from(pr.scrub.is_some());
         }
         s
     }
@@ -560,10 +804,14 @@ impl<D: Clone> Replicator<D> {
     pub fn idle(&self) -> bool {
         self.pgs.values().all(|p| {
             p.applying.is_empty()
+                && p.asks.is_empty()
                 && p.primary.as_ref().is_none_or(|pr| {
                     pr.active
                         && pr.ops.is_empty()
                         && pr.queue.is_empty()
+                        && pr.checks.is_empty()
+                        && pr.repairs.is_empty()
+                        && pr.scrub.is_none()
                         && pr.recovering.values().all(|r| {
                             r.done || r.todo.is_empty() && r.listing == 0 && r.flush_round.is_none()
                         })
@@ -599,6 +847,15 @@ impl<D: Clone> Replicator<D> {
             } => self.on_read(token, extent, data),
             Input::Regions { token, regions } => self.on_regions(token, regions),
             Input::Flushed { token, ok } => self.on_flushed(token, ok),
+            Input::ReadFailed { token } => self.on_read_failed(token),
+            Input::Digested { token, digest } => self.on_digested(token, digest),
+            Input::Repair {
+                pg,
+                disk,
+                client,
+                extent,
+            } => self.on_repair(pg, disk, client, extent),
+            Input::Scrub { pg } => self.on_scrub(pg),
         }
     }
 
@@ -627,7 +884,7 @@ impl<D: Clone> Replicator<D> {
             .collect();
         for k in gone {
             if let Some(mut p) = self.pgs.remove(&k) {
-                step_down(&mut p, &mut self.effects);
+                step_down(&mut p, &mut self.effects, &mut self.stats);
             }
         }
         self.map = Some(map.clone());
@@ -643,6 +900,7 @@ impl<D: Clone> Replicator<D> {
                 committed: Seq::default(),
                 applied: BTreeSet::new(),
                 applying: BTreeMap::new(),
+                asks: BTreeMap::new(),
                 primary: None,
             });
             let was_primary = p.primary.is_some();
@@ -656,7 +914,7 @@ impl<D: Clone> Replicator<D> {
             }
             let leads = p.view.primary == Some(me);
             if was_primary && !leads {
-                step_down(p, &mut self.effects);
+                step_down(p, &mut self.effects, &mut self.stats);
             }
             if !was_primary && leads {
                 self.stats.peerings += 1;
@@ -772,8 +1030,7 @@ impl<D: Clone> Replicator<D> {
         let mut blocked: Vec<Extent> = Vec::new();
         let mut keep = VecDeque::new();
         while let Some(q) = pr.queue.pop_front() {
-            let busy = pr.ops.values().any(|o| o.update.extent.overlaps(&q.extent))
-                || blocked.iter().any(|b| b.overlaps(&q.extent));
+            let busy = pr.busy(&q.extent) || blocked.iter().any(|b| b.overlaps(&q.extent));
             if busy {
                 blocked.push(q.extent);
                 keep.push_back(q);
@@ -831,6 +1088,8 @@ impl<D: Clone> Replicator<D> {
                     push: None,
                     reading: false,
                     failed: false,
+                    repair: None,
+                    repaired: BTreeSet::new(),
                 },
             );
             started.push((seq, q.extent));
@@ -870,7 +1129,9 @@ impl<D: Clone> Replicator<D> {
                 let next = r.todo.iter().copied().find(|reg| {
                     let e = reg.extent();
                     !pr.ops.values().any(|o| o.update.extent.overlaps(&e))
+                        && !pr.checks.values().any(|c| c.extent.overlaps(&e))
                         && !pr.queue.iter().any(|q| q.extent.overlaps(&e))
+                        && !pr.repairs.iter().any(|j| j.extent.overlaps(&e))
                 });
                 let Some(reg) = next else { break };
                 r.todo.remove(&reg);
@@ -905,6 +1166,8 @@ impl<D: Clone> Replicator<D> {
                         push: Some((m, reg)),
                         reading: true,
                         failed: false,
+                        repair: None,
+                        repaired: BTreeSet::new(),
                     },
                 );
             }
@@ -941,6 +1204,7 @@ impl<D: Clone> Replicator<D> {
                 }));
             }
         }
+        self.start_checks(pg, me);
     }
 
     /// Complete every op whose copies all answered.
@@ -949,6 +1213,7 @@ impl<D: Clone> Replicator<D> {
             return;
         };
         let view = p.view.clone();
+        let epoch = view.epoch;
         let Some(pr) = p.primary.as_mut() else {
             return;
         };
@@ -1001,6 +1266,21 @@ impl<D: Clone> Replicator<D> {
                     },
                 });
             }
+            if let Some(origin) = op.repair {
+                let copies = op.repaired.len() as u64;
+                if op.failed {
+                    self.stats.unrepairable += 1;
+                } else {
+                    self.stats.repairs += copies;
+                    self.stats.repair_bytes += copies * u64::from(op.update.extent.length);
+                }
+                if origin == RepairOrigin::Scrub
+                    && let Some(sc) = pr.scrub.as_mut()
+                {
+                    sc.inflight = sc.inflight.saturating_sub(1);
+                }
+                repair_done(pg, me, epoch, origin, !op.failed, &mut self.effects);
+            }
             if let Some((m, reg)) = op.push {
                 pr.pushes -= 1;
                 if op.failed {
@@ -1013,6 +1293,18 @@ impl<D: Clone> Replicator<D> {
                     self.stats.recovery_regions += 1;
                 }
             }
+        }
+        if pr.commit_floor.is_some()
+            && pr.recovering.iter().all(|(m, r)| {
+                view.state(*m) != Some(CopyState::UpToDate)
+                    || r.todo.is_empty()
+                        && !pr
+                            .ops
+                            .values()
+                            .any(|o| o.push.is_some_and(|(pm, _)| pm == *m))
+            })
+        {
+            pr.commit_floor = None;
         }
         p.committed = committed_of(pr);
         self.pump(pg, me);
@@ -1045,6 +1337,21 @@ impl<D: Clone> Replicator<D> {
             Body::LogQuery { full } => self.on_log_query(m.pg, m.to, m.from, m.epoch, full),
             Body::Flush { round, trim } => {
                 self.on_flush_req(m.pg, m.to, m.from, m.epoch, round, trim)
+            }
+            Body::RepairReq { id, extent } => self.on_repair_req(m.pg, m.to, m.from, id, extent),
+            Body::Repaired { id, ok } => self.on_repaired(m.pg, m.to, m.from, id, ok),
+            Body::Fetch { id, extent } => self.on_fetch(m.pg, m.to, m.from, m.epoch, id, extent),
+            Body::Fetched {
+                id,
+                ok,
+                extent,
+                data,
+            } => self.on_fetched(m.pg, m.to, m.from, id, ok, extent, data),
+            Body::DigestReq { id, extent } => {
+                self.on_digest_req(m.pg, m.to, m.from, m.epoch, id, extent)
+            }
+            Body::DigestReply { id, digest } => {
+                self.on_digest_reply(m.pg, m.to, m.from, id, digest)
             }
         }
     }
@@ -1190,8 +1497,28 @@ impl<D: Clone> Replicator<D> {
     }
 
     fn on_read(&mut self, token: u64, extent: Extent, data: Option<D>) {
-        let Some(Token::Read { pg, disk, seq }) = self.tokens.remove(&token) else {
-            return;
+        let (pg, disk, seq) = match self.tokens.remove(&token) {
+            Some(Token::Read { pg, disk, seq }) => (pg, disk, seq),
+            Some(Token::CheckRead { pg, disk, id }) => {
+                return self.rewrite(pg, disk, id, extent, data);
+            }
+            Some(Token::FetchForPeer { pg, disk, to, id }) => {
+                let epoch = self.epoch();
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: disk,
+                    to,
+                    epoch,
+                    body: Body::Fetched {
+                        id,
+                        ok: true,
+                        extent,
+                        data,
+                    },
+                }));
+                return;
+            }
+            _ => return,
         };
         let Some(p) = self.pgs.get_mut(&(pg, disk)) else {
             return;
@@ -1286,6 +1613,15 @@ impl<D: Clone> Replicator<D> {
                     r.todo.extend(e.regions());
                 }
                 r.listing -= 1;
+            } else if let Some(sc) = pr.scrub.as_mut()
+                && sc.listing.remove(&from)
+            {
+                // A scrub compares every region any copy holds: a region
+                // only some copies hold is a missing copy elsewhere.
+                sc.todo.extend(regions);
+                for (_, e) in entries {
+                    sc.todo.extend(e.regions());
+                }
             }
         } else if pr.peering.remove(&from) {
             for (_, e) in entries {
@@ -1298,6 +1634,18 @@ impl<D: Clone> Replicator<D> {
 
     fn on_regions(&mut self, token: u64, regions: Vec<Region>) {
         match self.tokens.remove(&token) {
+            Some(Token::ScrubList { pg, disk }) => {
+                if let Some(sc) = self
+                    .pgs
+                    .get_mut(&(pg, disk))
+                    .and_then(|p| p.primary.as_mut())
+                    .and_then(|pr| pr.scrub.as_mut())
+                    && sc.listing.remove(&disk)
+                {
+                    sc.todo.extend(regions);
+                }
+                self.pump(pg, disk);
+            }
             Some(Token::ListLocal { pg, disk, member }) => {
                 if let Some(r) = self
                     .pgs
@@ -1548,6 +1896,800 @@ impl<D: Clone> Replicator<D> {
                 }
             }
         }
+        self.tick_checks();
+    }
+
+    // ---- read repair and scrub ----------------------------------------------
+    //
+    // Every repair runs at the primary, in its order of changes: a check
+    // holds its extent like a change in flight (no overlapping client change
+    // starts meanwhile, and it starts only when none is in flight), reads a
+    // good copy (its own, or a member's when its own is bad), and becomes a
+    // rewrite `Op` of the bad copies under a new sequence number. Every copy
+    // it reads therefore holds every change acknowledged before it, and no
+    // change acknowledged after it is overwritten (see docs/replication.md).
+
+    fn on_repair(&mut self, pg: u32, disk: u32, client: u64, extent: Extent) {
+        let tick = self.tick;
+        let retry = Effect::Reply {
+            client,
+            result: ClientResult::Retry,
+        };
+        let extent = extent.blocks();
+        let Some(p) = self.pgs.get_mut(&(pg, disk)) else {
+            self.effects.push(retry);
+            return;
+        };
+        if let Some(pr) = p.primary.as_mut() {
+            if !pr.active || pr.repairs.len() >= REPAIRS_MAX {
+                self.effects.push(retry);
+                return;
+            }
+            pr.repairs.push_back(RepairJob {
+                extent,
+                targets: BTreeSet::from([disk]),
+                origin: RepairOrigin::Client(client),
+            });
+            self.pump(pg, disk);
+            return;
+        }
+        // A member: the primary orders the repair (it alone knows which
+        // changes of the extent are in flight).
+        let prim = p.view.primary;
+        let uptodate = p.view.state(disk) == Some(CopyState::UpToDate);
+        match prim {
+            Some(prim) if prim != disk && uptodate && p.asks.len() < ASKS_MAX => {
+                let id = self.next_token;
+                self.next_token += 1;
+                p.asks.insert(
+                    id,
+                    Ask {
+                        client,
+                        extent,
+                        sent_tick: tick,
+                    },
+                );
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: disk,
+                    to: prim,
+                    epoch: p.view.epoch,
+                    body: Body::RepairReq { id, extent },
+                }));
+            }
+            _ => self.effects.push(retry),
+        }
+    }
+
+    fn on_repair_req(&mut self, pg: u32, me: u32, from: u32, id: u64, extent: Extent) {
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        if !p.view.members.contains(&from) || from == me {
+            return;
+        }
+        let Some(pr) = p.primary.as_mut().filter(|pr| pr.active) else {
+            // Not serving: the member asks again, of the primary of its
+            // next map.
+            return;
+        };
+        let origin = RepairOrigin::Member(from, id);
+        let known = pr.repairs.iter().any(|j| j.origin == origin)
+            || pr.checks.values().any(|c| c.origin == origin)
+            || pr.ops.values().any(|o| o.repair == Some(origin));
+        if known || pr.repairs.len() >= REPAIRS_MAX {
+            return;
+        }
+        pr.repairs.push_back(RepairJob {
+            extent: extent.blocks(),
+            targets: BTreeSet::from([from]),
+            origin,
+        });
+        self.pump(pg, me);
+    }
+
+    fn on_repaired(&mut self, pg: u32, me: u32, from: u32, id: u64, ok: bool) {
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        if p.view.primary != Some(from) {
+            return;
+        }
+        if let Some(a) = p.asks.remove(&id) {
+            self.effects.push(Effect::Reply {
+                client: a.client,
+                result: if ok {
+                    ClientResult::Ok
+                } else {
+                    ClientResult::Failed
+                },
+            });
+        }
+    }
+
+    fn on_fetch(&mut self, pg: u32, me: u32, from: u32, epoch: u64, id: u64, extent: Extent) {
+        if self.fenced(pg, me, from, epoch).is_some() {
+            return;
+        }
+        let token = self.token(Token::FetchForPeer {
+            pg,
+            disk: me,
+            to: from,
+            id,
+        });
+        self.effects.push(Effect::Read {
+            disk: me,
+            token,
+            extent,
+        });
+    }
+
+    fn on_digest_req(&mut self, pg: u32, me: u32, from: u32, epoch: u64, id: u64, extent: Extent) {
+        if self.fenced(pg, me, from, epoch).is_some() {
+            return;
+        }
+        let token = self.token(Token::DigestForPeer {
+            pg,
+            disk: me,
+            to: from,
+            id,
+        });
+        self.effects.push(Effect::Digest {
+            disk: me,
+            token,
+            extent,
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_fetched(
+        &mut self,
+        pg: u32,
+        me: u32,
+        from: u32,
+        id: u64,
+        ok: bool,
+        extent: Extent,
+        data: Option<D>,
+    ) {
+        let Some(c) = self
+            .pgs
+            .get_mut(&(pg, me))
+            .and_then(|p| p.primary.as_mut())
+            .and_then(|pr| pr.checks.get_mut(&id))
+        else {
+            return;
+        };
+        if !matches!(c.stage, Stage::Fetch { source } if source == from) {
+            return;
+        }
+        if ok {
+            // A source may only shorten the extent (the volume's end).
+            if extent.volume_id != c.extent.volume_id
+                || extent.chunk_index != c.extent.chunk_index
+                || extent.offset != c.extent.offset
+                || extent.length > c.extent.length
+            {
+                return;
+            }
+            self.rewrite(pg, me, id, extent, data);
+        } else {
+            // The source's copy is bad too: repair it as well.
+            c.targets.insert(from);
+            c.tried.insert(from);
+            self.next_source(pg, me, id);
+        }
+    }
+
+    fn on_digest_reply(&mut self, pg: u32, me: u32, from: u32, id: u64, digest: Digest) {
+        let Some(c) = self
+            .pgs
+            .get_mut(&(pg, me))
+            .and_then(|p| p.primary.as_mut())
+            .and_then(|pr| pr.checks.get_mut(&id))
+        else {
+            return;
+        };
+        let Stage::Digest { waiting, digests } = &mut c.stage else {
+            return;
+        };
+        if !waiting.remove(&from) {
+            return;
+        }
+        digests.insert(from, digest);
+        if waiting.is_empty() {
+            self.decide(pg, me, id);
+        }
+    }
+
+    fn on_read_failed(&mut self, token: u64) {
+        match self.tokens.remove(&token) {
+            Some(Token::Read { pg, disk, seq }) => {
+                // A recovery push found our own copy bad: repair it first
+                // (the push is retried after).
+                let Some(pr) = self
+                    .pgs
+                    .get_mut(&(pg, disk))
+                    .and_then(|p| p.primary.as_mut())
+                else {
+                    return;
+                };
+                let Some(op) = pr.ops.get_mut(&seq) else {
+                    return;
+                };
+                op.reading = false;
+                op.failed = true;
+                let extent = op.update.extent;
+                if pr.repairs.len() < REPAIRS_MAX
+                    && !pr.repairs.iter().any(|j| j.extent.overlaps(&extent))
+                {
+                    pr.repairs.push_back(RepairJob {
+                        extent,
+                        targets: BTreeSet::from([disk]),
+                        origin: RepairOrigin::Internal,
+                    });
+                }
+                self.finish_ops(pg, disk);
+            }
+            Some(Token::CheckRead { pg, disk, id }) => {
+                let Some(c) = self
+                    .pgs
+                    .get_mut(&(pg, disk))
+                    .and_then(|p| p.primary.as_mut())
+                    .and_then(|pr| pr.checks.get_mut(&id))
+                else {
+                    return;
+                };
+                c.targets.insert(disk);
+                self.next_source(pg, disk, id);
+            }
+            Some(Token::FetchForPeer { pg, disk, to, id }) => {
+                let epoch = self.epoch();
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: disk,
+                    to,
+                    epoch,
+                    body: Body::Fetched {
+                        id,
+                        ok: false,
+                        extent: Extent {
+                            volume_id: 0,
+                            chunk_index: 0,
+                            offset: 0,
+                            length: 0,
+                        },
+                        data: None,
+                    },
+                }));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_digested(&mut self, token: u64, digest: Digest) {
+        match self.tokens.remove(&token) {
+            Some(Token::DigestForPeer { pg, disk, to, id }) => {
+                let epoch = self.epoch();
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: disk,
+                    to,
+                    epoch,
+                    body: Body::DigestReply { id, digest },
+                }));
+            }
+            Some(Token::CheckDigest { pg, disk, id }) => {
+                self.on_digest_reply(pg, disk, disk, id, digest)
+            }
+            _ => {}
+        }
+    }
+
+    fn on_scrub(&mut self, only: Option<u32>) {
+        let keys: Vec<(u32, u32)> = self.pgs.keys().copied().collect();
+        for (pg, me) in keys {
+            if only.is_some_and(|o| o != pg) {
+                continue;
+            }
+            let p = self.pgs.get_mut(&(pg, me)).expect("pg");
+            let epoch = p.view.epoch;
+            let members: BTreeSet<u32> = p
+                .view
+                .write_set()
+                .into_iter()
+                .filter(|m| p.view.state(*m) == Some(CopyState::UpToDate))
+                .collect();
+            let Some(pr) = p.primary.as_mut().filter(|pr| pr.active) else {
+                continue;
+            };
+            if pr.scrub.is_some() {
+                continue;
+            }
+            let mut listing = members.clone();
+            listing.insert(me);
+            pr.scrub = Some(ScrubRun {
+                listing,
+                todo: BTreeSet::new(),
+                inflight: 0,
+            });
+            let token = new_token(
+                &mut self.tokens,
+                &mut self.next_token,
+                Token::ScrubList { pg, disk: me },
+            );
+            self.effects.push(Effect::ListRegions {
+                disk: me,
+                token,
+                pg,
+            });
+            for m in members.iter().filter(|m| **m != me) {
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: me,
+                    to: *m,
+                    epoch,
+                    body: Body::LogQuery { full: true },
+                }));
+            }
+        }
+    }
+
+    /// Start the repairs that wait and, within the scrub's rate, the next
+    /// scrub regions; end a scrub that has nothing left.
+    fn start_checks(&mut self, pg: u32, me: u32) {
+        let tick = self.tick;
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let epoch = p.view.epoch;
+        let members: BTreeSet<u32> = p
+            .view
+            .write_set()
+            .into_iter()
+            .filter(|m| *m == me || p.view.state(*m) == Some(CopyState::UpToDate))
+            .collect();
+        let Some(pr) = p.primary.as_mut().filter(|pr| pr.active) else {
+            return;
+        };
+        let mut started: Vec<u64> = Vec::new();
+        let mut blocked: Vec<Extent> = Vec::new();
+        let mut keep = VecDeque::new();
+        while let Some(j) = pr.repairs.pop_front() {
+            if pr.busy(&j.extent) || blocked.iter().any(|b| b.overlaps(&j.extent)) {
+                blocked.push(j.extent);
+                keep.push_back(j);
+                continue;
+            }
+            let id = self.next_token;
+            self.next_token += 1;
+            pr.checks.insert(
+                id,
+                Check {
+                    extent: j.extent,
+                    targets: j.targets,
+                    tried: BTreeSet::new(),
+                    origin: j.origin,
+                    stage: Stage::ReadLocal,
+                    sent_tick: tick,
+                },
+            );
+            started.push(id);
+        }
+        pr.repairs = keep;
+        let mut scrub_done = false;
+        if let Some(sc) = pr.scrub.as_mut() {
+            while sc.inflight < SCRUB_INFLIGHT_MAX && self.scrub_budget > 0 {
+                // Not a region peering or recovery is about to overwrite:
+                // its copies may legitimately differ until then (a change
+                // of the old primary that reached some members only).
+                let next = sc.todo.iter().copied().find(|reg| {
+                    let e = reg.extent();
+                    !pr.ops.values().any(|o| o.update.extent.overlaps(&e))
+                        && !pr.checks.values().any(|c| c.extent.overlaps(&e))
+                        && !pr.queue.iter().any(|q| q.extent.overlaps(&e))
+                        && !pr.repairs.iter().any(|j| j.extent.overlaps(&e))
+                        && !pr.recovering.values().any(|r| r.todo.contains(reg))
+                });
+                let Some(reg) = next else { break };
+                sc.todo.remove(&reg);
+                sc.inflight += 1;
+                self.scrub_budget -= 1;
+                let id = self.next_token;
+                self.next_token += 1;
+                let extent = reg.extent();
+                for m in members.iter().filter(|m| **m != me) {
+                    self.effects.push(Effect::Send(Msg {
+                        pg,
+                        from: me,
+                        to: *m,
+                        epoch,
+                        body: Body::DigestReq { id, extent },
+                    }));
+                }
+                let token = new_token(
+                    &mut self.tokens,
+                    &mut self.next_token,
+                    Token::CheckDigest { pg, disk: me, id },
+                );
+                self.effects.push(Effect::Digest {
+                    disk: me,
+                    token,
+                    extent,
+                });
+                pr.checks.insert(
+                    id,
+                    Check {
+                        extent,
+                        targets: BTreeSet::new(),
+                        tried: BTreeSet::new(),
+                        origin: RepairOrigin::Scrub,
+                        stage: Stage::Digest {
+                            waiting: members.clone(),
+                            digests: BTreeMap::new(),
+                        },
+                        sent_tick: tick,
+                    },
+                );
+            }
+            scrub_done = sc.listing.is_empty() && sc.todo.is_empty() && sc.inflight == 0;
+        }
+        if scrub_done {
+            pr.scrub = None;
+            self.stats.scrubs += 1;
+        }
+        for id in started {
+            self.start_check(pg, me, id);
+        }
+    }
+
+    /// A repair check begins: read our own copy unless it is a target.
+    fn start_check(&mut self, pg: u32, me: u32, id: u64) {
+        let Some(c) = self
+            .pgs
+            .get_mut(&(pg, me))
+            .and_then(|p| p.primary.as_mut())
+            .and_then(|pr| pr.checks.get_mut(&id))
+        else {
+            return;
+        };
+        if c.targets.contains(&me) {
+            self.next_source(pg, me, id);
+            return;
+        }
+        c.stage = Stage::ReadLocal;
+        let extent = c.extent;
+        let token = self.token(Token::CheckRead { pg, disk: me, id });
+        self.effects.push(Effect::Read {
+            disk: me,
+            token,
+            extent,
+        });
+    }
+
+    /// All digests of a scrub region are in: find the bad copies.
+    fn decide(&mut self, pg: u32, me: u32, id: u64) {
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let order = p.view.members.clone();
+        let Some(c) = p.primary.as_mut().and_then(|pr| pr.checks.get_mut(&id)) else {
+            return;
+        };
+        let Stage::Digest { digests, .. } = &c.stage else {
+            return;
+        };
+        // The primary's copy is the authority when its blocks verify: it
+        // applied every acknowledged change (a member's differing copy can
+        // only hold a change never acknowledged, or a lost one). When its
+        // own copy is bad, the first member in placement order whose copy
+        // verifies is the source.
+        let authority = match digests.get(&me) {
+            Some(Digest::Sum(x)) => Some(*x),
+            _ => order
+                .iter()
+                .filter_map(|m| match digests.get(m) {
+                    Some(Digest::Sum(x)) => Some(*x),
+                    _ => None,
+                })
+                .next(),
+        };
+        let targets: BTreeSet<u32> = digests
+            .iter()
+            .filter(|(_, d)| authority.is_none_or(|a| **d != Digest::Sum(a)))
+            .map(|(m, _)| *m)
+            .collect();
+        self.stats.scrub_regions += 1;
+        self.stats.scrub_errors += targets.len() as u64;
+        self.stats.scrub_mismatches += targets
+            .iter()
+            .filter(|m| matches!(digests.get(m), Some(Digest::Sum(_))))
+            .count() as u64;
+        c.targets = targets;
+        let mine_good = !c.targets.contains(&me);
+        if c.targets.is_empty() {
+            self.end_check(pg, me, id, true);
+        } else if mine_good {
+            self.start_check(pg, me, id);
+        } else {
+            self.next_source(pg, me, id);
+        }
+    }
+
+    /// Ask the next member that may hold a good copy for its data, or give
+    /// up when none is left.
+    fn next_source(&mut self, pg: u32, me: u32, id: u64) {
+        let tick = self.tick;
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let view = p.view.clone();
+        let Some(c) = p.primary.as_mut().and_then(|pr| pr.checks.get_mut(&id)) else {
+            return;
+        };
+        let source = view
+            .members
+            .iter()
+            .zip(&view.up)
+            .zip(&view.states)
+            .find(|((m, up), st)| {
+                **m != me
+                    && **up
+                    && **st == CopyState::UpToDate
+                    && !c.targets.contains(m)
+                    && !c.tried.contains(m)
+            })
+            .map(|((m, _), _)| *m);
+        let Some(source) = source else {
+            // No good copy is left to take the data from.
+            self.stats.unrepairable += 1;
+            self.end_check(pg, me, id, false);
+            return;
+        };
+        c.stage = Stage::Fetch { source };
+        c.sent_tick = tick;
+        let extent = c.extent;
+        self.effects.push(Effect::Send(Msg {
+            pg,
+            from: me,
+            to: source,
+            epoch: view.epoch,
+            body: Body::Fetch { id, extent },
+        }));
+    }
+
+    /// A check ends without a rewrite: nothing to repair (`ok`) or nothing
+    /// to repair from.
+    fn end_check(&mut self, pg: u32, me: u32, id: u64, ok: bool) {
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let epoch = p.view.epoch;
+        let Some(pr) = p.primary.as_mut() else {
+            return;
+        };
+        let Some(c) = pr.checks.remove(&id) else {
+            return;
+        };
+        if c.origin == RepairOrigin::Scrub
+            && let Some(sc) = pr.scrub.as_mut()
+        {
+            sc.inflight = sc.inflight.saturating_sub(1);
+        }
+        repair_done(pg, me, epoch, c.origin, ok, &mut self.effects);
+        self.pump(pg, me);
+    }
+
+    /// The good content of a check's extent is known: rewrite the bad
+    /// copies with it as a change of our order (a new sequence number, so it
+    /// comes after every change before it and before every change after
+    /// it on every copy).
+    fn rewrite(&mut self, pg: u32, me: u32, id: u64, extent: Extent, data: Option<D>) {
+        let tick = self.tick;
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let (epoch, trim) = (p.view.epoch, p.trim);
+        let ws = p.view.write_set();
+        let Some(pr) = p.primary.as_mut() else {
+            return;
+        };
+        let Some(c) = pr.checks.remove(&id) else {
+            return;
+        };
+        if extent.length == 0 {
+            // The volume is gone: nothing to repair.
+            if c.origin == RepairOrigin::Scrub
+                && let Some(sc) = pr.scrub.as_mut()
+            {
+                sc.inflight = sc.inflight.saturating_sub(1);
+            }
+            repair_done(pg, me, epoch, c.origin, true, &mut self.effects);
+            self.pump(pg, me);
+            return;
+        }
+        let seq = Seq {
+            term: pr.term,
+            n: pr.next_n,
+        };
+        pr.next_n += 1;
+        let update = Update {
+            seq,
+            extent,
+            change: data.map_or(Change::Zeroes, Change::Write),
+            // Durable at once: a crash must not bring the bad block back
+            // under a copy that was reported repaired.
+            fua: true,
+        };
+        let local = c.targets.contains(&me);
+        let waiting: BTreeSet<u32> = c
+            .targets
+            .iter()
+            .copied()
+            .filter(|m| *m != me && ws.contains(m))
+            .collect();
+        let mut repaired = waiting.clone();
+        if local {
+            repaired.insert(me);
+            let token = new_token(
+                &mut self.tokens,
+                &mut self.next_token,
+                Token::Apply { pg, disk: me, seq },
+            );
+            self.effects.push(Effect::Apply {
+                disk: me,
+                token,
+                update: update.clone(),
+            });
+        }
+        pr.ops.insert(
+            seq,
+            Op {
+                update: update.clone(),
+                client: None,
+                waiting: waiting.clone(),
+                local_pending: local,
+                local_started: true,
+                sent_tick: tick,
+                push: None,
+                reading: false,
+                failed: false,
+                repair: Some(c.origin),
+                repaired,
+            },
+        );
+        let committed = committed_of(pr);
+        for m in waiting {
+            self.effects.push(Effect::Send(Msg {
+                pg,
+                from: me,
+                to: m,
+                epoch,
+                body: Body::Replicate {
+                    update: update.clone(),
+                    committed,
+                    trim,
+                },
+            }));
+        }
+        self.finish_ops(pg, me);
+    }
+
+    /// Per tick: resend what checks, scrub listings and asked repairs wait
+    /// for; refill the scrub's allowance.
+    fn tick_checks(&mut self) {
+        let tick = self.tick;
+        self.scrub_budget = self.scrub_per_tick;
+        let keys: Vec<(u32, u32)> = self.pgs.keys().copied().collect();
+        for (pg, me) in keys {
+            let p = self.pgs.get_mut(&(pg, me)).expect("pg");
+            let view = p.view.clone();
+            let eligible = |m: u32| {
+                m == me
+                    || view.write_set().contains(&m) && view.state(m) == Some(CopyState::UpToDate)
+            };
+            // Asked repairs: again of the current primary, or the client
+            // retries when we lead now or are no longer up to date.
+            let mut retry = Vec::new();
+            for (id, a) in p.asks.iter_mut() {
+                if tick - a.sent_tick < RESEND_TICKS {
+                    continue;
+                }
+                match view.primary {
+                    Some(prim) if prim != me && view.state(me) == Some(CopyState::UpToDate) => {
+                        a.sent_tick = tick;
+                        self.effects.push(Effect::Send(Msg {
+                            pg,
+                            from: me,
+                            to: prim,
+                            epoch: view.epoch,
+                            body: Body::RepairReq {
+                                id: *id,
+                                extent: a.extent,
+                            },
+                        }));
+                    }
+                    _ => retry.push(*id),
+                }
+            }
+            for id in retry {
+                let a = p.asks.remove(&id).expect("ask");
+                self.effects.push(Effect::Reply {
+                    client: a.client,
+                    result: ClientResult::Retry,
+                });
+            }
+            let Some(pr) = p.primary.as_mut() else {
+                continue;
+            };
+            if let Some(sc) = pr.scrub.as_mut() {
+                sc.listing.retain(|m| eligible(*m));
+                if tick.is_multiple_of(RESEND_TICKS) {
+                    for m in sc.listing.iter().filter(|m| **m != me) {
+                        self.effects.push(Effect::Send(Msg {
+                            pg,
+                            from: me,
+                            to: *m,
+                            epoch: view.epoch,
+                            body: Body::LogQuery { full: true },
+                        }));
+                    }
+                }
+            }
+            let mut decide = Vec::new();
+            let mut refetch = Vec::new();
+            for (id, c) in pr.checks.iter_mut() {
+                match &mut c.stage {
+                    Stage::Digest { waiting, .. } => {
+                        // A member that left is not compared (nor repaired).
+                        waiting.retain(|m| eligible(*m));
+                        if waiting.is_empty() {
+                            decide.push(*id);
+                        } else if tick - c.sent_tick >= RESEND_TICKS {
+                            c.sent_tick = tick;
+                            for m in waiting.iter().filter(|m| **m != me) {
+                                self.effects.push(Effect::Send(Msg {
+                                    pg,
+                                    from: me,
+                                    to: *m,
+                                    epoch: view.epoch,
+                                    body: Body::DigestReq {
+                                        id: *id,
+                                        extent: c.extent,
+                                    },
+                                }));
+                            }
+                        }
+                    }
+                    Stage::Fetch { source } => {
+                        if !eligible(*source) {
+                            c.tried.insert(*source);
+                            refetch.push(*id);
+                        } else if tick - c.sent_tick >= RESEND_TICKS {
+                            c.sent_tick = tick;
+                            self.effects.push(Effect::Send(Msg {
+                                pg,
+                                from: me,
+                                to: *source,
+                                epoch: view.epoch,
+                                body: Body::Fetch {
+                                    id: *id,
+                                    extent: c.extent,
+                                },
+                            }));
+                        }
+                    }
+                    Stage::ReadLocal => {}
+                }
+            }
+            for id in decide {
+                self.decide(pg, me, id);
+            }
+            for id in refetch {
+                self.next_source(pg, me, id);
+            }
+            self.pump(pg, me);
+        }
     }
 
     fn check_peering(&mut self, pg: u32, me: u32) {
@@ -1589,6 +2731,9 @@ impl<D: Clone> Replicator<D> {
             pr.next_n += 1;
             p.log.insert(seq, reg.extent());
         }
+        if !regions.is_empty() && !uptodate.is_empty() {
+            pr.commit_floor = Some(p.committed);
+        }
         for m in uptodate {
             let inc = p.view.incarnation(m);
             let r = pr.recovering.entry(m).or_default();
@@ -1623,7 +2768,7 @@ fn uncommitted<D>(p: &Pg<D>) -> Vec<(Seq, Extent)> {
 /// The primary's commit point: every change before the oldest in flight has
 /// been acknowledged by all its targets.
 fn committed_of<D>(pr: &Primary<D>) -> Seq {
-    match pr.ops.keys().next() {
+    let c = match pr.ops.keys().next() {
         Some(s) => Seq {
             term: s.term,
             n: s.n - 1,
@@ -1632,6 +2777,10 @@ fn committed_of<D>(pr: &Primary<D>) -> Seq {
             term: pr.term,
             n: pr.next_n - 1,
         },
+    };
+    match pr.commit_floor {
+        Some(f) => c.min(f),
+        None => c,
     }
 }
 
@@ -1686,6 +2835,10 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
         durable,
         rounds: BTreeMap::new(),
         pushes: 0,
+        checks: BTreeMap::new(),
+        repairs: VecDeque::new(),
+        scrub: None,
+        commit_floor: None,
     });
 }
 
@@ -1746,11 +2899,31 @@ fn start_recoveries<D: Clone>(
 }
 
 /// Stop being primary: every client change in flight or queued is told to
-/// retry (at the new primary); the log stays.
-fn step_down<D>(p: &mut Pg<D>, effects: &mut Vec<Effect<D>>) {
+/// retry (at the new primary); so is every read waiting for a repair (its
+/// gateway reads again at the new primary, which repairs its own copy if it
+/// must); repairs asked by members are dropped (they ask the new primary).
+/// The log stays.
+fn step_down<D>(p: &mut Pg<D>, effects: &mut Vec<Effect<D>>, stats: &mut Stats) {
     let Some(pr) = p.primary.take() else {
         return;
     };
+    if pr.scrub.is_some() {
+        stats.scrubs_aborted += 1;
+    }
+    let origins = pr
+        .ops
+        .values()
+        .filter_map(|o| o.repair)
+        .chain(pr.checks.values().map(|c| c.origin))
+        .chain(pr.repairs.iter().map(|j| j.origin));
+    for o in origins {
+        if let RepairOrigin::Client(c) = o {
+            effects.push(Effect::Reply {
+                client: c,
+                result: ClientResult::Retry,
+            });
+        }
+    }
     for op in pr.ops.into_values() {
         if let Some(c) = op.client {
             effects.push(Effect::Reply {
@@ -1764,5 +2937,41 @@ fn step_down<D>(p: &mut Pg<D>, effects: &mut Vec<Effect<D>>) {
             client: q.client,
             result: ClientResult::Retry,
         });
+    }
+}
+
+fn new_token(tokens: &mut BTreeMap<u64, Token>, next: &mut u64, t: Token) -> u64 {
+    let id = *next;
+    *next += 1;
+    tokens.insert(id, t);
+    id
+}
+
+/// Answer whoever asked for a repair.
+fn repair_done<D>(
+    pg: u32,
+    me: u32,
+    epoch: u64,
+    origin: RepairOrigin,
+    ok: bool,
+    effects: &mut Vec<Effect<D>>,
+) {
+    match origin {
+        RepairOrigin::Client(client) => effects.push(Effect::Reply {
+            client,
+            result: if ok {
+                ClientResult::Ok
+            } else {
+                ClientResult::Failed
+            },
+        }),
+        RepairOrigin::Member(to, id) => effects.push(Effect::Send(Msg {
+            pg,
+            from: me,
+            to,
+            epoch,
+            body: Body::Repaired { id, ok },
+        })),
+        RepairOrigin::Scrub | RepairOrigin::Internal => {}
     }
 }

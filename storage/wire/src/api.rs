@@ -60,17 +60,44 @@ pub struct VolumeUsage {
     pub allocated_bytes: u64,
 }
 
+/// A storage daemon's scrub and repair counters (since it started), sent
+/// with each heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubReport {
+    /// Placement groups this daemon leads that are being scrubbed now.
+    pub running: u32,
+    /// The newest scrub request of the manager (`POST /v1/scrub`) this
+    /// daemon has completed on every group it led when it got it.
+    pub generation_done: u64,
+    /// Scrubs of a group completed.
+    pub scrubs: u64,
+    /// 64 KiB regions compared across copies.
+    pub regions: u64,
+    /// Copies of regions found bad (a block failing its CRC) or different.
+    pub errors: u64,
+    /// Copies of extents rewritten from a good copy (scrub and read repair).
+    pub repairs: u64,
+    /// Repairs that found no good copy.
+    pub unrepairable: u64,
+}
+
 /// `POST /v1/nodes/{id}/heartbeat`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatRequest {
     pub disks: Vec<DiskUsage>,
     /// Allocated bytes per volume, summed over this node's disks.
     pub volumes: Vec<VolumeUsage>,
+    #[serde(default)]
+    pub scrub: ScrubReport,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatResponse {
     pub epoch: u64,
+    /// The manager's newest scrub request: a daemon that has not acted on
+    /// it scrubs every group it leads.
+    #[serde(default)]
+    pub scrub_generation: u64,
 }
 
 /// `POST /v1/volumes`.
