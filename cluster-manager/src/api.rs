@@ -19,6 +19,40 @@ use tessera_wire::api::ErrorBody;
 pub const BODY_MAX_BYTES: u64 = 1 << 20;
 /// Threads answering HTTP requests.
 pub const HTTP_THREADS: usize = 4;
+/// Longest a `GET /v1/map?after=` long poll is held before it is answered
+/// with the unchanged map.
+pub const MAP_WAIT_MAX_MS: u64 = 30_000;
+/// Hold time of a long poll that names none (`wait_ms`).
+pub const MAP_WAIT_DEFAULT_MS: u64 = 10_000;
+/// Long polls held at once (one small thread each); above it the map route
+/// answers 503 and the client retries later.
+pub const MAP_WAITERS_MAX: usize = 256;
+
+/// A `GET /v1/map?after=EPOCH[&wait_ms=MS]` long poll: the epoch the client
+/// has and how long to hold the request for a newer one. `None` for a
+/// plain map request; `Err` for a malformed query.
+pub fn map_long_poll(url: &str) -> Result<Option<(u64, std::time::Duration)>, ApiError> {
+    let Some((path, query)) = url.split_once('?') else {
+        return Ok(None);
+    };
+    if path.trim_end_matches('/') != "/v1/map" {
+        return Ok(None);
+    }
+    let (mut after, mut wait_ms) = (None, MAP_WAIT_DEFAULT_MS);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let num = || {
+            v.parse::<u64>()
+                .map_err(|_| ApiError::new(400, format!("bad {k} {v:?}: not a number")))
+        };
+        match k {
+            "after" => after = Some(num()?),
+            "wait_ms" => wait_ms = num()?.min(MAP_WAIT_MAX_MS),
+            _ => {}
+        }
+    }
+    Ok(after.map(|a| (a, std::time::Duration::from_millis(wait_ms))))
+}
 
 /// The manager's fixed metric set; labels are bounded (route names are
 /// static strings, codes a handful of statuses).
@@ -89,6 +123,8 @@ impl Metrics {
 pub struct Api {
     manager: Arc<Manager>,
     metrics: Metrics,
+    /// Map long polls being held (at most [`MAP_WAITERS_MAX`]).
+    map_waiters: std::sync::atomic::AtomicUsize,
     /// The cluster secret gateways present for the gateway-only routes
     /// (`crate::secret`); without one those routes refuse everyone.
     cluster_secret: Option<String>,
@@ -116,6 +152,7 @@ impl Api {
         Api {
             manager,
             metrics: Metrics::new(),
+            map_waiters: std::sync::atomic::AtomicUsize::new(0),
             cluster_secret: None,
         }
     }
@@ -332,11 +369,74 @@ impl Api {
         out
     }
 
+    /// Hold a map long poll on its own small thread until the epoch
+    /// passes `after` or `wait` runs out; the HTTP threads stay free.
+    fn hold_map_request(
+        self: &Arc<Self>,
+        req: tiny_http::Request,
+        after: u64,
+        wait: std::time::Duration,
+    ) {
+        use std::sync::atomic::Ordering;
+        if self.map_waiters.fetch_add(1, Ordering::SeqCst) >= MAP_WAITERS_MAX {
+            self.map_waiters.fetch_sub(1, Ordering::SeqCst);
+            let e = ApiError::new(
+                503,
+                format!("more than {MAP_WAITERS_MAX} map long polls held: retry later"),
+            );
+            self.respond(req, "map_wait", error_reply(e));
+            return;
+        }
+        let api = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("map-wait".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let map = api.manager.map_after(after, wait);
+                api.respond(req, "map_wait", json(200, &map));
+                api.map_waiters.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            // The request went with the closure; the client times out and retries.
+            self.map_waiters.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!(error = %e, "cannot spawn a map long-poll thread");
+        }
+    }
+
+    /// Send a reply and count it.
+    fn respond(&self, req: tiny_http::Request, label: &str, (status, body): Reply) {
+        self.metrics
+            .http
+            .with_label_values(&[label, &status.to_string()])
+            .inc();
+        let resp = tiny_http::Response::from_data(body)
+            .with_status_code(status)
+            .with_header(
+                tiny_http::Header::from_bytes("Content-Type", "application/json")
+                    .expect("static header"),
+            );
+        // The client may be gone; nothing to do about it.
+        let _ = req.respond(resp);
+    }
+
     /// Answer requests from `server` until it is unblocked.
-    pub fn serve(&self, server: &tiny_http::Server) {
+    pub fn serve(self: &Arc<Self>, server: &tiny_http::Server) {
         for mut req in server.incoming_requests() {
             let method = req.method().as_str().to_string();
             let url = req.url().to_string();
+            if method == "GET" {
+                match map_long_poll(&url) {
+                    Ok(Some((after, wait))) => {
+                        self.hold_map_request(req, after, wait);
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.respond(req, "map_wait", error_reply(e));
+                        continue;
+                    }
+                }
+            }
             let declared = req.body_length().unwrap_or(0) as u64;
             let gateway = self.is_gateway(
                 req.headers()
@@ -399,6 +499,35 @@ impl Api {
 
 #[cfg(test)]
 mod tests {
+
+    // Proves the long-poll query parser: only `/v1/map` with `after` is a
+    // long poll, `wait_ms` defaults and is capped, bad numbers are 400.
+    #[test]
+    fn map_long_poll_query() {
+        use std::time::Duration as D;
+        assert_eq!(map_long_poll("/v1/map").unwrap(), None);
+        assert_eq!(map_long_poll("/v1/map?wait_ms=5").unwrap(), None);
+        assert_eq!(map_long_poll("/v1/status?after=3").unwrap(), None);
+        assert_eq!(
+            map_long_poll("/v1/map?after=7").unwrap(),
+            Some((7, D::from_millis(MAP_WAIT_DEFAULT_MS)))
+        );
+        assert_eq!(
+            map_long_poll("/v1/map/?after=7&wait_ms=250&x").unwrap(),
+            Some((7, D::from_millis(250)))
+        );
+        assert_eq!(
+            map_long_poll("/v1/map?wait_ms=99999999&after=0").unwrap(),
+            Some((0, D::from_millis(MAP_WAIT_MAX_MS)))
+        );
+        assert_eq!(map_long_poll("/v1/map?after=-1").unwrap_err().status, 400);
+        assert_eq!(
+            map_long_poll("/v1/map?after=1&wait_ms=")
+                .unwrap_err()
+                .status,
+            400
+        );
+    }
     use super::*;
     use crate::daemon::Config;
     use std::time::Duration;

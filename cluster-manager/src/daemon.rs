@@ -18,13 +18,17 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tessera_wire::api::*;
 use tessera_wire::map::ClusterMap;
 
-/// How often the health thread applies the health policy.
-pub const HEALTH_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the health thread applies the health policy: a node is
+/// declared down at most this long after its grace ran out.
+pub const HEALTH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// A catalogue commit slower than this is logged (it delays every map).
+const SLOW_COMMIT: Duration = Duration::from_millis(50);
 
 /// The daemon's configuration, validated by clap and logged at start.
 #[derive(Debug, Clone)]
@@ -143,6 +147,8 @@ pub struct Status {
 pub struct Manager {
     store: Store,
     inner: Mutex<Inner>,
+    /// Notified (with `inner`) at every new epoch: wakes map long-polls.
+    epoch_changed: Condvar,
     grace: Duration,
 }
 
@@ -216,6 +222,7 @@ impl Manager {
             .collect();
         Ok(Manager {
             store,
+            epoch_changed: Condvar::new(),
             inner: Mutex::new(Inner {
                 catalog,
                 live,
@@ -235,16 +242,42 @@ impl Manager {
     /// back so memory never runs ahead of the disk.
     fn commit(&self, inner: &mut Inner, before: Catalog) -> Result<(), ApiError> {
         inner.catalog.epoch += 1;
-        if let Err(e) = self.store.save(&inner.catalog) {
+        // The map is published only once durable, so the commit (an fsync)
+        // is part of every failover's delay: say when it is slow.
+        let started = Instant::now();
+        let saved = self.store.save(&inner.catalog);
+        let took = started.elapsed();
+        if took > SLOW_COMMIT {
+            tracing::info!(
+                epoch = inner.catalog.epoch,
+                took_ms = took.as_millis() as u64,
+                "slow catalogue commit"
+            );
+        }
+        if let Err(e) = saved {
             inner.catalog = before;
             tracing::error!(error = %e, "cannot persist the catalogue");
             return Err(ApiError::new(500, format!("cannot persist catalogue: {e}")));
         }
+        self.epoch_changed.notify_all();
         Ok(())
     }
 
     pub fn map(&self) -> ClusterMap {
         self.lock().map()
+    }
+
+    /// The map once its epoch is above `epoch`, or the current one when
+    /// `timeout` passes first (the `GET /v1/map?after=` long poll: gateways
+    /// and storage daemons learn a new map as soon as it is committed,
+    /// not at their next poll).
+    pub fn map_after(&self, epoch: u64, timeout: Duration) -> ClusterMap {
+        let inner = self.lock();
+        let (inner, _) = self
+            .epoch_changed
+            .wait_timeout_while(inner, timeout, |i| i.catalog.epoch <= epoch)
+            .expect("manager lock poisoned");
+        inner.map()
     }
 
     /// Read the catalogue under the lock.
@@ -604,6 +637,25 @@ impl Manager {
     }
 }
 
+/// How often the manager opens an empty connection to itself; see
+/// [`nudge_connection_pool`].
+pub const NUDGE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// tiny_http hands each connection to a pool thread and can lose a wake-up
+/// when two connections arrive together while one thread is idle: the
+/// second connection then waits in the queue until some other connection
+/// ends. Keep-alive connections and held map long polls can keep every
+/// thread busy for seconds, and a heartbeat stuck that long would declare
+/// a live daemon down. An empty connection every [`NUDGE_INTERVAL`] ends at
+/// once, and the thread that served it takes the queued one.
+fn nudge_connection_pool(addr: SocketAddr) {
+    loop {
+        std::thread::sleep(NUDGE_INTERVAL);
+        // Refused or failed: the server is stopping or busy; try again later.
+        let _ = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+    }
+}
+
 /// Run the manager until SIGTERM/SIGINT. The caller must have blocked
 /// those signals (see [`crate::sys::block_termination_signals`]).
 pub fn run(config: Config) -> Result<(), Fatal> {
@@ -639,6 +691,9 @@ pub fn run(config: Config) -> Result<(), Fatal> {
                 m.check_health(Instant::now());
             }
         });
+    }
+    if let Some(addr) = server.server_addr().to_ip() {
+        std::thread::spawn(move || nudge_connection_pool(addr));
     }
     tracing::info!(listen = %bound, "ready");
     {

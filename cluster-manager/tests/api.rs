@@ -422,6 +422,56 @@ fn health_marks_silent_nodes_down_and_back_up() {
     assert!(map.nodes[0].up && map.disks[0].up);
 }
 
+// Proves the map long poll: `GET /v1/map?after=E` is held until the epoch
+// passes E and then answers the new map; more polls than the manager has
+// HTTP threads are held at once while other requests are still answered;
+// an unchanged map comes back when `wait_ms` runs out; a malformed query
+// is a 400.
+#[test]
+fn map_long_poll_answers_at_the_new_epoch() {
+    let dir = TempDir::new("longpoll");
+    let m = Manager::start(&dir.0, &[]);
+    let n = m.register("node-a", &[("disk-a0", GIB)]);
+    let e = n.epoch;
+    let polls: Vec<_> = (0..2 * tessera_manager::api::HTTP_THREADS)
+        .map(|_| {
+            let url = m.url(&format!("/v1/map?after={e}&wait_ms=30000"));
+            std::thread::spawn(move || -> ClusterMap {
+                ureq::get(&url).call().unwrap().into_json().unwrap()
+            })
+        })
+        .collect();
+    // The held polls leave the HTTP threads free.
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build();
+    let status = agent.get(&m.url("/v1/status")).call().unwrap();
+    assert_eq!(status.status(), 200);
+    let _: VolumeInfo = m.post(
+        "/v1/volumes",
+        &CreateVolumeRequest {
+            name: "lp".into(),
+            size_bytes: GIB,
+            block_size: None,
+            pool: None,
+        },
+        201,
+    );
+    for p in polls {
+        let map = p.join().unwrap();
+        assert!(
+            map.epoch > e,
+            "long poll answered epoch {} <= {e}",
+            map.epoch
+        );
+        assert!(map.volume_by_name("lp").is_some());
+    }
+    let now: ClusterMap = m.get("/v1/map");
+    let same: ClusterMap = m.get(&format!("/v1/map?after={}&wait_ms=0", now.epoch));
+    assert_eq!(same.epoch, now.epoch);
+    assert_eq!(m.fail("GET", "/v1/map?after=x", None).0, 400);
+}
+
 // Proves the manager tells systemd it is ready over NOTIFY_SOCKET.
 #[test]
 fn notifies_systemd() {

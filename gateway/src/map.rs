@@ -1,22 +1,31 @@
 //! Follows the cluster manager's map: fetch `GET {manager}/v1/map` at start
-//! (retrying until a deadline), then poll every `POLL_INTERVAL_MS` on a
-//! background thread (ureq is blocking) and publish each newer map through a
-//! `tokio::sync::watch` channel. Epochs only grow: an older or equal epoch is
-//! never published. Callers that learn the map is stale (StaleEpoch,
-//! WrongDisk from a storage daemon) ask for an immediate refresh.
+//! (retrying until a deadline), then long-poll `GET /v1/map?after=EPOCH` on
+//! a background thread (ureq is blocking): the manager holds the request
+//! until it commits a newer epoch (or `LONG_POLL_WAIT_MS` passes), so a new
+//! map reaches the gateway as soon as it exists, not at the next poll.
+//! Each newer map is published through a `tokio::sync::watch` channel.
+//! Epochs only grow: an older or equal epoch is never published. Callers
+//! that learn the map is stale (StaleEpoch, WrongDisk from a storage
+//! daemon) may ask for a refresh; it matters only after a failed fetch
+//! (the next attempt starts at once), since a held long poll already
+//! answers the moment a newer map is committed.
 
 use std::sync::Arc;
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
 use tessera_wire::map::ClusterMap;
 use thiserror::Error;
 use tokio::sync::watch;
 
-pub const POLL_INTERVAL_MS: u64 = 500;
-/// One HTTP fetch of the map may take at most this long.
+/// How long the manager may hold one long poll before answering with an
+/// unchanged map.
+pub const LONG_POLL_WAIT_MS: u64 = 10_000;
+/// One HTTP fetch of the map may take at most this long (beyond the long
+/// poll's hold time).
 pub const FETCH_TIMEOUT_MS: u64 = 2000;
-/// Pause between failed fetches while waiting for the manager at start.
-const STARTUP_RETRY_MS: u64 = 200;
+/// Pause between failed fetches (manager down or restarting), cut short by
+/// a refresh request.
+const RETRY_MS: u64 = 200;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum MapError {
@@ -32,10 +41,22 @@ fn map_url(manager: &str) -> String {
 
 /// Fetch and validate the map once.
 pub fn fetch(manager: &str) -> Result<ClusterMap, MapError> {
-    let url = map_url(manager);
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_millis(FETCH_TIMEOUT_MS))
-        .build();
+    get(map_url(manager), Duration::from_millis(FETCH_TIMEOUT_MS))
+}
+
+/// Long poll: the first map with an epoch above `epoch`, or the current one
+/// once the manager has held the request for `wait`.
+pub fn fetch_after(manager: &str, epoch: u64, wait: Duration) -> Result<ClusterMap, MapError> {
+    let url = format!(
+        "{}?after={epoch}&wait_ms={}",
+        map_url(manager),
+        wait.as_millis()
+    );
+    get(url, wait + Duration::from_millis(FETCH_TIMEOUT_MS))
+}
+
+fn get(url: String, timeout: Duration) -> Result<ClusterMap, MapError> {
+    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
     let map: ClusterMap = agent
         .get(&url)
         .call()
@@ -60,7 +81,7 @@ pub fn fetch_until(manager: &str, deadline: Instant) -> Result<ClusterMap, MapEr
             Err(e) if Instant::now() >= deadline => return Err(e),
             Err(e) => {
                 tracing::debug!(error = %e, "map not available yet");
-                std::thread::sleep(Duration::from_millis(STARTUP_RETRY_MS));
+                std::thread::sleep(Duration::from_millis(RETRY_MS));
             }
         }
     }
@@ -82,19 +103,36 @@ impl MapHandle {
         std::thread::Builder::new()
             .name("map-follower".into())
             .spawn(move || {
+                let mut failed = false;
                 loop {
-                    match refresh_rx.recv_timeout(Duration::from_millis(POLL_INTERVAL_MS)) {
-                        Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => return,
+                    if failed {
+                        match refresh_rx.recv_timeout(Duration::from_millis(RETRY_MS)) {
+                            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                            Err(RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
+                    // A long poll answers every refresh asked so far.
+                    loop {
+                        match refresh_rx.try_recv() {
+                            Ok(()) => {}
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => return,
+                        }
                     }
                     if tx.is_closed() {
                         return;
                     }
-                    match fetch(&manager) {
+                    let epoch = tx.borrow().epoch;
+                    let wait = Duration::from_millis(LONG_POLL_WAIT_MS);
+                    match fetch_after(&manager, epoch, wait) {
                         Ok(m) => {
+                            failed = false;
                             publish(&tx, m);
                         }
-                        Err(e) => tracing::warn!(error = %e, "map refresh failed"),
+                        Err(e) => {
+                            failed = true;
+                            tracing::warn!(error = %e, "map refresh failed");
+                        }
                     }
                 }
             })

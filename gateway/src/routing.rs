@@ -4,9 +4,12 @@
 //! disk → node address) and sent over the `client` pool, with retries.
 //!
 //! Retry policy (a plain function of the reply, see `classify`):
-//! StaleEpoch / WrongDisk → refresh the map and retry at once; Busy,
+//! StaleEpoch / WrongDisk → refresh the map and retry as soon as the newer
+//! map the daemon has arrives (at the daemon's own epoch: back off); Busy,
 //! ShuttingDown, BadPayloadCrc, a lost or refused connection, or a chunk with
-//! no disk yet → back off and retry; all until the I/O timeout, then EIO.
+//! no disk yet → back off and retry; all until the I/O timeout, then EIO. A
+//! backoff pause ends early when a newer map arrives, since a failover or a
+//! daemon's return is exactly what a retry waits for.
 //! Io / Checksum / Invalid / NoSpace are final. Writes are idempotent, so
 //! resending one is safe.
 
@@ -190,13 +193,22 @@ impl Router {
                                         .with_label_values(&["stale_map"])
                                         .inc();
                                     self.maps.request_refresh();
-                                    let wait = deadline
-                                        .saturating_duration_since(Instant::now())
-                                        .min(Duration::from_millis(BACKOFF_MAX_MS));
-                                    if self.maps.wait_newer(map.epoch, wait).await {
-                                        continue;
+                                    // The daemon has a newer map: retry as soon
+                                    // as we have it too. At our own epoch it is
+                                    // not ready yet (a new primary peering):
+                                    // back off, woken by any newer map.
+                                    if reply.header.epoch > map.epoch {
+                                        let wait = deadline
+                                            .saturating_duration_since(Instant::now())
+                                            .min(Duration::from_millis(BACKOFF_MAX_MS));
+                                        if self.maps.wait_newer(map.epoch, wait).await {
+                                            backoff = Duration::from_millis(BACKOFF_MIN_MS);
+                                            continue;
+                                        }
+                                        "stale_map_wait"
+                                    } else {
+                                        "not_ready"
                                     }
-                                    "stale_map_wait"
                                 }
                             }
                         }
@@ -211,8 +223,13 @@ impl Router {
             if now >= deadline {
                 return Err(VolumeError::Timeout);
             }
-            tokio::time::sleep_until((now + backoff).min(deadline)).await;
-            backoff = (backoff * 2).min(Duration::from_millis(BACKOFF_MAX_MS));
+            // A newer map (a failover, a daemon back) ends the pause at once.
+            let pause = backoff.min(deadline - now);
+            if self.maps.wait_newer(map.epoch, pause).await {
+                backoff = Duration::from_millis(BACKOFF_MIN_MS);
+            } else {
+                backoff = (backoff * 2).min(Duration::from_millis(BACKOFF_MAX_MS));
+            }
         }
     }
 

@@ -43,8 +43,17 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// Buffer of each direction of the embedded gateway's in-memory stream
 /// (like a socket buffer: a few large requests).
 const LOCAL_STREAM_BYTES: usize = 1 << 20;
-const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(1000);
-const MAP_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Heartbeats are frequent so that the manager's grace (default 2 s,
+/// counted from the last heartbeat it received) is what decides how soon a
+/// dead daemon is declared down: detection comes between grace minus this
+/// interval and the grace.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(250);
+/// How long the manager may hold one map long poll (`GET /v1/map?after=`)
+/// before answering with an unchanged map.
+const MAP_LONG_POLL_WAIT: Duration = Duration::from_millis(10_000);
+/// Pause after a failed map fetch (manager down or restarting), cut short
+/// by a refresh request.
+const MAP_RETRY_INTERVAL: Duration = Duration::from_millis(200);
 const STATS_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Exit codes, relied on by the systemd units (`RestartPreventExitStatus`).
@@ -775,9 +784,25 @@ fn http() -> ureq::Agent {
 }
 
 fn fetch_map(agent: &ureq::Agent, manager: &str) -> Result<ClusterMap, String> {
-    let map: ClusterMap = agent
-        .get(&format!("{manager}/v1/map"))
-        .call()
+    parse_map(agent.get(&format!("{manager}/v1/map")).call())
+}
+
+/// Long poll: the first map above `epoch`, or the current one once the
+/// manager has held the request for `wait`.
+fn fetch_map_after(manager: &str, epoch: u64, wait: Duration) -> Result<ClusterMap, String> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(2))
+        .timeout(wait + Duration::from_secs(5))
+        .build();
+    let url = format!(
+        "{manager}/v1/map?after={epoch}&wait_ms={}",
+        wait.as_millis()
+    );
+    parse_map(agent.get(&url).call())
+}
+
+fn parse_map(r: Result<ureq::Response, ureq::Error>) -> Result<ClusterMap, String> {
+    let map: ClusterMap = r
         .map_err(|e| e.to_string())?
         .into_json()
         .map_err(|e| e.to_string())?;
@@ -872,17 +897,30 @@ fn publish_map(shared: &Shared, map: ClusterMap) {
     }
 }
 
+/// Follow the map by long polls: the manager answers as soon as it commits
+/// a newer epoch, so every daemon learns a failover within a round trip.
+/// Refresh requests (a peer or client showed a newer epoch) are answered by
+/// the poll in flight; after a failed fetch they start the next at once.
 fn map_follower(shared: Arc<Shared>, refresh_rx: mpsc::Receiver<()>) {
-    let agent = http();
+    let mut failed = false;
     loop {
         if shared.stopping.load(Ordering::Relaxed) {
             return;
         }
-        let _ = refresh_rx.recv_timeout(MAP_POLL_INTERVAL);
+        if failed {
+            let _ = refresh_rx.recv_timeout(MAP_RETRY_INTERVAL);
+        }
         while refresh_rx.try_recv().is_ok() {}
-        match fetch_map(&agent, &shared.config.manager) {
-            Ok(map) => publish_map(&shared, map),
-            Err(e) => tracing::debug!(error = %e, "map fetch failed"),
+        let epoch = shared.map().epoch;
+        match fetch_map_after(&shared.config.manager, epoch, MAP_LONG_POLL_WAIT) {
+            Ok(map) => {
+                failed = false;
+                publish_map(&shared, map);
+            }
+            Err(e) => {
+                failed = true;
+                tracing::debug!(error = %e, "map fetch failed");
+            }
         }
     }
 }

@@ -936,12 +936,35 @@ impl<D: Clone> Replicator<D> {
 
     /// The write set or member states changed under a continuing primary.
     fn refresh_primary(&mut self, pg: u32, me: u32) {
+        let tick = self.tick;
         let p = self.pgs.get_mut(&(pg, me)).expect("pg");
         let ws = p.view.write_set();
         let view = p.view.clone();
+        let (committed, trim) = (p.committed, p.trim);
         let pr = p.primary.as_mut().expect("primary");
         for op in pr.ops.values_mut() {
             op.waiting.retain(|m| ws.contains(m));
+            // What was sent under the old epoch is refused by members that
+            // have the new map, and lost by a member that restarted: send
+            // it again now rather than after RESEND_TICKS (a failover
+            // otherwise stalls writes for that long).
+            if op.reading || op.waiting.is_empty() {
+                continue;
+            }
+            op.sent_tick = tick;
+            for m in &op.waiting {
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: me,
+                    to: *m,
+                    epoch: view.epoch,
+                    body: Body::Replicate {
+                        update: op.update.clone(),
+                        committed,
+                        trim,
+                    },
+                }));
+            }
         }
         pr.peering.retain(|m| ws.contains(m));
         for r in pr.rounds.values_mut() {

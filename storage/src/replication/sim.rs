@@ -1171,7 +1171,11 @@ impl World {
                 };
                 let base_issued = base.map_or(0, |b| h.acked[b].1);
                 let allowed = base.is_some_and(|b| h.acked[b..].iter().any(|a| a.0 == v))
-                    || h.abandoned.iter().any(|(w, t)| *w == v && *t > base_issued)
+                    // With no acknowledged write to be newer than, any
+                    // abandoned one may stay (even one issued at time 0).
+                    || h.abandoned
+                        .iter()
+                        .any(|(w, t)| *w == v && (base.is_none() || *t > base_issued))
                     || (v == 0 && base.is_none());
                 if !allowed {
                     return Err(format!(
