@@ -421,6 +421,32 @@ impl StoragePeer {
     }
 }
 
+/// Read one chunk of `volume` from the copy on `disk` through the internal
+/// protocol (a read at a copy that is not the primary is served when the
+/// map says the copy is up to date).
+pub fn read_copy(c: &Cluster, volume: &str, chunk: u32, disk: u32) -> Vec<u8> {
+    use tessera_wire::{Header, Op, Status};
+    let m = cluster_map(c);
+    let v = m.volume_by_name(volume).expect("volume").clone();
+    let addr = m
+        .node(m.disk(disk).expect("disk").node_id)
+        .expect("node")
+        .addr
+        .clone();
+    let mut p = StoragePeer::connect(&addr, &m.cluster_id, m.epoch);
+    let len = (v.size_bytes - u64::from(chunk) * v.chunk_size_bytes).min(v.chunk_size_bytes);
+    let mut h = Header::request(Op::Read, 0, m.epoch);
+    h.volume_id = v.id;
+    h.chunk_index = chunk;
+    h.disk_id = disk;
+    h.length = len as u32;
+    let (r, data) = p.call(h, &[]);
+    assert_eq!(r.status, Status::Ok, "read chunk {chunk} from disk {disk}");
+    tessera_wire::header::open_payload(&data)
+        .expect("payload crc")
+        .to_vec()
+}
+
 /// Read every chunk of `volume` from every member of its group through the
 /// internal protocol and assert the copies are identical. Returns the
 /// chunks compared. (A copy whose read fails its CRC is repaired before it

@@ -158,7 +158,8 @@ fn read_back(c: &Cluster, dir: &Path, name: &str) -> Vec<u8> {
 
 // Proves that a checksum error found by a client read is repaired from
 // another copy and the client gets the correct data with no error (counted
-// in the repair metrics), and that a scrub finds and repairs corrupt blocks
+// in the repair metrics), at the primary (through NBD) and at another copy
+// (through the internal protocol), and that a scrub finds and repairs corrupt blocks
 // on other copies (primary's and replicas'), leaving every copy of every
 // chunk identical and readable without a checksum error.
 #[test]
@@ -221,9 +222,30 @@ fn read_repair_and_scrub() {
     );
     assert_eq!(settled(&c, "tessera_storage_repairs_total"), repairs1);
 
+    // 1b. Read repair at a copy that is not the primary (reads may be
+    // served by any up-to-date copy): the member asks the primary to
+    // rewrite its copy, then answers.
+    let (_, others1) = members(&c, "r", 1);
+    corrupt_tagged(&c, others1[0], &[CHUNK_BLOCKS + 200, CHUNK_BLOCKS + 201]);
+    let chunk_bytes = CHUNK_BLOCKS as usize * BLOCK;
+    let copy = read_copy(&c, "r", 1, others1[0]);
+    assert!(
+        copy == data[chunk_bytes..2 * chunk_bytes],
+        "the replica's read of chunk 1 differs"
+    );
+    let repairs1b = settled(&c, "tessera_storage_repairs_total");
+    println!(
+        "read repair at a replica (disk {}): repairs {repairs1} -> {repairs1b}",
+        others1[0]
+    );
+    assert!(repairs1b > repairs1, "the replica's read was not repaired");
+    assert!(
+        settled(&c, "tessera_storage_checksum_errors_total") > ck1,
+        "the replica's corrupted blocks were not read"
+    );
+
     // 2. Scrub: garbage under a replica of chunk 0, a replica of chunk 1
     // and the primary of chunk 2 (not read by anyone before the scrub).
-    let (_, others1) = members(&c, "r", 1);
     let (p2, _) = members(&c, "r", 2);
     corrupt_tagged(&c, others0[0], &[10, 11]);
     corrupt_tagged(&c, others1[1], &[CHUNK_BLOCKS + 500]);
@@ -242,6 +264,8 @@ fn read_repair_and_scrub() {
     println!("scrub: {s}");
     assert_eq!(s["scrub_daemons_done"], s["daemons_up"], "{s}");
     assert_eq!(s["unrepairable"], 0, "{s}");
+    // Every 64 KiB region of the 16 MiB volume compared once (all written).
+    assert_eq!(s["scrub_regions"], VOLUME_BYTES / 65536, "{s}");
     // Four 64 KiB regions hold a corrupt copy (10 and 11 share one).
     let found = storage_metric(&c, "tessera_storage_scrub_errors_total") - errors0;
     assert!(

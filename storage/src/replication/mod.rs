@@ -2302,7 +2302,10 @@ impl<D: Clone> Replicator<D> {
         pr.repairs = keep;
         let mut scrub_done = false;
         if let Some(sc) = pr.scrub.as_mut() {
-            while sc.inflight < SCRUB_INFLIGHT_MAX && self.scrub_budget > 0 {
+            // Only once every copy's list is in: a region compared before a
+            // late list names it again would be compared twice.
+            while sc.listing.is_empty() && sc.inflight < SCRUB_INFLIGHT_MAX && self.scrub_budget > 0
+            {
                 // Not a region peering or recovery is about to overwrite:
                 // its copies may legitimately differ until then (a change
                 // of the old primary that reached some members only).
