@@ -371,6 +371,7 @@ impl Manager {
         Ok(HeartbeatResponse {
             epoch: inner.catalog.epoch,
             scrub_generation: inner.scrub_generation,
+            grace_ms: self.grace.as_millis() as u64,
         })
     }
 

@@ -747,8 +747,44 @@ impl Metrics {
 
 // ---- manager client ------------------------------------------------------
 
+/// A read lease (docs/replication.md, "Read leases"): a copy of a
+/// replicated group serves reads only while the manager cannot yet have
+/// declared this daemon down and published a map in which another copy
+/// took its place, i.e. before `until`, and only once its map is at least
+/// the epoch the manager answered the renewing heartbeat with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lease {
+    pub until: Option<Instant>,
+    pub epoch: u64,
+}
+
+/// Part of the manager's grace a lease lasts, counted from when the
+/// renewing heartbeat was sent: the rest absorbs clock-rate differences
+/// and scheduling delays between the two processes.
+const LEASE_GRACE_NUM: u32 = 3;
+const LEASE_GRACE_DEN: u32 = 4;
+
+impl Lease {
+    /// The lease a heartbeat sent at `sent` and answered `(epoch, grace)`
+    /// gives: the manager received it after `sent`, and declares the daemon
+    /// down no sooner than `grace` after the last heartbeat it received.
+    pub fn renewed(sent: Instant, epoch: u64, grace: Duration) -> Lease {
+        Lease {
+            until: Some(sent + grace * LEASE_GRACE_NUM / LEASE_GRACE_DEN),
+            epoch,
+        }
+    }
+
+    /// Whether reads may be served at `now` under a map of `map_epoch`.
+    pub fn allows(&self, now: Instant, map_epoch: u64) -> bool {
+        self.until.is_some_and(|u| now < u) && map_epoch >= self.epoch
+    }
+}
+
 struct Shared {
     config: Config,
+    /// The read lease of replicated groups, renewed by heartbeats.
+    lease: Mutex<Lease>,
     map: RwLock<Arc<ClusterMap>>,
     epoch_tx: watch::Sender<u64>,
     refresh_tx: Mutex<mpsc::Sender<()>>,
@@ -976,6 +1012,7 @@ fn heartbeat_loop(shared: Arc<Shared>) {
                 .collect(),
         };
         let node = *shared.node_id.lock().expect("node id");
+        let sent = Instant::now();
         let r = agent
             .post(&format!(
                 "{}/v1/nodes/{node}/heartbeat",
@@ -988,6 +1025,14 @@ fn heartbeat_loop(shared: Arc<Shared>) {
                     shared
                         .scrub_requested
                         .fetch_max(hb.scrub_generation, Ordering::Relaxed);
+                    if hb.grace_ms > 0 {
+                        let l = Lease::renewed(sent, hb.epoch, Duration::from_millis(hb.grace_ms));
+                        *shared.lease.lock().expect("lease") = l;
+                        if shared.map().epoch < hb.epoch {
+                            // The lease needs that map: fetch it now.
+                            let _ = shared.refresh_tx.lock().expect("refresh").send(());
+                        }
+                    }
                 }
             }
             Err(ureq::Error::Status(404, _)) => {
@@ -1397,6 +1442,19 @@ async fn admit(shared: &Shared, h: &Header, payload: Vec<u8>) -> Result<Admitted
         if !ok {
             return Err(Status::WrongDisk);
         }
+        // A read must not come from a copy the manager may already have
+        // replaced (a daemon cut off from the manager, or hung, then back
+        // before it learnt of the new map): only under a valid lease. The
+        // gateway backs off and retries, and by then has the new map.
+        if !changes
+            && !shared
+                .lease
+                .lock()
+                .expect("lease")
+                .allows(Instant::now(), map.epoch)
+        {
+            return Err(Status::Busy);
+        }
         let extent = repl::Extent {
             volume_id: h.volume_id,
             chunk_index: h.chunk_index,
@@ -1557,6 +1615,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         repl: Mutex::new(None),
         scrub_state: Mutex::new(ScrubReport::default()),
         scrub_requested: std::sync::atomic::AtomicU64::new(0),
+        lease: Mutex::new(Lease::default()),
     });
     let resp = register(&agent, &shared)
         .map_err(|e| Fatal::env(format!("registration with the manager failed: {e}")))?;
@@ -1685,6 +1744,21 @@ pub fn run(config: Config) -> Result<(), Fatal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Proves a read lease lasts three quarters of the grace from the
+    // heartbeat's sending, never longer, and needs the answered epoch's map.
+    #[test]
+    fn read_lease() {
+        let t0 = Instant::now();
+        let grace = Duration::from_millis(2000);
+        assert!(!Lease::default().allows(t0, 100), "no heartbeat yet: no lease");
+        let l = Lease::renewed(t0, 7, grace);
+        assert!(l.allows(t0, 7));
+        assert!(l.allows(t0 + Duration::from_millis(1499), 8));
+        assert!(!l.allows(t0 + Duration::from_millis(1500), 7), "expired");
+        assert!(!l.allows(t0 + grace, 7));
+        assert!(!l.allows(t0, 6), "map older than the manager's answer");
+    }
 
     // Proves --disk parsing accepts PATH and PATH,size=SIZE and rejects the rest.
     #[test]

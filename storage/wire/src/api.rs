@@ -98,6 +98,11 @@ pub struct HeartbeatResponse {
     /// it scrubs every group it leads.
     #[serde(default)]
     pub scrub_generation: u64,
+    /// The manager's heartbeat grace: it declares this daemon down only
+    /// after this long without a heartbeat, which bounds the daemon's read
+    /// lease (0: an older manager; no lease).
+    #[serde(default)]
+    pub grace_ms: u64,
 }
 
 /// `POST /v1/volumes`.
