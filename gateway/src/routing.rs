@@ -165,11 +165,48 @@ impl Router {
                     "unplaced"
                 }
                 Target::Send { addr, header } => {
+                    let disk_id = header.disk_id;
                     let attempt = async {
                         let conn = self.pool.get(&addr, map.epoch).await?;
                         conn.call(header, payload.clone()).await
                     };
-                    match tokio::time::timeout_at(deadline, attempt).await {
+                    let attempt = tokio::time::timeout_at(deadline, attempt);
+                    tokio::pin!(attempt);
+                    // A daemon that hangs (stopped, partitioned) never
+                    // answers and its connection does not break: when a
+                    // newer map sends this request elsewhere, abandon the
+                    // attempt and retry there (a resent write is safe: the
+                    // old primary is fenced by the new epoch).
+                    let mut seen = map.epoch;
+                    let outcome = loop {
+                        tokio::select! {
+                            r = &mut attempt => break Some(r),
+                            newer = self.maps.wait_newer(seen, deadline.saturating_duration_since(Instant::now())) => {
+                                let now = self.maps.current();
+                                seen = now.epoch;
+                                let same = matches!(
+                                    target(&now),
+                                    Target::Send { addr: ref a, header: ref h } if *a == addr && h.disk_id == disk_id
+                                );
+                                if newer && !same {
+                                    break None;
+                                }
+                                if !newer {
+                                    // The deadline passed: the attempt's own timeout answers.
+                                    break Some((&mut attempt).await);
+                                }
+                            }
+                        }
+                    };
+                    let Some(outcome) = outcome else {
+                        self.metrics
+                            .storage_retries
+                            .with_label_values(&["moved"])
+                            .inc();
+                        backoff = Duration::from_millis(BACKOFF_MIN_MS);
+                        continue;
+                    };
+                    match outcome {
                         Err(_) => return Err(VolumeError::Timeout),
                         Ok(Err(ConnError::Refused)) => return Err(VolumeError::Io),
                         Ok(Err(e)) => {
