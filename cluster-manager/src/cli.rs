@@ -450,8 +450,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 println!("volumes   {}", s.volumes);
                 println!("pgs       {} ({} assigned)", s.pgs_total, s.pgs_assigned);
                 println!(
-                    "          {} clean, {} degraded, {} recovering, {} scrubbing",
-                    s.pgs_clean, s.pgs_degraded, s.pgs_recovering, s.pgs_scrubbing
+                    "          {} clean, {} degraded, {} recovering ({} backfilling), {} scrubbing",
+                    s.pgs_clean,
+                    s.pgs_degraded,
+                    s.pgs_recovering,
+                    s.pgs_backfilling,
+                    s.pgs_scrubbing
                 );
                 let last = if s.scrub_generation == 0 {
                     "none requested".to_string()
@@ -465,6 +469,18 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     "scrub     {last}; {} group scrubs, {} regions, {} bad copies found, {} repaired, {} unrepairable",
                     s.scrubs, s.scrub_regions, s.scrub_errors, s.repairs, s.unrepairable
                 );
+                if s.disks_out > 0 {
+                    println!("          {} disk(s) out", s.disks_out);
+                }
+                if s.recovery_remaining_bytes > 0 || s.recovery_bytes_per_sec > 0 {
+                    println!(
+                        "recovery  {}% ({} of {}), {}/s",
+                        s.recovery_percent,
+                        format_size(s.recovery_done_bytes),
+                        format_size(s.recovery_done_bytes + s.recovery_remaining_bytes),
+                        format_size(s.recovery_bytes_per_sec)
+                    );
+                }
                 println!(
                     "capacity  {} used of {}",
                     format_size(s.used_bytes),
@@ -524,7 +540,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                             vec![
                                 d.id.to_string(),
                                 d.node_id.to_string(),
-                                if d.up { "up" } else { "down" }.into(),
+                                match (d.up, d.out) {
+                                    (true, _) => "up",
+                                    (false, true) => "down,out",
+                                    (false, false) => "down",
+                                }
+                                .into(),
                                 format_size(d.capacity_bytes),
                                 format_size(d.used_bytes),
                                 d.checksum_errors.to_string(),

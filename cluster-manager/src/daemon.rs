@@ -38,6 +38,9 @@ pub struct Config {
     /// Used only when the cluster is created; the catalogue's wins after.
     pub pg_count: u32,
     pub heartbeat_grace: Duration,
+    /// A disk down longer than this is taken out and its placement groups
+    /// are re-placed and backfilled elsewhere.
+    pub down_out_after: Duration,
     /// The default pool's policy; used only when the cluster is created.
     pub replicas: u32,
     pub min_replicas: u32,
@@ -142,6 +145,23 @@ pub struct Status {
     pub repairs: u64,
     #[serde(default)]
     pub unrepairable: u64,
+    /// Recovering groups filling a new member (after a disk was taken out).
+    #[serde(default)]
+    pub pgs_backfilling: u32,
+    /// Disks taken out of placement (down past `--down-out-after`).
+    #[serde(default)]
+    pub disks_out: u32,
+    /// Recoveries under way, summed over the primaries' last heartbeats:
+    /// bytes pushed so far, bytes known still to push, their ratio in
+    /// percent (100 when nothing is under way) and the push rate.
+    #[serde(default)]
+    pub recovery_done_bytes: u64,
+    #[serde(default)]
+    pub recovery_remaining_bytes: u64,
+    #[serde(default)]
+    pub recovery_percent: u32,
+    #[serde(default)]
+    pub recovery_bytes_per_sec: u64,
 }
 
 pub struct Manager {
@@ -150,6 +170,7 @@ pub struct Manager {
     /// Notified (with `inner`) at every new epoch: wakes map long-polls.
     epoch_changed: Condvar,
     grace: Duration,
+    down_out_after: Duration,
 }
 
 struct Inner {
@@ -230,6 +251,7 @@ impl Manager {
                 scrub_generation: 0,
             }),
             grace: config.heartbeat_grace,
+            down_out_after: config.down_out_after,
         })
     }
 
@@ -322,6 +344,16 @@ impl Manager {
             let c = &mut inner.catalog;
             if let Some(d) = c.disks.iter_mut().find(|d| d.id == a.disk_id) {
                 d.incarnation += 1;
+                if d.out {
+                    // Back, but not in the groups it lost: they were
+                    // re-placed. It may receive new copies (as a backfill
+                    // member); its old data is garbage.
+                    d.out = false;
+                    tracing::info!(
+                        disk = d.id,
+                        "disk taken out earlier is back: in again, holding no group"
+                    );
+                }
             }
             let pgs = c.pgs.clone();
             outdated |= tessera_wire::map::outdate_disk(&pgs, &mut c.pg_states, a.disk_id);
@@ -352,6 +384,16 @@ impl Manager {
         node_id: u32,
         req: HeartbeatRequest,
     ) -> Result<HeartbeatResponse, ApiError> {
+        self.heartbeat_at(node_id, req, Instant::now())
+    }
+
+    /// A heartbeat received at `now` (tests pass their own clock).
+    pub fn heartbeat_at(
+        &self,
+        node_id: u32,
+        req: HeartbeatRequest,
+        now: Instant,
+    ) -> Result<HeartbeatResponse, ApiError> {
         let mut inner = self.lock();
         if !inner.catalog.nodes.iter().any(|n| n.id == node_id) {
             return Err(ApiError::new(
@@ -361,11 +403,30 @@ impl Manager {
         }
         let before = inner.catalog.clone();
         let live = inner.live.entry(node_id).or_insert_with(Live::assumed_up);
-        live.last_heartbeat = Some(Instant::now());
+        if let (Some(t), Some(u)) = (live.last_heartbeat, &live.usage) {
+            live.recovery_rate =
+                health::rate((t, u.recovery.bytes_total), (now, req.recovery.bytes_total));
+        }
+        live.last_heartbeat = Some(now);
         live.usage = Some(req);
         if !live.up {
             live.up = true;
+            live.down_since = None;
             tracing::info!(node_id, "node is up again");
+            for d in inner
+                .catalog
+                .disks
+                .iter_mut()
+                .filter(|d| d.node_id == node_id)
+            {
+                if d.out {
+                    d.out = false;
+                    tracing::info!(
+                        disk = d.id,
+                        "disk taken out earlier is back: in again, holding no group"
+                    );
+                }
+            }
             self.commit(&mut inner, before)?;
         }
         Ok(HeartbeatResponse {
@@ -387,16 +448,19 @@ impl Manager {
         inner.scrub_generation
     }
 
-    /// Apply the health policy at `now`; one new epoch for all changes.
+    /// Apply the health policy at `now`: nodes silent past the grace go
+    /// down (their copies outdated), disks down past `--down-out-after` are
+    /// taken out (their groups re-placed), short groups get a backfill
+    /// member where a disk is eligible. One new epoch for all changes.
     pub fn check_health(&self, now: Instant) {
         let mut inner = self.lock();
         let changes = health::transitions(&inner.live, inner.started, now, self.grace);
-        if changes.is_empty() {
-            return;
-        }
         let before = inner.catalog.clone();
+        let mut changed = !changes.is_empty();
         for (id, up) in &changes {
-            inner.live.get_mut(id).expect("live").up = *up;
+            let live = inner.live.get_mut(id).expect("live");
+            live.up = *up;
+            live.down_since = (!*up).then_some(now);
             if *up {
                 tracing::info!(node_id = id, "node is up");
             } else {
@@ -416,11 +480,49 @@ impl Manager {
                 }
             }
         }
+        {
+            let Inner { catalog, live, .. } = &mut *inner;
+            let up = |n: u32| live.get(&n).is_some_and(|l| l.up);
+            let due: Vec<u32> = catalog
+                .disks
+                .iter()
+                .filter(|d| {
+                    !d.out
+                        && live.get(&d.node_id).is_some_and(|l| {
+                            !l.up && health::due_out(l.down_since, now, self.down_out_after)
+                        })
+                })
+                .map(|d| d.id)
+                .collect();
+            for d in due {
+                let moved = map::take_out(catalog, d, up);
+                tracing::warn!(
+                    disk = d,
+                    after = ?self.down_out_after,
+                    groups = moved.len(),
+                    "disk down too long: out; its placement groups are re-placed and backfilled"
+                );
+                changed = true;
+            }
+            let topped = map::top_up(catalog, up);
+            if !topped.is_empty() {
+                tracing::info!(
+                    groups = topped.len(),
+                    "short placement groups get a backfill member"
+                );
+                changed = true;
+            }
+        }
+        if !changed {
+            return;
+        }
         if self.commit(&mut inner, before.clone()).is_err() {
             // Retried at the next check: the states did not change on disk.
             inner.catalog = before;
             for (id, up) in changes {
-                inner.live.get_mut(&id).expect("live").up = !up;
+                let live = inner.live.get_mut(&id).expect("live");
+                live.up = !up;
+                live.down_since = None;
             }
         }
     }
@@ -581,6 +683,7 @@ impl Manager {
                     used_bytes: usage.map_or(0, |u| u.used_bytes),
                     checksum_errors: usage.map_or(0, |u| u.checksum_errors),
                     up: inner.up(d.node_id),
+                    out: d.out,
                 }
             })
             .collect()
@@ -602,6 +705,17 @@ impl Manager {
         let sum = |f: fn(&tessera_wire::api::ScrubReport) -> u64| -> u64 {
             reports.iter().map(|r| f(r)).sum()
         };
+        let progress = inner
+            .live
+            .values()
+            .filter(|l| l.up)
+            .filter_map(|l| l.usage.as_ref().map(|u| (&u.recovery, l.recovery_rate)));
+        let (mut done, mut remaining, mut rate) = (0u64, 0u64, 0u64);
+        for (p, r) in progress {
+            done += p.done_bytes;
+            remaining += p.remaining_bytes;
+            rate += r;
+        }
         Status {
             scrub_generation: inner.scrub_generation,
             scrub_daemons_done: reports
@@ -614,6 +728,15 @@ impl Manager {
             scrub_errors: sum(|r| r.errors),
             repairs: sum(|r| r.repairs),
             unrepairable: sum(|r| r.unrepairable),
+            pgs_backfilling: h.backfilling,
+            disks_out: c.disks.iter().filter(|d| d.out).count() as u32,
+            recovery_done_bytes: done,
+            recovery_remaining_bytes: remaining,
+            // Nothing known to push: done, or still listing regions.
+            recovery_percent: (done * 100)
+                .checked_div(done + remaining)
+                .map_or(if h.recovering > 0 { 0 } else { 100 }, |p| p as u32),
+            recovery_bytes_per_sec: rate,
             daemons_up: nodes_up,
             daemons_down: c.nodes.len() as u32 - nodes_up,
             pgs_clean: h.clean,
@@ -720,6 +843,7 @@ mod tests {
             data_dir: dir.to_path_buf(),
             pg_count: 16,
             heartbeat_grace: grace,
+            down_out_after: Duration::from_secs(600),
             replicas: 1,
             min_replicas: 1,
             failure_domain: tessera_wire::map::FailureDomain::Host,
@@ -790,6 +914,7 @@ mod tests {
         assert_eq!(down.epoch, e0 + 1);
         assert_eq!(m.status().nodes_down, 1);
         let hb = || HeartbeatRequest {
+            recovery: Default::default(),
             disks: vec![],
             volumes: vec![],
             scrub: Default::default(),
@@ -856,6 +981,100 @@ mod tests {
             assert!((16..48).contains(&map.pg_for(v.id, c).unwrap()));
         }
         assert_eq!(m.pools().len(), 2);
+        drop(m);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    // Proves the rebuild policy end to end in the manager: a node silent
+    // past the grace is down, its disk is taken out once down for
+    // --down-out-after, every group that held it gets a backfill member on
+    // another node (never two copies per node), status counts the groups
+    // backfilling, and the disk, once heard from again, is in but holds no
+    // group.
+    #[test]
+    fn down_out_replaces_copies() {
+        let dir = temp("downout");
+        let mut cfg = config(&dir, Duration::from_secs(2));
+        cfg.down_out_after = Duration::from_secs(2);
+        let m = Manager::open(&cfg).unwrap();
+        m.create_pool(CreatePoolRequest {
+            name: "triple".into(),
+            replicas: 3,
+            min_replicas: None,
+            failure_domain: None,
+            chunk_size_bytes: None,
+            pg_count: Some(32),
+        })
+        .unwrap();
+        let nodes: Vec<RegisterResponse> = ["n1", "n2", "n3", "n4"]
+            .iter()
+            .map(|n| reg(&m, n))
+            .collect();
+        m.create_volume(CreateVolumeRequest {
+            name: "v".into(),
+            size_bytes: 1 << 30,
+            block_size: None,
+            pool: Some("triple".into()),
+        })
+        .unwrap();
+        let gone = nodes[0].disks[0].disk_id;
+        let before = m.map();
+        let held = before.pgs.iter().filter(|s| s.contains(&gone)).count() as u32;
+        assert!(held > 0);
+        let t0 = Instant::now();
+        let hb = || HeartbeatRequest {
+            recovery: Default::default(),
+            scrub: Default::default(),
+            disks: vec![],
+            volumes: vec![],
+        };
+        let beat = |at: Duration| {
+            for n in &nodes[1..] {
+                m.heartbeat_at(n.node_id, hb(), t0 + at).unwrap();
+            }
+        };
+        beat(Duration::from_millis(2500));
+        m.check_health(t0 + Duration::from_secs(3));
+        assert_eq!(m.status().daemons_down, 1);
+        assert_eq!(m.status().disks_out, 0);
+        let down = m.map();
+        beat(Duration::from_millis(4500));
+        m.check_health(t0 + Duration::from_millis(4900));
+        assert_eq!(m.status().disks_out, 0, "not yet: down for 1.9 s");
+        m.check_health(t0 + Duration::from_secs(5));
+        let after = m.map();
+        after.validate().unwrap();
+        assert!(after.disk(gone).unwrap().out);
+        let s = m.status();
+        assert_eq!((s.disks_out, s.pgs_backfilling), (1, held));
+        for (pg, set) in after.pgs.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
+            assert!(!set.contains(&gone), "pg {pg}: {set:?}");
+            assert_eq!(set.len(), 3);
+            let mut ns: Vec<u32> = set
+                .iter()
+                .map(|d| after.disk(*d).unwrap().node_id)
+                .collect();
+            ns.sort();
+            ns.dedup();
+            assert_eq!(ns.len(), 3);
+            if before.pgs[pg].contains(&gone) {
+                assert_eq!(
+                    after.pg_states[pg][2],
+                    tessera_wire::map::CopyState::Backfill
+                );
+                assert_eq!(after.primary(pg as u32), down.primary(pg as u32));
+            } else {
+                assert_eq!(set, &before.pgs[pg]);
+            }
+        }
+        // Back: in again, no group regained.
+        m.heartbeat_at(nodes[0].node_id, hb(), t0 + Duration::from_secs(6))
+            .unwrap();
+        let back = m.map();
+        assert!(!back.disk(gone).unwrap().out);
+        assert!(back.disk(gone).unwrap().up);
+        assert!(back.pgs.iter().all(|s| !s.contains(&gone)));
+        assert_eq!(back.pgs, after.pgs);
         drop(m);
         std::fs::remove_dir_all(dir).ok();
     }

@@ -18,15 +18,18 @@ pub struct Live {
     pub up: bool,
     /// The node's latest heartbeat: disk usage and per-volume allocation.
     pub usage: Option<HeartbeatRequest>,
+    /// When it was declared down (the clock of `--down-out-after`).
+    pub down_since: Option<Instant>,
+    /// Recovery bytes pushed per second, from its last two heartbeats.
+    pub recovery_rate: u64,
 }
 
 impl Live {
     /// A node known from the catalogue but not heard from yet.
     pub fn assumed_up() -> Live {
         Live {
-            last_heartbeat: None,
             up: true,
-            usage: None,
+            ..Live::default()
         }
     }
 }
@@ -35,6 +38,21 @@ impl Live {
 pub fn is_up(live: &Live, started: Instant, now: Instant, grace: Duration) -> bool {
     let last = live.last_heartbeat.unwrap_or(started);
     now.saturating_duration_since(last) < grace
+}
+
+/// Whether a node down since `down_since` is due to be taken out at `now`.
+pub fn due_out(down_since: Option<Instant>, now: Instant, down_out_after: Duration) -> bool {
+    down_since.is_some_and(|t| now.saturating_duration_since(t) >= down_out_after)
+}
+
+/// Bytes per second between two samples of a byte counter (0 if the
+/// counter went back: the daemon restarted).
+pub fn rate(prev: (Instant, u64), now: (Instant, u64)) -> u64 {
+    let dt = now.0.saturating_duration_since(prev.0).as_secs_f64();
+    if dt <= 0.0 || now.1 < prev.1 {
+        return 0;
+    }
+    ((now.1 - prev.1) as f64 / dt) as u64
 }
 
 /// The nodes whose state changes at `now`, in id order: (node id, up).
@@ -69,7 +87,7 @@ mod tests {
             Live {
                 last_heartbeat: Some(t0 + Duration::from_secs(4)),
                 up: true,
-                usage: None,
+                ..Live::default()
             },
         );
         live.insert(
@@ -77,7 +95,7 @@ mod tests {
             Live {
                 last_heartbeat: Some(t0),
                 up: false,
-                usage: None,
+                ..Live::default()
             },
         );
         assert_eq!(transitions(&live, t0, t0, g), vec![(3, true)]);
@@ -89,5 +107,19 @@ mod tests {
             transitions(&live, t0, t0 + Duration::from_secs(9), g),
             vec![(1, false), (2, false)]
         );
+    }
+
+    // Proves the down-out clock and the recovery rate arithmetic.
+    #[test]
+    fn down_out_and_rate() {
+        let t0 = Instant::now();
+        let after = Duration::from_secs(3);
+        assert!(!due_out(None, t0 + after, after));
+        assert!(!due_out(Some(t0), t0 + Duration::from_secs(2), after));
+        assert!(due_out(Some(t0), t0 + after, after));
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(rate((t0, 100), (t1, 1100)), 2000);
+        assert_eq!(rate((t0, 100), (t1, 50)), 0);
+        assert_eq!(rate((t0, 100), (t0, 200)), 0);
     }
 }

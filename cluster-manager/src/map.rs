@@ -5,8 +5,9 @@
 //!
 //! Pools own contiguous placement-group ranges; a pool's groups are filled
 //! when a volume is first created in it and some group is still empty (see
-//! [`crate::placement`]); they never move afterwards (moving needs a
-//! backfill, which is not built yet).
+//! [`crate::placement`]). A group moves only when one of its disks is taken
+//! out ([`take_out`]: the departed copy is replaced by a backfill member)
+//! or it is short of copies ([`top_up`]).
 //! Nothing here persists or bumps the epoch: the daemon does both after any
 //! change these functions report.
 
@@ -319,6 +320,7 @@ pub fn build(c: &Catalog, up: impl Fn(u32) -> bool) -> ClusterMap {
                 capacity_bytes: d.capacity_bytes,
                 up: up(d.node_id),
                 incarnation: d.incarnation,
+                out: d.out,
             })
             .collect(),
         pgs: c.pgs.clone(),
@@ -391,6 +393,8 @@ pub struct PgHealth {
     pub clean: u32,
     pub degraded: u32,
     pub recovering: u32,
+    /// Recovering groups with a new member being filled (re-placement).
+    pub backfilling: u32,
 }
 
 pub fn pg_health(map: &ClusterMap) -> PgHealth {
@@ -417,6 +421,11 @@ pub fn pg_health(map: &ClusterMap) -> PgHealth {
             .enumerate()
             .any(|(i, d)| up(d) && map.copy_state(pg, i) != CopyState::UpToDate);
         h.recovering += u32::from(recovering);
+        let backfilling = set
+            .iter()
+            .enumerate()
+            .any(|(i, d)| up(d) && map.copy_state(pg, i) == CopyState::Backfill);
+        h.backfilling += u32::from(backfilling);
     }
     h
 }
@@ -459,11 +468,18 @@ pub fn copies(map: &ClusterMap, v: &VolumeEntry) -> Vec<tessera_wire::api::CopyI
         .collect()
 }
 
-/// Disks eligible for new placement groups: those whose node is up.
+/// Disks eligible for new placement groups: those whose node is up and
+/// that are not out.
 pub fn up_disks(c: &Catalog, up: impl Fn(u32) -> bool) -> Vec<Candidate> {
+    let mut v = all_disks(c);
+    v.retain(|d| up(d.node_id) && !c.disks.iter().any(|x| x.id == d.disk_id && x.out));
+    v
+}
+
+/// Every disk of the catalogue as a placement candidate.
+fn all_disks(c: &Catalog) -> Vec<Candidate> {
     c.disks
         .iter()
-        .filter(|d| up(d.node_id))
         .map(|d| {
             let node = c.nodes.iter().find(|n| n.id == d.node_id);
             let label =
@@ -477,6 +493,75 @@ pub fn up_disks(c: &Catalog, up: impl Fn(u32) -> bool) -> Vec<Candidate> {
                 host: label(|n| &n.host),
             }
         })
+        .collect()
+}
+
+/// Take `disk` out of placement: in every group holding it, its copy is
+/// replaced by the disk straw2 placement picks next among the disks that
+/// are up and in (a `Backfill` member, filled by the group's primary), in
+/// a failure domain no other member uses. Groups whose last up-to-date
+/// copy is on `disk` keep it (see [`tessera_wire::map::take_out`]).
+/// Returns the groups that changed.
+pub fn take_out(c: &mut Catalog, disk: u32, up: impl Fn(u32) -> bool) -> Vec<u32> {
+    let Some(d) = c.disks.iter_mut().find(|d| d.id == disk) else {
+        return Vec::new();
+    };
+    d.out = true;
+    let eligible = eligible_disks(c, &up);
+    let all = all_disks(c);
+    let mut changed = Vec::new();
+    for pool in c.pools.clone() {
+        let placer = Placer::new(&all, pool.failure_domain);
+        let range = pool.pg_base as usize..(pool.pg_base + pool.pg_count) as usize;
+        let base = pool.pg_base;
+        let moved = tessera_wire::map::take_out(
+            &mut c.pgs[range.clone()],
+            &mut c.pg_states[range],
+            disk,
+            |pg, members| placer.replacement(base + pg, members, |d| eligible.contains(&d)),
+        );
+        changed.extend(moved.into_iter().map(|pg| pg + base));
+    }
+    changed
+}
+
+/// Add a `Backfill` member to every placed group that has fewer members
+/// than its pool's copies (a disk was taken out when no replacement was
+/// eligible) and still has an up-to-date copy to fill it from, when an
+/// eligible disk exists now. Returns the groups that changed.
+pub fn top_up(c: &mut Catalog, up: impl Fn(u32) -> bool) -> Vec<u32> {
+    let eligible = eligible_disks(c, &up);
+    if eligible.is_empty() {
+        return Vec::new();
+    }
+    let all = all_disks(c);
+    let mut changed = Vec::new();
+    for pool in c.pools.clone() {
+        let placer = Placer::new(&all, pool.failure_domain);
+        for pg in pool.pg_base..pool.pg_base + pool.pg_count {
+            let (set, st) = (&mut c.pgs[pg as usize], &mut c.pg_states[pg as usize]);
+            if set.is_empty()
+                || set.len() >= pool.replicas as usize
+                || !st.contains(&CopyState::UpToDate)
+            {
+                continue;
+            }
+            if let Some(new) = placer.replacement(pg, set, |d| eligible.contains(&d)) {
+                set.push(new);
+                st.push(CopyState::Backfill);
+                changed.push(pg);
+            }
+        }
+    }
+    changed
+}
+
+/// Ids of the disks that may receive a copy: up and not out.
+fn eligible_disks(c: &Catalog, up: &impl Fn(u32) -> bool) -> Vec<u32> {
+    c.disks
+        .iter()
+        .filter(|d| !d.out && up(d.node_id) && d.capacity_bytes > 0)
+        .map(|d| d.id)
         .collect()
 }
 
@@ -509,6 +594,104 @@ mod tests {
             .unwrap();
         }
         c
+    }
+
+    /// A catalogue of `n` one-disk nodes with a three-copy default pool.
+    fn triple(n: u32, pg_count: u32) -> Catalog {
+        let mut c =
+            Catalog::with_default_pool(pg_count, 3, 2, tessera_wire::map::FailureDomain::Host);
+        for i in 1..=n {
+            register_node(&mut c, &format!("n{i}"));
+        }
+        c
+    }
+
+    fn register_node(c: &mut Catalog, name: &str) {
+        crate::membership::register(
+            c,
+            &tessera_wire::api::RegisterRequest {
+                node_uuid: name.into(),
+                addr: format!("{name}:1"),
+                metrics_addr: None,
+                pid: 1,
+                host: String::new(),
+                zone: String::new(),
+                rack: String::new(),
+                disks: vec![tessera_wire::api::DiskRegistration {
+                    uuid: format!("{name}-d"),
+                    path: "/x".into(),
+                    capacity_bytes: 1 << 30,
+                }],
+            },
+        )
+        .unwrap();
+    }
+
+    // Proves taking a disk out moves only the groups that held it, each to
+    // a disk that is up and in, as a backfill member at the end of the set,
+    // never two copies on one node; and that a group left short (no
+    // eligible disk) is topped up once a disk is available again.
+    #[test]
+    fn take_out_and_top_up() {
+        let mut c = triple(4, 64);
+        let all = up_disks(&c, |_| true);
+        create_volume(
+            &mut c,
+            &CreateVolumeRequest {
+                name: "v".into(),
+                size_bytes: 1 << 30,
+                block_size: None,
+                pool: None,
+            },
+            &all,
+        )
+        .unwrap();
+        let before = c.pgs.clone();
+        let changed = take_out(&mut c, 1, |n| n != 1);
+        assert!(c.disks[0].out);
+        let held: Vec<u32> = (0..64)
+            .filter(|pg| before[*pg as usize].contains(&1))
+            .collect();
+        assert_eq!(changed, held);
+        for (pg, was) in before.iter().enumerate() {
+            if !was.contains(&1) {
+                assert_eq!(&c.pgs[pg], was);
+                continue;
+            }
+            let kept: Vec<u32> = was.iter().copied().filter(|d| *d != 1).collect();
+            assert_eq!(c.pgs[pg][..2], kept[..]);
+            assert_eq!(c.pgs[pg].len(), 3);
+            assert!(!c.pgs[pg].contains(&1));
+            assert_eq!(c.pg_states[pg][2], CopyState::Backfill);
+        }
+        build(&c, |_| true).validate().unwrap();
+        let h = pg_health(&build(&c, |n| n != 1));
+        assert_eq!(h.backfilling, held.len() as u32);
+        // Out disks are not candidates for new groups.
+        assert!(up_disks(&c, |_| true).iter().all(|d| d.disk_id != 1));
+
+        // Three nodes: nothing eligible, the groups shrink; a fourth node
+        // arriving tops them up.
+        let mut c = triple(3, 16);
+        let all = up_disks(&c, |_| true);
+        create_volume(
+            &mut c,
+            &CreateVolumeRequest {
+                name: "v".into(),
+                size_bytes: 1 << 30,
+                block_size: None,
+                pool: None,
+            },
+            &all,
+        )
+        .unwrap();
+        assert_eq!(take_out(&mut c, 2, |n| n != 2).len(), 16);
+        assert!(c.pgs.iter().all(|s| s.len() == 2));
+        assert!(top_up(&mut c, |n| n != 2).is_empty());
+        register_node(&mut c, "n4");
+        assert_eq!(top_up(&mut c, |n| n != 2).len(), 16);
+        assert!(c.pgs.iter().all(|s| s.len() == 3 && s[2] == 4));
+        assert!(top_up(&mut c, |n| n != 2).is_empty());
     }
 
     fn disks() -> Vec<Candidate> {
@@ -606,6 +789,7 @@ mod tests {
         create(&mut c, "a", 1 << 30, None).unwrap();
         let map = build(&c, |_| true);
         let hb = |n| HeartbeatRequest {
+            recovery: Default::default(),
             disks: vec![],
             volumes: vec![
                 VolumeUsage {

@@ -110,6 +110,7 @@ pub fn register(c: &mut Catalog, req: &RegisterRequest) -> Result<Registered, Er
                     path: d.path.clone(),
                     capacity_bytes: d.capacity_bytes,
                     incarnation: 0,
+                    out: false,
                 });
                 id
             }

@@ -120,6 +120,35 @@ impl Placer {
     }
 }
 
+impl Placer {
+    /// The disk that joins group `pg` in place of a member taken out: the
+    /// highest draw among `eligible` disks that are not `members` and whose
+    /// failure domain no member uses. Exactly the disk [`Placer::place`]
+    /// would pick next once the departed disk is gone, so re-placement
+    /// moves nothing but the departed copy (minimal movement) and never
+    /// puts two copies in one domain. `members` not known to the placer
+    /// (no capacity) take no domain.
+    pub fn replacement(
+        &self,
+        pg: u32,
+        members: &[u32],
+        eligible: impl Fn(u32) -> bool,
+    ) -> Option<u32> {
+        let mut taken = vec![false; self.domains];
+        for &(id, _, d) in &self.disks {
+            if members.contains(&id) {
+                taken[d] = true;
+            }
+        }
+        self.disks
+            .iter()
+            .filter(|&&(id, _, d)| !taken[d] && !members.contains(&id) && eligible(id))
+            .map(|&(id, w, _)| (draw(pg, id, w), id))
+            .max_by(|a, b| a.0.total_cmp(&b.0).then_with(|| b.1.cmp(&a.1)))
+            .map(|(_, id)| id)
+    }
+}
+
 /// straw2: `ln(u) / weight` with `u` uniform in (0, 1] from a hash of
 /// (group, disk). Larger is better; a heavier disk's draw is closer to 0.
 fn draw(pg: u32, disk_id: u32, weight: f64) -> f64 {
@@ -319,6 +348,52 @@ mod tests {
                 assert_eq!(s.len(), 3);
             }
         }
+    }
+
+    // Proves re-placement after a disk is taken out is the straw2 placement
+    // without that disk: only groups that held it change, each gains exactly
+    // one disk in a free failure domain, and an ineligible disk (down) is
+    // skipped for the next one.
+    #[test]
+    fn replacement_is_placement_without_the_disk() {
+        let disks = big_cluster();
+        let level = FailureDomain::Host;
+        let p = Placer::new(&disks, level);
+        let gone = disks[77].disk_id;
+        let shrunk: Vec<Candidate> = disks
+            .iter()
+            .filter(|d| d.disk_id != gone)
+            .cloned()
+            .collect();
+        let q = Placer::new(&shrunk, level);
+        let mut replaced = 0;
+        for pg in 0..4096 {
+            let before = p.place(pg, 3);
+            let ideal = q.place(pg, 3);
+            if !before.contains(&gone) {
+                assert_eq!(before, ideal);
+                continue;
+            }
+            replaced += 1;
+            let mut set: Vec<u32> = before.iter().copied().filter(|d| *d != gone).collect();
+            let new = p.replacement(pg, &set, |d| d != gone).expect("a disk");
+            set.push(new);
+            let (mut a, mut b) = (set.clone(), ideal.clone());
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "pg {pg}");
+            let hosts: BTreeSet<String> = set
+                .iter()
+                .map(|d| disks[*d as usize - 1].domain(level))
+                .collect();
+            assert_eq!(hosts.len(), 3);
+            // With the chosen disk ineligible, another one in a free domain.
+            let other = p
+                .replacement(pg, &set[..2], |d| d != gone && d != new)
+                .expect("another disk");
+            assert!(other != new && !set[..2].contains(&other));
+        }
+        assert!(replaced > 0);
     }
 
     // Proves fill assigns only empty groups inside the range.

@@ -41,6 +41,12 @@ pub struct Disk {
     /// Bumped each time the disk's daemon registers as a new process.
     #[serde(default)]
     pub incarnation: u64,
+    /// Taken out of placement after staying down past `--down-out-after`
+    /// (its groups were re-placed); cleared when it is heard from again,
+    /// which makes it eligible for new placements, not for the groups it
+    /// lost.
+    #[serde(default)]
+    pub out: bool,
 }
 
 /// Everything the manager must not lose.

@@ -80,6 +80,19 @@ pub struct UpArgs {
     /// Bytes of each copy a scrub reads per second, at most.
     #[arg(long, default_value = "16M")]
     pub scrub_rate: String,
+    /// A storage daemon's disk down for longer than this (e.g. 10m, 3s,
+    /// 500ms) is taken out: its placement groups are re-placed on the other
+    /// disks and backfilled there.
+    #[arg(long, default_value = "10m", value_parser = tessera_wire::api::parse_duration)]
+    pub down_out_after: Duration,
+    /// Recovery pushes (64 KiB regions) each storage daemon keeps in flight
+    /// at most, over all the groups it leads: the backfill throttle.
+    #[arg(long)]
+    pub recovery_pushes_max: Option<u32>,
+    /// Recovery bytes per second each storage daemon pushes at most
+    /// (e.g. 200M; 0 = unlimited).
+    #[arg(long, value_parser = parse_size)]
+    pub recovery_bytes_per_sec: Option<u64>,
 }
 
 pub fn parse_volume(s: &str) -> Result<(String, u64), String> {
@@ -260,6 +273,8 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
             a.replicas.to_string().into(),
             "--heartbeat-grace-ms".into(),
             a.heartbeat_grace_ms.to_string().into(),
+            "--down-out-after".into(),
+            format!("{}ms", a.down_out_after.as_millis()).into(),
         ]
         .into_iter()
         .chain(
@@ -298,11 +313,21 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
                 format!("{},size={}", disk.display(), a.disk_size).into(),
                 "--metrics-listen".into(),
                 "127.0.0.1:0".into(),
-                "--scrub-interval".into(),
-                a.scrub_interval.clone().into(),
-                "--scrub-rate".into(),
-                a.scrub_rate.clone().into(),
-            ],
+            ]
+            .into_iter()
+            .chain(a.recovery_pushes_max.into_iter().flat_map(|n| {
+                [
+                    OsString::from("--recovery-pushes-max"),
+                    n.to_string().into(),
+                ]
+            }))
+            .chain(a.recovery_bytes_per_sec.into_iter().flat_map(|n| {
+                [
+                    OsString::from("--recovery-bytes-per-sec"),
+                    n.to_string().into(),
+                ]
+            }))
+            .collect(),
             log: logs.join(format!("storage-{i}.log")),
             child: None,
             pin: vec![

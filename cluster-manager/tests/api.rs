@@ -152,6 +152,7 @@ impl Manager {
                 disks: vec![],
                 volumes,
                 scrub: Default::default(),
+                recovery: Default::default(),
             },
             200,
         )

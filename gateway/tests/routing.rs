@@ -126,6 +126,7 @@ fn cluster_map(epoch: u64, addr: SocketAddr) -> ClusterMap {
                 capacity_bytes: 1 << 30,
                 up: true,
                 incarnation: 0,
+                out: false,
             })
             .collect(),
         pgs: vec![vec![1], vec![2], vec![1], vec![2]],

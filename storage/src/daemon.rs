@@ -148,6 +148,10 @@ pub struct Config {
     pub scrub_interval: Option<Duration>,
     /// Bytes of each copy a scrub reads per second, at most.
     pub scrub_rate_bytes: u64,
+    /// Recovery pushes in flight at most over all led groups.
+    pub recovery_pushes_max: usize,
+    /// Recovery bytes per second at most (0: no byte limit).
+    pub recovery_bytes_per_sec: u64,
 }
 
 /// Parse a duration: `0` or `off` (none), or a number with `s`, `m`, `h` or
@@ -172,6 +176,13 @@ pub fn parse_interval(s: &str) -> Result<Option<Duration>, String> {
     }
     Ok(Some(Duration::from_secs(secs)))
 }
+
+/// Default of `--recovery-pushes-max`: 64 KiB regions in flight over all
+/// the groups a daemon leads (1 MiB), enough to keep a rebuild at disk
+/// speed on the machines measured without starving client I/O.
+pub const RECOVERY_PUSHES_DEFAULT: u32 = 16;
+/// Largest `--recovery-pushes-max`.
+pub const RECOVERY_PUSHES_MAX: u32 = 1024;
 
 // ---- engine tasks --------------------------------------------------------
 
@@ -566,6 +577,7 @@ struct Metrics {
     pgs_primary: IntGauge,
     pgs_degraded: IntGauge,
     pgs_recovering: IntGauge,
+    pgs_backfilling: IntGauge,
     recovery_bytes: IntCounter,
     pgs_scrubbing: IntGauge,
     repairs: IntCounter,
@@ -574,6 +586,9 @@ struct Metrics {
     scrubs: IntCounter,
     scrub_regions: IntCounter,
     scrub_errors: IntCounter,
+    recovery_remaining: IntGauge,
+    recovery_rate: IntGauge,
+    recovery_pushes: IntGauge,
 }
 
 impl Metrics {
@@ -687,6 +702,22 @@ impl Metrics {
             "tessera_storage_scrub_errors_total",
             "Copies of regions a scrub found bad or different",
         );
+        let pgs_backfilling = g(
+            "tessera_storage_pgs_backfilling",
+            "Led placement groups filling a new member (re-placement)",
+        );
+        let recovery_remaining = g(
+            "tessera_storage_recovery_remaining_bytes",
+            "Bytes the recoveries under way still have to push",
+        );
+        let recovery_rate = g(
+            "tessera_storage_recovery_bytes_per_second",
+            "Recovery bytes pushed per second over the last second",
+        );
+        let recovery_pushes = g(
+            "tessera_storage_recovery_pushes_in_flight",
+            "Recovery pushes in flight (bounded by --recovery-pushes-max)",
+        );
         for m in [
             Box::new(pgs_primary.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(pgs_scrubbing.clone()),
@@ -696,6 +727,10 @@ impl Metrics {
             Box::new(scrubs.clone()),
             Box::new(scrub_regions.clone()),
             Box::new(scrub_errors.clone()),
+            Box::new(pgs_backfilling.clone()),
+            Box::new(recovery_remaining.clone()),
+            Box::new(recovery_rate.clone()),
+            Box::new(recovery_pushes.clone()),
             Box::new(pgs_degraded.clone()),
             Box::new(pgs_recovering.clone()),
             Box::new(recovery_bytes.clone()),
@@ -725,6 +760,7 @@ impl Metrics {
             pgs_primary,
             pgs_degraded,
             pgs_recovering,
+            pgs_backfilling,
             recovery_bytes,
             pgs_scrubbing,
             repairs,
@@ -733,6 +769,9 @@ impl Metrics {
             scrubs,
             scrub_regions,
             scrub_errors,
+            recovery_remaining,
+            recovery_rate,
+            recovery_pushes,
         }
     }
 
@@ -804,6 +843,9 @@ struct Shared {
     scrub_state: Mutex<ScrubReport>,
     /// The manager's newest scrub request (from heartbeat answers).
     scrub_requested: std::sync::atomic::AtomicU64,
+    /// Recovery progress of the led groups (published by the driver, sent
+    /// with every heartbeat).
+    recovery: Mutex<tessera_wire::api::RecoveryProgress>,
 }
 
 impl Shared {
@@ -1002,6 +1044,7 @@ fn heartbeat_loop(shared: Arc<Shared>) {
         }
         let body = HeartbeatRequest {
             scrub: shared.scrub_state.lock().expect("scrub state").clone(),
+            recovery: shared.recovery.lock().expect("recovery").clone(),
             disks: usage,
             volumes: volumes
                 .into_iter()
@@ -1616,6 +1659,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         scrub_state: Mutex::new(ScrubReport::default()),
         scrub_requested: std::sync::atomic::AtomicU64::new(0),
         lease: Mutex::new(Lease::default()),
+        recovery: Mutex::new(Default::default()),
     });
     let resp = register(&agent, &shared)
         .map_err(|e| Fatal::env(format!("registration with the manager failed: {e}")))?;
@@ -1950,6 +1994,10 @@ struct Driver {
     next_scrub: Option<Instant>,
     /// The manager's scrub request last acted on.
     scrub_generation: u64,
+    /// When the byte budget was last refilled (`--recovery-bytes-per-sec`).
+    budget_at: Instant,
+    /// Recovery bytes counter at the start of the current rate window.
+    rate_sample: (Instant, u64),
 }
 
 fn status_of_client(r: ClientResult) -> Status {
@@ -1980,6 +2028,7 @@ impl Driver {
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + REPL_TICK;
                 self.schedule_scrub();
+                self.refill_budget();
                 self.feed(ReplInput::Tick);
                 self.publish_stats();
             }
@@ -2377,6 +2426,21 @@ impl Driver {
         }
     }
 
+    /// The recovery byte budget grows with the time passed, at
+    /// `--recovery-bytes-per-sec`, bounded to a fifth of a second's worth
+    /// (so an idle spell does not allow a burst).
+    fn refill_budget(&mut self) {
+        let rate = self.shared.config.recovery_bytes_per_sec;
+        let now = Instant::now();
+        let dt = now.saturating_duration_since(self.budget_at);
+        self.budget_at = now;
+        if rate == 0 {
+            return;
+        }
+        let grant = (rate as f64 * dt.as_secs_f64()) as u64;
+        self.rep.grant_push_bytes(grant, rate / 5);
+    }
+
     fn publish_stats(&mut self) {
         let s = self.rep.summary();
         let m = &self.shared.metrics;
@@ -2384,6 +2448,7 @@ impl Driver {
         m.pgs_degraded.set(i64::from(s.degraded));
         m.pgs_recovering.set(i64::from(s.recovering));
         m.pgs_scrubbing.set(i64::from(s.scrubbing));
+        m.pgs_backfilling.set(i64::from(s.backfilling));
         let (now, was) = (&self.rep.stats, &self.reported);
         m.recovery_bytes
             .inc_by(now.recovery_bytes.saturating_sub(was.recovery_bytes));
@@ -2413,6 +2478,25 @@ impl Driver {
         st.errors = now.scrub_errors;
         st.repairs = now.repairs;
         st.unrepairable = now.unrepairable;
+        drop(st);
+        let bytes = self.rep.stats.recovery_bytes;
+        let p = self.rep.progress();
+        m.recovery_remaining.set(p.remaining_bytes as i64);
+        m.recovery_pushes.set(self.rep.pushes_in_flight() as i64);
+        let t = Instant::now();
+        let window = t.saturating_duration_since(self.rate_sample.0);
+        if window >= Duration::from_secs(1) {
+            let rate = bytes.saturating_sub(self.rate_sample.1) as f64 / window.as_secs_f64();
+            m.recovery_rate.set(rate as i64);
+            self.rate_sample = (t, bytes);
+        }
+        *self.shared.recovery.lock().expect("recovery") = tessera_wire::api::RecoveryProgress {
+            bytes_total: bytes,
+            done_bytes: p.done_bytes,
+            remaining_bytes: p.remaining_bytes,
+            copies_recovering: p.copies_recovering,
+            copies_backfilling: p.copies_backfilling,
+        };
     }
 }
 
@@ -2462,6 +2546,7 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> mpsc::Sender
     let per_tick = shared.config.scrub_rate_bytes as f64 * REPL_TICK.as_secs_f64()
         / f64::from(repl::REGION_BYTES);
     rep.set_scrub_rate(per_tick.ceil() as usize);
+    rep.set_pushes_max(shared.config.recovery_pushes_max);
     let driver = Driver {
         shared: shared.clone(),
         rep,
@@ -2479,6 +2564,8 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> mpsc::Sender
         reported: repl::Stats::default(),
         next_scrub: shared.config.scrub_interval.map(|i| Instant::now() + i),
         scrub_generation: 0,
+        budget_at: Instant::now(),
+        rate_sample: (Instant::now(), 0),
     };
     {
         let s = shared.clone();

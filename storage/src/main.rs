@@ -61,6 +61,16 @@ struct Args {
     /// Bytes of each copy a scrub reads per second, at most (K, M, G).
     #[arg(long, default_value = "16M", value_parser = tessera_wire::api::parse_size)]
     scrub_rate: u64,
+    /// Recovery and backfill pushes (64 KiB regions) in flight at most,
+    /// over every group this daemon leads: the throttle that keeps client
+    /// latency while a copy is rebuilt.
+    #[arg(long, default_value_t = daemon::RECOVERY_PUSHES_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(1..=daemon::RECOVERY_PUSHES_MAX as i64))]
+    recovery_pushes_max: u32,
+    /// Recovery bytes pushed per second at most (e.g. 100M; 0: no limit
+    /// besides --recovery-pushes-max).
+    #[arg(long, default_value = "0", value_parser = tessera_wire::api::parse_size)]
+    recovery_bytes_per_sec: u64,
 }
 
 fn main() {
@@ -94,6 +104,8 @@ fn main() {
         rack: a.rack,
         scrub_interval,
         scrub_rate_bytes: a.scrub_rate,
+        recovery_pushes_max: a.recovery_pushes_max as usize,
+        recovery_bytes_per_sec: a.recovery_bytes_per_sec,
     };
     match daemon::run(config) {
         Ok(()) => std::process::exit(daemon::ExitCode::Ok as i32),

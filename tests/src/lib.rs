@@ -492,3 +492,55 @@ pub fn compare_copies(c: &Cluster, volume: &str) -> u32 {
     }
     compared
 }
+
+/// A process stopped with SIGSTOP: to the cluster it is a dead daemon
+/// (no heartbeat, no answer), yet `tessera up` does not restart it (it has
+/// not exited). Dropping the guard resumes it (SIGCONT), also when a test
+/// fails, so the cluster stops without waiting for a SIGKILL.
+pub struct Frozen {
+    pub pid: u32,
+    resumed: bool,
+}
+
+impl Frozen {
+    pub fn resume(mut self) {
+        kill(self.pid, libc::SIGCONT);
+        self.resumed = true;
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.resumed {
+            kill(self.pid, libc::SIGCONT);
+        }
+    }
+}
+
+impl Cluster {
+    /// Stop a supervised process (`storage-1`, ...) with SIGSTOP until the
+    /// guard is resumed or dropped.
+    pub fn freeze(&self, name: &str) -> Frozen {
+        let pid = self.pid(name);
+        kill(pid, libc::SIGSTOP);
+        Frozen {
+            pid,
+            resumed: false,
+        }
+    }
+
+    /// Metrics text of the storage daemons the manager sees up (a stopped
+    /// daemon would hold every scrape for the read timeout).
+    pub fn live_storage_metrics(&self) -> Vec<String> {
+        let nodes: serde_json::Value =
+            serde_json::from_str(&self.cli(&["--output", "json", "node", "list"])).expect("json");
+        nodes
+            .as_array()
+            .expect("node array")
+            .iter()
+            .filter(|n| n["up"] == true)
+            .filter_map(|n| n["metrics_addr"].as_str())
+            .filter_map(|addr| http_get(&format!("http://{addr}/metrics")).ok())
+            .collect()
+    }
+}

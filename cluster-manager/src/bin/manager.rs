@@ -23,6 +23,10 @@ struct Args {
     /// A node without heartbeat for this long is marked down.
     #[arg(long, default_value_t = 2000)]
     heartbeat_grace_ms: u64,
+    /// A disk down for longer than this (e.g. 10m, 30s, 500ms) is taken
+    /// out: its placement groups are re-placed on other disks and rebuilt.
+    #[arg(long, default_value = "10m", value_parser = tessera_wire::api::parse_duration)]
+    down_out_after: Duration,
     /// Copies kept by the default pool (used when the cluster is created).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     replicas: u32,
@@ -49,6 +53,7 @@ fn main() {
         data_dir: a.data_dir,
         pg_count: a.pg_count,
         heartbeat_grace: Duration::from_millis(a.heartbeat_grace_ms),
+        down_out_after: a.down_out_after,
         replicas: a.replicas,
         min_replicas: a
             .min_replicas

@@ -33,6 +33,12 @@
 //!   64 KiB region in its log (delta recovery), or of every allocated
 //!   region when the log cannot tell (full resync); then a flush, then the
 //!   primary asks the manager to mark them `UpToDate`.
+//! * `Backfill` members (a disk that replaced one taken out) are always
+//!   recovered by a full resync: no log can tell what they miss.
+//! * Recovery pushes are throttled daemon-wide: at most `pushes_max` in
+//!   flight over all groups (groups that wait get the freed slots in turn)
+//!   and, when the driver grants a byte budget, no push starts without
+//!   64 KiB of it left. The driver owns the clock and refills the budget.
 //!
 //! The type `D` is the data of a write (bytes in the daemon, block labels in
 //! the simulation).
@@ -55,6 +61,9 @@ pub const LOG_ENTRIES_MAX: usize = 1 << 20;
 pub const QUEUE_MAX: usize = 4096;
 /// Recovery pushes in flight per group.
 pub const PUSHES_INFLIGHT_MAX: usize = 16;
+/// Bytes one push costs against the byte budget (its region, whatever
+/// part of it is allocated).
+const PUSH_COST_BYTES: u64 = REGION_BYTES as u64;
 /// Messages for a newer epoch held until the map catches up.
 pub const FUTURE_MAX: usize = 4096;
 /// Ticks a message waits for its answer before it is sent again.
@@ -539,6 +548,8 @@ struct Recovery {
     incarnation: u64,
     /// All pushes done and flushed: waiting for the manager.
     done: bool,
+    /// A full resync (every allocated region on either side), not a delta.
+    full: bool,
     flush_round: Option<u64>,
     bytes: u64,
 }
@@ -703,6 +714,19 @@ pub struct PgSummary {
     pub degraded: u32,
     pub recovering: u32,
     pub scrubbing: u32,
+    /// Led groups filling a `Backfill` member.
+    pub backfilling: u32,
+}
+
+/// The recoveries this daemon runs as primary, for status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Bytes pushed so far by the recoveries under way.
+    pub done_bytes: u64,
+    /// Bytes still to push (regions known so far, pushes in flight).
+    pub remaining_bytes: u64,
+    pub copies_recovering: u32,
+    pub copies_backfilling: u32,
 }
 
 /// The replication state of every local disk in every group.
@@ -721,6 +745,14 @@ pub struct Replicator<D> {
     scrub_per_tick: usize,
     scrub_budget: usize,
     pub stats: Stats,
+    /// Recovery pushes in flight over all groups, and their limit.
+    pushes_total: usize,
+    pushes_max: usize,
+    /// Bytes recovery may still push (`None`: no byte limit).
+    push_budget: Option<u64>,
+    /// Groups with recovery work held back by the daemon-wide limits, in
+    /// the order they get freed slots.
+    starved: VecDeque<(u32, u32)>,
 }
 
 impl<D: Clone> Replicator<D> {
@@ -740,6 +772,124 @@ impl<D: Clone> Replicator<D> {
             scrub_per_tick: 16,
             scrub_budget: 16,
             stats: Stats::default(),
+            pushes_total: 0,
+            pushes_max: usize::MAX,
+            push_budget: None,
+            starved: VecDeque::new(),
+        }
+    }
+
+    /// Limit recovery pushes in flight over all groups (at least one).
+    pub fn set_pushes_max(&mut self, n: usize) {
+        assert!(n >= 1);
+        self.pushes_max = n;
+    }
+
+    /// Grant recovery `bytes` more to push, keeping at most `cap` unspent
+    /// (a burst bound); from the first grant on, pushes need budget. Groups
+    /// waiting for budget resume at the next input.
+    pub fn grant_push_bytes(&mut self, bytes: u64, cap: u64) {
+        let b = self.push_budget.unwrap_or(0);
+        self.push_budget = Some(b.saturating_add(bytes).min(cap.max(PUSH_COST_BYTES)));
+    }
+
+    /// Whether the daemon-wide limits let one more push start.
+    fn push_allowed(&self) -> bool {
+        self.pushes_total < self.pushes_max && self.push_budget.is_none_or(|b| b >= PUSH_COST_BYTES)
+    }
+
+    /// Recovery pushes in flight over all groups.
+    pub fn pushes_in_flight(&self) -> usize {
+        self.pushes_total
+    }
+
+    /// The recoveries under way at the groups this daemon leads.
+    pub fn progress(&self) -> Progress {
+        let mut out = Progress::default();
+        for p in self.pgs.values() {
+            let Some(pr) = &p.primary else { continue };
+            for (m, r) in &pr.recovering {
+                if r.done {
+                    continue;
+                }
+                out.copies_recovering += 1;
+                if p.view.state(*m) == Some(CopyState::Backfill) {
+                    out.copies_backfilling += 1;
+                }
+                let in_flight = pr
+                    .ops
+                    .values()
+                    .filter(|o| o.push.is_some_and(|(pm, _)| pm == *m))
+                    .count() as u64;
+                out.done_bytes += r.bytes;
+                out.remaining_bytes += (r.todo.len() as u64 + in_flight) * PUSH_COST_BYTES;
+            }
+        }
+        out
+    }
+
+    /// A description of one group's state here, for the simulation's
+    /// failure reports.
+    #[cfg(test)]
+    pub(crate) fn describe(&self, pg: u32, disk: u32) -> String {
+        let Some(p) = self.pgs.get(&(pg, disk)) else {
+            return "not a member".into();
+        };
+        let mut out = format!(
+            "epoch {} members {:?} states {:?} committed {:?} trim {:?} complete {} log {}",
+            p.view.epoch,
+            p.view.members,
+            p.view.states,
+            p.committed,
+            p.trim,
+            p.complete,
+            p.log.len()
+        );
+        if let Some(pr) = &p.primary {
+            out += &format!(
+                " | primary term {} active {} peering {:?} ops {} queue {} pushes {} (total {} max {} budget {:?}) starved {:?}",
+                pr.term,
+                pr.active,
+                pr.peering,
+                pr.ops.len(),
+                pr.queue.len(),
+                pr.pushes,
+                self.pushes_total,
+                self.pushes_max,
+                self.push_budget,
+                self.starved
+            );
+            for (m, r) in &pr.recovering {
+                out += &format!(
+                    " | rec {m}: todo {} listing {} done {} full {} flush {:?}",
+                    r.todo.len(),
+                    r.listing,
+                    r.done,
+                    r.full,
+                    r.flush_round
+                );
+            }
+            for (s, o) in &pr.ops {
+                out += &format!(
+                    " | op {s:?} waiting {:?} local_pending {} local_started {} reading {} push {:?}",
+                    o.waiting, o.local_pending, o.local_started, o.reading, o.push
+                );
+            }
+        }
+        out
+    }
+
+    /// Give freed daemon-wide push slots to the groups waiting for them,
+    /// oldest first.
+    fn pump_starved(&mut self) {
+        for _ in 0..self.starved.len() {
+            if !self.push_allowed() {
+                return;
+            }
+            let Some((pg, me)) = self.starved.pop_front() else {
+                return;
+            };
+            self.pump(pg, me);
         }
     }
 
@@ -795,6 +945,11 @@ impl<D: Clone> Replicator<D> {
             s.degraded += u32::from(degraded);
             s.recovering += u32::from(pr.recovering.values().any(|r| !r.done));
             s.scrubbing += u32::from(pr.scrub.is_some());
+            s.backfilling += u32::from(
+                pr.recovering
+                    .iter()
+                    .any(|(m, r)| !r.done && p.view.state(*m) == Some(CopyState::Backfill)),
+            );
         }
         s
     }
@@ -874,8 +1029,9 @@ impl<D: Clone> Replicator<D> {
                 }
             }
         }
-        // Groups we left entirely: drop their state (no backfill yet, so this
-        // only happens when placement changes, which it does not today).
+        // Groups we left entirely (re-placed after this disk was taken
+        // out): drop their state; whatever data stays on the disk is
+        // garbage to the group now.
         let gone: Vec<(u32, u32)> = self
             .pgs
             .keys()
@@ -884,7 +1040,7 @@ impl<D: Clone> Replicator<D> {
             .collect();
         for k in gone {
             if let Some(mut p) = self.pgs.remove(&k) {
-                step_down(&mut p, &mut self.effects, &mut self.stats);
+                self.pushes_total -= step_down(&mut p, &mut self.effects, &mut self.stats);
             }
         }
         self.map = Some(map.clone());
@@ -914,11 +1070,15 @@ impl<D: Clone> Replicator<D> {
             }
             let leads = p.view.primary == Some(me);
             if was_primary && !leads {
-                step_down(p, &mut self.effects, &mut self.stats);
+                self.pushes_total -= step_down(p, &mut self.effects, &mut self.stats);
             }
             if !was_primary && leads {
                 self.stats.peerings += 1;
                 start_term(p, self.tick, &mut self.effects);
+                // With no other up-to-date member there is nobody to ask:
+                // serve at once (else the group would wait for a map that
+                // may never come, its recoveries needing this primary).
+                self.check_peering(pg, me);
             } else if leads {
                 self.refresh_primary(pg, me);
             }
@@ -970,9 +1130,15 @@ impl<D: Clone> Replicator<D> {
         for r in pr.rounds.values_mut() {
             r.waiting.retain(|m| ws.contains(m) || *m == me);
         }
-        // Members that left or restarted lose their recovery progress.
-        pr.recovering
-            .retain(|m, r| ws.contains(m) && view.incarnation(*m) == r.incarnation);
+        // Members that left or restarted lose their recovery progress, and
+        // so does a delta recovery of a member that is now a backfill
+        // member (it left and came back while this primary did not look:
+        // only a full resync can tell what it misses).
+        pr.recovering.retain(|m, r| {
+            ws.contains(m)
+                && view.incarnation(*m) == r.incarnation
+                && (r.full || view.state(*m) != Some(CopyState::Backfill))
+        });
         if pr.active {
             start_recoveries(
                 p,
@@ -1143,10 +1309,17 @@ impl<D: Clone> Replicator<D> {
         }
         // Recovery pushes: regions nobody is changing, a few at a time.
         let members: Vec<u32> = pr.recovering.keys().copied().collect();
+        let mut starved = false;
         for m in members {
             while pr.pushes < PUSHES_INFLIGHT_MAX {
                 let r = pr.recovering.get_mut(&m).expect("member");
                 if r.listing > 0 {
+                    break;
+                }
+                let allowed = self.pushes_total < self.pushes_max
+                    && self.push_budget.is_none_or(|b| b >= PUSH_COST_BYTES);
+                if !allowed {
+                    starved |= !r.todo.is_empty();
                     break;
                 }
                 let next = r.todo.iter().copied().find(|reg| {
@@ -1158,6 +1331,10 @@ impl<D: Clone> Replicator<D> {
                 });
                 let Some(reg) = next else { break };
                 r.todo.remove(&reg);
+                self.pushes_total += 1;
+                if let Some(b) = self.push_budget.as_mut() {
+                    *b -= PUSH_COST_BYTES;
+                }
                 let seq = Seq {
                     term: pr.term,
                     n: pr.next_n,
@@ -1226,6 +1403,9 @@ impl<D: Clone> Replicator<D> {
                     body: Body::Flush { round, trim },
                 }));
             }
+        }
+        if starved && !self.starved.contains(&(pg, me)) {
+            self.starved.push_back((pg, me));
         }
         self.start_checks(pg, me);
     }
@@ -1306,6 +1486,7 @@ impl<D: Clone> Replicator<D> {
             }
             if let Some((m, reg)) = op.push {
                 pr.pushes -= 1;
+                self.pushes_total -= 1;
                 if op.failed {
                     if let Some(r) = pr.recovering.get_mut(&m) {
                         r.todo.insert(reg);
@@ -1330,6 +1511,8 @@ impl<D: Clone> Replicator<D> {
             pr.commit_floor = None;
         }
         p.committed = committed_of(pr);
+        // Slots freed here go first to groups that waited for one.
+        self.pump_starved();
         self.pump(pg, me);
     }
 
@@ -1920,6 +2103,8 @@ impl<D: Clone> Replicator<D> {
             }
         }
         self.tick_checks();
+        // Budget granted since, or slots freed without a completion.
+        self.pump_starved();
     }
 
     // ---- read repair and scrub ----------------------------------------------
@@ -2889,11 +3074,14 @@ fn start_recoveries<D: Clone>(
         if m == me || view.state(m) == Some(CopyState::UpToDate) || pr.recovering.contains_key(&m) {
             continue;
         }
+        // A backfill member holds nothing a log could describe.
+        let full = !complete || view.state(m) == Some(CopyState::Backfill);
         let mut r = Recovery {
             incarnation: view.incarnation(m),
+            full,
             ..Recovery::default()
         };
-        if complete {
+        if !full {
             r.todo = log_regions.clone();
         } else {
             r.listing = 2;
@@ -2928,11 +3116,13 @@ fn start_recoveries<D: Clone>(
 /// retry (at the new primary); so is every read waiting for a repair (its
 /// gateway reads again at the new primary, which repairs its own copy if it
 /// must); repairs asked by members are dropped (they ask the new primary).
-/// The log stays.
-fn step_down<D>(p: &mut Pg<D>, effects: &mut Vec<Effect<D>>, stats: &mut Stats) {
+/// The log stays. Returns the recovery pushes that were in flight (they
+/// no longer count against the daemon's limit).
+fn step_down<D>(p: &mut Pg<D>, effects: &mut Vec<Effect<D>>, stats: &mut Stats) -> usize {
     let Some(pr) = p.primary.take() else {
-        return;
+        return 0;
     };
+    let pushes = pr.pushes;
     if pr.scrub.is_some() {
         stats.scrubs_aborted += 1;
     }
@@ -2964,6 +3154,7 @@ fn step_down<D>(p: &mut Pg<D>, effects: &mut Vec<Effect<D>>, stats: &mut Stats) 
             result: ClientResult::Retry,
         });
     }
+    pushes
 }
 
 fn new_token(tokens: &mut BTreeMap<u64, Token>, next: &mut u64, t: Token) -> u64 {

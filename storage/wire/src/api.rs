@@ -89,6 +89,26 @@ pub struct HeartbeatRequest {
     pub volumes: Vec<VolumeUsage>,
     #[serde(default)]
     pub scrub: ScrubReport,
+    /// Recovery and backfill this node runs as primary.
+    #[serde(default)]
+    pub recovery: RecoveryProgress,
+}
+
+/// Recovery work of the groups one node leads, for `tessera status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryProgress {
+    /// Bytes pushed to recovering copies since the daemon started (a
+    /// counter: the manager derives the rate from it).
+    pub bytes_total: u64,
+    /// Bytes pushed so far by the recoveries under way.
+    pub done_bytes: u64,
+    /// Bytes the recoveries under way still have to push (regions known so
+    /// far; a full resync adds its regions once both sides are listed).
+    pub remaining_bytes: u64,
+    /// Copies being recovered (all kinds) and, among them, new members
+    /// being backfilled.
+    pub copies_recovering: u32,
+    pub copies_backfilling: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +249,9 @@ pub struct DiskInfo {
     pub used_bytes: u64,
     pub checksum_errors: u64,
     pub up: bool,
+    /// Taken out of placement (down past `--down-out-after`).
+    #[serde(default)]
+    pub out: bool,
 }
 
 /// Body of every error response.
@@ -267,6 +290,35 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("bad size {s:?}: too large"))
 }
 
+/// Parse a duration: `500ms`, `3s`, `10m`, `1h` (a bare number is
+/// seconds). Used by `--down-out-after`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits_end == 0 {
+        return Err(format!(
+            "bad duration {s:?}: expected a number with ms, s, m or h, e.g. 10m"
+        ));
+    }
+    let n: u64 = t[..digits_end]
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: number too large"))?;
+    let ms: u64 = match &t[digits_end..] {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        u => {
+            return Err(format!(
+                "bad duration {s:?}: unknown unit {u:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    n.checked_mul(ms)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("bad duration {s:?}: too large"))
+}
+
 /// Format bytes for people: `1.0 GiB`, `512 MiB`, `4096 B`.
 pub fn format_size(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -303,5 +355,20 @@ mod tests {
         assert!(parse_size("99999999999999999999T").is_err());
         assert_eq!(format_size(1 << 30), "1 GiB");
         assert_eq!(format_size(1536), "1.5 KiB");
+    }
+
+    // Proves duration parsing accepts the documented units and rejects the rest.
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("3 days").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
     }
 }

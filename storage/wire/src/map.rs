@@ -102,6 +102,12 @@ pub enum CopyState {
     Outdated,
     /// Being brought up to date by the primary.
     Recovering,
+    /// A member that joined the group by re-placement (its disk replaces
+    /// one taken out): it holds none of the group's data it can vouch for,
+    /// so the primary fills it by a full resync of every allocated region
+    /// (never a delta from its log). Receives new writes meanwhile; counts
+    /// as a copy only once the manager marks it `UpToDate`.
+    Backfill,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +121,10 @@ pub struct DiskEntry {
     /// lost whatever was not durable): primaries recover such copies anew.
     #[serde(default)]
     pub incarnation: u64,
+    /// Taken out of placement: it stayed down past the manager's
+    /// `--down-out-after`, and its groups were re-placed on other disks.
+    #[serde(default)]
+    pub out: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -400,6 +410,46 @@ pub fn mark_clean(
     true
 }
 
+/// The manager's re-placement policy when `disk` is taken out (down past
+/// `--down-out-after`): in every group holding it, its copy leaves the
+/// acting set and `pick(pg, remaining members)` names the disk that joins
+/// in its place (appended, so the primary does not change), as a
+/// [`CopyState::Backfill`] copy. A group whose last up-to-date copy is
+/// `disk` keeps it (nobody else is known to hold every acknowledged write:
+/// the group waits for that disk rather than lose it). `pick` may return
+/// `None` (no eligible disk): the group then just shrinks. Returns the
+/// groups that changed, in order.
+pub fn take_out(
+    pgs: &mut [Vec<u32>],
+    states: &mut [Vec<CopyState>],
+    disk: u32,
+    mut pick: impl FnMut(u32, &[u32]) -> Option<u32>,
+) -> Vec<u32> {
+    let mut changed = Vec::new();
+    for (pg, (set, st)) in pgs.iter_mut().zip(states.iter_mut()).enumerate() {
+        let Some(i) = set.iter().position(|d| *d == disk) else {
+            continue;
+        };
+        let others_uptodate = st
+            .iter()
+            .enumerate()
+            .any(|(j, s)| j != i && *s == CopyState::UpToDate);
+        if !others_uptodate {
+            continue;
+        }
+        set.remove(i);
+        st.remove(i);
+        if let Some(new) = pick(pg as u32, set) {
+            assert!(!set.contains(&new), "replacement already a member");
+            assert!(new != disk, "replacement is the disk taken out");
+            set.push(new);
+            st.push(CopyState::Backfill);
+        }
+        changed.push(pg as u32);
+    }
+    changed
+}
+
 /// The placement group of a chunk: a stable hash of (volume id, chunk index).
 /// Stable across releases: changing it moves every chunk.
 pub fn pg_of(volume_id: u64, chunk_index: u32, pg_count: u32) -> u32 {
@@ -439,6 +489,7 @@ mod tests {
             capacity_bytes: 1 << 30,
             up,
             incarnation: 0,
+            out: false,
         };
         let pool = |id, name: &str, pg_base, pg_count| PoolEntry {
             id,
@@ -505,6 +556,34 @@ mod tests {
         assert_eq!(m.locate(1, 0).unwrap().disk_id, 3);
         assert_eq!(m.pool_of_pg(1).unwrap().name, "default");
         assert!(m.pg_for(9, 0).is_none());
+    }
+
+    // Proves taking a disk out replaces its copy by a backfill member at the
+    // end of the set (primary unchanged), leaves groups without it alone,
+    // and keeps a group's last up-to-date copy.
+    #[test]
+    fn take_out_replaces_member() {
+        use CopyState::*;
+        let mut pgs = vec![vec![1, 2, 3], vec![2, 3, 4], vec![3, 1, 2]];
+        let mut states = vec![
+            vec![Outdated, UpToDate, UpToDate],
+            vec![UpToDate; 3],
+            vec![Outdated, UpToDate, Outdated],
+        ];
+        let changed = take_out(&mut pgs, &mut states, 1, |_, set| {
+            (1..=5).find(|d| *d != 1 && !set.contains(d))
+        });
+        assert_eq!(changed, vec![0]);
+        assert_eq!(pgs[0], vec![2, 3, 4]);
+        assert_eq!(states[0], vec![UpToDate, UpToDate, Backfill]);
+        assert_eq!(pgs[1], vec![2, 3, 4]);
+        // Disk 1 holds group 2's only up-to-date copy: kept.
+        assert_eq!(pgs[2], vec![3, 1, 2]);
+        // No eligible disk: the group shrinks.
+        let changed = take_out(&mut pgs, &mut states, 4, |_, _| None);
+        assert_eq!(changed, vec![0, 1]);
+        assert_eq!(pgs[0], vec![2, 3]);
+        assert_eq!(states[0], vec![UpToDate, UpToDate]);
     }
 
     // Proves validate rejects overlapping pools and mismatched states.
