@@ -588,11 +588,9 @@ fn nbd_list(addr: &str) -> Result<Vec<String>, String> {
     s.read_exact(&mut hello).map_err(e)?;
     // Client flags: FIXED_NEWSTYLE | NO_ZEROES.
     let mut out = 3u32.to_be_bytes().to_vec();
-    for opt in [OPT_LIST] {
-        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        out.extend_from_slice(&opt.to_be_bytes());
-        out.extend_from_slice(&0u32.to_be_bytes());
-    }
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&OPT_LIST.to_be_bytes());
+    out.extend_from_slice(&0u32.to_be_bytes());
     s.write_all(&out).map_err(e)?;
     let mut names = Vec::new();
     loop {
