@@ -146,6 +146,7 @@ class Nbd(Target):
 class Tessera(Nbd):
     name = "tessera"
     extra = []
+    daemons = 1
 
     def __init__(self, work, size):
         d = os.path.join(work, self.name)
@@ -156,12 +157,13 @@ class Tessera(Nbd):
         # a file the prefill wrote in full; give Tessera the same: a disk
         # file written in full (zeroes read as a blank disk), as a real
         # block device would be.
-        disk_path = os.path.join(d, "storage-0", "disk0.img")
-        os.makedirs(os.path.dirname(disk_path), exist_ok=True)
-        subprocess.run(["dd", "if=/dev/zero", "of=" + disk_path, "bs=1M",
-                        f"count={disk >> 20}", "oflag=direct", "status=none"], check=True)
+        for i in range(self.daemons):
+            disk_path = os.path.join(d, f"storage-{i}", "disk0.img")
+            os.makedirs(os.path.dirname(disk_path), exist_ok=True)
+            subprocess.run(["dd", "if=/dev/zero", "of=" + disk_path, "bs=1M",
+                            f"count={disk >> 20}", "oflag=direct", "status=none"], check=True)
         cmd = [os.path.join(BIN, "tessera"), "up", "--dir", d,
-               "--storage-daemons", "1", "--disk-size", str(disk),
+               "--storage-daemons", str(self.daemons), "--disk-size", str(disk),
                "--nbd-listen", "127.0.0.1:0", "--manager-listen", "127.0.0.1:0",
                "--volume", f"bench:{size}"] + self.extra
         self.log = open(os.path.join(work, self.name + "-up.log"), "w")
@@ -193,6 +195,14 @@ class TesseraEmbedded(Tessera):
     """The gateway inside the storage daemon (`tessera up --embedded-gateway`)."""
     name = "tessera-embedded"
     extra = ["--embedded-gateway"]
+
+
+class TesseraReplicated(Tessera):
+    """Issue 5's setting: 3 storage daemons, 3 copies of every chunk, all on
+    this machine's one disk (each client write costs three disk writes)."""
+    name = "tessera-3x3"
+    daemons = 3
+    extra = ["--replicas", "3"]
 
 
 class QemuNbd(Nbd):
@@ -267,7 +277,8 @@ def _stop_nbd_server(self):
 
 NbdServer.stop = _stop_nbd_server
 
-TARGETS = {"local": Local, "tessera": Tessera, "tessera-embedded": TesseraEmbedded, "qemu-nbd": QemuNbd,
+TARGETS = {"local": Local, "tessera": Tessera, "tessera-embedded": TesseraEmbedded,
+           "tessera-3x3": TesseraReplicated, "qemu-nbd": QemuNbd,
            "nbdkit": Nbdkit, "nbd-server": NbdServer}
 
 
