@@ -1795,7 +1795,10 @@ mod tests {
     fn read_lease() {
         let t0 = Instant::now();
         let grace = Duration::from_millis(2000);
-        assert!(!Lease::default().allows(t0, 100), "no heartbeat yet: no lease");
+        assert!(
+            !Lease::default().allows(t0, 100),
+            "no heartbeat yet: no lease"
+        );
         let l = Lease::renewed(t0, 7, grace);
         assert!(l.allows(t0, 7));
         assert!(l.allows(t0 + Duration::from_millis(1499), 8));
