@@ -584,6 +584,10 @@ struct Metrics {
     repair_bytes: IntCounter,
     unrepairable: IntCounter,
     scrubs: IntCounter,
+    /// Rounds of the replication driver's metric publication: a scraper
+    /// that sees it advance twice knows the counters include everything
+    /// that completed before it started watching.
+    publications: IntCounter,
     scrub_regions: IntCounter,
     scrub_errors: IntCounter,
     recovery_remaining: IntGauge,
@@ -694,6 +698,10 @@ impl Metrics {
             "tessera_storage_scrubs_total",
             "Scrubs of a led placement group completed",
         );
+        let publications = c(
+            "tessera_storage_metric_publications_total",
+            "Rounds in which the replication and disk counters were published",
+        );
         let scrub_regions = c(
             "tessera_storage_scrub_regions_total",
             "64 KiB regions compared across copies by scrubs",
@@ -725,6 +733,7 @@ impl Metrics {
             Box::new(repair_bytes.clone()),
             Box::new(unrepairable.clone()),
             Box::new(scrubs.clone()),
+            Box::new(publications.clone()),
             Box::new(scrub_regions.clone()),
             Box::new(scrub_errors.clone()),
             Box::new(pgs_backfilling.clone()),
@@ -767,6 +776,7 @@ impl Metrics {
             repair_bytes,
             unrepairable,
             scrubs,
+            publications,
             scrub_regions,
             scrub_errors,
             recovery_remaining,
@@ -2482,6 +2492,7 @@ impl Driver {
         st.repairs = now.repairs;
         st.unrepairable = now.unrepairable;
         drop(st);
+        m.publications.inc();
         let bytes = self.rep.stats.recovery_bytes;
         let p = self.rep.progress();
         m.recovery_remaining.set(p.remaining_bytes as i64);

@@ -30,6 +30,37 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// Whether an external tool is installed (tests/run.sh installs them).
+/// Assert every tool is installed (tests/run.sh installs them).
+pub fn require(tools: &[&str]) {
+    for t in tools {
+        assert!(
+            have(t),
+            "{t} is not installed: run the suite through tests/run.sh, which installs it"
+        );
+    }
+}
+
+/// Wait until every placement group is clean and no daemon is down.
+pub fn wait_clean(c: &Cluster, timeout: Duration) {
+    poll("every placement group clean", timeout, || {
+        let s = status_json(c);
+        (s["pgs_clean"] == s["pgs_total"] && s["daemons_down"] == 0).then_some(())
+    });
+}
+
+/// fio's JSON report: asserts no error; returns the longest completion
+/// latency in ms.
+pub fn fio_max_latency_ms(out: &str) -> f64 {
+    let json = &out[out.find('{').expect("fio json")..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
+    let job = &v["jobs"][0];
+    assert_eq!(job["error"], 0, "fio reported an error");
+    ["read", "write"]
+        .iter()
+        .map(|d| job[d]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6)
+        .fold(0.0, f64::max)
+}
+
 pub fn have(tool: &str) -> bool {
     Command::new("sh")
         .arg("-c")

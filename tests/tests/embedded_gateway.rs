@@ -9,15 +9,6 @@ use std::process::Command;
 use std::time::Duration;
 use tessera_tests::*;
 
-fn require(tools: &[&str]) {
-    for t in tools {
-        assert!(
-            have(t),
-            "{t} is not installed: run the suite through tests/run.sh, which installs it"
-        );
-    }
-}
-
 // Proves the embedded gateway serves a volume spread over its own daemon
 // and another one: iscsi-ls lists its target and iscsi-inq gets an
 // INQUIRY answer, nbdinfo sees it, 128 MiB copied in with nbdcopy reads

@@ -14,12 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_tests::*;
 
-fn require(tools: &[&str]) {
-    for t in tools {
-        assert!(have(t), "{t} is required (tests/run.sh installs it)");
-    }
-}
-
 fn replicated(name: &str, volume_size: &str) -> (TempDir, Cluster) {
     let dir = TempDir::new(name);
     let opts = ClusterOptions {
@@ -36,13 +30,6 @@ fn replicated(name: &str, volume_size: &str) -> (TempDir, Cluster) {
     let s = status_json(&c);
     assert_eq!(s["pgs_clean"], s["pgs_total"], "{s}");
     (dir, c)
-}
-
-fn wait_clean(c: &Cluster, timeout: Duration) {
-    poll("every placement group clean", timeout, || {
-        let s = status_json(c);
-        (s["pgs_clean"] == s["pgs_total"] && s["daemons_down"] == 0).then_some(())
-    });
 }
 
 /// Client writes received by the primaries of the daemons the manager
@@ -94,19 +81,6 @@ fn busiest_primary(c: &Cluster, volume: &str, bytes: u64) -> (String, usize) {
     led.into_iter()
         .max_by_key(|(name, n)| (*n, std::cmp::Reverse(name.clone())))
         .expect("some chunk")
-}
-
-/// fio's JSON report: asserts no error; returns the longest completion
-/// latency in ms.
-fn fio_max_latency_ms(out: &str) -> f64 {
-    let json = &out[out.find('{').expect("fio json")..];
-    let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
-    let job = &v["jobs"][0];
-    assert_eq!(job["error"], 0, "fio reported an error");
-    ["read", "write"]
-        .iter()
-        .map(|d| job[d]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6)
-        .fold(0.0, f64::max)
 }
 
 /// The longest time between two consecutive completions in a fio latency

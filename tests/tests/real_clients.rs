@@ -6,15 +6,6 @@ use std::process::Command;
 use std::time::Duration;
 use tessera_tests::*;
 
-fn require(tools: &[&str]) {
-    for t in tools {
-        assert!(
-            have(t),
-            "{t} is not installed: run the suite through tests/run.sh, which installs it"
-        );
-    }
-}
-
 // Proves the handshake a real client sees: export size, the capabilities the
 // gateway advertises, and the export list.
 #[test]

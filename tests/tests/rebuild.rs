@@ -10,21 +10,6 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tessera_tests::*;
-use tessera_wire::map::ClusterMap;
-
-fn require(tools: &[&str]) {
-    for t in tools {
-        assert!(have(t), "{t} is required (tests/run.sh installs it)");
-    }
-}
-
-fn map(c: &Cluster) -> ClusterMap {
-    serde_json::from_str(&http_get(&format!("{}/v1/map", c.manager)).expect("map")).expect("json")
-}
-
-fn status(c: &Cluster) -> serde_json::Value {
-    serde_json::from_str(&c.cli(&["--output", "json", "status"])).expect("status json")
-}
 
 /// Client write requests the primaries received.
 fn write_requests(c: &Cluster) -> f64 {
@@ -126,7 +111,7 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
         &["127.0.0.1:0"],
         &["--replicas", "3", "--down-out-after", "3s"],
     );
-    let s = status(&c);
+    let s = status_json(&c);
     assert_eq!(s["pgs_clean"], s["pgs_total"], "{s}");
     let uri = c.uri("r");
 
@@ -187,7 +172,7 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
         .and_then(|n| n["disks"][0].as_u64())
         .expect("victim's disk") as u32;
     let recovered0 = recovered_bytes(&c);
-    let held = map(&c)
+    let held = cluster_map(&c)
         .pgs
         .iter()
         .filter(|s| s.contains(&victim_disk))
@@ -195,7 +180,7 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
     let frozen = c.freeze(victim_name);
     let t_stop = Instant::now();
     poll("the disk taken out", Duration::from_secs(60), || {
-        (status(&c)["disks_out"] == 1).then_some(())
+        (status_json(&c)["disks_out"] == 1).then_some(())
     });
     let t_out = Instant::now();
     println!(
@@ -204,7 +189,7 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
     );
     let mut seen_backfilling = 0;
     poll("the rebuild to finish", Duration::from_secs(240), || {
-        let s = status(&c);
+        let s = status_json(&c);
         if s["pgs_backfilling"].as_u64().unwrap_or(0) > 0 {
             seen_backfilling += 1;
             if seen_backfilling % 10 == 1 {
@@ -244,7 +229,7 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
 
     // The new acting sets: three live disks, none of them the dead one,
     // every copy identical.
-    let m = map(&c);
+    let m = cluster_map(&c);
     assert!(m.disk(victim_disk).expect("disk").out);
     for set in m.pgs.iter().filter(|s| !s.is_empty()) {
         assert_eq!(set.len(), 3, "{set:?}");
@@ -271,12 +256,12 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
     // Back from the dead: in again, but not in the groups it lost.
     frozen.resume();
     poll("storage-1 up again", Duration::from_secs(60), || {
-        (status(&c)["daemons_down"] == 0).then_some(())
+        (status_json(&c)["daemons_down"] == 0).then_some(())
     });
-    let m = map(&c);
+    let m = cluster_map(&c);
     assert!(!m.disk(victim_disk).expect("disk").out);
     assert!(m.pgs.iter().all(|s| !s.contains(&victim_disk)));
-    let s = status(&c);
+    let s = status_json(&c);
     assert_eq!(s["pgs_clean"], s["pgs_total"], "{s}");
     c.stop();
 }

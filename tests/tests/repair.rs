@@ -137,17 +137,29 @@ fn corrupt_tagged(c: &Cluster, disk: u32, blocks: &[u64]) -> usize {
     offsets.len()
 }
 
-/// A storage metric once it has stopped moving: the daemons publish their
-/// counters every 100 ms, so two equal samples 500 ms apart are current.
+/// A storage metric including everything that completed before the call:
+/// the daemons publish their counters in rounds (about every 100 ms), so
+/// once every daemon has completed two more rounds, one of them started
+/// after the call.
 fn settled(c: &Cluster, name: &str) -> f64 {
-    let mut last = storage_metric(c, name);
-    poll(name, Duration::from_secs(30), || {
-        std::thread::sleep(Duration::from_millis(500));
-        let v = storage_metric(c, name);
-        let same = v == last;
-        last = v;
-        same.then_some(v)
-    })
+    const ROUNDS: &str = "tessera_storage_metric_publications_total";
+    let rounds = |c: &Cluster| -> Vec<f64> {
+        c.storage_metrics()
+            .iter()
+            .map(|m| metric_sum(m, ROUNDS))
+            .collect()
+    };
+    let start = rounds(c);
+    poll(
+        "two publication rounds on every daemon",
+        Duration::from_secs(30),
+        || {
+            let now = rounds(c);
+            (now.len() == start.len() && now.iter().zip(&start).all(|(n, s)| *n >= s + 2.0))
+                .then_some(())
+        },
+    );
+    storage_metric(c, name)
 }
 
 fn read_back(c: &Cluster, dir: &Path, name: &str) -> Vec<u8> {
