@@ -4,9 +4,12 @@
 # machine noise than IOPS do. Starts `tessera up` with one storage daemon in
 # a temporary directory, writes 512 MiB, runs each fio job (nbd engine) for
 # RUNTIME seconds and prints IOPS, mean latency and CPU µs per I/O (from
-# /proc/PID/stat), then stops the cluster.
+# /proc/PID/stat) and context switches per I/O (every thread's
+# voluntary + involuntary switches, /proc/PID/task/*/status), then stops the
+# cluster. EMBEDDED=1 runs the gateway inside the storage daemon
+# (`tessera up --embedded-gateway`).
 #
-#   bench/cpu_per_io.sh [RUNTIME=5] [ROUNDS=2]
+#   [EMBEDDED=1] bench/cpu_per_io.sh [RUNTIME=5] [ROUNDS=2]
 # Needs release binaries (cargo build --release --workspace --bins; TESSERA_BIN
 # overrides their directory) and fio.
 set -euo pipefail
@@ -23,30 +26,34 @@ port=$((20000 + RANDOM % 20000))
 mkdir -p "$dir/data/storage-0"
 dd if=/dev/zero of="$dir/data/storage-0/disk0.img" bs=1M count=4096 oflag=direct status=none
 "$bin/tessera" up --dir "$dir/data" --storage-daemons 1 --disk-size 4G \
-  --nbd-listen 127.0.0.1:$port --manager-listen 127.0.0.1:0 --volume demo:2G >"$dir/up.log" 2>&1 &
+  --nbd-listen 127.0.0.1:$port --manager-listen 127.0.0.1:0 --volume demo:2G \
+  ${EMBEDDED:+--embedded-gateway} >"$dir/up.log" 2>&1 &
 up=$!
 trap 'kill -TERM $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 300); do grep -q '^ready' "$dir/up.log" && break; sleep 0.1; done
 grep -q '^ready' "$dir/up.log" || { cat "$dir/up.log"; exit 1; }
-pids=$(sed -n 's/^\(storage-0\|gateway\) pid=\([0-9]*\).*/\2/p' "$dir/up.log" | tr '\n' ' ')
+# The embedded gateway's pid is storage-0's: count it once.
+pids=$(sed -n 's/^\(storage-0\|gateway\) pid=\([0-9]*\).*/\2/p' "$dir/up.log" | sort -u | tr '\n' ' ')
 uri=nbd://127.0.0.1:$port/demo
 fio --name=fill --ioengine=nbd --uri=$uri --rw=write --bs=1m --iodepth=8 --size=512m >/dev/null 2>&1
 tick=$(getconf CLK_TCK)
 cpu() { local t=0 p f; for p in $pids; do read -r -a f </proc/$p/stat; t=$((t + f[13] + f[14])); done; echo $t; }
+ctx() { local p; for p in $pids; do cat /proc/$p/task/*/status 2>/dev/null; done |
+  awk '/^(voluntary|nonvoluntary)_ctxt_switches/ {n += $2} END {print n + 0}'; }
 for round in $(seq "$rounds"); do
   for job in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32" "read 128k 8" "write 128k 8"; do
     set -- $job
-    c0=$(cpu)
+    c0=$(cpu); x0=$(ctx)
     out=$(fio --name=j --ioengine=nbd --uri=$uri --rw=$1 --bs=$2 --iodepth=$3 --size=512m \
       --time_based --runtime=$runtime --output-format=json 2>/dev/null | sed -n '/^{/,$p')
-    c1=$(cpu)
+    c1=$(cpu); x1=$(ctx)
     python3 -c '
 import json,sys
 j=json.loads(sys.argv[1]); t=int(sys.argv[2]); tick=int(sys.argv[3])
 job=j["jobs"][0]; d=job["read"] if job["read"]["total_ios"] else job["write"]
 ios=max(d["total_ios"],1)
 iops=d["iops"]; mean=d["clat_ns"]["mean"]/1000
-print(f"round {sys.argv[4]} {sys.argv[5]:<22} iops={iops:>7.0f} mean_us={mean:>6.0f} cpu_us_per_io={t/tick*1e6/ios:>6.1f}")
-' "$out" $((c1 - c0)) "$tick" "$round" "$1-$2-qd$3"
+print(f"round {sys.argv[4]} {sys.argv[5]:<22} iops={iops:>7.0f} mean_us={mean:>6.0f} cpu_us_per_io={t/tick*1e6/ios:>6.1f} ctx_per_io={int(sys.argv[6])/ios:>5.2f}")
+' "$out" $((c1 - c0)) "$tick" "$round" "$1-$2-qd$3" $((x1 - x0))
   done
 done

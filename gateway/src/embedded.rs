@@ -6,7 +6,7 @@
 //! Why: with the gateway in its own process every request crosses two TCP
 //! connections and wakes two processes (client → gateway → storage daemon
 //! and back). On the 2-CPU machines this is measured on, a loopback TCP
-//! round trip costs about 45 µs and 23 µs of CPU (docs/nbd.md,
+//! round trip costs about 26 µs and 27 µs of CPU (docs/nbd.md,
 //! "Where the time goes"), as much as the disk itself at queue depth 1.
 //! Embedded, a request for a local chunk costs one TCP hop (the client's)
 //! and runs on one thread from NBD parsing to io_uring and back. Chunks on
