@@ -7,9 +7,11 @@
 # /proc/PID/stat) and context switches per I/O (every thread's
 # voluntary + involuntary switches, /proc/PID/task/*/status), then stops the
 # cluster. EMBEDDED=1 runs the gateway inside the storage daemon
-# (`tessera up --embedded-gateway`).
+# (`tessera up --embedded-gateway`). DAEMONS=3 REPLICAS=3 measures issue 5's
+# setting (three storage daemons, three copies, every disk file on this
+# disk); CPU and switches are then summed over every daemon.
 #
-#   [EMBEDDED=1] bench/cpu_per_io.sh [RUNTIME=5] [ROUNDS=2]
+#   [EMBEDDED=1] [DAEMONS=n REPLICAS=n] bench/cpu_per_io.sh [RUNTIME=5] [ROUNDS=2]
 # Needs release binaries (cargo build --release --workspace --bins; TESSERA_BIN
 # overrides their directory) and fio.
 set -euo pipefail
@@ -23,9 +25,13 @@ port=$((20000 + RANDOM % 20000))
 # write would make ext4 allocate or convert an extent, which io_uring
 # cannot do without blocking, so it hands the write to an io-wq worker
 # thread (measured here: 1.1 extra context switches per 4k write at QD1).
-mkdir -p "$dir/data/storage-0"
-dd if=/dev/zero of="$dir/data/storage-0/disk0.img" bs=1M count=4096 oflag=direct status=none
-"$bin/tessera" up --dir "$dir/data" --storage-daemons 1 --disk-size 4G \
+daemons=${DAEMONS:-1}
+for i in $(seq 0 $((daemons - 1))); do
+  mkdir -p "$dir/data/storage-$i"
+  dd if=/dev/zero of="$dir/data/storage-$i/disk0.img" bs=1M count=4096 oflag=direct status=none
+done
+"$bin/tessera" up --dir "$dir/data" --storage-daemons "$daemons" --disk-size 4G \
+  ${REPLICAS:+--replicas $REPLICAS} \
   --nbd-listen 127.0.0.1:$port --manager-listen 127.0.0.1:0 --volume demo:2G \
   ${EMBEDDED:+--embedded-gateway} >"$dir/up.log" 2>&1 &
 up=$!
@@ -33,7 +39,7 @@ trap 'kill -TERM $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 300); do grep -q '^ready' "$dir/up.log" && break; sleep 0.1; done
 grep -q '^ready' "$dir/up.log" || { cat "$dir/up.log"; exit 1; }
 # The embedded gateway's pid is storage-0's: count it once.
-pids=$(sed -n 's/^\(storage-0\|gateway\) pid=\([0-9]*\).*/\2/p' "$dir/up.log" | sort -u | tr '\n' ' ')
+pids=$(sed -n 's/^\(storage-[0-9]*\|gateway\) pid=\([0-9]*\).*/\2/p' "$dir/up.log" | sort -u | tr '\n' ' ')
 uri=nbd://127.0.0.1:$port/demo
 fio --name=fill --ioengine=nbd --uri=$uri --rw=write --bs=1m --iodepth=8 --size=512m >/dev/null 2>&1
 tick=$(getconf CLK_TCK)

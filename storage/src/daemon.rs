@@ -203,7 +203,7 @@ enum Route {
     Repl {
         token: u64,
         kind: ReplKind,
-        tx: mpsc::Sender<ReplIn>,
+        tx: ReplTx,
     },
 }
 
@@ -212,7 +212,7 @@ struct RepairRoute {
     pg: u32,
     /// Reads of this request so far (each failed one is repaired once).
     attempt: u32,
-    tx: mpsc::Sender<ReplIn>,
+    tx: ReplTx,
 }
 
 /// Reads of one request that may find a checksum error and be repaired:
@@ -469,7 +469,7 @@ fn deliver(routes: &mut Slab<Route>, done: &mut Vec<Completion>, metrics: &Metri
                 attempt: r.attempt,
                 reply: pending,
             };
-            if let Err(mpsc::SendError(ReplIn::ReadRepair { reply, .. })) = r.tx.send(m) {
+            if let Err(tmpsc::error::SendError(ReplIn::ReadRepair { reply, .. })) = r.tx.send(m) {
                 // The driver is gone (stopping): answer the error as is.
                 let h = reply.header.reply_to(Status::Checksum, 0, 0);
                 let _ = reply.tx.send(Outgoing {
@@ -848,7 +848,7 @@ struct Shared {
     /// active primary (published by the replication driver).
     active: RwLock<std::collections::BTreeSet<(u32, u32)>>,
     /// The replication driver's input, once started.
-    repl: Mutex<Option<mpsc::Sender<ReplIn>>>,
+    repl: Mutex<Option<ReplTx>>,
     /// Scrub counters for the heartbeat, kept by the driver.
     scrub_state: Mutex<ScrubReport>,
     /// The manager's newest scrub request (from heartbeat answers).
@@ -1871,6 +1871,14 @@ struct PendingReply {
     started: Instant,
 }
 
+/// The driver's input channel. The driver is a task of the daemon's one
+/// runtime thread, next to the sockets and the engines, so a replicated
+/// write crosses no thread on its way through a daemon (the driver was a
+/// thread of its own: 4 wake-ups of another thread per copy and per write,
+/// most of the cost of a three-copy write on a 2-core machine, measured in
+/// docs/replication.md).
+type ReplTx = tmpsc::UnboundedSender<ReplIn>;
+
 enum ReplIn {
     Input(ReplInput<Data>),
     Client {
@@ -1993,7 +2001,7 @@ fn repl_frame(m: &repl::Msg<Data>) -> Vec<u8> {
 struct Driver {
     shared: Arc<Shared>,
     rep: Replicator<Data>,
-    tx: mpsc::Sender<ReplIn>,
+    tx: ReplTx,
     peers: Peers,
     pending: BTreeMap<u64, PendingReply>,
     /// Client reads waiting for the repair of their copy.
@@ -2003,6 +2011,8 @@ struct Driver {
     local: std::collections::VecDeque<ReplInput<Data>>,
     /// Counters as last published to the metrics.
     reported: repl::Stats,
+    /// The state machine's `active_generation` last published.
+    active_published: u64,
     /// When the next timed scrub starts.
     next_scrub: Option<Instant>,
     /// The manager's scrub request last acted on.
@@ -2024,19 +2034,25 @@ fn status_of_client(r: ClientResult) -> Status {
 }
 
 impl Driver {
-    fn run(mut self, rx: mpsc::Receiver<ReplIn>) {
+    async fn run(mut self, mut rx: tmpsc::UnboundedReceiver<ReplIn>) {
         let mut next_tick = Instant::now() + REPL_TICK;
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(wait) {
-                Ok(m) => {
-                    self.input(m);
-                    while let Ok(m) = rx.try_recv() {
+            let deadline = tokio::time::Instant::from_std(next_tick);
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => {
                         self.input(m);
+                        // What is already queued goes through in the same
+                        // turn, but not without end: the engines and the
+                        // sockets share this thread.
+                        for _ in 0..256 {
+                            let Ok(m) = rx.try_recv() else { break };
+                            self.input(m);
+                        }
                     }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(deadline) => {}
             }
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + REPL_TICK;
@@ -2431,7 +2447,12 @@ impl Driver {
     }
 
     /// Let the network side know which groups may serve reads here.
-    fn publish_active(&self) {
+    fn publish_active(&mut self) {
+        let generation = self.rep.active_generation();
+        if generation == self.active_published {
+            return;
+        }
+        self.active_published = generation;
         let active = self.rep.active_primaries();
         let mut cur = self.shared.active.write().expect("active");
         if *cur != active {
@@ -2545,8 +2566,8 @@ fn report_loop(shared: Arc<Shared>, rx: mpsc::Receiver<(u32, u32, u32, u64)>) {
 }
 
 /// Start the driver for this daemon's disks; returns its input channel.
-fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> mpsc::Sender<ReplIn> {
-    let (tx, rx) = mpsc::channel();
+fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> ReplTx {
+    let (tx, rx) = tmpsc::unbounded_channel();
     let (rtx, rrx) = mpsc::channel();
     let disks: Vec<u32> = shared
         .disks
@@ -2566,7 +2587,7 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> mpsc::Sender
         rep,
         tx: tx.clone(),
         peers: Peers {
-            rt,
+            rt: rt.clone(),
             cluster_id: shared.map().cluster_id.clone(),
             conns: Mutex::new(BTreeMap::new()),
         },
@@ -2576,6 +2597,7 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> mpsc::Sender
         reports: rtx,
         local: std::collections::VecDeque::new(),
         reported: repl::Stats::default(),
+        active_published: u64::MAX,
         next_scrub: shared.config.scrub_interval.map(|i| Instant::now() + i),
         scrub_generation: 0,
         budget_at: Instant::now(),
@@ -2585,9 +2607,6 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> mpsc::Sender
         let s = shared.clone();
         std::thread::spawn(move || report_loop(s, rrx));
     }
-    std::thread::Builder::new()
-        .name("replication".into())
-        .spawn(move || driver.run(rx))
-        .expect("spawn the replication driver");
+    rt.spawn(driver.run(rx));
     tx
 }

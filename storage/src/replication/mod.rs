@@ -753,6 +753,10 @@ pub struct Replicator<D> {
     /// Groups with recovery work held back by the daemon-wide limits, in
     /// the order they get freed slots.
     starved: VecDeque<(u32, u32)>,
+    /// Bumped whenever the set `active_primaries` returns may have changed
+    /// (a new map, a primary done peering), so the driver recomputes it
+    /// only then and not after every input.
+    active_gen: u64,
 }
 
 impl<D: Clone> Replicator<D> {
@@ -776,6 +780,7 @@ impl<D: Clone> Replicator<D> {
             pushes_max: usize::MAX,
             push_budget: None,
             starved: VecDeque::new(),
+            active_gen: 0,
         }
     }
 
@@ -920,6 +925,11 @@ impl<D: Clone> Replicator<D> {
         }
     }
 
+    /// Changes whenever `active_primaries` may have changed.
+    pub fn active_generation(&self) -> u64 {
+        self.active_gen
+    }
+
     /// The (group, disk) pairs this daemon leads and serves now.
     pub fn active_primaries(&self) -> BTreeSet<(u32, u32)> {
         self.pgs
@@ -1020,6 +1030,7 @@ impl<D: Clone> Replicator<D> {
         if self.map.as_ref().is_some_and(|m| m.epoch >= map.epoch) {
             return;
         }
+        self.active_gen += 1;
         // Groups with a local member.
         let mut keys = BTreeSet::new();
         for (pg, set) in map.pgs.iter().enumerate() {
@@ -2924,6 +2935,7 @@ impl<D: Clone> Replicator<D> {
             pr.peer_regions.extend(e.regions());
         }
         pr.active = true;
+        self.active_gen += 1;
         // Make the uncertain regions agree: they become changes of this term
         // (logged, so absent members get them too) pushed to every up-to-date
         // member; outdated members get them through their recovery.
