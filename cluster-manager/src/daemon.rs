@@ -182,6 +182,10 @@ struct Inner {
     /// epoch) at the first request, so a restarted manager's requests are
     /// still newer than any a daemon has seen.
     scrub_generation: u64,
+    /// When rebalancing demoted each group's primary (moved it to the end
+    /// of the set). Memory only: a restarted manager waits a grace from its
+    /// own start before dropping any demoted primary.
+    demoted_at: BTreeMap<u32, Instant>,
 }
 
 impl Inner {
@@ -248,6 +252,7 @@ impl Manager {
                 catalog,
                 live,
                 started: Instant::now(),
+                demoted_at: BTreeMap::new(),
                 scrub_generation: 0,
             }),
             grace: config.heartbeat_grace,
@@ -481,7 +486,13 @@ impl Manager {
             }
         }
         {
-            let Inner { catalog, live, .. } = &mut *inner;
+            let Inner {
+                catalog,
+                live,
+                demoted_at,
+                started,
+                ..
+            } = &mut *inner;
             let up = |n: u32| live.get(&n).is_some_and(|l| l.up);
             let due: Vec<u32> = catalog
                 .disks
@@ -509,6 +520,27 @@ impl Manager {
                 tracing::info!(
                     groups = topped.len(),
                     "short placement groups get a backfill member"
+                );
+                changed = true;
+            }
+            // A demoted primary leaves the set only once every read lease
+            // it could hold under the map where it led has run out (leases
+            // last 3/4 of the grace from a heartbeat, and one renewed under
+            // the newer map requires the daemon to have it).
+            let grace = self.grace;
+            let leases_over = |t: &Instant| now.saturating_duration_since(*t) >= grace;
+            let may_drop =
+                |pg: u32| leases_over(started) && demoted_at.get(&pg).is_none_or(leases_over);
+            let mut demoted = Vec::new();
+            let moved = map::rebalance(catalog, up, may_drop, &mut demoted);
+            for pg in demoted {
+                demoted_at.insert(pg, now);
+            }
+            demoted_at.retain(|_, t| !leases_over(t));
+            if !moved.is_empty() {
+                tracing::info!(
+                    groups = moved.len(),
+                    "rebalancing: placement groups gain a backfill member on a disk placement now picks, or drop a copy it no longer picks"
                 );
                 changed = true;
             }

@@ -556,6 +556,114 @@ pub fn top_up(c: &mut Catalog, up: impl Fn(u32) -> bool) -> Vec<u32> {
     changed
 }
 
+/// Placement groups moving to a new disk at once (each one is a backfill
+/// of the group's data onto the new disk, throttled again by each
+/// primary's `--recovery-pushes-max`); Ceph's `osd_max_backfills` plays the
+/// same role.
+pub const REBALANCE_PGS_MAX: usize = 8;
+
+/// Move placement groups towards their placement over the disks in now (a
+/// disk was added, or one came back in): each group whose acting set is
+/// not what straw2 picks over every disk that is in gets the first missing
+/// disk as a `Backfill` member (one more copy than the pool's, so the group
+/// keeps every copy it had while the new one fills); a group with more
+/// members than its pool's copies, all of them up to date (its backfill is
+/// done), drops the members placement no longer picks. Nothing moves while
+/// a disk that is in is down (that is failure handling's business:
+/// outdated copies, then `--down-out-after`), and at most
+/// [`REBALANCE_PGS_MAX`] groups are growing at once. Because straw2 draws
+/// per (group, disk), only groups whose placement now includes the new disk
+/// move, which is the minimum (`placement::tests` measures it). Pools of one
+/// copy are not rebalanced. A primary placement no longer picks is first
+/// demoted (moved to the end of the set; its group is added to `demoted`)
+/// and dropped only when `may_drop(pg)`. Returns the groups that changed.
+pub fn rebalance(
+    c: &mut Catalog,
+    up: impl Fn(u32) -> bool,
+    may_drop: impl Fn(u32) -> bool,
+    demoted: &mut Vec<u32>,
+) -> Vec<u32> {
+    let in_disks: Vec<&crate::store::Disk> = c.disks.iter().filter(|d| !d.out).collect();
+    if in_disks.is_empty() || in_disks.iter().any(|d| !up(d.node_id)) {
+        return Vec::new();
+    }
+    let candidates = up_disks(c, &up);
+    let mut changed = Vec::new();
+    let mut growing = 0;
+    for pool in &c.pools {
+        for pg in pool.pg_base..pool.pg_base + pool.pg_count {
+            let set = &c.pgs[pg as usize];
+            let st = &c.pg_states[pg as usize];
+            if set.len() > pool.replicas as usize || st.contains(&CopyState::Backfill) {
+                growing += 1;
+            }
+        }
+    }
+    // Single-copy pools do not move: their groups bypass replication (the
+    // storage daemon serves them straight from its engine), so nothing
+    // would fill a backfill member.
+    for pool in c.pools.clone().into_iter().filter(|p| p.replicas > 1) {
+        let placer = Placer::new(&candidates, pool.failure_domain);
+        let copies = pool.replicas as usize;
+        for pg in pool.pg_base..pool.pg_base + pool.pg_count {
+            let (set, st) = (&mut c.pgs[pg as usize], &mut c.pg_states[pg as usize]);
+            if set.is_empty() || st.iter().any(|s| *s != CopyState::UpToDate) {
+                continue;
+            }
+            let ideal = placer.place(pg, copies);
+            if ideal.len() < copies.min(set.len()) {
+                continue;
+            }
+            if set.len() > copies {
+                // The new copy is up to date: drop those placement no
+                // longer picks. Never the primary straight away: it may
+                // still serve reads under its lease before it sees the map
+                // that drops it, while the next primary acknowledges writes
+                // without it. It first moves to the end of the set (the
+                // next member leads; it stays in the write set, so no write
+                // is acknowledged without it until it has seen that map),
+                // and is dropped only once `may_drop` says every lease it
+                // got under the older map has run out.
+                if !ideal.contains(&set[0]) {
+                    let (d, s0) = (set.remove(0), st.remove(0));
+                    set.push(d);
+                    st.push(s0);
+                    demoted.push(pg);
+                    changed.push(pg);
+                    continue;
+                }
+                if !may_drop(pg) {
+                    continue;
+                }
+                let before = set.len();
+                let mut i = 0;
+                while set.len() > copies && i < set.len() {
+                    if ideal.contains(&set[i]) {
+                        i += 1;
+                    } else {
+                        set.remove(i);
+                        st.remove(i);
+                    }
+                }
+                if set.len() != before {
+                    changed.push(pg);
+                }
+                continue;
+            }
+            if growing >= REBALANCE_PGS_MAX {
+                continue;
+            }
+            if let Some(new) = ideal.iter().copied().find(|d| !set.contains(d)) {
+                set.push(new);
+                st.push(CopyState::Backfill);
+                growing += 1;
+                changed.push(pg);
+            }
+        }
+    }
+    changed
+}
+
 /// Ids of the disks that may receive a copy: up and not out.
 fn eligible_disks(c: &Catalog, up: &impl Fn(u32) -> bool) -> Vec<u32> {
     c.disks
@@ -568,6 +676,7 @@ fn eligible_disks(c: &Catalog, up: &impl Fn(u32) -> bool) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
     use tessera_wire::api::VolumeUsage;
 
     /// A catalogue with two nodes of one 1 GiB disk each.
@@ -692,6 +801,131 @@ mod tests {
         assert_eq!(top_up(&mut c, |n| n != 2).len(), 16);
         assert!(c.pgs.iter().all(|s| s.len() == 3 && s[2] == 4));
         assert!(top_up(&mut c, |n| n != 2).is_empty());
+    }
+
+    /// Run rebalancing rounds until nothing changes, the primaries filling
+    /// every backfill member between rounds and a demoted primary dropped
+    /// only a round after its demotion. Checks on the way: never more than
+    /// one extra copy, at most REBALANCE_PGS_MAX groups growing, a grown
+    /// group keeps every copy it had and its new one is backfilling, a
+    /// demoted primary moves to the end and stays a member for that round.
+    /// Returns the groups that grew and those whose primary was demoted.
+    fn rebalance_until_done(c: &mut Catalog) -> (BTreeSet<u32>, BTreeSet<u32>) {
+        let n = c.pgs.len();
+        let (mut grown, mut all_demoted) = (BTreeSet::new(), BTreeSet::new());
+        let mut demoted: Vec<u32> = Vec::new();
+        for _ in 0..4 * n {
+            let recent = std::mem::take(&mut demoted);
+            let was = c.pgs.clone();
+            let changed = rebalance(c, |_| true, |pg| !recent.contains(&pg), &mut demoted);
+            if changed.is_empty() {
+                assert!(demoted.is_empty());
+                return (grown, all_demoted);
+            }
+            let growing = c.pgs.iter().filter(|s| s.len() > 3).count();
+            assert!(growing <= REBALANCE_PGS_MAX, "{growing} groups growing");
+            for pg in changed {
+                let (set, st, old) = (
+                    &c.pgs[pg as usize],
+                    &c.pg_states[pg as usize],
+                    &was[pg as usize],
+                );
+                assert!(set.len() <= 4, "{set:?}");
+                if demoted.contains(&pg) {
+                    assert_eq!(set[3], old[0]);
+                    assert_eq!(set[..3], old[1..]);
+                    all_demoted.insert(pg);
+                } else if set.len() > old.len() {
+                    assert_eq!(set[..old.len()], old[..]);
+                    assert_eq!(st[old.len()], CopyState::Backfill);
+                    grown.insert(pg);
+                } else {
+                    assert!(set.iter().all(|d| old.contains(d)), "a drop only removes");
+                    assert!(!recent.is_empty() || set[0] == old[0]);
+                }
+            }
+            for st in c.pg_states.iter_mut() {
+                st.iter_mut().for_each(|s| *s = CopyState::UpToDate);
+            }
+            build(c, |_| true).validate().unwrap();
+        }
+        panic!("rebalancing did not settle");
+    }
+
+    fn assert_placed(c: &Catalog) {
+        let placer = Placer::new(
+            &up_disks(c, |_| true),
+            tessera_wire::map::FailureDomain::Host,
+        );
+        for pg in 0..c.pgs.len() as u32 {
+            let mut want = placer.place(pg, 3);
+            let mut have = c.pgs[pg as usize].clone();
+            want.sort();
+            have.sort();
+            assert_eq!(have, want, "pg {pg}");
+        }
+    }
+
+    // Proves a disk added to a placed cluster receives exactly the groups
+    // whose placement now picks it (no other group moves), each through a
+    // backfill member added while every old copy stays, at most
+    // REBALANCE_PGS_MAX at once, the copy it replaces dropped only once the
+    // new one is up to date; nothing moves while a disk is down; the end
+    // state is the placement over all disks. One added disk never displaces
+    // a primary (straw2: it displaces the lowest draw); three added at once
+    // do, and each such primary is demoted before it is dropped.
+    #[test]
+    fn rebalance_onto_added_disks() {
+        let mut c = triple(3, 64);
+        let all = up_disks(&c, |_| true);
+        create_volume(
+            &mut c,
+            &CreateVolumeRequest {
+                name: "v".into(),
+                size_bytes: 1 << 30,
+                block_size: None,
+                pool: None,
+            },
+            &all,
+        )
+        .unwrap();
+        let mut none = Vec::new();
+        assert!(rebalance(&mut c, |_| true, |_| true, &mut none).is_empty());
+        register_node(&mut c, "n4");
+        assert!(
+            rebalance(&mut c, |n| n != 2, |_| true, &mut none).is_empty(),
+            "a disk is down"
+        );
+        let placer = Placer::new(
+            &up_disks(&c, |_| true),
+            tessera_wire::map::FailureDomain::Host,
+        );
+        let should_move: BTreeSet<u32> = (0..64)
+            .filter(|pg| placer.place(*pg, 3).contains(&4))
+            .collect();
+        let (grown, demoted) = rebalance_until_done(&mut c);
+        assert_eq!(grown, should_move);
+        assert!(demoted.is_empty());
+        assert_placed(&c);
+
+        let before = c.pgs.clone();
+        for n in ["n5", "n6", "n7"] {
+            register_node(&mut c, n);
+        }
+        let placer = Placer::new(
+            &up_disks(&c, |_| true),
+            tessera_wire::map::FailureDomain::Host,
+        );
+        let should_move: BTreeSet<u32> = (0..64)
+            .filter(|pg| placer.place(*pg, 3).iter().any(|d| *d >= 5))
+            .collect();
+        let (grown, demoted) = rebalance_until_done(&mut c);
+        assert_eq!(grown, should_move);
+        assert!(!demoted.is_empty(), "no primary was displaced");
+        for pg in &demoted {
+            assert!(!c.pgs[*pg as usize].contains(&before[*pg as usize][0]));
+        }
+        assert_placed(&c);
     }
 
     fn disks() -> Vec<Candidate> {

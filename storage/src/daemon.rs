@@ -588,6 +588,7 @@ struct Metrics {
     /// that sees it advance twice knows the counters include everything
     /// that completed before it started watching.
     publications: IntCounter,
+    purged_chunks: IntCounter,
     scrub_regions: IntCounter,
     scrub_errors: IntCounter,
     recovery_remaining: IntGauge,
@@ -702,6 +703,10 @@ impl Metrics {
             "tessera_storage_metric_publications_total",
             "Rounds in which the replication and disk counters were published",
         );
+        let purged_chunks = c(
+            "tessera_storage_purged_chunks_total",
+            "Chunks freed because their placement group left this disk (re-placement, rebalancing)",
+        );
         let scrub_regions = c(
             "tessera_storage_scrub_regions_total",
             "64 KiB regions compared across copies by scrubs",
@@ -734,6 +739,7 @@ impl Metrics {
             Box::new(unrepairable.clone()),
             Box::new(scrubs.clone()),
             Box::new(publications.clone()),
+            Box::new(purged_chunks.clone()),
             Box::new(scrub_regions.clone()),
             Box::new(scrub_errors.clone()),
             Box::new(pgs_backfilling.clone()),
@@ -777,6 +783,7 @@ impl Metrics {
             unrepairable,
             scrubs,
             publications,
+            purged_chunks,
             scrub_regions,
             scrub_errors,
             recovery_remaining,
@@ -1861,6 +1868,10 @@ enum ReplKind {
     Digest,
     List(u32),
     Flush,
+    /// The driver's own listing of a disk, for chunks of groups it left.
+    Purge(u32),
+    /// A trim of such a chunk (nothing to do with the answer).
+    Purged,
 }
 
 /// A gateway request waiting for the replication of its change.
@@ -2013,6 +2024,11 @@ struct Driver {
     reported: repl::Stats,
     /// The state machine's `active_generation` last published.
     active_published: u64,
+    /// (group, disk) pairs of this daemon in the last map seen, and whether
+    /// one was lost since the last purge of orphaned chunks (true at start:
+    /// groups may have left while the daemon was away).
+    held: std::collections::BTreeSet<(u32, u32)>,
+    purge_due: bool,
     /// When the next timed scrub starts.
     next_scrub: Option<Instant>,
     /// The manager's scrub request last acted on.
@@ -2067,6 +2083,18 @@ impl Driver {
 
     fn input(&mut self, m: ReplIn) {
         match m {
+            ReplIn::Input(ReplInput::Map(map)) => {
+                let held = self.held_in(&map);
+                if self.held.iter().any(|k| !held.contains(k)) {
+                    self.purge_due = true;
+                }
+                self.held = held;
+                self.feed(ReplInput::Map(map));
+                if self.purge_due {
+                    self.purge_due = false;
+                    self.start_purge();
+                }
+            }
             ReplIn::Input(i) => self.feed(i),
             ReplIn::Client {
                 pg,
@@ -2089,11 +2117,25 @@ impl Driver {
                 });
             }
             ReplIn::Engine {
+                kind: ReplKind::Purge(disk),
+                result,
+                ..
+            } => {
+                if let Ok(Reply::Allocated(list)) = result {
+                    self.purge(disk, list);
+                }
+            }
+            ReplIn::Engine {
+                kind: ReplKind::Purged,
+                ..
+            } => {}
+            ReplIn::Engine {
                 token,
                 kind,
                 result,
             } => {
                 let input = match kind {
+                    ReplKind::Purge(_) | ReplKind::Purged => unreachable!("handled above"),
                     ReplKind::Apply => ReplInput::Applied {
                         token,
                         ok: result.is_ok(),
@@ -2175,6 +2217,87 @@ impl Driver {
                     },
                 });
             }
+        }
+    }
+
+    /// The (group, disk) pairs of this daemon's disks in `map`.
+    fn held_in(&self, map: &ClusterMap) -> std::collections::BTreeSet<(u32, u32)> {
+        let disks = self.shared.disks.read().expect("disks");
+        map.pgs
+            .iter()
+            .enumerate()
+            .flat_map(|(pg, set)| {
+                set.iter()
+                    .filter(|d| disks.contains_key(d))
+                    .map(move |d| (pg as u32, *d))
+            })
+            .collect()
+    }
+
+    /// List every disk's chunks; `purge` frees those of groups the disk no
+    /// longer holds.
+    fn start_purge(&mut self) {
+        let disks: Vec<u32> = self
+            .shared
+            .disks
+            .read()
+            .expect("disks")
+            .keys()
+            .copied()
+            .collect();
+        for disk in disks {
+            self.engine(disk, 0, ReplKind::Purge(disk), Request::ListAllocated);
+        }
+    }
+
+    /// Trim every chunk of `list` whose group `disk` holds neither in the
+    /// newest map this daemon knows nor in its state machine: a group that
+    /// left it (taken out, rebalanced away) while its chunks stayed. Safe
+    /// because the map only moves forward and the manager removes a copy
+    /// only when other up-to-date copies exist; if the group comes back
+    /// later, it comes back as a backfill member (a full resync that
+    /// rewrites every region), and its changes can reach the engine only
+    /// after the map that adds it, so after these trims in the engine's
+    /// queue. Chunks of volumes the map does not know are left alone
+    /// (deleted volumes are dropped by their own path).
+    fn purge(&mut self, disk: u32, list: Vec<(ChunkKey, u64)>) {
+        let map = self.shared.map();
+        let mut freed = 0u64;
+        for (key, _) in list {
+            let Some(pg) = map.pg_for(key.volume_id, key.chunk_index) else {
+                continue;
+            };
+            let Some(v) = map.volume(key.volume_id) else {
+                continue;
+            };
+            if map.disk_holds(disk, key.volume_id, key.chunk_index)
+                || self.rep.holds(pg, disk)
+                || self.held.contains(&(pg, disk))
+            {
+                continue;
+            }
+            let Ok(length) = u32::try_from(v.chunk_size_bytes) else {
+                continue;
+            };
+            self.engine(
+                disk,
+                0,
+                ReplKind::Purged,
+                Request::Trim {
+                    key,
+                    offset: 0,
+                    length,
+                },
+            );
+            freed += 1;
+        }
+        if freed > 0 {
+            self.shared.metrics.purged_chunks.inc_by(freed);
+            tracing::info!(
+                disk,
+                chunks = freed,
+                "freed the chunks of placement groups this disk no longer holds"
+            );
         }
     }
 
@@ -2598,6 +2721,8 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> ReplTx {
         local: std::collections::VecDeque::new(),
         reported: repl::Stats::default(),
         active_published: u64::MAX,
+        held: std::collections::BTreeSet::new(),
+        purge_due: true,
         next_scrub: shared.config.scrub_interval.map(|i| Instant::now() + i),
         scrub_generation: 0,
         budget_at: Instant::now(),

@@ -4,8 +4,11 @@
 //! `tessera up` does not restart it); the manager takes its disk out, every
 //! group that held it gets the fourth daemon's disk as a backfill member,
 //! the primaries fill it (throttled), and the cluster is clean again on the
-//! three live daemons with every copy identical. Reports the rebuild
-//! bandwidth and fio's p99 latency before and during the rebuild.
+//! three live daemons with every copy identical. Then the daemon comes back:
+//! it frees the chunks of the groups it lost, and rebalancing gives it back
+//! the groups placement picks it for, under verified writes. Reports the
+//! rebuild bandwidth, fio's p99 latency before and during the rebuild, and
+//! the time rebalancing took.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -172,11 +175,14 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
         .and_then(|n| n["disks"][0].as_u64())
         .expect("victim's disk") as u32;
     let recovered0 = recovered_bytes(&c);
-    let held = cluster_map(&c)
+    let held_pgs: Vec<usize> = cluster_map(&c)
         .pgs
         .iter()
-        .filter(|s| s.contains(&victim_disk))
-        .count();
+        .enumerate()
+        .filter(|(_, s)| s.contains(&victim_disk))
+        .map(|(pg, _)| pg)
+        .collect();
+    let held = held_pgs.len();
     let frozen = c.freeze(victim_name);
     let t_stop = Instant::now();
     poll("the disk taken out", Duration::from_secs(60), || {
@@ -253,15 +259,87 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
         ],
     ));
 
-    // Back from the dead: in again, but not in the groups it lost.
+    // Back from the dead: in again, and rebalancing gives it back exactly
+    // the groups placement picks it for (the ones it held: straw2 over the
+    // same four disks), each through a backfill while the three copies stay,
+    // under verified writes; no other group moves.
+    let sets_before: Vec<Vec<u32>> = cluster_map(&c).pgs.clone();
+    let writer = fio(
+        &uri,
+        &[
+            "--name=rebalance",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--offset=0",
+            "--size=32m",
+            "--io_size=12m",
+            "--iodepth=8",
+            "--rate_iops=400",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ],
+    );
+    let t_resume = Instant::now();
     frozen.resume();
-    poll("storage-1 up again", Duration::from_secs(60), || {
-        (status_json(&c)["daemons_down"] == 0).then_some(())
-    });
+    let mut max_members = 0;
+    poll(
+        "rebalancing onto storage-1",
+        Duration::from_secs(240),
+        || {
+            let m = cluster_map(&c);
+            max_members = max_members.max(m.pgs.iter().map(Vec::len).max().unwrap_or(0));
+            let s = status_json(&c);
+            let holds: Vec<usize> = m
+                .pgs
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.contains(&victim_disk))
+                .map(|(pg, _)| pg)
+                .collect();
+            (s["daemons_down"] == 0
+                && s["pgs_clean"] == s["pgs_total"]
+                && m.pgs.iter().all(|s| s.is_empty() || s.len() == 3)
+                && holds == held_pgs)
+                .then_some(())
+        },
+    );
+    println!(
+        "rebalanced {held} groups back onto storage-1 in {:.1} s (at most {max_members} copies of a group during the move)",
+        t_resume.elapsed().as_secs_f64()
+    );
     let m = cluster_map(&c);
     assert!(!m.disk(victim_disk).expect("disk").out);
-    assert!(m.pgs.iter().all(|s| !s.contains(&victim_disk)));
-    let s = status_json(&c);
-    assert_eq!(s["pgs_clean"], s["pgs_total"], "{s}");
+    for (pg, (now, was)) in m.pgs.iter().zip(&sets_before).enumerate() {
+        if !held_pgs.contains(&pg) {
+            assert_eq!(now, was, "group {pg} moved without reason");
+        }
+    }
+    fio_ok(writer);
+    let chunks = compare_copies(&c, "r");
+    println!("{chunks} chunks identical on all three copies after rebalancing");
+    // The copies that left a disk (storage-1's while it was out, the
+    // fourth's when rebalancing took them back) were freed there.
+    let purged: f64 = poll("orphaned chunks freed", Duration::from_secs(30), || {
+        let n: f64 = c
+            .live_storage_metrics()
+            .iter()
+            .map(|m| metric_sum(m, "tessera_storage_purged_chunks_total"))
+            .sum();
+        (n > 0.0).then_some(n)
+    });
+    println!("{purged} chunks of groups that left their disk were freed");
+    fio_ok(fio(
+        &uri,
+        &[
+            "--name=fill",
+            "--rw=write",
+            "--bs=1m",
+            "--offset=64m",
+            "--size=320m",
+            "--iodepth=4",
+            "--verify=crc32c",
+            "--verify_only",
+        ],
+    ));
     c.stop();
 }

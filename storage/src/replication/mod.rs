@@ -925,6 +925,11 @@ impl<D: Clone> Replicator<D> {
         }
     }
 
+    /// Whether this daemon has state for `disk`'s copy of group `pg`.
+    pub fn holds(&self, pg: u32, disk: u32) -> bool {
+        self.pgs.contains_key(&(pg, disk))
+    }
+
     /// Changes whenever `active_primaries` may have changed.
     pub fn active_generation(&self) -> u64 {
         self.active_gen
