@@ -1345,13 +1345,13 @@ fn run_seed_tally(seed: u64, tally: &mut Tally) -> Result<(), String> {
     })
 }
 
-/// Seeds that fail on a protocol bug not fixed yet (docs/replication.md,
-/// "Not done"): 4211 loses an acknowledged, flushed write after crashes of
-/// several copies in a row; no disk is taken out in it (found when the
-/// simulation grew re-placement and throttled recovery, which changed every
-/// seed's schedule). `TESSERA_SEED=n` still replays it;
-/// `TESSERA_SIM_KEEP_GOING=1` lists every failing seed of a batch.
-const KNOWN_FAILING: [u64; 1] = [4211];
+/// Seeds that fail on a protocol bug not fixed yet, skipped by batches
+/// (`TESSERA_SEED=n` still replays one; `TESSERA_SIM_KEEP_GOING=1` lists
+/// every failing seed of a batch). Empty: seed 4211, listed here since it
+/// lost an acknowledged, flushed write after crashes of several copies in a
+/// row, passes at this commit, and a 13,351-seed batch (240 s) found no
+/// failing seed (docs/replication.md, "Not done yet").
+const KNOWN_FAILING: [u64; 0] = [];
 
 // Proves the replication protocol keeps every acknowledged write, never
 // returns unwritten data, resumes I/O and converges, over many seeded
