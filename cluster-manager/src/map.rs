@@ -715,6 +715,22 @@ mod tests {
         c
     }
 
+    /// A 1 GiB volume `v` placed on the disks that are up.
+    fn create_gib_volume(c: &mut Catalog) {
+        let all = up_disks(c, |_| true);
+        create_volume(
+            c,
+            &CreateVolumeRequest {
+                name: "v".into(),
+                size_bytes: 1 << 30,
+                block_size: None,
+                pool: None,
+            },
+            &all,
+        )
+        .unwrap();
+    }
+
     fn register_node(c: &mut Catalog, name: &str) {
         crate::membership::register(
             c,
@@ -743,18 +759,7 @@ mod tests {
     #[test]
     fn take_out_and_top_up() {
         let mut c = triple(4, 64);
-        let all = up_disks(&c, |_| true);
-        create_volume(
-            &mut c,
-            &CreateVolumeRequest {
-                name: "v".into(),
-                size_bytes: 1 << 30,
-                block_size: None,
-                pool: None,
-            },
-            &all,
-        )
-        .unwrap();
+        create_gib_volume(&mut c);
         let before = c.pgs.clone();
         let changed = take_out(&mut c, 1, |n| n != 1);
         assert!(c.disks[0].out);
@@ -782,18 +787,7 @@ mod tests {
         // Three nodes: nothing eligible, the groups shrink; a fourth node
         // arriving tops them up.
         let mut c = triple(3, 16);
-        let all = up_disks(&c, |_| true);
-        create_volume(
-            &mut c,
-            &CreateVolumeRequest {
-                name: "v".into(),
-                size_bytes: 1 << 30,
-                block_size: None,
-                pool: None,
-            },
-            &all,
-        )
-        .unwrap();
+        create_gib_volume(&mut c);
         assert_eq!(take_out(&mut c, 2, |n| n != 2).len(), 16);
         assert!(c.pgs.iter().all(|s| s.len() == 2));
         assert!(top_up(&mut c, |n| n != 2).is_empty());
@@ -877,18 +871,7 @@ mod tests {
     #[test]
     fn rebalance_onto_added_disks() {
         let mut c = triple(3, 64);
-        let all = up_disks(&c, |_| true);
-        create_volume(
-            &mut c,
-            &CreateVolumeRequest {
-                name: "v".into(),
-                size_bytes: 1 << 30,
-                block_size: None,
-                pool: None,
-            },
-            &all,
-        )
-        .unwrap();
+        create_gib_volume(&mut c);
         let mut none = Vec::new();
         assert!(rebalance(&mut c, |_| true, |_| true, &mut none).is_empty());
         register_node(&mut c, "n4");

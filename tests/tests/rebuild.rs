@@ -99,6 +99,23 @@ fn p99(log: &[(u64, u64)], from: u64, to: u64) -> (f64, usize) {
 // errors), that the cluster becomes clean without it with every copy of
 // every chunk identical in the new acting sets, and that the daemon, when
 // it answers again, is not put back into the groups it lost.
+/// Read back and verify the 320 MiB written sequentially at the start.
+fn verify_fill(uri: &str) {
+    fio_ok(fio(
+        uri,
+        &[
+            "--name=fill",
+            "--rw=write",
+            "--bs=1m",
+            "--offset=64m",
+            "--size=320m",
+            "--iodepth=4",
+            "--verify=crc32c",
+            "--verify_only",
+        ],
+    ));
+}
+
 #[test]
 fn dead_daemon_is_rebuilt_on_the_fourth() {
     require(&["fio"]);
@@ -245,19 +262,7 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
     println!("{chunks} chunks identical on all three copies of the new acting sets");
 
     // The data written before the failure reads back intact.
-    fio_ok(fio(
-        &uri,
-        &[
-            "--name=fill",
-            "--rw=write",
-            "--bs=1m",
-            "--offset=64m",
-            "--size=320m",
-            "--iodepth=4",
-            "--verify=crc32c",
-            "--verify_only",
-        ],
-    ));
+    verify_fill(&uri);
 
     // Back from the dead: in again, and rebalancing gives it back exactly
     // the groups placement picks it for (the ones it held: straw2 over the
@@ -328,18 +333,6 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
         (n > 0.0).then_some(n)
     });
     println!("{purged} chunks of groups that left their disk were freed");
-    fio_ok(fio(
-        &uri,
-        &[
-            "--name=fill",
-            "--rw=write",
-            "--bs=1m",
-            "--offset=64m",
-            "--size=320m",
-            "--iodepth=4",
-            "--verify=crc32c",
-            "--verify_only",
-        ],
-    ));
+    verify_fill(&uri);
     c.stop();
 }
