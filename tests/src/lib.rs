@@ -48,13 +48,50 @@ pub fn wait_clean(c: &Cluster, timeout: Duration) {
     });
 }
 
+/// Start fio with its nbd engine on `uri`, a JSON report on stdout, and
+/// `args` (job name, workload, verification).
+pub fn spawn_fio_nbd(uri: &str, args: &[&str]) -> std::process::Child {
+    Command::new("fio")
+        .args([
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--output-format=json",
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn fio")
+}
+
+/// Wait for a fio started by `spawn_fio_nbd`; asserts it exited with
+/// success; returns its stdout.
+pub fn fio_wait_ok(child: std::process::Child) -> String {
+    let out = child.wait_with_output().expect("fio");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "fio failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stdout
+    );
+    stdout
+}
+
+/// fio's JSON report; asserts its first job reported no error (verify
+/// included).
+pub fn fio_json(out: &str) -> serde_json::Value {
+    let json = &out[out.find('{').expect("fio json")..];
+    let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
+    assert_eq!(v["jobs"][0]["error"], 0, "fio reported an error");
+    v
+}
+
 /// fio's JSON report: asserts no error; returns the longest completion
 /// latency in ms.
 pub fn fio_max_latency_ms(out: &str) -> f64 {
-    let json = &out[out.find('{').expect("fio json")..];
-    let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
+    let v = fio_json(out);
     let job = &v["jobs"][0];
-    assert_eq!(job["error"], 0, "fio reported an error");
     ["read", "write"]
         .iter()
         .map(|d| job[d]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6)

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_tests::*;
@@ -107,11 +106,10 @@ fn busiest_primary_killed_then_hung() {
     const SPAN: u64 = 48 << 20;
     let (dir, c) = replicated("failover-primary", "256M");
     let lat = dir.path().join("lat");
-    let fio = Command::new("fio")
-        .args([
+    let fio = spawn_fio_nbd(
+        &c.uri("v"),
+        &[
             "--name=primary",
-            "--ioengine=nbd",
-            &format!("--uri={}", c.uri("v")),
             "--rw=randwrite",
             "--bs=4k",
             &format!("--size={SPAN}"),
@@ -121,12 +119,8 @@ fn busiest_primary_killed_then_hung() {
             "--verify_fatal=1",
             &format!("--write_lat_log={}", lat.display()),
             "--log_avg_msec=0",
-            "--output-format=json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn fio");
+        ],
+    );
     poll("writes to flow", Duration::from_secs(30), || {
         (writes_on_up_daemons(&c) > 300.0).then_some(())
     });
@@ -172,15 +166,7 @@ fn busiest_primary_killed_then_hung() {
     );
     wait_clean(&c, Duration::from_secs(60));
 
-    let out = fio.wait_with_output().expect("fio");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "fio failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stdout
-    );
-    let stall = fio_max_latency_ms(&stdout);
+    let stall = fio_max_latency_ms(&fio_wait_ok(fio));
     let gap = longest_completion_gap_ms(&dir.path().join("lat_clat.1.log"));
     println!(
         "longest I/O stall seen by fio: {stall:.0} ms (longest gap between completions {gap} ms)"

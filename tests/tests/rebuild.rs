@@ -10,7 +10,6 @@
 //! rebuild bandwidth, fio's p99 latency before and during the rebuild, and
 //! the time rebalancing took.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tessera_tests::*;
 
@@ -31,35 +30,9 @@ fn recovered_bytes(c: &Cluster) -> f64 {
         .sum()
 }
 
-/// Run fio to completion and return its JSON output, asserting success and
-/// no error (verify included).
+/// Wait for fio; asserts success and no error (verify included).
 fn fio_ok(child: std::process::Child) -> serde_json::Value {
-    let out = child.wait_with_output().expect("fio");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "fio failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stdout
-    );
-    let json = &stdout[stdout.find('{').expect("fio json")..];
-    let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
-    assert_eq!(v["jobs"][0]["error"], 0, "fio reported an error");
-    v
-}
-
-fn fio(uri: &str, args: &[&str]) -> std::process::Child {
-    Command::new("fio")
-        .args([
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--output-format=json",
-        ])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn fio")
+    fio_json(&fio_wait_ok(child))
 }
 
 /// The writes of fio's completion-latency log (lines `time ms, latency
@@ -101,7 +74,7 @@ fn p99(log: &[(u64, u64)], from: u64, to: u64) -> (f64, usize) {
 // it answers again, is not put back into the groups it lost.
 /// Read back and verify the 320 MiB written sequentially at the start.
 fn verify_fill(uri: &str) {
-    fio_ok(fio(
+    fio_ok(spawn_fio_nbd(
         uri,
         &[
             "--name=fill",
@@ -136,7 +109,7 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
     let uri = c.uri("r");
 
     // Data for the rebuild to move: 320 MiB written and verified.
-    let fill = fio(
+    let fill = spawn_fio_nbd(
         &uri,
         &[
             "--name=fill",
@@ -155,7 +128,7 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
     // every completion latency logged.
     let lat = dir.path().join("lat");
     let t0 = Instant::now();
-    let writer = fio(
+    let writer = spawn_fio_nbd(
         &uri,
         &[
             "--name=during",
@@ -269,7 +242,7 @@ fn dead_daemon_is_rebuilt_on_the_fourth() {
     // same four disks), each through a backfill while the three copies stay,
     // under verified writes; no other group moves.
     let sets_before: Vec<Vec<u32>> = cluster_map(&c).pgs.clone();
-    let writer = fio(
+    let writer = spawn_fio_nbd(
         &uri,
         &[
             "--name=rebalance",

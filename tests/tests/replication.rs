@@ -4,7 +4,6 @@
 //! heartbeat grace; every copy compared at the end through the internal
 //! protocol; the longest I/O stall and the recovery volume reported.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tessera_tests::*;
 
@@ -49,11 +48,10 @@ fn three_copies_survive_kill9_and_sigstop() {
     let uri = c.uri("r");
     // Paced writes (so the recovery bound is meaningful), verified at the
     // end of the job; the job lasts as long as the faults below.
-    let fio = Command::new("fio")
-        .args([
+    let fio = spawn_fio_nbd(
+        &uri,
+        &[
             "--name=repl",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
             "--rw=randwrite",
             "--bs=4k",
             "--size=64m",
@@ -61,12 +59,8 @@ fn three_copies_survive_kill9_and_sigstop() {
             "--rate_iops=300",
             "--verify=crc32c",
             "--verify_fatal=1",
-            "--output-format=json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn fio");
+        ],
+    );
     poll("writes to flow", Duration::from_secs(30), || {
         (write_requests(&c) > 500.0).then_some(())
     });
@@ -105,15 +99,7 @@ fn three_copies_survive_kill9_and_sigstop() {
         "recovery copied {recovered} bytes, more than {bound}"
     );
 
-    let out = fio.wait_with_output().expect("fio");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "fio failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stdout
-    );
-    let stall = fio_max_latency_ms(&stdout);
+    let stall = fio_max_latency_ms(&fio_wait_ok(fio));
     println!("longest I/O stall seen by fio: {stall:.0} ms");
     wait_clean(&c, Duration::from_secs(60));
     let chunks = compare_copies(&c, "r");
