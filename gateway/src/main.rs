@@ -179,7 +179,8 @@ fn main() {
     let iscsi_on = args.iscsi_listen.iter().any(|a| a != "none");
     let access = match (&args.cluster_secret_file, iscsi_on) {
         (Some(path), true) => {
-            let secret = read_secret(path).unwrap_or_else(|e| fatal(Exit::Manager, e));
+            let secret = tessera_wire::api::read_cluster_secret(path)
+                .unwrap_or_else(|e| fatal(Exit::Manager, e));
             ManagerAccess::follow(args.manager.clone(), secret, maps, deadline)
                 .unwrap_or_else(|e| fatal(Exit::Manager, e))
         }
@@ -273,20 +274,6 @@ fn main() {
     tracing::info!("stopped");
     // Connections still open are dropped with the runtime.
     rt.shutdown_timeout(Duration::from_millis(100));
-}
-
-/// The cluster secret: the first line of its file. Never logged.
-fn read_secret(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the cluster secret {}: {e}", path.display()))?;
-    let s = text.lines().next().unwrap_or("").trim().to_string();
-    if s.is_empty() {
-        return Err(format!(
-            "the cluster secret file {} is empty",
-            path.display()
-        ));
-    }
-    Ok(s)
 }
 
 async fn wait_for_signal() {

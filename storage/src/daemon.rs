@@ -1123,20 +1123,6 @@ fn metrics_server(listener: tiny_http::Server, metrics: Metrics) {
     }
 }
 
-/// The cluster secret: the first line of its file. Never logged.
-fn read_secret(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the cluster secret {}: {e}", path.display()))?;
-    let s = text.lines().next().unwrap_or("").trim().to_string();
-    if s.is_empty() {
-        return Err(format!(
-            "the cluster secret file {} is empty",
-            path.display()
-        ));
-    }
-    Ok(s)
-}
-
 /// Tell systemd (Type=notify) that the daemon is ready, when run under it.
 pub fn notify_ready() {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -1713,7 +1699,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         nbd_text = tessera_gateway::embedded::addresses(&nbd.iter().collect::<Vec<_>>());
         iscsi_text = tessera_gateway::embedded::addresses(&iscsi.iter().collect::<Vec<_>>());
         let secret = match &config.cluster_secret_file {
-            Some(p) => Some(read_secret(p).map_err(Fatal::env)?),
+            Some(p) => Some(tessera_wire::api::read_cluster_secret(p).map_err(Fatal::env)?),
             None => {
                 if !iscsi.is_empty() {
                     tracing::warn!(

@@ -337,6 +337,21 @@ pub fn format_size(n: u64) -> String {
     }
 }
 
+/// The cluster secret: the first line of its file. Never logged.
+/// Read by storage daemons and gateways (`--cluster-secret-file`).
+pub fn read_cluster_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the cluster secret {}: {e}", path.display()))?;
+    let s = text.lines().next().unwrap_or("").trim().to_string();
+    if s.is_empty() {
+        return Err(format!(
+            "the cluster secret file {} is empty",
+            path.display()
+        ));
+    }
+    Ok(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
