@@ -25,7 +25,7 @@ latency of each I/O with its completion time (Unix ms) and offset
    `tessera_storage_recovery_bytes_total` summed (after - before); the
    bound is the distinct 64 KiB regions written while the daemon was away
    (fio's log: writes in flight between the stop, less 250 ms for the last
-   flush round, and the moment the manager saw it up again, plus 250 ms)
+   flush round, and the moment the map had it up again, plus 250 ms)
    x 64 KiB; the test's looser bound (client write requests x 64 KiB, from
    `tessera_storage_requests_total{op="write"}`) is given too. Recovery
    time: from the resume to every placement group clean (manager status,
@@ -45,11 +45,13 @@ overwrite allocated blocks, as on a block device); --sparse-disks skips it.
 
 Results: JSON with every parameter and sample, and a Markdown table, under
 bench/results/failure-<UTC time>.{json,md}. A benchmark, not a test: CI
-never runs it. Takes about 6-8 minutes with the defaults; --quick is a
-short smoke run (about 2 minutes).
+never runs it. Takes about 4 minutes with the defaults on a 2-core VM;
+--quick is a short smoke run (about 1.5 minutes).
 
 Usage (from the repository root, after `cargo build --release --workspace`):
   TESSERA_BIN=target/release bench/failure_scenarios.py [--reps 5] [--quick]
+  (scratch files go to a new directory under --workdir, /tmp by default,
+  removed at the end; keep it on the disk being measured)
 """
 
 import argparse
@@ -409,7 +411,7 @@ def delta_recovery(c, work, args):
         wait_writes(c, 200)
         pid, share = busiest(c)
         name = c.name_of(pid)
-        rec0 = sum(c.per_daemon("tessera_storage_recovery_bytes_total").values())
+        rec0 = c.per_daemon("tessera_storage_recovery_bytes_total")
         w0 = c.writes()
         t_stop = time.time()
         c.freeze(pid)
@@ -440,7 +442,7 @@ def delta_recovery(c, work, args):
                 raise RuntimeError("recovery did not finish in 300 s")
             time.sleep(0.1)
         t_clean = time.time()
-        rec1 = sum(c.per_daemon("tessera_storage_recovery_bytes_total").values())
+        rec1 = c.per_daemon("tessera_storage_recovery_bytes_total")
         time.sleep(1)
     finally:
         res = fio.stop()
@@ -463,13 +465,19 @@ def delta_recovery(c, work, args):
     strict = regions(t_stop, t_resume)
     absent = regions(t_stop - 0.25, t_map_up + 0.25)
     writes_meanwhile = sum(w1.values()) - sum(w0.values())
-    recovered = rec1 - rec0
+    by_daemon = {c.name_of(pid): rec1.get(pid, 0) - rec0.get(pid, 0) for pid in rec0}
+    recovered = sum(by_daemon.values())
+    # What the primaries planned to push when the recoveries began (done +
+    # remaining in their heartbeats, first second after the resume).
+    planned = max((x["recovery_done_bytes"] or 0) + (x["recovery_remaining_bytes"] or 0)
+                  for x in samples_status if x["t"] <= 1.0)
     r = {"victim": name, "victim_write_share": share, "stopped_s": t_resume - t_stop,
          "declared_down_after_s": t_down - t_stop, "up_again_after_resume_s": t_up - t_resume,
          "map_up_after_resume_s": t_map_up - t_resume,
          "t_stop": t_stop, "t_resume": t_resume, "t_up": t_up, "t_map_up": t_map_up,
          "t_clean": t_clean,
          "recovery_time_s": t_clean - t_resume, "recovered_bytes": recovered,
+         "recovered_by_daemon": by_daemon, "planned_at_start_bytes": planned,
          "fio_writes_in_window": sum(1 for t, lat, _, _ in s
                                      if t >= (t_stop - 0.25) * 1000
                                      and t - lat / 1e6 <= (t_map_up + 0.25) * 1000),
@@ -569,6 +577,7 @@ def med(v):
 def report(doc):
     f = lambda v, d=0: "-" if v is None else f"{v:,.{d}f}"
     yes = lambda ok: "**yes**" if ok else "**no**"
+    pct = lambda v, seq: f"{v / seq['mb_s'] * 100:.0f}%" if seq else "-"
     a = doc["args"]
     L = [f"# Failure benchmark {doc['date']}", "", f"Command: `{doc['command']}`", "",
          f"Binaries: `{doc['bin']}`. Machine: {doc['machine']['cpus']} CPUs, kernel "
@@ -620,7 +629,7 @@ def report(doc):
               f"{f(d['recovered_bytes'] / d['bound_bytes'] if d['bound_bytes'] else None, 2)} | "
               f"{f(d['bound_strict_bytes'] / 1e6, 1)} | {f(d['bound_requests_bytes'] / 1e6, 1)} | "
               f"{f(d['recovery_time_s'], 2)} | {f(d['recovery_rate_mb_s'], 1)} | "
-              f"{f(d['recovery_rate_mb_s'] / seq['mb_s'] * 100 if seq else None)}% |", "",
+              f"{pct(d['recovery_rate_mb_s'], seq)} |", "",
               f"Victim {d['victim']}; declared down {d['declared_down_after_s']:.2f} s after the "
               f"stop, up again in the map {d['map_up_after_resume_s']:.2f} s after the resume. "
               "The bound counts the distinct 64 KiB regions of fio's writes in flight at any "
@@ -629,8 +638,11 @@ def report(doc):
               "margins; \"requests x 64 KiB\" is the looser bound tests/tests/replication.rs "
               "asserts. Recovered bytes include the pushes of peering when the returning "
               "daemon leads its groups again (the metric does not tell them apart). "
-              "The rate is recovered bytes / (clean - up again in the map). fio error: "
-              + str(d.get("fio_error", d.get("error"))), ""]
+              "The rate is recovered bytes / (clean - up again in the map). Planned at the "
+              f"start (done + remaining in the first second's status): "
+              f"{d['planned_at_start_bytes'] / 1e6:,.1f} MB; pushed by daemon (MB): "
+              + ", ".join(f"{k} {v / 1e6:,.1f}" for k, v in sorted(d["recovered_by_daemon"].items()))
+              + ". fio error: " + str(d.get("fio_error", d.get("error"))), ""]
     rb = doc.get("rebuild")
     if rb:
         L += [f"## Rebuild onto a fourth daemon: `tessera up --storage-daemons 4 --replicas 3 "
@@ -644,7 +656,7 @@ def report(doc):
               f"| {rb['groups_held']} of {rb['groups_total']} | {f(rb['out_after_s'], 1)} | "
               f"{f(rb['recovered_bytes'] / 1e6)} | {f(rb['rebuild_s'], 1)} | "
               f"{f(rb['rebuild_mb_s'], 1)} | "
-              f"{f(rb['rebuild_mb_s'] / seq['mb_s'] * 100 if seq else None)}% | "
+              f"{pct(rb['rebuild_mb_s'], seq)} | "
               f"{f(rb['p99_before_ms'], 2)} ({rb['n_before']} writes) | "
               f"{f(rb['p99_during_ms'], 2)} ({rb['n_during']} writes) | "
               f"{f(rb['p99_during_ms'] / rb['p99_before_ms'] if rb['p99_before_ms'] and rb['p99_during_ms'] else None, 1)}x | "
@@ -738,7 +750,8 @@ def main():
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed")
     work = tempfile.mkdtemp(prefix="tessera-failure-", dir=args.workdir)
-    command = "bench/failure_scenarios.py " + " ".join(sys.argv[1:])
+    command = " ".join([f"TESSERA_BIN={os.environ['TESSERA_BIN']}"] * ("TESSERA_BIN" in os.environ)
+                       + ["bench/failure_scenarios.py"] + sys.argv[1:])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
     doc = {"command": command, "date": stamp, "bin": BIN, "args": vars(args),
            "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release,
