@@ -22,15 +22,13 @@ use std::time::Duration;
 use tessera_wire::header::{HEADER_SIZE, open_payload, seal_payload};
 use tessera_wire::{Header, Op, Status};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Requests in flight on one storage connection.
 pub const STORAGE_INFLIGHT_MAX: usize = 512;
 pub const CONNECT_TIMEOUT_MS: u64 = 2000;
-const WRITE_BUFFER_BYTES: usize = 256 * 1024;
-const READ_BUFFER_BYTES: usize = 256 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConnError {
@@ -275,49 +273,41 @@ async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 async fn write_requests<W: AsyncWrite + Unpin>(
-    wr: W,
+    mut w: W,
     mut rx: mpsc::Receiver<Outgoing>,
 ) -> std::io::Result<()> {
-    let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);
+    let mut batch: Vec<Outgoing> = Vec::new();
+    let mut scratch = Vec::new();
     while let Some(m) = rx.recv().await {
-        w.write_all(&m.header).await?;
-        if let Some(p) = &m.payload {
-            w.write_all(p).await?;
-        }
+        batch.push(m);
         // Gather what other ready tasks are about to send (see
         // nbd::session::write_replies).
         tokio::task::yield_now().await;
-        while let Ok(m) = rx.try_recv() {
-            w.write_all(&m.header).await?;
+        while batch.len() < BATCH_MAX
+            && let Ok(m) = rx.try_recv()
+        {
+            batch.push(m);
+        }
+        let mut g = crate::frameio::Gather::new(scratch);
+        for m in &batch {
+            g.push(&m.header);
             if let Some(p) = &m.payload {
-                w.write_all(p).await?;
+                g.push(p);
             }
         }
-        w.flush().await?;
+        scratch = g.write_to(&mut w).await?;
+        batch.clear();
     }
     Ok(())
 }
 
-/// Read exactly `n` bytes into a new vector without zero-filling it first
-/// (for 128 KiB payloads the memset showed in profiles).
-pub(crate) async fn read_vec<R: tokio::io::AsyncRead + Unpin>(
-    rd: &mut R,
-    n: usize,
-) -> std::io::Result<Vec<u8>> {
-    let mut v = Vec::with_capacity(n);
-    // Capacity is exactly n, so no read can overshoot into the next frame.
-    while v.len() < n {
-        if rd.read_buf(&mut v).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    Ok(v)
-}
+/// Requests written by one `writev` at most.
+const BATCH_MAX: usize = 256;
 
 /// Read replies until the connection fails; returns why it did.
 async fn read_replies<R: AsyncRead + Unpin>(rd: R, conn: &std::sync::Weak<Conn>) -> String {
     // One receive brings every reply the daemon sent together.
-    let mut rd = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, rd);
+    let mut rd = tokio::io::BufReader::with_capacity(crate::frameio::READ_BUFFER_BYTES, rd);
     loop {
         let mut b = [0u8; HEADER_SIZE];
         if let Err(e) = rd.read_exact(&mut b).await {
@@ -331,10 +321,11 @@ async fn read_replies<R: AsyncRead + Unpin>(rd: R, conn: &std::sync::Weak<Conn>)
             return "request header where a reply was expected".into();
         }
         // decode bounded payload_len by PAYLOAD_MAX_BYTES.
-        let mut section = match read_vec(&mut rd, h.payload_len as usize).await {
-            Ok(v) => v,
-            Err(e) => return format!("read payload: {e}"),
-        };
+        let mut section =
+            match crate::frameio::read_payload(&mut rd, h.payload_len as usize, 0).await {
+                Ok(v) => v,
+                Err(e) => return format!("read payload: {e}"),
+            };
         let Some(conn) = conn.upgrade() else {
             return "connection dropped".into();
         };

@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod embedded;
+pub mod frameio;
 pub mod iscsi;
 pub mod map;
 pub mod metrics;

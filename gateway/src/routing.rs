@@ -348,6 +348,28 @@ async fn join_all(
     Ok(())
 }
 
+/// The pieces of a read, in volume order, as one buffer. A read within one
+/// chunk is a single piece and is returned as it came (no zeroing, no
+/// copy). Pieces must tile the request exactly: a gap or an overlap (a
+/// daemon answering with the wrong length) is an I/O error, never zeroes.
+fn assemble(mut parts: Vec<(usize, Vec<u8>)>, len: usize) -> Result<Vec<u8>, VolumeError> {
+    if parts.len() == 1 && parts[0].0 == 0 && parts[0].1.len() == len {
+        return Ok(parts.pop().expect("one piece").1);
+    }
+    parts.sort_unstable_by_key(|p| p.0);
+    let mut buf = Vec::with_capacity(len);
+    for (at, d) in parts {
+        if at != buf.len() {
+            return Err(VolumeError::Io);
+        }
+        buf.extend_from_slice(&d);
+    }
+    if buf.len() != len {
+        return Err(VolumeError::Io);
+    }
+    Ok(buf)
+}
+
 /// A volume served through the cluster: size and geometry come from the
 /// newest map, I/O goes to storage daemons.
 pub struct RoutedVolume {
@@ -373,13 +395,22 @@ impl RoutedVolume {
         offset: u64,
         length: u64,
         fua: bool,
-        data: Option<&[u8]>,
+        mut data: Option<Vec<u8>>,
     ) -> Result<Pieces, VolumeError> {
         let pieces = split(self.chunk_size()?, offset, length)
             .ok_or_else(|| VolumeError::Invalid("range beyond addressable chunks".into()))?;
+        let single = pieces.len() == 1;
         let mut set = JoinSet::new();
         for p in pieces {
-            let payload = data.map(|d| {
+            let payload = data.as_mut().map(|d| {
+                if single {
+                    // The whole write is this piece: seal it where it lies
+                    // (the NBD reader left room for the CRC) instead of
+                    // copying it.
+                    let mut v = std::mem::take(d);
+                    seal_payload(&mut v);
+                    return Arc::new(v);
+                }
                 let mut v = Vec::with_capacity(p.length as usize + 4);
                 v.extend_from_slice(&d[p.buf_offset..p.buf_offset + p.length as usize]);
                 seal_payload(&mut v);
@@ -423,16 +454,15 @@ impl Volume for RoutedVolume {
     fn read(&self, offset: u64, length: u32) -> VolFuture<'_, Vec<u8>> {
         Box::pin(async move {
             let set = self.ranged(Op::Read, offset, u64::from(length), false, None)?;
-            let mut buf = vec![0u8; length as usize];
-            join_all(set, |at, d| buf[at..at + d.len()].copy_from_slice(&d)).await?;
-            Ok(buf)
+            let mut parts = Vec::new();
+            join_all(set, |at, d| parts.push((at, d))).await?;
+            assemble(parts, length as usize)
         })
     }
 
     fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> VolFuture<'_, ()> {
         Box::pin(async move {
-            let set = self.ranged(Op::Write, offset, data.len() as u64, fua, Some(&data))?;
-            drop(data);
+            let set = self.ranged(Op::Write, offset, data.len() as u64, fua, Some(data))?;
             join_all(set, |_, _| {}).await
         })
     }

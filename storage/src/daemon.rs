@@ -11,7 +11,7 @@
 //! bounds, placement ownership and payload CRC.
 
 use crate::engine::{self, ChunkKey, Completion, Engine, EngineError, Reply, Request};
-use crate::io::{self, Disk, Wait};
+use crate::io::{self, Disk, ReadData, Wait};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use tessera_gateway::frameio::{Gather, read_payload};
 use tessera_wire::api::{
     DiskRegistration, DiskUsage, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
     RegisterResponse, ScrubReport, VolumeUsage,
@@ -31,7 +32,7 @@ use tessera_wire::api::{
 use tessera_wire::header::{HEADER_SIZE, PAYLOAD_MAX_BYTES, open_payload};
 use tessera_wire::map::{CHUNK_SIZE_DEFAULT_BYTES, ClusterMap};
 use tessera_wire::{Flags, Header, Op, Status};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc as tmpsc, watch};
 
@@ -227,7 +228,8 @@ enum EngineMsg {
 
 struct Outgoing {
     header: Header,
-    data: Vec<u8>,
+    /// Read replies carry the engine's disk buffer as is.
+    data: ReadData,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -286,6 +288,9 @@ impl Disk for Box<dyn Disk> {
     }
     fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
         (**self).completion_fd()
+    }
+    fn read_buffer(&self, len: usize) -> io::AlignedBuf {
+        (**self).read_buffer(len)
     }
 }
 
@@ -474,16 +479,17 @@ fn deliver(routes: &mut Slab<Route>, done: &mut Vec<Completion>, metrics: &Metri
                 let h = reply.header.reply_to(Status::Checksum, 0, 0);
                 let _ = reply.tx.send(Outgoing {
                     header: h,
-                    data: Vec::new(),
+                    data: ReadData::default(),
                     _permit: Some(reply.permit),
                 });
             }
             continue;
         }
         let (status, data) = match c.result {
-            Ok(Reply::Done) | Ok(Reply::Allocated(_)) => (Status::Ok, Vec::new()),
-            Ok(Reply::Data(d)) | Ok(Reply::Allocation(d)) => (Status::Ok, d),
-            Err(e) => (status_of(e), Vec::new()),
+            Ok(Reply::Done) | Ok(Reply::Allocated(_)) => (Status::Ok, ReadData::default()),
+            Ok(Reply::Data(d)) => (Status::Ok, d),
+            Ok(Reply::Allocation(d)) => (Status::Ok, d.into()),
+            Err(e) => (status_of(e), ReadData::default()),
         };
         let op_label = op_name(header.op);
         metrics
@@ -1162,24 +1168,44 @@ where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let mut rd = BufReader::with_capacity(256 * 1024, rd);
+    let mut rd = BufReader::with_capacity(tessera_gateway::frameio::READ_BUFFER_BYTES, rd);
     let (tx, mut rx) = tmpsc::unbounded_channel::<Outgoing>();
     let writer = tokio::spawn(async move {
-        let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+        let mut wr = wr;
+        let mut batch: Vec<(Outgoing, [u8; HEADER_SIZE], [u8; 4])> = Vec::new();
+        let mut scratch = Vec::new();
         while let Some(first) = rx.recv().await {
             // Let the engine finish delivering what is ready so one send
             // carries it all; returns at once when nothing else is ready.
             tokio::task::yield_now().await;
             let mut next = Some(first);
             while let Some(o) = next.take() {
-                if write_outgoing(&mut wr, &o).await.is_err() {
-                    return;
+                let crc = if o.header.payload_len > 0 {
+                    tessera_wire::crc32c(&o.data).to_le_bytes()
+                } else {
+                    [0; 4]
+                };
+                let head = o.header.to_bytes();
+                batch.push((o, head, crc));
+                if batch.len() < REPLY_BATCH_MAX {
+                    next = rx.try_recv().ok();
                 }
-                next = rx.try_recv().ok();
             }
-            if wr.flush().await.is_err() {
-                return;
+            // One writev for the batch; payloads are not copied into a
+            // write buffer on the way (tessera_gateway::frameio).
+            let mut g = Gather::new(scratch);
+            for (o, head, crc) in &batch {
+                g.push(head);
+                if o.header.payload_len > 0 {
+                    g.push(&o.data);
+                    g.push(crc);
+                }
             }
+            match g.write_to(&mut wr).await {
+                Ok(s) => scratch = s,
+                Err(_) => return,
+            }
+            batch.clear();
         }
     });
     let sem = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
@@ -1195,7 +1221,7 @@ where
             let mut payload = Vec::new();
             if h.payload_len > 0 {
                 assert!(h.payload_len <= PAYLOAD_MAX_BYTES);
-                payload = read_vec(&mut rd, h.payload_len as usize)
+                payload = read_payload(&mut rd, h.payload_len as usize, 0)
                     .await
                     .map_err(|_| "closed mid-payload")?;
             }
@@ -1208,7 +1234,7 @@ where
                 let status = if ok { Status::Ok } else { Status::Refused };
                 let _ = tx.send(Outgoing {
                     header: h.reply_to(status, shared.map().epoch, 0),
-                    data: Vec::new(),
+                    data: ReadData::default(),
                     _permit: Some(permit),
                 });
                 if !ok {
@@ -1235,7 +1261,7 @@ where
                 }
                 let _ = tx.send(Outgoing {
                     header: h.reply_to(status, shared.map().epoch, 0),
-                    data: Vec::new(),
+                    data: ReadData::default(),
                     _permit: Some(permit),
                 });
                 continue;
@@ -1295,7 +1321,7 @@ where
                         .inc();
                     let _ = tx.send(Outgoing {
                         header: h.reply_to(status, shared.map().epoch, 0),
-                        data: Vec::new(),
+                        data: ReadData::default(),
                         _permit: Some(permit),
                     });
                 }
@@ -1315,31 +1341,8 @@ where
     let _ = writer.await;
 }
 
-/// Read exactly `n` bytes into a new vector, without zero-filling it first
-/// (a 128 KiB payload was a visible memset per request).
-async fn read_vec<R: tokio::io::AsyncRead + Unpin>(
-    rd: &mut R,
-    n: usize,
-) -> std::io::Result<Vec<u8>> {
-    let mut v = Vec::with_capacity(n);
-    // Capacity is exactly n, so no read can overshoot into the next frame.
-    while v.len() < n {
-        if rd.read_buf(&mut v).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    Ok(v)
-}
-
-async fn write_outgoing<W: AsyncWriteExt + Unpin>(w: &mut W, o: &Outgoing) -> std::io::Result<()> {
-    w.write_all(&o.header.to_bytes()).await?;
-    if o.header.payload_len > 0 {
-        w.write_all(&o.data).await?;
-        w.write_all(&tessera_wire::crc32c(&o.data).to_le_bytes())
-            .await?;
-    }
-    Ok(())
-}
+/// Replies written by one `writev` at most (each is 1-3 iovec entries).
+const REPLY_BATCH_MAX: usize = 128;
 
 /// Validate a replication message from a peer daemon and hand it to the
 /// replication driver. Epoch and primacy are judged by the state machine
@@ -1938,25 +1941,32 @@ async fn peer_task(addr: String, cluster_id: String, mut rx: tmpsc::Receiver<Vec
         let mut buf = vec![0u8; 64 * 1024];
         while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
     });
-    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    let mut wr = wr;
     let mut hello = cluster_id.into_bytes();
     tessera_wire::header::seal_payload(&mut hello);
     let mut h = Header::request(Op::Hello, 0, 0);
     h.payload_len = hello.len() as u32;
-    if wr.write_all(&h.to_bytes()).await.is_err() || wr.write_all(&hello).await.is_err() {
-        return;
-    }
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(f) = next.take() {
-            if wr.write_all(&f).await.is_err() {
-                reader.abort();
-                return;
-            }
-            next = rx.try_recv().ok();
+    let mut frames = vec![h.to_bytes().to_vec(), hello];
+    let mut scratch = Vec::new();
+    loop {
+        // Every frame ready goes in one writev (no copy into a buffer).
+        while frames.len() < REPLY_BATCH_MAX
+            && let Ok(f) = rx.try_recv()
+        {
+            frames.push(f);
         }
-        if wr.flush().await.is_err() {
-            break;
+        let mut g = Gather::new(scratch);
+        for f in &frames {
+            g.push(f);
+        }
+        match g.write_to(&mut wr).await {
+            Ok(s) => scratch = s,
+            Err(_) => break,
+        }
+        frames.clear();
+        match rx.recv().await {
+            Some(f) => frames.push(f),
+            None => break,
         }
     }
     reader.abort();
@@ -2136,7 +2146,7 @@ impl Driver {
                             ReplInput::ReadDone {
                                 token,
                                 extent,
-                                data: (!zero).then(|| Arc::new(d)),
+                                data: (!zero).then(|| Arc::new(d.into_vec())),
                             }
                         }
                         // A block failed its CRC (or the disk the read):
@@ -2353,7 +2363,7 @@ impl Driver {
         m.errors.with_label_values(&[status_name(status)]).inc();
         let _ = p.tx.send(Outgoing {
             header: h.reply_to(status, 0, 0),
-            data: Vec::new(),
+            data: ReadData::default(),
             _permit: Some(p.permit),
         });
     }
@@ -2408,7 +2418,7 @@ impl Driver {
                     repl::Change::Write(d) => Request::Write {
                         key: k,
                         offset: update.extent.offset,
-                        data: Arc::try_unwrap(d).unwrap_or_else(|a| (*a).clone()),
+                        data: Arc::try_unwrap(d).unwrap_or_else(|a| (*a).clone()).into(),
                         fua: update.fua,
                     },
                     repl::Change::Zeroes => Request::WriteZeroes {
@@ -2513,7 +2523,7 @@ impl Driver {
                     }
                     let _ = p.tx.send(Outgoing {
                         header: p.header.reply_to(status, 0, 0),
-                        data: Vec::new(),
+                        data: ReadData::default(),
                         _permit: Some(p.permit),
                     });
                 }

@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::volume::{Volume, VolumeError};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 
@@ -31,11 +31,9 @@ use tokio::task::JoinSet;
 pub const INFLIGHT_MAX: usize = 128;
 /// How long queued replies may take to drain after a protocol error.
 const PROTOCOL_ERROR_FLUSH_MS: u64 = 1000;
-/// Buffer of the reply writer: small replies are batched into one send.
-/// Receive buffer of a connection: holds many pipelined requests (and
-/// write payloads up to this size arrive in one read).
-pub const READ_BUFFER_BYTES: usize = 256 * 1024;
-const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+/// Receive buffer of a connection: see `frameio::READ_BUFFER_BYTES` (write
+/// payloads larger than what it holds are read straight into place).
+pub const READ_BUFFER_BYTES: usize = crate::frameio::READ_BUFFER_BYTES;
 /// WRITE_ZEROES with NO_HOLE writes real zero blocks, this many bytes per
 /// volume write (the storage daemons' zeroing would deallocate them).
 const ZERO_WRITE_PIECE_BYTES: u64 = 1 << 20;
@@ -112,7 +110,7 @@ enum Outcome {
 
 /// Serve the transmission phase until the client disconnects.
 pub async fn run<R, W>(
-    mut reader: R,
+    mut reader: tokio::io::BufReader<R>,
     writer: W,
     volume: Arc<dyn Volume>,
     metrics: Arc<Metrics>,
@@ -187,7 +185,10 @@ where
         let payload = match cmd {
             Command::Disconnect => break End::Disconnect,
             Command::Write { length, .. } => {
-                let Ok(data) = crate::client::read_vec(&mut reader, length as usize).await else {
+                // Room for the internal protocol's payload CRC, so a write
+                // that stays in one chunk is sent on without a copy.
+                let payload = crate::frameio::read_payload(&mut reader, length as usize, 4).await;
+                let Ok(data) = payload else {
                     break End::ClientGone;
                 };
                 Some(data)
@@ -406,38 +407,50 @@ async fn discard<R: AsyncRead + Unpin>(reader: &mut R, n: u32) -> std::io::Resul
 }
 
 /// The single writer: replies in completion order, batched while more are
-/// queued, flushed when the queue is momentarily empty.
+/// queued, written with one `writev` per batch (payloads are not copied
+/// into a write buffer) when the queue is momentarily empty.
 async fn write_replies<W: AsyncWrite + Unpin>(
-    writer: W,
+    mut w: W,
     mut rx: mpsc::Receiver<Reply>,
 ) -> std::io::Result<()> {
-    let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
+    let mut batch: Vec<Reply> = Vec::new();
+    let mut scratch = Vec::new();
     while let Some(r) = rx.recv().await {
-        write_one(&mut w, &r).await?;
+        batch.push(r);
         // Let the request tasks that are ready finish first, so one send
         // carries every reply they produce: on loopback a send costs more
         // than the request itself. Returns at once when nothing else is
         // ready, so a lone request is not delayed.
         tokio::task::yield_now().await;
-        while let Ok(r) = rx.try_recv() {
-            write_one(&mut w, &r).await?;
+        while batch.len() < BATCH_REPLIES_MAX
+            && let Ok(r) = rx.try_recv()
+        {
+            batch.push(r);
         }
-        w.flush().await?;
+        let mut g = crate::frameio::Gather::new(scratch);
+        for r in &batch {
+            gather_one(&mut g, r);
+        }
+        scratch = g.write_to(&mut w).await?;
+        // Dropping the replies releases their permits.
+        batch.clear();
     }
     w.shutdown().await
 }
 
-async fn write_one<W: AsyncWrite + Unpin>(w: &mut W, r: &Reply) -> std::io::Result<()> {
+/// Replies written by one `writev` at most (each is 1-3 iovec entries).
+const BATCH_REPLIES_MAX: usize = 128;
+
+fn gather_one<'a>(g: &mut crate::frameio::Gather<'a>, r: &'a Reply) {
     for s in &r.frames.segments {
         match s {
-            Segment::Head(range) => w.write_all(&r.frames.bytes[range.clone()]).await?,
+            Segment::Head(range) => g.push(&r.frames.bytes[range.clone()]),
             Segment::Data(range) => {
                 let d = r.data.as_ref().expect("data segments come with data");
-                w.write_all(&d[range.clone()]).await?;
+                g.push(&d[range.clone()]);
             }
         }
     }
-    Ok(())
 }
 
 /// The reply format is fixed per connection; exposed for the server's logs.

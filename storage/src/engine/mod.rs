@@ -21,7 +21,7 @@
 
 pub mod format;
 
-use crate::io::{ALIGN, AlignedBuf, Disk, IoDone, IoKind, IoOp, Wait};
+use crate::io::{ALIGN, AlignedBuf, Disk, IoDone, IoKind, IoOp, ReadData, Wait};
 use bitvec::prelude::*;
 use format::*;
 use slab::Slab;
@@ -89,7 +89,7 @@ pub enum Request {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reply {
     Done,
-    Data(Vec<u8>),
+    Data(ReadData),
     Allocation(Vec<u8>),
     Allocated(Vec<(ChunkKey, u64)>),
 }
@@ -189,7 +189,10 @@ struct ReadOp {
     key: ChunkKey,
     offset: u32,
     length: u32,
+    /// Where runs are assembled; empty when one run covers the whole
+    /// request and its buffer becomes the reply (`direct`).
     out: Vec<u8>,
+    direct: Option<AlignedBuf>,
     runs: Vec<Run>,
     pending: usize,
     error: Option<EngineError>,
@@ -785,7 +788,8 @@ impl<D: Disk> Engine<D> {
             key,
             offset,
             length,
-            out: vec![0u8; length as usize],
+            out: Vec::new(),
+            direct: None,
             runs: Vec::new(),
             pending: 0,
             error: None,
@@ -819,8 +823,14 @@ impl<D: Disk> Engine<D> {
         }
         if op.runs.is_empty() {
             // Never written: zeroes, without touching the disk.
-            self.complete(tag, Ok(Reply::Data(op.out)), op.version);
+            let zeroes = vec![0u8; length as usize];
+            self.complete(tag, Ok(Reply::Data(zeroes.into())), op.version);
             return;
+        }
+        let blocks = (offset + length - 1) as usize / BLOCK - offset as usize / BLOCK + 1;
+        if op.runs.len() > 1 || op.runs[0].crcs.len() != blocks {
+            // Holes (zeroes) or several runs: assembled in `out`.
+            op.out = vec![0u8; length as usize];
         }
         op.read_seq = self.begin_read();
         op.pending = op.runs.len();
@@ -835,7 +845,7 @@ impl<D: Disk> Engine<D> {
                 token: op_token(id, sub),
                 kind: IoKind::Read,
                 offset: off,
-                buf: Some(AlignedBuf::zeroed(n * BLOCK)),
+                buf: Some(self.disk.read_buffer(n * BLOCK)),
             });
         }
     }
@@ -1258,6 +1268,7 @@ impl<D: Disk> Engine<D> {
                     Ok(()) => {
                         let start = op.offset as usize;
                         let end = start + op.length as usize;
+                        let direct = op.out.is_empty();
                         for (i, &crc) in run.crcs.iter().enumerate() {
                             let content = &buf[i * BLOCK..(i + 1) * BLOCK];
                             if crc32c(content) != crc {
@@ -1271,10 +1282,16 @@ impl<D: Disk> Engine<D> {
                                 );
                                 continue;
                             }
+                            if direct {
+                                continue;
+                            }
                             let b = run.first_block + i;
                             let (bs, be) = (b * BLOCK, (b + 1) * BLOCK);
                             let (s, e) = (start.max(bs), end.min(be));
                             op.out[s - start..e - start].copy_from_slice(&content[s - bs..e - bs]);
+                        }
+                        if direct {
+                            op.direct = Some(buf);
                         }
                     }
                 }
@@ -1284,9 +1301,14 @@ impl<D: Disk> Engine<D> {
                         unreachable!()
                     };
                     self.reads_inflight.remove(&op.read_seq);
-                    let result = match op.error {
-                        Some(e) => Err(e),
-                        None => Ok(Reply::Data(op.out)),
+                    let result = match (op.error, op.direct) {
+                        (Some(e), _) => Err(e),
+                        (None, Some(buf)) => Ok(Reply::Data(ReadData::Disk {
+                            buf,
+                            start: op.offset as usize % BLOCK,
+                            len: op.length as usize,
+                        })),
+                        (None, None) => Ok(Reply::Data(op.out.into())),
                     };
                     self.complete(op.tag, result, op.version);
                     self.release_quarantine();

@@ -291,7 +291,7 @@ fn settle<D: Disk>(
             .result
             .unwrap_or_else(|e| panic!("{ctx}: {:?} failed: {e}", op.kind));
         match (op.kind, result) {
-            (Kind::Read, Reply::Data(d)) => model.reads.push((op, d)),
+            (Kind::Read, Reply::Data(d)) => model.reads.push((op, d.into_vec())),
             (Kind::Flush, Reply::Done) => {
                 for (b, idx) in op.snapshot.iter().enumerate() {
                     model.floor[b] = model.floor[b].max(*idx);
@@ -571,7 +571,7 @@ fn thin_provisioning() {
     let mut done = Vec::new();
     e.take_completions(&mut done);
     let read = done.iter().find(|c| c.tag == 1).expect("read done");
-    assert_eq!(read.result, Ok(Reply::Data(vec![0; CHUNK as usize])));
+    assert_eq!(read.result, Ok(Reply::Data(vec![0; CHUNK as usize].into())));
 }
 
 // Proves malformed requests are refused with Invalid, not executed.

@@ -15,7 +15,7 @@ pub mod sim;
 pub mod sync;
 pub mod uring;
 
-pub use buffer::{ALIGN, AlignedBuf};
+pub use buffer::{ALIGN, AlignedBuf, ReadData};
 
 use std::os::fd::RawFd;
 
@@ -77,6 +77,12 @@ pub trait Disk: Send {
     /// `submit` (the sync engine, the simulator).
     fn completion_fd(&self) -> Option<RawFd> {
         None
+    }
+    /// A buffer for a read of `len` bytes. Zeroed by default; a disk whose
+    /// reads write every byte through the raw pointer and fail unless
+    /// complete (io_uring) skips the zeroing.
+    fn read_buffer(&self, len: usize) -> AlignedBuf {
+        AlignedBuf::zeroed(len)
     }
 }
 
