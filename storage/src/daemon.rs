@@ -1181,7 +1181,10 @@ where
             let mut next = Some(first);
             while let Some(o) = next.take() {
                 let crc = if o.header.payload_len > 0 {
-                    tessera_wire::crc32c(&o.data).to_le_bytes()
+                    let known = o.data.crc();
+                    known
+                        .unwrap_or_else(|| tessera_wire::crc32c(&o.data))
+                        .to_le_bytes()
                 } else {
                     [0; 4]
                 };

@@ -200,6 +200,38 @@ struct ReadOp {
     version: u64,
 }
 
+/// The CRC32C of a block-aligned read's bytes, from the CRCs the mapping
+/// keeps (verified against the content by the read itself) and the CRC of
+/// a zero block for holes; `None` for reads of partial blocks.
+fn payload_crc(op: &ReadOp) -> Option<u32> {
+    let (offset, length) = (op.offset as usize, op.length as usize);
+    if offset % BLOCK != 0 || length % BLOCK != 0 || length == 0 {
+        return None;
+    }
+    static ZERO_BLOCK_CRC: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let zero = *ZERO_BLOCK_CRC.get_or_init(|| crc32c(&[0u8; BLOCK]));
+    let (first, last) = (offset / BLOCK, (offset + length) / BLOCK);
+    let mut runs = op.runs.iter().peekable();
+    let mut crc: Option<u32> = None;
+    for b in first..last {
+        while runs
+            .peek()
+            .is_some_and(|r| r.first_block + r.crcs.len() <= b)
+        {
+            runs.next();
+        }
+        let block = match runs.peek() {
+            Some(r) if r.first_block <= b => r.crcs[b - r.first_block],
+            _ => zero,
+        };
+        crc = Some(match crc {
+            None => block,
+            Some(c) => tessera_wire::crc32c_append_4k(c, block),
+        });
+    }
+    crc
+}
+
 struct WriteOp {
     tag: u64,
     key: ChunkKey,
@@ -1301,14 +1333,22 @@ impl<D: Disk> Engine<D> {
                         unreachable!()
                     };
                     self.reads_inflight.remove(&op.read_seq);
+                    let crc = payload_crc(&op);
                     let result = match (op.error, op.direct) {
                         (Some(e), _) => Err(e),
-                        (None, Some(buf)) => Ok(Reply::Data(ReadData::Disk {
-                            buf,
-                            start: op.offset as usize % BLOCK,
-                            len: op.length as usize,
-                        })),
-                        (None, None) => Ok(Reply::Data(op.out.into())),
+                        (None, direct) => {
+                            let data = match direct {
+                                Some(buf) => {
+                                    let start = op.offset as usize % BLOCK;
+                                    ReadData::disk(buf, start, op.length as usize)
+                                }
+                                None => op.out.into(),
+                            };
+                            Ok(Reply::Data(match crc {
+                                Some(c) => data.with_crc(c),
+                                None => data,
+                            }))
+                        }
                     };
                     self.complete(op.tag, result, op.version);
                     self.release_quarantine();

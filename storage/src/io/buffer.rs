@@ -132,8 +132,15 @@ impl std::fmt::Debug for AlignedBuf {
 /// The bytes a read returns: the disk buffer itself when a single disk read
 /// produced exactly them (no zeroed vector, no copy: for 128 KiB reads that
 /// copy of data fresh from the disk, cold in the cache, was a quarter of the
-/// daemon's time), otherwise a vector.
-pub enum ReadData {
+/// daemon's time), otherwise a vector; and, when the engine could derive it
+/// from the blocks' stored CRCs, the CRC32C of the bytes (so the wire's
+/// payload CRC needs no second pass over them).
+pub struct ReadData {
+    bytes: Bytes,
+    crc: Option<u32>,
+}
+
+enum Bytes {
     Vec(Vec<u8>),
     Disk {
         buf: AlignedBuf,
@@ -143,32 +150,57 @@ pub enum ReadData {
 }
 
 impl ReadData {
+    /// `len` bytes of `buf` from `start`.
+    pub fn disk(buf: AlignedBuf, start: usize, len: usize) -> ReadData {
+        assert!(start + len <= buf.len());
+        ReadData {
+            bytes: Bytes::Disk { buf, start, len },
+            crc: None,
+        }
+    }
+
+    /// Record the bytes' CRC32C, computed by the caller without reading
+    /// them again. Checked in debug builds.
+    pub fn with_crc(mut self, crc: u32) -> ReadData {
+        debug_assert_eq!(crc, tessera_wire::crc32c(&self));
+        self.crc = Some(crc);
+        self
+    }
+
+    /// The CRC32C of the bytes, if known without computing it.
+    pub fn crc(&self) -> Option<u32> {
+        self.crc
+    }
+
     pub fn into_vec(self) -> Vec<u8> {
-        match self {
-            ReadData::Vec(v) => v,
-            d @ ReadData::Disk { .. } => d.to_vec(),
+        match self.bytes {
+            Bytes::Vec(v) => v,
+            Bytes::Disk { .. } => self.to_vec(),
         }
     }
 }
 
 impl Default for ReadData {
     fn default() -> ReadData {
-        ReadData::Vec(Vec::new())
+        Vec::new().into()
     }
 }
 
 impl From<Vec<u8>> for ReadData {
     fn from(v: Vec<u8>) -> ReadData {
-        ReadData::Vec(v)
+        ReadData {
+            bytes: Bytes::Vec(v),
+            crc: None,
+        }
     }
 }
 
 impl std::ops::Deref for ReadData {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        match self {
-            ReadData::Vec(v) => v,
-            ReadData::Disk { buf, start, len } => &buf[*start..*start + *len],
+        match &self.bytes {
+            Bytes::Vec(v) => v,
+            Bytes::Disk { buf, start, len } => &buf[*start..*start + *len],
         }
     }
 }
@@ -205,11 +237,7 @@ mod tests {
         assert_eq!(c.len(), 4096);
         assert_eq!(&c[..3], b"abc");
         // A view into a disk buffer compares by content with a vector.
-        let d = ReadData::Disk {
-            buf: p,
-            start: 4000,
-            len: 200,
-        };
+        let d = ReadData::disk(p, 4000, 200);
         let mut want = vec![1u8; 96];
         want.extend_from_slice(&[2u8; 104]);
         assert_eq!(d, ReadData::from(want.clone()));
