@@ -165,6 +165,9 @@ class Tessera(Nbd):
         cmd = [os.path.join(BIN, "tessera"), "up", "--dir", d,
                "--storage-daemons", str(self.daemons), "--disk-size", str(disk),
                "--nbd-listen", "127.0.0.1:0", "--manager-listen", "127.0.0.1:0",
+               # No iSCSI portal: its default port may be taken by another
+               # cluster on this machine, and NBD is what is measured.
+               "--iscsi-listen", "none",
                "--volume", f"bench:{size}"] + self.extra
         self.log = open(os.path.join(work, self.name + "-up.log"), "w")
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
@@ -184,6 +187,8 @@ class Tessera(Nbd):
                 break
             if time.time() > deadline:
                 raise RuntimeError("tessera up did not become ready")
+        else:
+            raise RuntimeError(f"tessera up exited before ready: see {self.log.name}")
         self.export = "bench"
         # Keep draining stdout so the supervisor never blocks on a pipe.
         import threading

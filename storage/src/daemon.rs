@@ -1181,10 +1181,7 @@ where
             let mut next = Some(first);
             while let Some(o) = next.take() {
                 let crc = if o.header.payload_len > 0 {
-                    let known = o.data.crc();
-                    known
-                        .unwrap_or_else(|| tessera_wire::crc32c(&o.data))
-                        .to_le_bytes()
+                    o.data.crc32c().to_le_bytes()
                 } else {
                     [0; 4]
                 };
@@ -1200,7 +1197,9 @@ where
             for (o, head, crc) in &batch {
                 g.push(head);
                 if o.header.payload_len > 0 {
-                    g.push(&o.data);
+                    for piece in o.data.slices() {
+                        g.push(piece);
+                    }
                     g.push(crc);
                 }
             }
@@ -2145,7 +2144,7 @@ impl Driver {
                     },
                     ReplKind::Read(extent) => match result {
                         Ok(Reply::Data(d)) => {
-                            let zero = d.iter().all(|b| *b == 0);
+                            let zero = d.slices().all(|s| s.iter().all(|b| *b == 0));
                             ReplInput::ReadDone {
                                 token,
                                 extent,
@@ -2171,7 +2170,7 @@ impl Driver {
                     ReplKind::Digest => ReplInput::Digested {
                         token,
                         digest: match result {
-                            Ok(Reply::Data(d)) => repl::Digest::Sum(digest_of(&d)),
+                            Ok(Reply::Data(d)) => repl::Digest::Sum(digest_of(&d.into_vec())),
                             _ => repl::Digest::Bad,
                         },
                     },

@@ -21,7 +21,7 @@
 
 pub mod format;
 
-use crate::io::{ALIGN, AlignedBuf, Disk, IoDone, IoKind, IoOp, ReadData, Wait};
+use crate::io::{ALIGN, AlignedBuf, Disk, IoDone, IoKind, IoOp, Piece, ReadData, Wait};
 use bitvec::prelude::*;
 use format::*;
 use slab::Slab;
@@ -189,15 +189,43 @@ struct ReadOp {
     key: ChunkKey,
     offset: u32,
     length: u32,
-    /// Where runs are assembled; empty when one run covers the whole
-    /// request and its buffer becomes the reply (`direct`).
-    out: Vec<u8>,
-    direct: Option<AlignedBuf>,
     runs: Vec<Run>,
+    /// Each run's buffer once its read completed (same order as `runs`):
+    /// the reply is made of slices of them, not of a copy.
+    bufs: Vec<Option<AlignedBuf>>,
     pending: usize,
     error: Option<EngineError>,
     read_seq: u64,
     version: u64,
+}
+
+/// A completed read's bytes: its runs' buffers in block order, trimmed to
+/// the request, with the holes between them as zeroes.
+fn read_pieces(op: ReadOp) -> ReadData {
+    let (start, end) = (op.offset as usize, (op.offset + op.length) as usize);
+    let mut pieces = Vec::with_capacity(2 * op.runs.len() + 1);
+    let mut at = start;
+    for (run, buf) in op.runs.iter().zip(op.bufs) {
+        let buf = buf.expect("every run completed");
+        let (rs, re) = (
+            run.first_block * BLOCK,
+            (run.first_block + run.crcs.len()) * BLOCK,
+        );
+        let (s, e) = (rs.max(start), re.min(end));
+        if s > at {
+            pieces.push(Piece::Zeroes(s - at));
+        }
+        pieces.push(Piece::Disk {
+            buf,
+            start: s - rs,
+            len: e - s,
+        });
+        at = e;
+    }
+    if end > at {
+        pieces.push(Piece::Zeroes(end - at));
+    }
+    ReadData::from_pieces(pieces)
 }
 
 /// The CRC32C of a block-aligned read's bytes, from the CRCs the mapping
@@ -820,9 +848,8 @@ impl<D: Disk> Engine<D> {
             key,
             offset,
             length,
-            out: Vec::new(),
-            direct: None,
             runs: Vec::new(),
+            bufs: Vec::new(),
             pending: 0,
             error: None,
             read_seq: 0,
@@ -855,15 +882,11 @@ impl<D: Disk> Engine<D> {
         }
         if op.runs.is_empty() {
             // Never written: zeroes, without touching the disk.
-            let zeroes = vec![0u8; length as usize];
-            self.complete(tag, Ok(Reply::Data(zeroes.into())), op.version);
+            let zeroes = ReadData::zeroes(length as usize);
+            self.complete(tag, Ok(Reply::Data(zeroes)), op.version);
             return;
         }
-        let blocks = (offset + length - 1) as usize / BLOCK - offset as usize / BLOCK + 1;
-        if op.runs.len() > 1 || op.runs[0].crcs.len() != blocks {
-            // Holes (zeroes) or several runs: assembled in `out`.
-            op.out = vec![0u8; length as usize];
-        }
+        op.bufs = op.runs.iter().map(|_| None).collect();
         op.read_seq = self.begin_read();
         op.pending = op.runs.len();
         let reads: Vec<(u64, usize)> = op
@@ -1298,9 +1321,6 @@ impl<D: Disk> Engine<D> {
                 match d.result {
                     Err(e) => op.error = Some(EngineError::Io(e)),
                     Ok(()) => {
-                        let start = op.offset as usize;
-                        let end = start + op.length as usize;
-                        let direct = op.out.is_empty();
                         for (i, &crc) in run.crcs.iter().enumerate() {
                             let content = &buf[i * BLOCK..(i + 1) * BLOCK];
                             if crc32c(content) != crc {
@@ -1312,19 +1332,9 @@ impl<D: Disk> Engine<D> {
                                     block = run.first_block + i,
                                     "checksum mismatch on read"
                                 );
-                                continue;
                             }
-                            if direct {
-                                continue;
-                            }
-                            let b = run.first_block + i;
-                            let (bs, be) = (b * BLOCK, (b + 1) * BLOCK);
-                            let (s, e) = (start.max(bs), end.min(be));
-                            op.out[s - start..e - start].copy_from_slice(&content[s - bs..e - bs]);
                         }
-                        if direct {
-                            op.direct = Some(buf);
-                        }
+                        op.bufs[sub] = Some(buf);
                     }
                 }
                 op.pending -= 1;
@@ -1333,24 +1343,19 @@ impl<D: Disk> Engine<D> {
                         unreachable!()
                     };
                     self.reads_inflight.remove(&op.read_seq);
-                    let crc = payload_crc(&op);
-                    let result = match (op.error, op.direct) {
-                        (Some(e), _) => Err(e),
-                        (None, direct) => {
-                            let data = match direct {
-                                Some(buf) => {
-                                    let start = op.offset as usize % BLOCK;
-                                    ReadData::disk(buf, start, op.length as usize)
-                                }
-                                None => op.out.into(),
-                            };
+                    let (tag, version) = (op.tag, op.version);
+                    let result = match op.error {
+                        Some(e) => Err(e),
+                        None => {
+                            let crc = payload_crc(&op);
+                            let data = read_pieces(op);
                             Ok(Reply::Data(match crc {
                                 Some(c) => data.with_crc(c),
                                 None => data,
                             }))
                         }
                     };
-                    self.complete(op.tag, result, op.version);
+                    self.complete(tag, result, version);
                     self.release_quarantine();
                 }
             }

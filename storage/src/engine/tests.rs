@@ -378,7 +378,7 @@ fn verify_after_crash<D: Disk>(
     for (chunk, data) in got {
         for b in 0..BPC {
             let gb = chunk as usize * BPC + b;
-            let content = &data[b * BLOCK..(b + 1) * BLOCK];
+            let content = &data.to_vec()[b * BLOCK..(b + 1) * BLOCK];
             let ok = model.states[gb][model.floor[gb]..]
                 .iter()
                 .any(|s| s.as_slice() == content);
@@ -687,7 +687,7 @@ fn sequential_reads_exact() {
                         let gb = op.chunk as usize * BPC + b;
                         let (bs, be) = (b * BLOCK, (b + 1) * BLOCK);
                         let (s, en) = (offset.max(bs), (offset + op.length as usize).min(be));
-                        if &m.latest(gb)[s - bs..en - bs] != &d[s - offset..en - offset] {
+                        if &m.latest(gb)[s - bs..en - bs] != &d.to_vec()[s - offset..en - offset] {
                             panic!(
                                 "step {i} op {:?} chunk {} off {} len {} block {b}",
                                 op.kind, op.chunk, op.offset, op.length

@@ -129,54 +129,121 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
-/// The bytes a read returns: the disk buffer itself when a single disk read
-/// produced exactly them (no zeroed vector, no copy: for 128 KiB reads that
-/// copy of data fresh from the disk, cold in the cache, was a quarter of the
-/// daemon's time), otherwise a vector; and, when the engine could derive it
-/// from the blocks' stored CRCs, the CRC32C of the bytes (so the wire's
-/// payload CRC needs no second pass over them).
+/// The bytes a read returns, as a list of pieces in order: slices of the
+/// disk buffers the reads filled (no zeroed vector and no copy into one:
+/// for 128 KiB reads that copy of data fresh from the disk was a quarter
+/// of the daemon's time), runs of zeroes for holes, or a vector. The
+/// socket writer hands the pieces to one `writev`, so the kernel's own
+/// copy into the socket is the only one. Also, when the engine could
+/// derive it from the blocks' stored CRCs, the CRC32C of the bytes (so the
+/// wire's payload CRC needs no second pass over them).
 pub struct ReadData {
-    bytes: Bytes,
+    pieces: Vec<Piece>,
+    len: usize,
     crc: Option<u32>,
 }
 
-enum Bytes {
+pub enum Piece {
     Vec(Vec<u8>),
     Disk {
         buf: AlignedBuf,
         start: usize,
         len: usize,
     },
+    Zeroes(usize),
+}
+
+/// Shared source of zeroes for holes.
+static ZEROES: [u8; 128 * 1024] = [0; 128 * 1024];
+
+impl Piece {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Vec(v) => v.len(),
+            Piece::Disk { len, .. } | Piece::Zeroes(len) => *len,
+        }
+    }
 }
 
 impl ReadData {
-    /// `len` bytes of `buf` from `start`.
-    pub fn disk(buf: AlignedBuf, start: usize, len: usize) -> ReadData {
-        assert!(start + len <= buf.len());
+    pub fn from_pieces(pieces: Vec<Piece>) -> ReadData {
+        for p in &pieces {
+            if let Piece::Disk { buf, start, len } = p {
+                assert!(start + len <= buf.len());
+            }
+        }
+        let len = pieces.iter().map(Piece::len).sum();
         ReadData {
-            bytes: Bytes::Disk { buf, start, len },
+            pieces,
+            len,
             crc: None,
         }
+    }
+
+    pub fn zeroes(len: usize) -> ReadData {
+        ReadData::from_pieces(vec![Piece::Zeroes(len)])
     }
 
     /// Record the bytes' CRC32C, computed by the caller without reading
     /// them again. Checked in debug builds.
     pub fn with_crc(mut self, crc: u32) -> ReadData {
-        debug_assert_eq!(crc, tessera_wire::crc32c(&self));
+        debug_assert_eq!(crc, self.computed_crc());
         self.crc = Some(crc);
         self
     }
 
-    /// The CRC32C of the bytes, if known without computing it.
-    pub fn crc(&self) -> Option<u32> {
-        self.crc
+    /// The CRC32C of the bytes: the one recorded, or computed over them.
+    pub fn crc32c(&self) -> u32 {
+        self.crc.unwrap_or_else(|| self.computed_crc())
     }
 
-    pub fn into_vec(self) -> Vec<u8> {
-        match self.bytes {
-            Bytes::Vec(v) => v,
-            Bytes::Disk { .. } => self.to_vec(),
+    fn computed_crc(&self) -> u32 {
+        // Continuing from the CRC of nothing (0) is the CRC of the slices.
+        self.slices().fold(0, tessera_wire::crc32c_append)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes as consecutive slices (holes as slices of a shared zero
+    /// buffer), for a vectored write.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        self.pieces.iter().flat_map(|p| {
+            let (whole, zero): (&[u8], usize) = match p {
+                Piece::Vec(v) => (v, 0),
+                Piece::Disk { buf, start, len } => (&buf[*start..*start + *len], 0),
+                Piece::Zeroes(n) => (&[], *n),
+            };
+            let zeroes = (0..zero.div_ceil(ZEROES.len())).map(move |i| {
+                let n = (zero - i * ZEROES.len()).min(ZEROES.len());
+                &ZEROES[..n]
+            });
+            std::iter::once(whole)
+                .filter(|w| !w.is_empty())
+                .chain(zeroes)
+        })
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len);
+        for s in self.slices() {
+            v.extend_from_slice(s);
         }
+        v
+    }
+
+    pub fn into_vec(mut self) -> Vec<u8> {
+        if self.pieces.len() == 1
+            && let Piece::Vec(v) = &mut self.pieces[0]
+        {
+            return std::mem::take(v);
+        }
+        self.to_vec()
     }
 }
 
@@ -188,26 +255,13 @@ impl Default for ReadData {
 
 impl From<Vec<u8>> for ReadData {
     fn from(v: Vec<u8>) -> ReadData {
-        ReadData {
-            bytes: Bytes::Vec(v),
-            crc: None,
-        }
-    }
-}
-
-impl std::ops::Deref for ReadData {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match &self.bytes {
-            Bytes::Vec(v) => v,
-            Bytes::Disk { buf, start, len } => &buf[*start..*start + *len],
-        }
+        ReadData::from_pieces(vec![Piece::Vec(v)])
     }
 }
 
 impl PartialEq for ReadData {
     fn eq(&self, other: &ReadData) -> bool {
-        self[..] == other[..]
+        self.len == other.len && self.to_vec() == other.to_vec()
     }
 }
 
@@ -215,7 +269,12 @@ impl Eq for ReadData {}
 
 impl std::fmt::Debug for ReadData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ReadData({} bytes)", self.len())
+        write!(
+            f,
+            "ReadData({} bytes in {} pieces)",
+            self.len,
+            self.pieces.len()
+        )
     }
 }
 
@@ -237,9 +296,22 @@ mod tests {
         assert_eq!(c.len(), 4096);
         assert_eq!(&c[..3], b"abc");
         // A view into a disk buffer compares by content with a vector.
-        let d = ReadData::disk(p, 4000, 200);
+        // Pieces of disk buffers and holes read as one run of bytes.
+        let d = ReadData::from_pieces(vec![
+            Piece::Disk {
+                buf: p,
+                start: 4000,
+                len: 200,
+            },
+            Piece::Zeroes(300_000),
+            Piece::Vec(vec![7, 8]),
+        ]);
         let mut want = vec![1u8; 96];
         want.extend_from_slice(&[2u8; 104]);
+        want.extend_from_slice(&vec![0u8; 300_000]);
+        want.extend_from_slice(&[7, 8]);
+        assert_eq!(d.len(), want.len());
+        assert_eq!(d.crc32c(), tessera_wire::crc32c(&want));
         assert_eq!(d, ReadData::from(want.clone()));
         assert_eq!(d.into_vec(), want);
     }

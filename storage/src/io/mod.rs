@@ -15,7 +15,7 @@ pub mod sim;
 pub mod sync;
 pub mod uring;
 
-pub use buffer::{ALIGN, AlignedBuf, ReadData};
+pub use buffer::{ALIGN, AlignedBuf, Piece, ReadData};
 
 use std::os::fd::RawFd;
 
