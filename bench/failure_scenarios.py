@@ -22,7 +22,8 @@ latency of each I/O with its completion time (Unix ms) and offset
 2. Delta recovery, same cluster: a daemon stopped with SIGSTOP for
    --stop-seconds under the same paced random writes over the whole
    volume, then resumed. Recovered bytes are the storage daemons'
-   `tessera_storage_recovery_bytes_total` summed (after - before); the
+   `tessera_storage_recovery_bytes_total` and
+   `tessera_storage_peering_bytes_total` summed (after - before); the
    bound is the distinct 64 KiB regions written while the daemon was away
    (fio's log: writes in flight between the stop, less 250 ms for the last
    flush round, and the moment the map had it up again, plus 250 ms)
@@ -412,6 +413,7 @@ def delta_recovery(c, work, args):
         pid, share = busiest(c)
         name = c.name_of(pid)
         rec0 = c.per_daemon("tessera_storage_recovery_bytes_total")
+        peer0 = c.per_daemon("tessera_storage_peering_bytes_total")
         w0 = c.writes()
         t_stop = time.time()
         c.freeze(pid)
@@ -443,6 +445,7 @@ def delta_recovery(c, work, args):
             time.sleep(0.1)
         t_clean = time.time()
         rec1 = c.per_daemon("tessera_storage_recovery_bytes_total")
+        peer1 = c.per_daemon("tessera_storage_peering_bytes_total")
         time.sleep(1)
     finally:
         res = fio.stop()
@@ -465,7 +468,13 @@ def delta_recovery(c, work, args):
     strict = regions(t_stop, t_resume)
     absent = regions(t_stop - 0.25, t_map_up + 0.25)
     writes_meanwhile = sum(w1.values()) - sum(w0.values())
-    by_daemon = {c.name_of(pid): rec1.get(pid, 0) - rec0.get(pid, 0) for pid in rec0}
+    # Copied bytes: recovery pushes to the outdated copy plus the pushes of
+    # peering (a new primary making the regions of changes in flight agree
+    # on the up-to-date copies: at the failover, and when the returning
+    # daemon leads its groups again), counted apart by the daemons.
+    by_daemon = {c.name_of(pid): rec1.get(pid, 0) - rec0.get(pid, 0)
+                 + peer1.get(pid, 0) - peer0.get(pid, 0) for pid in rec0}
+    peering = sum(peer1.get(pid, 0) - peer0.get(pid, 0) for pid in rec0)
     recovered = sum(by_daemon.values())
     # What the primaries planned to push when the recoveries began (done +
     # remaining in their heartbeats, first second after the resume).
@@ -477,6 +486,7 @@ def delta_recovery(c, work, args):
          "t_stop": t_stop, "t_resume": t_resume, "t_up": t_up, "t_map_up": t_map_up,
          "t_clean": t_clean,
          "recovery_time_s": t_clean - t_resume, "recovered_bytes": recovered,
+         "peering_bytes": peering,
          "recovered_by_daemon": by_daemon, "planned_at_start_bytes": planned,
          "fio_writes_in_window": sum(1 for t, lat, _, _ in s
                                      if t >= (t_stop - 0.25) * 1000
@@ -636,8 +646,10 @@ def report(doc):
               "time from 250 ms before the stop (the last flush round before it) to 250 ms "
               "after the map had the daemon up again; \"stop..resume only\" leaves out both "
               "margins; \"requests x 64 KiB\" is the looser bound tests/tests/replication.rs "
-              "asserts. Recovered bytes include the pushes of peering when the returning "
-              "daemon leads its groups again (the metric does not tell them apart). "
+              "asserts. Recovered bytes are `tessera_storage_recovery_bytes_total` plus "
+              "`tessera_storage_peering_bytes_total` (pushes of peering, at the failover and "
+              f"when the returning daemon leads its groups again: "
+              f"{d.get('peering_bytes', 0) / 1e6:,.1f} MB of them). "
               "The rate is recovered bytes / (clean - up again in the map). Planned at the "
               f"start (done + remaining in the first second's status): "
               f"{d['planned_at_start_bytes'] / 1e6:,.1f} MB; pushed by daemon (MB): "
@@ -733,6 +745,8 @@ def main():
     ap.add_argument("--sparse-disks", action="store_true",
                     help="leave the disk files sparse instead of writing them in full first")
     ap.add_argument("--scenarios", default="seq,failover,delta,rebuild")
+    ap.add_argument("--up-args", default="",
+                    help="more arguments for every `tessera up`, e.g. '--recovery-pushes-max 64'")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 1 repetition, 8 s absence, 256M volumes, short windows")
     ap.add_argument("--workdir", default="/tmp",
@@ -765,8 +779,8 @@ def main():
             log(f"sequential write: {doc['seq']['mb_s']:.0f} MB/s")
         if "failover" in scen or "delta" in scen:
             log("starting 3 daemons x 3 copies")
-            c = Cluster(work, "three", 3, disk, "v", args.volume_size, ["--replicas", "3"],
-                        args.sparse_disks)
+            c = Cluster(work, "three", 3, disk, "v", args.volume_size,
+                        ["--replicas", "3"] + args.up_args.split(), args.sparse_disks)
             doc["clusters"]["three"] = " ".join(c.cmd)
             poll("every group clean", 60, c.clean)
             if "failover" in scen:
@@ -782,8 +796,8 @@ def main():
         if "rebuild" in scen:
             log("starting 4 daemons x 3 copies")
             c = Cluster(work, "four", 4, disk, "r", args.rebuild_volume,
-                        ["--replicas", "3", "--down-out-after", args.down_out_after],
-                        args.sparse_disks)
+                        ["--replicas", "3", "--down-out-after", args.down_out_after]
+                        + args.up_args.split(), args.sparse_disks)
             doc["clusters"]["four"] = " ".join(c.cmd)
             poll("every group clean", 60, c.clean)
             doc["rebuild"] = rebuild(c, work, args)

@@ -585,6 +585,7 @@ struct Metrics {
     pgs_recovering: IntGauge,
     pgs_backfilling: IntGauge,
     recovery_bytes: IntCounter,
+    peering_bytes: IntCounter,
     pgs_scrubbing: IntGauge,
     repairs: IntCounter,
     repair_bytes: IntCounter,
@@ -681,7 +682,13 @@ impl Metrics {
         );
         let recovery_bytes = IntCounter::new(
             "tessera_storage_recovery_bytes_total",
-            "Bytes pushed to outdated copies by recovery",
+            "Bytes pushed to outdated and backfilling copies by recovery",
+        )
+        .expect("metric");
+        let peering_bytes = IntCounter::new(
+            "tessera_storage_peering_bytes_total",
+            "Bytes a new primary pushed to up-to-date copies to make the regions of changes \
+             that may be missing on some of them agree",
         )
         .expect("metric");
         let c = |n: &str, h: &str| IntCounter::new(n, h).expect("metric");
@@ -755,6 +762,7 @@ impl Metrics {
             Box::new(pgs_degraded.clone()),
             Box::new(pgs_recovering.clone()),
             Box::new(recovery_bytes.clone()),
+            Box::new(peering_bytes.clone()),
             Box::new(requests.clone()),
             Box::new(errors.clone()),
             Box::new(bytes.clone()),
@@ -783,6 +791,7 @@ impl Metrics {
             pgs_recovering,
             pgs_backfilling,
             recovery_bytes,
+            peering_bytes,
             pgs_scrubbing,
             repairs,
             repair_bytes,
@@ -2607,6 +2616,8 @@ impl Driver {
         let (now, was) = (&self.rep.stats, &self.reported);
         m.recovery_bytes
             .inc_by(now.recovery_bytes.saturating_sub(was.recovery_bytes));
+        m.peering_bytes
+            .inc_by(now.peering_bytes.saturating_sub(was.peering_bytes));
         m.repairs.inc_by(now.repairs.saturating_sub(was.repairs));
         m.repair_bytes
             .inc_by(now.repair_bytes.saturating_sub(was.repair_bytes));

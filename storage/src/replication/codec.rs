@@ -7,8 +7,8 @@
 //! 1 Replicate: seq 16 | committed 16 | trim 16 | extent 20 | change u8 | fua u8 | pad 2 | data
 //! 2 Ack:       seq 16 | result u8
 //! 3 LogQuery:  full u8
-//! 4 LogReply:  full u8 | pad 3 | n u32 | n x (seq 16 | extent 20) | m u32 | m x region 16
-//! 5 Flush:     round u64 | trim 16
+//! 4 LogReply:  full u8 | pad 3 | committed 16 | n u32 | n x (seq 16 | extent 20) | m u32 | m x region 16
+//! 5 Flush:     round u64 | trim 16 | committed 16
 //! 6 Flushed:   round u64
 //! 7 RepairReq: id u64 | extent 20
 //! 8 Repaired:  id u64 | ok u8
@@ -16,6 +16,8 @@
 //! 10 Fetched:  id u64 | ok u8 | has data u8 | pad 2 | extent 20 | data (extent length, when has data)
 //! 11 DigestReq: id u64 | extent 20
 //! 12 DigestReply: id u64 | bad 0 / sum 1 u8 | pad 7 | sum u64
+//! 13 HoldsQuery: id u64
+//! 14 Holds:    id u64 | trim 16 | n u32 | n x (term u64 | first u64 | last u64)
 //! seq = term u64 | n u64; extent = volume u64 | chunk u32 | offset u32 | length u32;
 //! region = volume u64 | chunk u32 | index u32
 //! ```
@@ -29,6 +31,7 @@ use super::*;
 /// Most log entries or regions one reply may carry (bounded by the payload
 /// limit of the internal protocol).
 pub const LIST_MAX: usize = 200_000;
+const _: () = assert!(HOLDS_RUNS_MAX <= LIST_MAX);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -158,8 +161,10 @@ pub fn encode(m: &Msg<Arc<Vec<u8>>>) -> Vec<u8> {
             entries,
             regions,
             full,
+            committed,
         } => {
             out.extend_from_slice(&[4, 0, 0, 0, u8::from(*full), 0, 0, 0]);
+            put_seq(&mut out, *committed);
             out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
             for (s, e) in entries {
                 put_seq(&mut out, *s);
@@ -172,10 +177,15 @@ pub fn encode(m: &Msg<Arc<Vec<u8>>>) -> Vec<u8> {
                 out.extend_from_slice(&r.index.to_le_bytes());
             }
         }
-        Body::Flush { round, trim } => {
+        Body::Flush {
+            round,
+            trim,
+            committed,
+        } => {
             out.extend_from_slice(&[5, 0, 0, 0]);
             out.extend_from_slice(&round.to_le_bytes());
             put_seq(&mut out, *trim);
+            put_seq(&mut out, *committed);
         }
         Body::Flushed { round } => {
             out.extend_from_slice(&[6, 0, 0, 0]);
@@ -225,6 +235,22 @@ pub fn encode(m: &Msg<Arc<Vec<u8>>>) -> Vec<u8> {
             };
             out.extend_from_slice(&[kind, 0, 0, 0, 0, 0, 0, 0]);
             out.extend_from_slice(&sum.to_le_bytes());
+        }
+        Body::HoldsQuery { id } => {
+            out.extend_from_slice(&[13, 0, 0, 0]);
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        Body::Holds { id, trim, runs } => {
+            assert!(runs.len() <= HOLDS_RUNS_MAX, "holds runs");
+            out.extend_from_slice(&[14, 0, 0, 0]);
+            out.extend_from_slice(&id.to_le_bytes());
+            put_seq(&mut out, *trim);
+            out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+            for r in runs {
+                out.extend_from_slice(&r.term.to_le_bytes());
+                out.extend_from_slice(&r.first.to_le_bytes());
+                out.extend_from_slice(&r.last.to_le_bytes());
+            }
         }
     }
     out
@@ -298,6 +324,7 @@ pub fn decode(b: &[u8], to: u32, epoch: u64) -> Result<Msg<Arc<Vec<u8>>>, Decode
                 _ => return Err(DecodeError::Field("full")),
             };
             r.take(3)?;
+            let committed = r.seq()?;
             let n = r.count(36)?;
             let mut entries = Vec::with_capacity(n);
             for _ in 0..n {
@@ -316,11 +343,13 @@ pub fn decode(b: &[u8], to: u32, epoch: u64) -> Result<Msg<Arc<Vec<u8>>>, Decode
                 entries,
                 regions,
                 full,
+                committed,
             }
         }
         5 => Body::Flush {
             round: r.u64()?,
             trim: r.seq()?,
+            committed: r.seq()?,
         },
         6 => Body::Flushed { round: r.u64()? },
         7 => Body::RepairReq {
@@ -371,6 +400,28 @@ pub fn decode(b: &[u8], to: u32, epoch: u64) -> Result<Msg<Arc<Vec<u8>>>, Decode
                 _ => return Err(DecodeError::Field("digest")),
             };
             Body::DigestReply { id, digest }
+        }
+        13 => Body::HoldsQuery { id: r.u64()? },
+        14 => {
+            let id = r.u64()?;
+            let trim = r.seq()?;
+            let n = r.count(24)?;
+            if n > HOLDS_RUNS_MAX {
+                return Err(DecodeError::Field("holds runs"));
+            }
+            let mut runs = Vec::with_capacity(n);
+            for _ in 0..n {
+                let run = SeqRun {
+                    term: r.u64()?,
+                    first: r.u64()?,
+                    last: r.u64()?,
+                };
+                if run.first > run.last {
+                    return Err(DecodeError::Field("holds run"));
+                }
+                runs.push(run);
+            }
+            Body::Holds { id, trim, runs }
         }
         k => return Err(DecodeError::Kind(k)),
     };
@@ -433,8 +484,35 @@ mod tests {
                     index: 3,
                 }],
                 full: false,
+                committed: Seq { term: 5, n: 2 },
             },
-            Body::Flush { round: 77, trim: s },
+            Body::Flush {
+                round: 77,
+                trim: s,
+                committed: Seq { term: 5, n: 8 },
+            },
+            Body::HoldsQuery { id: 31 },
+            Body::Holds {
+                id: 31,
+                trim: Seq { term: 4, n: 1 },
+                runs: vec![
+                    SeqRun {
+                        term: 4,
+                        first: 2,
+                        last: 9,
+                    },
+                    SeqRun {
+                        term: 5,
+                        first: 1,
+                        last: 1,
+                    },
+                ],
+            },
+            Body::Holds {
+                id: 32,
+                trim: s,
+                runs: Vec::new(),
+            },
             Body::Flushed { round: 78 },
             Body::RepairReq { id: 5, extent: e },
             Body::Repaired { id: 5, ok: true },
@@ -494,6 +572,15 @@ mod tests {
         let mut b = encode(&samples()[0]);
         b[8] = 42;
         assert_eq!(decode(&b, 4, 99), Err(DecodeError::Kind(42)));
+        // A run whose first change comes after its last.
+        let holds = samples()
+            .into_iter()
+            .find(|m| matches!(&m.body, Body::Holds { runs, .. } if !runs.is_empty()))
+            .expect("holds sample");
+        let mut b = encode(&holds);
+        // kind 4 + id 8 + trim 16 + n 4 + term 8: `first` of the first run.
+        b[8 + 4 + 8 + 16 + 4 + 8..][..8].copy_from_slice(&100u64.to_le_bytes());
+        assert_eq!(decode(&b, 4, 99), Err(DecodeError::Field("holds run")));
     }
 
     proptest! {

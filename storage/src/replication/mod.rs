@@ -30,20 +30,30 @@
 //!   diverged), then serves.
 //! * Outdated members (back after an absence or a restart) receive new
 //!   writes at once and, in the background, the primary's content of every
-//!   64 KiB region in its log (delta recovery), or of every allocated
-//!   region when the log cannot tell (full resync); then a flush, then the
-//!   primary asks the manager to mark them `UpToDate`.
+//!   64 KiB region of the changes in its log after the member's durable
+//!   point that the member does not hold (it flushes, then lists the
+//!   changes it applied: delta recovery), or of every allocated region when
+//!   the log cannot tell (full resync); then a flush, then the primary asks
+//!   the manager to mark them `UpToDate`.
+//! * A member counts as durable up to a flush round's point only if it
+//!   answered that round in the incarnation it was asked in (a restarted
+//!   process's flush says nothing of what the old one had not flushed).
 //! * `Backfill` members (a disk that replaced one taken out) are always
 //!   recovered by a full resync: no log can tell what they miss.
-//! * Recovery pushes are throttled daemon-wide: at most `pushes_max` in
-//!   flight over all groups (groups that wait get the freed slots in turn)
-//!   and, when the driver grants a byte budget, no push starts without
-//!   64 KiB of it left. The driver owns the clock and refills the budget.
+//! * A push carries up to `PUSH_REGIONS_MAX` contiguous regions to push to
+//!   one member (one read, one message, one write).
+//! * Recovery pushes are throttled daemon-wide: at most `pushes_max` regions
+//!   in flight over all groups (groups that wait get the freed slots in
+//!   turn) and, when the driver grants a byte budget, no region is pushed
+//!   without 64 KiB of it left. The driver owns the clock and refills the
+//!   budget.
 //!
 //! The type `D` is the data of a write (bytes in the daemon, block labels in
 //! the simulation).
 
 pub mod codec;
+#[cfg(test)]
+mod scenario;
 #[cfg(test)]
 mod sim;
 
@@ -61,6 +71,10 @@ pub const LOG_ENTRIES_MAX: usize = 1 << 20;
 pub const QUEUE_MAX: usize = 4096;
 /// Recovery pushes in flight per group.
 pub const PUSHES_INFLIGHT_MAX: usize = 16;
+/// Regions one recovery push carries at most: contiguous regions to push to
+/// one member go as one read, one message and one write (1 MiB), not as
+/// that many round trips of 64 KiB.
+pub const PUSH_REGIONS_MAX: u32 = 16;
 /// Bytes one push costs against the byte budget (its region, whatever
 /// part of it is allocated).
 const PUSH_COST_BYTES: u64 = REGION_BYTES as u64;
@@ -75,6 +89,9 @@ pub const REPAIRS_MAX: usize = 1024;
 pub const ASKS_MAX: usize = 1024;
 /// Regions a group's scrub checks at once.
 pub const SCRUB_INFLIGHT_MAX: usize = 4;
+/// Runs of applied changes a member lists when asked what it holds (the
+/// rest are pushed again: harmless).
+pub const HOLDS_RUNS_MAX: usize = 65_536;
 /// Bytes of one block: the unit a repair rewrites whole (a partial write of
 /// a block whose CRC fails cannot merge into it).
 pub const BLOCK_BYTES: u32 = 4096;
@@ -207,15 +224,21 @@ pub enum Body<D> {
     LogQuery {
         full: bool,
     },
+    /// `committed`: the member's commit point (its entries up to it are
+    /// not listed; peering trusts the highest commit point it hears of).
     LogReply {
         entries: Vec<(Seq, Extent)>,
         regions: Vec<Region>,
         full: bool,
+        committed: Seq,
     },
-    /// Primary -> member: make everything durable.
+    /// Primary -> member: make everything durable. `committed` and `trim`
+    /// travel with it as with a change (so a quiet member learns that its
+    /// last changes were committed).
     Flush {
         round: u64,
         trim: Seq,
+        committed: Seq,
     },
     Flushed {
         round: u64,
@@ -254,6 +277,55 @@ pub enum Body<D> {
         id: u64,
         digest: Digest,
     },
+    /// Primary -> member being delta-recovered: make what you applied
+    /// durable, then say which changes you hold.
+    HoldsQuery {
+        id: u64,
+    },
+    /// Member -> primary: every change up to `trim`, and every change in
+    /// `runs`, is durable here (`runs` may leave some out, never add one).
+    Holds {
+        id: u64,
+        trim: Seq,
+        runs: Vec<SeqRun>,
+    },
+}
+
+/// Changes `first..=last` of one primary term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqRun {
+    pub term: u64,
+    pub first: u64,
+    pub last: u64,
+}
+
+impl SeqRun {
+    pub fn contains(&self, s: Seq) -> bool {
+        s.term == self.term && self.first <= s.n && s.n <= self.last
+    }
+}
+
+/// The runs of consecutive sequences in `set` (in order), at most `max`.
+fn runs_of(set: &BTreeSet<Seq>, max: usize) -> Vec<SeqRun> {
+    let mut out: Vec<SeqRun> = Vec::new();
+    for s in set {
+        if let Some(r) = out.last_mut()
+            && r.term == s.term
+            && r.last + 1 == s.n
+        {
+            r.last = s.n;
+            continue;
+        }
+        if out.len() == max {
+            break;
+        }
+        out.push(SeqRun {
+            term: s.term,
+            first: s.n,
+            last: s.n,
+        });
+    }
+    out
 }
 
 /// A message between two disks about one placement group.
@@ -457,8 +529,9 @@ struct Op<D> {
     /// change (see `pump`).
     local_started: bool,
     sent_tick: u64,
-    /// For a push: the member and region being recovered.
-    push: Option<(u32, Region)>,
+    /// For a push: the member and the regions (contiguous, as read) being
+    /// recovered.
+    push: Option<(u32, Extent)>,
     /// A push whose local read has not returned yet.
     reading: bool,
     failed: bool,
@@ -543,6 +616,11 @@ struct Queued<D> {
 #[derive(Default)]
 struct Recovery {
     todo: BTreeSet<Region>,
+    /// A delta recovery first asks the member what it holds (the query's
+    /// id); meanwhile `entries` are the log entries it may miss (above its
+    /// durable point) and nothing is pushed.
+    asking: Option<u64>,
+    entries: Vec<(Seq, Extent)>,
     /// Outstanding region listings of a full resync (local and remote).
     listing: u8,
     incarnation: u64,
@@ -556,8 +634,14 @@ struct Recovery {
 
 struct Round {
     covered: Seq,
-    /// Members flushed by the round (they become durable up to `covered`).
-    members: BTreeSet<u32>,
+    /// Members flushed by the round, with the incarnation the flush was
+    /// asked of: they become durable up to `covered` when it ends. A member
+    /// that leaves the write set or restarts before it answered is dropped
+    /// (the flush of a new process says nothing of what the old one had not
+    /// flushed), so it stays at the durable point it had, and the round
+    /// ends without it.
+    members: BTreeMap<u32, u64>,
+    /// Members (and this primary) that have not answered yet.
     waiting: BTreeSet<u32>,
     /// `Some(member)` for the flush that ends a member's recovery.
     recovered: Option<u32>,
@@ -569,7 +653,10 @@ struct Primary<D> {
     next_n: u64,
     active: bool,
     peering: BTreeSet<u32>,
-    peer_regions: BTreeSet<Region>,
+    /// Uncommitted log entries the peers reported, and the highest commit
+    /// point any of them knows.
+    peer_entries: Vec<(Seq, Extent)>,
+    peer_committed: Seq,
     peer_sent_tick: u64,
     ops: BTreeMap<Seq, Op<D>>,
     queue: VecDeque<Queued<D>>,
@@ -679,13 +766,30 @@ enum Token {
         pg: u32,
         disk: u32,
     },
+    /// A member's flush before it answers `HoldsQuery { id }`, with what it
+    /// held when the flush was asked.
+    HoldsForPeer {
+        pg: u32,
+        disk: u32,
+        to: u32,
+        id: u64,
+        trim: Seq,
+        runs: Vec<SeqRun>,
+    },
 }
 
 /// Counters the daemon turns into metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Bytes and regions pushed to members that are not up to date
+    /// (recovery and backfill).
     pub recovery_bytes: u64,
     pub recovery_regions: u64,
+    /// Bytes and regions a new primary pushed to up-to-date members to make
+    /// the regions of changes that may be missing on some of them agree
+    /// (peering), counted apart from recovery.
+    pub peering_bytes: u64,
+    pub peering_regions: u64,
     pub peerings: u64,
     /// Copies of extents rewritten from a good copy (read repair and scrub).
     pub repairs: u64,
@@ -745,7 +849,8 @@ pub struct Replicator<D> {
     scrub_per_tick: usize,
     scrub_budget: usize,
     pub stats: Stats,
-    /// Recovery pushes in flight over all groups, and their limit.
+    /// Regions of the recovery pushes in flight over all groups, and their
+    /// limit.
     pushes_total: usize,
     pushes_max: usize,
     /// Bytes recovery may still push (`None`: no byte limit).
@@ -784,7 +889,8 @@ impl<D: Clone> Replicator<D> {
         }
     }
 
-    /// Limit recovery pushes in flight over all groups (at least one).
+    /// Limit the regions (64 KiB) of the recovery pushes in flight over all
+    /// groups (at least one).
     pub fn set_pushes_max(&mut self, n: usize) {
         assert!(n >= 1);
         self.pushes_max = n;
@@ -803,7 +909,7 @@ impl<D: Clone> Replicator<D> {
         self.pushes_total < self.pushes_max && self.push_budget.is_none_or(|b| b >= PUSH_COST_BYTES)
     }
 
-    /// Recovery pushes in flight over all groups.
+    /// Regions of the recovery pushes in flight over all groups.
     pub fn pushes_in_flight(&self) -> usize {
         self.pushes_total
     }
@@ -821,13 +927,14 @@ impl<D: Clone> Replicator<D> {
                 if p.view.state(*m) == Some(CopyState::Backfill) {
                     out.copies_backfilling += 1;
                 }
-                let in_flight = pr
+                let in_flight: u64 = pr
                     .ops
                     .values()
-                    .filter(|o| o.push.is_some_and(|(pm, _)| pm == *m))
-                    .count() as u64;
+                    .filter_map(|o| o.push.filter(|(pm, _)| pm == m))
+                    .map(|(_, e)| u64::from(e.length))
+                    .sum();
                 out.done_bytes += r.bytes;
-                out.remaining_bytes += (r.todo.len() as u64 + in_flight) * PUSH_COST_BYTES;
+                out.remaining_bytes += r.todo.len() as u64 * PUSH_COST_BYTES + in_flight;
             }
         }
         out
@@ -866,9 +973,10 @@ impl<D: Clone> Replicator<D> {
             );
             for (m, r) in &pr.recovering {
                 out += &format!(
-                    " | rec {m}: todo {} listing {} done {} full {} flush {:?}",
+                    " | rec {m}: todo {} listing {} asking {:?} done {} full {} flush {:?}",
                     r.todo.len(),
                     r.listing,
+                    r.asking,
                     r.done,
                     r.full,
                     r.flush_round
@@ -882,6 +990,12 @@ impl<D: Clone> Replicator<D> {
             }
         }
         out
+    }
+
+    /// Entries in `disk`'s log of group `pg`.
+    #[cfg(test)]
+    pub(crate) fn log_len(&self, pg: u32, disk: u32) -> usize {
+        self.pgs.get(&(pg, disk)).map_or(0, |p| p.log.len())
     }
 
     /// Give freed daemon-wide push slots to the groups waiting for them,
@@ -983,7 +1097,11 @@ impl<D: Clone> Replicator<D> {
                         && pr.repairs.is_empty()
                         && pr.scrub.is_none()
                         && pr.recovering.values().all(|r| {
-                            r.done || r.todo.is_empty() && r.listing == 0 && r.flush_round.is_none()
+                            r.done
+                                || r.todo.is_empty()
+                                    && r.listing == 0
+                                    && r.asking.is_none()
+                                    && r.flush_round.is_none()
                         })
                 })
         })
@@ -1143,8 +1261,17 @@ impl<D: Clone> Replicator<D> {
             }
         }
         pr.peering.retain(|m| ws.contains(m));
-        for r in pr.rounds.values_mut() {
-            r.waiting.retain(|m| ws.contains(m) || *m == me);
+        // Flush rounds forget members that left or restarted before they
+        // answered; a round left waiting for nobody ends now (else it
+        // would wait forever, and no later round would trim the logs).
+        let mut ended = Vec::new();
+        for (id, r) in pr.rounds.iter_mut() {
+            r.members
+                .retain(|m, inc| *m == me || ws.contains(m) && view.incarnation(*m) == *inc);
+            r.waiting.retain(|m| r.members.contains_key(m));
+            if r.waiting.is_empty() {
+                ended.push(*id);
+            }
         }
         // Members that left or restarted lose their recovery progress, and
         // so does a delta recovery of a member that is now a backfill
@@ -1163,6 +1290,9 @@ impl<D: Clone> Replicator<D> {
                 &mut self.tokens,
                 &mut self.next_token,
             );
+        }
+        for id in ended {
+            self.end_round(pg, me, id);
         }
         self.finish_ops(pg, me);
         self.check_peering(pg, me);
@@ -1225,6 +1355,13 @@ impl<D: Clone> Replicator<D> {
             .zip(p.view.states.iter().copied())
             .collect();
         let min = p.view.min_replicas;
+        let ws_incs: Vec<(u32, u64)> = p
+            .view
+            .members
+            .iter()
+            .copied()
+            .zip(p.view.incarnations.iter().copied())
+            .collect();
         let Some(pr) = p.primary.as_mut() else {
             return;
         };
@@ -1323,13 +1460,15 @@ impl<D: Clone> Replicator<D> {
             p.log.clear();
             p.complete = false;
         }
-        // Recovery pushes: regions nobody is changing, a few at a time.
+        // Recovery pushes: regions nobody is changing, a few at a time, each
+        // with the contiguous regions after it (up to PUSH_REGIONS_MAX and
+        // the daemon's limits).
         let members: Vec<u32> = pr.recovering.keys().copied().collect();
         let mut starved = false;
         for m in members {
             while pr.pushes < PUSHES_INFLIGHT_MAX {
                 let r = pr.recovering.get_mut(&m).expect("member");
-                if r.listing > 0 {
+                if r.listing > 0 || r.asking.is_some() {
                     break;
                 }
                 let allowed = self.pushes_total < self.pushes_max
@@ -1338,18 +1477,45 @@ impl<D: Clone> Replicator<D> {
                     starved |= !r.todo.is_empty();
                     break;
                 }
-                let next = r.todo.iter().copied().find(|reg| {
+                let free = |reg: &Region| {
                     let e = reg.extent();
                     !pr.ops.values().any(|o| o.update.extent.overlaps(&e))
                         && !pr.checks.values().any(|c| c.extent.overlaps(&e))
                         && !pr.queue.iter().any(|q| q.extent.overlaps(&e))
                         && !pr.repairs.iter().any(|j| j.extent.overlaps(&e))
-                });
-                let Some(reg) = next else { break };
-                r.todo.remove(&reg);
-                self.pushes_total += 1;
+                };
+                let Some(first) = r.todo.iter().copied().find(free) else {
+                    break;
+                };
+                // As many regions as the limits leave room for.
+                let room = (self.pushes_max - self.pushes_total) as u64;
+                let room = self
+                    .push_budget
+                    .map_or(room, |b| room.min(b / PUSH_COST_BYTES));
+                let most = u64::from(PUSH_REGIONS_MAX).min(room) as u32;
+                let mut count = 1;
+                while count < most {
+                    let next = Region {
+                        index: first.index + count,
+                        ..first
+                    };
+                    if !r.todo.contains(&next) || !free(&next) {
+                        break;
+                    }
+                    count += 1;
+                }
+                let extent = Extent {
+                    volume_id: first.volume_id,
+                    chunk_index: first.chunk_index,
+                    offset: first.index * REGION_BYTES,
+                    length: count * REGION_BYTES,
+                };
+                for reg in extent.regions() {
+                    r.todo.remove(&reg);
+                }
+                self.pushes_total += count as usize;
                 if let Some(b) = self.push_budget.as_mut() {
-                    *b -= PUSH_COST_BYTES;
+                    *b -= u64::from(count) * PUSH_COST_BYTES;
                 }
                 let seq = Seq {
                     term: pr.term,
@@ -1362,7 +1528,7 @@ impl<D: Clone> Replicator<D> {
                 self.effects.push(Effect::Read {
                     disk: me,
                     token,
-                    extent: reg.extent(),
+                    extent,
                 });
                 pr.pushes += 1;
                 pr.ops.insert(
@@ -1370,7 +1536,7 @@ impl<D: Clone> Replicator<D> {
                     Op {
                         update: Update {
                             seq,
-                            extent: reg.extent(),
+                            extent,
                             change: Change::Zeroes,
                             fua: false,
                         },
@@ -1379,7 +1545,7 @@ impl<D: Clone> Replicator<D> {
                         local_pending: false,
                         local_started: true,
                         sent_tick: tick,
-                        push: Some((m, reg)),
+                        push: Some((m, extent)),
                         reading: true,
                         failed: false,
                         repair: None,
@@ -1389,6 +1555,7 @@ impl<D: Clone> Replicator<D> {
             }
             let r = &pr.recovering[&m];
             if r.listing == 0
+                && r.asking.is_none()
                 && r.todo.is_empty()
                 && !r.done
                 && r.flush_round.is_none()
@@ -1404,7 +1571,7 @@ impl<D: Clone> Replicator<D> {
                     round,
                     Round {
                         covered: Seq::default(),
-                        members: BTreeSet::from([m]),
+                        members: BTreeMap::from([(m, inc_of(&ws_incs, m))]),
                         waiting: BTreeSet::from([m]),
                         recovered: Some(m),
                         sent_tick: tick,
@@ -1416,7 +1583,11 @@ impl<D: Clone> Replicator<D> {
                     from: me,
                     to: m,
                     epoch,
-                    body: Body::Flush { round, trim },
+                    body: Body::Flush {
+                        round,
+                        trim,
+                        committed: committed_of(pr),
+                    },
                 }));
             }
         }
@@ -1500,17 +1671,25 @@ impl<D: Clone> Replicator<D> {
                 }
                 repair_done(pg, me, epoch, origin, !op.failed, &mut self.effects);
             }
-            if let Some((m, reg)) = op.push {
+            if let Some((m, pushed)) = op.push {
+                let regions = pushed.regions().count() as u64;
                 pr.pushes -= 1;
-                self.pushes_total -= 1;
+                self.pushes_total -= regions as usize;
                 if op.failed {
                     if let Some(r) = pr.recovering.get_mut(&m) {
-                        r.todo.insert(reg);
+                        r.todo.extend(pushed.regions());
                     }
                 } else if let Some(r) = pr.recovering.get_mut(&m) {
-                    r.bytes += u64::from(op.update.extent.length);
-                    self.stats.recovery_bytes += u64::from(op.update.extent.length);
-                    self.stats.recovery_regions += 1;
+                    // What was read (the volume may end inside the extent).
+                    let bytes = u64::from(op.update.extent.length);
+                    r.bytes += bytes;
+                    if view.state(m) == Some(CopyState::UpToDate) {
+                        self.stats.peering_bytes += bytes;
+                        self.stats.peering_regions += regions;
+                    } else {
+                        self.stats.recovery_bytes += bytes;
+                        self.stats.recovery_regions += regions;
+                    }
                 }
             }
         }
@@ -1550,16 +1729,21 @@ impl<D: Clone> Replicator<D> {
                 entries,
                 regions,
                 full,
-            } => self.on_log_reply(m.pg, m.to, m.from, m.epoch, entries, regions, full),
+                committed,
+            } => self.on_log_reply(m.pg, m.to, m.from, entries, regions, full, committed),
             Body::Replicate {
                 update,
                 committed,
                 trim,
             } => self.on_replicate(m.pg, m.to, m.from, m.epoch, update, committed, trim),
             Body::LogQuery { full } => self.on_log_query(m.pg, m.to, m.from, m.epoch, full),
-            Body::Flush { round, trim } => {
-                self.on_flush_req(m.pg, m.to, m.from, m.epoch, round, trim)
-            }
+            Body::Flush {
+                round,
+                trim,
+                committed,
+            } => self.on_flush_req(m.pg, m.to, m.from, m.epoch, round, trim, committed),
+            Body::HoldsQuery { id } => self.on_holds_query(m.pg, m.to, m.from, m.epoch, id),
+            Body::Holds { id, trim, runs } => self.on_holds(m.pg, m.to, m.from, id, trim, runs),
             Body::RepairReq { id, extent } => self.on_repair_req(m.pg, m.to, m.from, id, extent),
             Body::Repaired { id, ok } => self.on_repaired(m.pg, m.to, m.from, id, ok),
             Body::Fetch { id, extent } => self.on_fetch(m.pg, m.to, m.from, m.epoch, id, extent),
@@ -1799,6 +1983,7 @@ impl<D: Clone> Replicator<D> {
         }
         let p = &self.pgs[&(pg, me)];
         let entries = uncommitted(p);
+        let committed = p.committed;
         self.effects.push(Effect::Send(Msg {
             pg,
             from: me,
@@ -1808,6 +1993,7 @@ impl<D: Clone> Replicator<D> {
                 entries,
                 regions: Vec::new(),
                 full: false,
+                committed,
             },
         }));
     }
@@ -1818,10 +2004,10 @@ impl<D: Clone> Replicator<D> {
         pg: u32,
         me: u32,
         from: u32,
-        _epoch: u64,
         entries: Vec<(Seq, Extent)>,
         regions: Vec<Region>,
         full: bool,
+        committed: Seq,
     ) {
         let Some(pr) = self.pgs.get_mut(&(pg, me)).and_then(|p| p.primary.as_mut()) else {
             return;
@@ -1846,9 +2032,8 @@ impl<D: Clone> Replicator<D> {
                 }
             }
         } else if pr.peering.remove(&from) {
-            for (_, e) in entries {
-                pr.peer_regions.extend(e.regions());
-            }
+            pr.peer_entries.extend(entries);
+            pr.peer_committed = pr.peer_committed.max(committed);
         }
         self.check_peering(pg, me);
         self.pump(pg, me);
@@ -1891,6 +2076,7 @@ impl<D: Clone> Replicator<D> {
                     return;
                 };
                 let entries = uncommitted(p);
+                let committed = p.committed;
                 self.effects.push(Effect::Send(Msg {
                     pg,
                     from: disk,
@@ -1900,6 +2086,7 @@ impl<D: Clone> Replicator<D> {
                         entries,
                         regions,
                         full: true,
+                        committed,
                     },
                 }));
             }
@@ -1907,12 +2094,22 @@ impl<D: Clone> Replicator<D> {
         }
     }
 
-    fn on_flush_req(&mut self, pg: u32, me: u32, from: u32, epoch: u64, round: u64, trim: Seq) {
+    #[allow(clippy::too_many_arguments)]
+    fn on_flush_req(
+        &mut self,
+        pg: u32,
+        me: u32,
+        from: u32,
+        epoch: u64,
+        round: u64,
+        trim: Seq,
+        committed: Seq,
+    ) {
         if self.fenced(pg, me, from, epoch).is_some() {
             return;
         }
         let p = self.pgs.get_mut(&(pg, me)).expect("fenced checked");
-        advance(p, Seq::default(), trim);
+        advance(p, committed, trim);
         let token = self.token(Token::FlushForPeer {
             pg,
             disk: me,
@@ -1920,6 +2117,50 @@ impl<D: Clone> Replicator<D> {
             round,
         });
         self.effects.push(Effect::Flush { disk: me, token });
+    }
+
+    /// A primary asks what this member holds before it recovers it: flush
+    /// (so everything applied here is durable), then list the changes
+    /// applied, as they were when the flush was asked.
+    fn on_holds_query(&mut self, pg: u32, me: u32, from: u32, epoch: u64, id: u64) {
+        if self.fenced(pg, me, from, epoch).is_some() {
+            return;
+        }
+        let p = &self.pgs[&(pg, me)];
+        let (trim, runs) = (p.trim, runs_of(&p.applied, HOLDS_RUNS_MAX));
+        let token = self.token(Token::HoldsForPeer {
+            pg,
+            disk: me,
+            to: from,
+            id,
+            trim,
+            runs,
+        });
+        self.effects.push(Effect::Flush { disk: me, token });
+    }
+
+    /// What a member being delta-recovered holds: push only the regions of
+    /// log entries it does not.
+    fn on_holds(&mut self, pg: u32, me: u32, from: u32, id: u64, trim: Seq, runs: Vec<SeqRun>) {
+        let Some(r) = self
+            .pgs
+            .get_mut(&(pg, me))
+            .and_then(|p| p.primary.as_mut())
+            .and_then(|pr| pr.recovering.get_mut(&from))
+        else {
+            return;
+        };
+        if r.asking != Some(id) {
+            return;
+        }
+        r.asking = None;
+        let needed: BTreeSet<Region> = std::mem::take(&mut r.entries)
+            .iter()
+            .filter(|(s, _)| *s > trim && !runs.iter().any(|run| run.contains(*s)))
+            .flat_map(|(_, e)| e.regions())
+            .collect();
+        r.todo.retain(|reg| needed.contains(reg));
+        self.pump(pg, me);
     }
 
     fn on_flushed(&mut self, token: u64, ok: bool) {
@@ -1942,11 +2183,49 @@ impl<D: Clone> Replicator<D> {
             Some(Token::Flush { pg, disk, round }) if ok => {
                 self.on_peer_flushed(pg, disk, disk, round)
             }
+            Some(Token::HoldsForPeer {
+                pg,
+                disk,
+                to,
+                id,
+                trim,
+                runs,
+            }) if ok => {
+                let epoch = self.epoch();
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: disk,
+                    to,
+                    epoch,
+                    body: Body::Holds { id, trim, runs },
+                }));
+            }
             _ => {}
         }
     }
 
     fn on_peer_flushed(&mut self, pg: u32, me: u32, from: u32, round: u64) {
+        let Some(r) = self
+            .pgs
+            .get_mut(&(pg, me))
+            .and_then(|p| p.primary.as_mut())
+            .and_then(|pr| pr.rounds.get_mut(&round))
+        else {
+            return;
+        };
+        // An answer from a member the round no longer waits for (a
+        // duplicate, or one that left or restarted meanwhile) counts for
+        // nothing.
+        if !r.waiting.remove(&from) || !r.waiting.is_empty() {
+            return;
+        }
+        self.end_round(pg, me, round);
+    }
+
+    /// A flush round every remaining member answered: a recovered member is
+    /// reported, the members of a trim round become durable up to what it
+    /// covered, and logs are cut at the new trim point.
+    fn end_round(&mut self, pg: u32, me: u32, round: u64) {
         let Some(p) = self.pgs.get_mut(&(pg, me)) else {
             return;
         };
@@ -1954,16 +2233,12 @@ impl<D: Clone> Replicator<D> {
         let Some(pr) = p.primary.as_mut() else {
             return;
         };
-        let Some(r) = pr.rounds.get_mut(&round) else {
+        let Some(r) = pr.rounds.remove(&round) else {
             return;
         };
-        r.waiting.remove(&from);
-        if !r.waiting.is_empty() {
-            return;
-        }
-        let r = pr.rounds.remove(&round).expect("round");
         if let Some(m) = r.recovered {
-            if let Some(rec) = pr.recovering.get_mut(&m)
+            if r.members.contains_key(&m)
+                && let Some(rec) = pr.recovering.get_mut(&m)
                 && rec.flush_round == Some(round)
             {
                 rec.done = true;
@@ -1974,7 +2249,7 @@ impl<D: Clone> Replicator<D> {
             return;
         }
         // A trim round: everyone in it is durable up to `covered`.
-        for m in r.members {
+        for m in r.members.into_keys() {
             let d = pr.durable.entry(m).or_default();
             *d = (*d).max(r.covered);
         }
@@ -2045,19 +2320,36 @@ impl<D: Clone> Replicator<D> {
                         from: me,
                         to: *m,
                         epoch,
-                        body: Body::Flush { round: *id, trim },
+                        body: Body::Flush {
+                            round: *id,
+                            trim,
+                            committed,
+                        },
                     }));
                 }
             }
-            // Full-resync listings are asked again too.
+            // Full-resync listings are asked again too, and so is what a
+            // member holds.
             for (m, r) in pr.recovering.iter() {
-                if r.listing > 0 && tick.is_multiple_of(RESEND_TICKS) {
+                if !tick.is_multiple_of(RESEND_TICKS) {
+                    continue;
+                }
+                if r.listing > 0 {
                     self.effects.push(Effect::Send(Msg {
                         pg,
                         from: me,
                         to: *m,
                         epoch,
                         body: Body::LogQuery { full: true },
+                    }));
+                }
+                if let Some(id) = r.asking {
+                    self.effects.push(Effect::Send(Msg {
+                        pg,
+                        from: me,
+                        to: *m,
+                        epoch,
+                        body: Body::HoldsQuery { id },
                     }));
                 }
             }
@@ -2079,14 +2371,21 @@ impl<D: Clone> Replicator<D> {
                         from: me,
                         to: *m,
                         epoch,
-                        body: Body::Flush { round, trim },
+                        body: Body::Flush {
+                            round,
+                            trim,
+                            committed,
+                        },
                     }));
                 }
                 pr.rounds.insert(
                     round,
                     Round {
                         covered,
-                        members: waiting.clone(),
+                        members: waiting
+                            .iter()
+                            .map(|m| (*m, p.view.incarnation(*m)))
+                            .collect(),
                         waiting,
                         recovered: None,
                         sent_tick: tick,
@@ -2929,22 +3228,28 @@ impl<D: Clone> Replicator<D> {
         if pr.active || !pr.peering.is_empty() {
             return;
         }
-        // Our own uncommitted entries may be missing elsewhere too.
-        let mine: Vec<(Seq, Extent)> = p
-            .log
-            .range(..)
-            .filter(|(s, _)| **s > p.committed)
-            .map(|(s, e)| (*s, *e))
-            .collect();
-        for (_, e) in mine {
-            pr.peer_regions.extend(e.regions());
+        // A change up to the highest commit point any up-to-date copy knows
+        // of was acknowledged by every target of its primary (or made to
+        // agree by a later primary's peering), so it is on every up-to-date
+        // copy: only later entries are uncertain. Our own uncommitted
+        // entries may be missing elsewhere too.
+        let committed = p.committed.max(pr.peer_committed);
+        p.committed = committed;
+        let mut regions: BTreeSet<Region> = BTreeSet::new();
+        for (_, e) in p.log.range(..).filter(|(s, _)| **s > committed) {
+            regions.extend(e.regions());
+        }
+        for (_, e) in std::mem::take(&mut pr.peer_entries)
+            .iter()
+            .filter(|(s, _)| *s > committed)
+        {
+            regions.extend(e.regions());
         }
         pr.active = true;
         self.active_gen += 1;
         // Make the uncertain regions agree: they become changes of this term
         // (logged, so absent members get them too) pushed to every up-to-date
         // member; outdated members get them through their recovery.
-        let regions = std::mem::take(&mut pr.peer_regions);
         let uptodate: Vec<u32> = p
             .view
             .write_set()
@@ -2981,6 +3286,10 @@ impl<D: Clone> Replicator<D> {
 
 fn view_state(states: &[(u32, CopyState)], disk: u32) -> Option<CopyState> {
     states.iter().find(|(d, _)| *d == disk).map(|(_, s)| *s)
+}
+
+fn inc_of(incs: &[(u32, u64)], disk: u32) -> u64 {
+    incs.iter().find(|(d, _)| *d == disk).map_or(0, |(_, i)| *i)
 }
 
 /// Everything after `committed` in a member's log: what a new primary must
@@ -3055,7 +3364,8 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
         next_n: 1,
         active: false,
         peering,
-        peer_regions: BTreeSet::new(),
+        peer_entries: Vec::new(),
+        peer_committed: Seq::default(),
         peer_sent_tick: tick,
         ops: BTreeMap::new(),
         queue: VecDeque::new(),
@@ -3082,24 +3392,49 @@ fn start_recoveries<D: Clone>(
 ) {
     let me = p.me;
     let (pg, epoch) = (p.pg, p.view.epoch);
-    let ws = p.view.write_set();
-    let view = p.view.clone();
-    let log_regions: BTreeSet<Region> = p.log.values().flat_map(|e| e.regions()).collect();
-    let complete = p.complete;
+    let view = &p.view;
     let pr = p.primary.as_mut().expect("primary");
-    for m in ws {
-        if m == me || view.state(m) == Some(CopyState::UpToDate) || pr.recovering.contains_key(&m) {
-            continue;
-        }
+    let new: Vec<u32> = view
+        .write_set()
+        .into_iter()
+        .filter(|m| {
+            *m != me
+                && view.state(*m) != Some(CopyState::UpToDate)
+                && !pr.recovering.contains_key(m)
+        })
+        .collect();
+    for m in new {
         // A backfill member holds nothing a log could describe.
-        let full = !complete || view.state(m) == Some(CopyState::Backfill);
+        let full = !p.complete || view.state(m) == Some(CopyState::Backfill);
         let mut r = Recovery {
             incarnation: view.incarnation(m),
             full,
             ..Recovery::default()
         };
         if !full {
-            r.todo = log_regions.clone();
+            // The member may miss the changes after its durable point (our
+            // log holds every change since the trim point, which is no
+            // later). Which of them it holds, it tells first.
+            let durable = pr.durable.get(&m).copied().unwrap_or(p.trim).max(p.trim);
+            r.entries = p
+                .log
+                .range(..)
+                .filter(|(s, _)| **s > durable)
+                .map(|(s, e)| (*s, *e))
+                .collect();
+            r.todo = r.entries.iter().flat_map(|(_, e)| e.regions()).collect();
+            if !r.entries.is_empty() {
+                let id = *next_token;
+                *next_token += 1;
+                r.asking = Some(id);
+                effects.push(Effect::Send(Msg {
+                    pg,
+                    from: me,
+                    to: m,
+                    epoch,
+                    body: Body::HoldsQuery { id },
+                }));
+            }
         } else {
             r.listing = 2;
             let token = *next_token;
@@ -3133,13 +3468,18 @@ fn start_recoveries<D: Clone>(
 /// retry (at the new primary); so is every read waiting for a repair (its
 /// gateway reads again at the new primary, which repairs its own copy if it
 /// must); repairs asked by members are dropped (they ask the new primary).
-/// The log stays. Returns the recovery pushes that were in flight (they
-/// no longer count against the daemon's limit).
+/// The log stays. Returns the regions of the recovery pushes that were in
+/// flight (they no longer count against the daemon's limit).
 fn step_down<D>(p: &mut Pg<D>, effects: &mut Vec<Effect<D>>, stats: &mut Stats) -> usize {
     let Some(pr) = p.primary.take() else {
         return 0;
     };
-    let pushes = pr.pushes;
+    let pushes = pr
+        .ops
+        .values()
+        .filter_map(|o| o.push)
+        .map(|(_, e)| e.regions().count())
+        .sum();
     if pr.scrub.is_some() {
         stats.scrubs_aborted += 1;
     }
