@@ -93,6 +93,10 @@ pub struct UpArgs {
     /// (e.g. 200M; 0 = unlimited).
     #[arg(long, value_parser = parse_size)]
     pub recovery_bytes_per_sec: Option<u64>,
+    /// Bytes one recovery push carries at most (64K to 1M, whole 64K
+    /// regions); passed to every storage daemon.
+    #[arg(long)]
+    pub recovery_push_size: Option<String>,
 }
 
 pub fn parse_volume(s: &str) -> Result<(String, u64), String> {
@@ -327,6 +331,11 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
                     n.to_string().into(),
                 ]
             }))
+            .chain(
+                a.recovery_push_size
+                    .iter()
+                    .flat_map(|s| [OsString::from("--recovery-push-size"), s.into()]),
+            )
             .collect(),
             log: logs.join(format!("storage-{i}.log")),
             child: None,

@@ -67,6 +67,13 @@ struct Args {
     #[arg(long, default_value_t = daemon::RECOVERY_PUSHES_DEFAULT,
           value_parser = clap::value_parser!(u32).range(1..=daemon::RECOVERY_PUSHES_MAX as i64))]
     recovery_pushes_max: u32,
+    /// Bytes one recovery push carries at most (64K to 1M, whole 64K
+    /// regions): contiguous regions to recover go in one read, message and
+    /// write; smaller pushes hold a disk that serves one request at a time
+    /// for less long.
+    #[arg(long, default_value_t = daemon::RECOVERY_PUSH_BYTES_DEFAULT,
+          value_parser = daemon::parse_push_size)]
+    recovery_push_size: u32,
     /// Recovery bytes pushed per second at most (e.g. 100M; 0: no limit
     /// besides --recovery-pushes-max).
     #[arg(long, default_value = "0", value_parser = tessera_wire::api::parse_size)]
@@ -105,6 +112,7 @@ fn main() {
         scrub_interval,
         scrub_rate_bytes: a.scrub_rate,
         recovery_pushes_max: a.recovery_pushes_max as usize,
+        recovery_push_bytes: a.recovery_push_size,
         recovery_bytes_per_sec: a.recovery_bytes_per_sec,
     };
     match daemon::run(config) {

@@ -40,8 +40,9 @@
 //!   process's flush says nothing of what the old one had not flushed).
 //! * `Backfill` members (a disk that replaced one taken out) are always
 //!   recovered by a full resync: no log can tell what they miss.
-//! * A push carries up to `PUSH_REGIONS_MAX` contiguous regions to push to
-//!   one member (one read, one message, one write).
+//! * A push carries up to `push_regions` (at most `PUSH_REGIONS_MAX`)
+//!   contiguous regions to push to one member (one read, one message, one
+//!   write).
 //! * Recovery pushes are throttled daemon-wide: at most `pushes_max` regions
 //!   in flight over all groups (groups that wait get the freed slots in
 //!   turn) and, when the driver grants a byte budget, no region is pushed
@@ -71,9 +72,10 @@ pub const LOG_ENTRIES_MAX: usize = 1 << 20;
 pub const QUEUE_MAX: usize = 4096;
 /// Recovery pushes in flight per group.
 pub const PUSHES_INFLIGHT_MAX: usize = 16;
-/// Regions one recovery push carries at most: contiguous regions to push to
-/// one member go as one read, one message and one write (1 MiB), not as
-/// that many round trips of 64 KiB.
+/// Regions one recovery push may carry (1 MiB): contiguous regions to push
+/// to one member go as one read, one message and one write instead of that
+/// many round trips of 64 KiB. The daemon picks how many, up to this
+/// (`set_push_regions`).
 pub const PUSH_REGIONS_MAX: u32 = 16;
 /// Bytes one push costs against the byte budget (its region, whatever
 /// part of it is allocated).
@@ -853,6 +855,8 @@ pub struct Replicator<D> {
     /// limit.
     pushes_total: usize,
     pushes_max: usize,
+    /// Regions one push carries at most.
+    push_regions: u32,
     /// Bytes recovery may still push (`None`: no byte limit).
     push_budget: Option<u64>,
     /// Groups with recovery work held back by the daemon-wide limits, in
@@ -883,6 +887,7 @@ impl<D: Clone> Replicator<D> {
             stats: Stats::default(),
             pushes_total: 0,
             pushes_max: usize::MAX,
+            push_regions: PUSH_REGIONS_MAX,
             push_budget: None,
             starved: VecDeque::new(),
             active_gen: 0,
@@ -894,6 +899,14 @@ impl<D: Clone> Replicator<D> {
     pub fn set_pushes_max(&mut self, n: usize) {
         assert!(n >= 1);
         self.pushes_max = n;
+    }
+
+    /// Contiguous regions one recovery push carries at most (1 to
+    /// `PUSH_REGIONS_MAX`): larger pushes cost fewer round trips, smaller
+    /// ones hold a disk that serves one request at a time for less long.
+    pub fn set_push_regions(&mut self, n: u32) {
+        assert!((1..=PUSH_REGIONS_MAX).contains(&n));
+        self.push_regions = n;
     }
 
     /// Grant recovery `bytes` more to push, keeping at most `cap` unspent
@@ -1492,7 +1505,7 @@ impl<D: Clone> Replicator<D> {
                 let room = self
                     .push_budget
                     .map_or(room, |b| room.min(b / PUSH_COST_BYTES));
-                let most = u64::from(PUSH_REGIONS_MAX).min(room) as u32;
+                let most = u64::from(self.push_regions).min(room) as u32;
                 let mut count = 1;
                 while count < most {
                     let next = Region {
