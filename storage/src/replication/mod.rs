@@ -3449,6 +3449,16 @@ fn start_recoveries<D: Clone>(
                 }));
             }
         } else {
+            // The changes in flight were sent to the members of their time
+            // only, and the first write of a region may not be on our copy
+            // yet when it is listed: push their regions too (once they are
+            // done, as every push waits for the changes overlapping it).
+            r.todo = pr
+                .ops
+                .values()
+                .filter(|o| o.push.is_none())
+                .flat_map(|o| o.update.extent.regions())
+                .collect();
             r.listing = 2;
             let token = *next_token;
             *next_token += 1;

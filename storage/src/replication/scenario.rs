@@ -10,7 +10,10 @@ use tessera_wire::map::{
     DiskEntry, FailureDomain, NodeEntry, PoolEntry, VolumeEntry, mark_clean, outdate_disk,
 };
 
-const NODES: u32 = 3;
+/// Daemons; the groups are placed on the first `MEMBERS`, the last one is
+/// a spare (a disk a group may grow onto).
+const NODES: u32 = 4;
+const MEMBERS: u32 = 3;
 const PGS: u32 = 3;
 const BLOCK: u32 = 4096;
 /// 16 regions of 64 KiB per chunk.
@@ -72,9 +75,9 @@ fn region(chunk: u32, index: u32) -> Region {
     }
 }
 
-/// Three disks, three groups; group `g` is placed on disks `g+1, g+2, g+3`
-/// (mod 3), so each disk leads one group and is second and third in the
-/// others.
+/// Four disks, three groups; group `g` is placed on disks `g+1, g+2, g+3`
+/// (mod 3), so each of disks 1-3 leads one group and is second and third in
+/// the others; disk 4 holds no group.
 fn initial_map() -> ClusterMap {
     ClusterMap {
         epoch: 1,
@@ -102,9 +105,9 @@ fn initial_map() -> ClusterMap {
             })
             .collect(),
         pgs: (0..PGS)
-            .map(|pg| (0..NODES).map(|i| (pg + i) % NODES + 1).collect())
+            .map(|pg| (0..MEMBERS).map(|i| (pg + i) % MEMBERS + 1).collect())
             .collect(),
-        pg_states: vec![vec![CopyState::UpToDate; NODES as usize]; PGS as usize],
+        pg_states: vec![vec![CopyState::UpToDate; MEMBERS as usize]; PGS as usize],
         volumes: vec![VolumeEntry {
             id: 1,
             name: "v".into(),
@@ -117,7 +120,7 @@ fn initial_map() -> ClusterMap {
         pools: vec![PoolEntry {
             id: 1,
             name: "p".into(),
-            replicas: NODES,
+            replicas: MEMBERS,
             min_replicas: 2,
             failure_domain: FailureDomain::Host,
             chunk_size_bytes: u64::from(CHUNK_BYTES),
@@ -421,10 +424,14 @@ impl Cluster {
             all.extend(n.disk.durable.keys().chain(n.disk.cache.keys()));
         }
         for b in all {
-            let v: Vec<u64> = self.nodes.iter().map(|n| n.disk.get(b)).collect();
+            let members = &self.map.pgs[pg_of_chunk(b.0) as usize];
+            let v: Vec<(u32, u64)> = members
+                .iter()
+                .map(|m| (*m, self.nodes[*m as usize - 1].disk.get(b)))
+                .collect();
             assert!(
-                v.iter().all(|x| *x == v[0]),
-                "copies of {b:?} differ: {v:?}"
+                v.iter().all(|x| x.1 == v[0].1),
+                "copies of {b:?} differ (disk, value): {v:?}"
             );
         }
     }
@@ -650,4 +657,36 @@ fn contiguous_regions_go_in_one_push() {
         // 20 regions in pushes of `most`, plus the lone one.
         assert_eq!(reads.len() as u32, 20u32.div_ceil(most) + 1, "{reads:?}");
     }
+}
+
+// Proves a member added to a group (backfill) while a client change is in
+// flight still gets it: the change was sent only to the members of its
+// time, and when it is the first write of its region the primary's own
+// copy may not hold it yet when the full resync lists the regions to
+// push, so the resync pushes the regions of the changes in flight too.
+#[test]
+fn a_backfill_member_gets_a_change_in_flight_when_it_joins() {
+    let mut c = Cluster::new();
+    for ch in 0..CHUNKS {
+        c.write(ch, 0);
+    }
+    c.ticks(3);
+    // Group 0: disks 1 (primary), 2, 3. Both replicas hold their messages,
+    // so the change stays in flight and the primary has not written its
+    // own copy (it waits for an up-to-date replica to log the change).
+    c.stop(2);
+    c.stop(3);
+    let id = c.write(0, 9); // a region never written before
+    assert_eq!(c.replies.get(&id), None);
+    // The manager grows group 0 onto disk 4 (rebalancing).
+    c.map.pgs[0].push(4);
+    c.map.pg_states[0].push(CopyState::Backfill);
+    c.bump();
+    c.run();
+    c.resume(2);
+    c.resume(3);
+    c.settle();
+    assert_eq!(c.replies.get(&id), Some(&ClientResult::Ok));
+    assert_eq!(c.map.pgs[0], vec![1, 2, 3, 4]);
+    c.assert_converged();
 }
