@@ -226,15 +226,23 @@ impl Ctx<'_> {
     /// Write `data` at byte `off`; a tail shorter than a block (a write
     /// truncated by EDTL) is merged with the block's current contents.
     async fn write_bytes(&self, off: u64, data: &[u8], fua: bool) -> Result<(), VolumeError> {
+        self.write_vec(off, data.to_vec(), fua).await
+    }
+
+    /// [`Ctx::write_bytes`] of a buffer we own: whole blocks are handed to
+    /// the volume as they are (the Data-Out as the connection read it: no
+    /// copy), only a partial tail is copied.
+    async fn write_vec(&self, off: u64, mut data: Vec<u8>, fua: bool) -> Result<(), VolumeError> {
         let bs = self.bs() as usize;
         let whole = data.len() / bs * bs;
+        let tail = data.split_off(whole);
         if whole > 0 {
-            self.vol.write(off, data[..whole].to_vec(), fua).await?;
+            self.vol.write(off, data, fua).await?;
         }
-        if whole < data.len() {
+        if !tail.is_empty() {
             let at = off + whole as u64;
             let mut block = self.vol.read(at, bs as u32).await?;
-            block[..data.len() - whole].copy_from_slice(&data[whole..]);
+            block[..tail.len()].copy_from_slice(&tail);
             self.vol.write(at, block, fua).await?;
         }
         Ok(())
@@ -250,14 +258,15 @@ fn truncated(mut d: Vec<u8>, alloc: u32) -> Vec<u8> {
     d
 }
 
-/// Run one task. `nexus` names the I_T nexus for reservations.
+/// Run one task. `nexus` names the I_T nexus for reservations. A WRITE
+/// takes the task's Data-Out (`task.data` is empty afterwards).
 pub async fn execute(
     vol: &dyn Volume,
     lun: &Lun,
     id: &Identity,
     nexus: &str,
     persist: Option<&dyn Persist>,
-    task: &Task,
+    task: &mut Task,
 ) -> Outcome {
     let bs = vol.block_size();
     let g = Geometry {
@@ -340,7 +349,7 @@ async fn run(
     nexus: &str,
     persist: Option<&dyn Persist>,
     cmd: Command,
-    task: &Task,
+    task: &mut Task,
 ) -> Outcome {
     let g = cx.g;
     let bs = cx.bs();
@@ -351,6 +360,13 @@ async fn run(
         Transfer::Out(n) => n as usize,
         _ => 0,
     };
+    // A WRITE's Data-Out goes on to the volume in the buffer it was read
+    // into; every other command looks at it in place.
+    let mut write_data = match cmd {
+        Command::Write(_) => std::mem::take(&mut task.data),
+        _ => Vec::new(),
+    };
+    write_data.truncate(want_out);
     let data: &[u8] = &task.data[..task.data.len().min(want_out)];
     let io = |e: VolumeError, write: bool| cx.check(sense_of(&e, write));
     use Command::*;
@@ -401,11 +417,11 @@ async fn run(
             }
         }
         Write(r) => {
-            if data.is_empty() {
+            if write_data.is_empty() {
                 return good(Vec::new());
             }
             let _shared = cx.lun.atomic.read().await;
-            match cx.write_bytes(r.lba * bs, data, r.fua).await {
+            match cx.write_vec(r.lba * bs, write_data, r.fua).await {
                 Ok(()) => good(Vec::new()),
                 Err(e) => io(e, true),
             }

@@ -10,7 +10,7 @@ use super::login::{self, Access, Chap, Directory, Login, Offer, Step};
 use super::pdu::{self, Digests, Pdu};
 use super::pr::Reservations;
 use super::scsi::{self, Command, Geometry, Identity, ModeState, Transfer};
-use super::session::{Discovery, Effect, Outcome, Session};
+use super::session::{DataIn, Discovery, Effect, Outcome, Session};
 
 /// Largest data segment the fuzz drivers accept (the target's default
 /// MaxRecvDataSegmentLength).
@@ -32,6 +32,25 @@ fn check_sent(p: &Pdu, d: Digests) {
         }
         other => panic!("our own PDU does not decode: {other:?}"),
     }
+}
+
+/// Data-In PDUs must tile their data in order and each must survive
+/// encode/decode like any other PDU; sent in pieces (header, data where it
+/// lies, trailer) they must be exactly their encoding.
+fn check_data_in(di: &DataIn, d: Digests) {
+    let mut at = 0;
+    for ((h, r), p) in di.pdus.iter().zip(di.to_pdus()) {
+        assert_eq!(r.start, at, "Data-In ranges do not tile the data");
+        at = r.end;
+        assert!(h.data.is_empty(), "a Data-In header carries its own data");
+        check_sent(&p, d);
+        let mut split = Vec::new();
+        h.encode_header(r.len(), d, &mut split);
+        split.extend_from_slice(&di.data[r.clone()]);
+        pdu::encode_trailer(&di.data[r.clone()], d, &mut split);
+        assert_eq!(split, p.to_bytes(d), "split encoding differs");
+    }
+    assert_eq!(at, di.data.len(), "Data-In PDUs leave data unsent");
 }
 
 struct Targets;
@@ -87,6 +106,7 @@ pub fn pdu(data: &[u8]) {
             i += 1;
             match e {
                 Effect::Send(p) => check_sent(&p, d),
+                Effect::DataIn(di) => check_data_in(&di, d),
                 Effect::Execute(task) => {
                     assert!(!discovery, "SCSI command run in a discovery session");
                     let (status, data) = match scsi::decode(&task.cdb, &g) {
@@ -105,8 +125,10 @@ pub fn pdu(data: &[u8]) {
                     let mut more = Vec::new();
                     s.complete(&task, o, &mut more);
                     for m in more {
-                        if let Effect::Send(p) = m {
-                            check_sent(&p, d);
+                        match m {
+                            Effect::Send(p) => check_sent(&p, d),
+                            Effect::DataIn(di) => check_data_in(&di, d),
+                            other => panic!("completing a task gave {other:?}"),
                         }
                     }
                 }

@@ -7,6 +7,8 @@
 //!   command's answer.
 //! * [`pr`]: persistent reservations and SPC-2 reservations.
 //! * [`session`]: the full feature phase state machine of one connection.
+//! * [`stream`]: PDUs on a socket: data segments read straight into
+//!   their own vector, batches written with one gathered `writev`.
 //! * [`target`]: the async glue: listeners, connections and command
 //!   execution against a [`crate::volume::Volume`].
 //! * [`access`]: ACLs, CHAP secrets and reservation state from the manager.
@@ -20,5 +22,6 @@ pub mod pdu;
 pub mod pr;
 pub mod scsi;
 pub mod session;
+pub mod stream;
 pub mod target;
 pub mod text;

@@ -107,7 +107,8 @@ pub struct Pdu {
     pub data: Vec<u8>,
 }
 
-fn pad4(n: usize) -> usize {
+/// §11.2.1.5: bytes padding a data segment of `n` bytes to a word.
+pub fn pad4(n: usize) -> usize {
     (4 - n % 4) % 4
 }
 
@@ -209,31 +210,32 @@ impl Pdu {
     /// Encode with the given digests: BHS, AHS, header digest, data, pad,
     /// data digest (§11.1). Sets TotalAHSLength and DataSegmentLength.
     pub fn encode(&self, digests: Digests, out: &mut Vec<u8>) {
+        self.encode_header(self.data.len(), digests, out);
+        out.extend_from_slice(&self.data);
+        encode_trailer(&self.data, digests, out);
+    }
+
+    /// Encode the header part only (BHS, AHS, header digest) for a data
+    /// segment of `data_len` bytes that the caller sends from where it lies
+    /// (`self.data` is ignored), followed by [`encode_trailer`] of that
+    /// segment: together the same bytes as [`Pdu::encode`] with that data.
+    pub fn encode_header(&self, data_len: usize, digests: Digests, out: &mut Vec<u8>) {
         assert!(
             self.ahs.len().is_multiple_of(4),
             "AHS is a whole number of words"
         );
         assert!(self.ahs.len() / 4 <= 255);
-        assert!(self.data.len() <= DATA_SEGMENT_FIELD_MAX);
+        assert!(data_len <= DATA_SEGMENT_FIELD_MAX);
         let start = out.len();
         let mut bhs = self.bhs;
         bhs[4] = (self.ahs.len() / 4) as u8;
-        let dl = (self.data.len() as u32).to_be_bytes();
+        let dl = (data_len as u32).to_be_bytes();
         bhs[5..8].copy_from_slice(&dl[1..4]);
         out.extend_from_slice(&bhs);
         out.extend_from_slice(&self.ahs);
         if digests.header {
             let crc = crc32c(&out[start..]);
             out.extend_from_slice(&crc.to_le_bytes());
-        }
-        if !self.data.is_empty() {
-            let dstart = out.len();
-            out.extend_from_slice(&self.data);
-            out.resize(out.len() + pad4(self.data.len()), 0);
-            if digests.data {
-                let crc = crc32c(&out[dstart..]);
-                out.extend_from_slice(&crc.to_le_bytes());
-            }
         }
     }
 
@@ -242,6 +244,41 @@ impl Pdu {
         self.encode(digests, &mut v);
         v
     }
+}
+
+/// §11.2.1.5 / §13.1: what follows a data segment of `data`: the pad to a
+/// 4-byte boundary and, when negotiated, the data digest (computed over the
+/// segment where it lies, then the pad). Nothing for an empty segment.
+pub fn encode_trailer(data: &[u8], digests: Digests, out: &mut Vec<u8>) {
+    if data.is_empty() {
+        return;
+    }
+    out.extend_from_slice(&[0u8; 3][..pad4(data.len())]);
+    if digests.data {
+        out.extend_from_slice(&data_digest(data).to_le_bytes());
+    }
+}
+
+/// §13.1: the DataDigest of a data segment we send: CRC32C over the data
+/// and its pad bytes (zeroes).
+pub fn data_digest(data: &[u8]) -> u32 {
+    data_digest_padded(data, &[0u8; 3][..pad4(data.len())])
+}
+
+/// The DataDigest of a received segment: over the data and the pad bytes
+/// as they came (§11.2.1.5 asks senders for zeroes; the digest covers what
+/// was sent).
+pub fn data_digest_padded(data: &[u8], pad: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c(data), pad)
+}
+
+/// Bytes after a data segment of `data_len` bytes: pad, and data digest
+/// when negotiated (0 for an empty segment).
+pub fn trailer_len(data_len: usize, digests: Digests) -> usize {
+    if data_len == 0 {
+        return 0;
+    }
+    pad4(data_len) + if digests.data { DIGEST_BYTES } else { 0 }
 }
 
 /// Total bytes of the PDU whose BHS starts `buf` (which must hold at least
@@ -424,6 +461,39 @@ mod tests {
             decode(&b, Digests::default(), 4),
             Err((Error::DataTooLong(5), 0))
         );
+    }
+
+    // Proves a PDU sent in pieces (header, the data from where it lies,
+    // trailer) is byte for byte what encode makes, for every digest setting
+    // and pad length, and that the data digest covers data and pad.
+    #[test]
+    fn split_encoding_matches() {
+        for d in [
+            Digests::default(),
+            Digests {
+                header: true,
+                data: true,
+            },
+            Digests {
+                header: false,
+                data: true,
+            },
+        ] {
+            for n in [0usize, 1, 2, 3, 4, 5, 4096, 8191] {
+                let mut p = nop_out();
+                p.data = (0..n).map(|i| (i * 13 % 256) as u8).collect();
+                let whole = p.to_bytes(d);
+                let mut split = Vec::new();
+                p.encode_header(p.data.len(), d, &mut split);
+                split.extend_from_slice(&p.data);
+                encode_trailer(&p.data, d, &mut split);
+                assert_eq!(split, whole, "{d:?} {n}");
+                assert_eq!(header_len(&whole, d) + n + trailer_len(n, d), whole.len());
+                let mut padded = p.data.clone();
+                padded.resize(n + pad4(n), 0);
+                assert_eq!(data_digest(&p.data), crc32c(&padded));
+            }
+        }
     }
 
     // Proves AHS bytes are framed and kept (§11.2.1.4).

@@ -21,6 +21,7 @@ use super::login::Params;
 use super::pdu::{self, Pdu, TAG_NONE, op, reject, sn_le, sn_lt};
 use super::text;
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 /// Commands accepted ahead of ExpCmdSN (MaxCmdSN - ExpCmdSN + 1).
 pub const CMD_WINDOW: u32 = 64;
@@ -34,6 +35,10 @@ pub const DATA_OUT_BUFFERED_BYTES_MAX: u64 = 64 * 1024 * 1024;
 pub const WRITES_MAX: usize = CMD_WINDOW as usize;
 /// Ping data echoed in a NOP-In (bounded by MaxRecvDataSegmentLength too).
 pub const PING_BYTES_MAX: usize = 64 * 1024;
+/// Room left after a command's Data-Out buffer for a trailer its consumer
+/// appends (the internal protocol's payload CRC), so that handing the
+/// buffer on to the storage client never reallocates (copies) it.
+pub const DATA_OUT_SPARE_BYTES: usize = 4;
 
 /// TMF function codes (§11.5.1) and responses (§11.6.1).
 pub mod tmf {
@@ -86,9 +91,40 @@ pub enum Reset {
     TargetCold,
 }
 
+/// The Data-In PDUs of one task (§11.7), with their payload left where it
+/// lies: the connection sends each header, then its range of `data`, then
+/// pad and digest, in one gathered write, instead of copying the data into
+/// every PDU.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DataIn {
+    /// What the command read, already cut to EDTL.
+    pub data: Vec<u8>,
+    /// Each PDU's header (its own `data` is empty) and the range of `data`
+    /// that is its data segment, in order.
+    pub pdus: Vec<(Pdu, Range<usize>)>,
+}
+
+impl DataIn {
+    /// The PDUs with their data segments filled in (a copy: for tests and
+    /// the fuzz checks, not the data path).
+    pub fn to_pdus(&self) -> Vec<Pdu> {
+        self.pdus
+            .iter()
+            .map(|(p, r)| {
+                let mut p = p.clone();
+                p.data = self.data[r.clone()].to_vec();
+                p
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Effect {
     Send(Pdu),
+    /// Data-In PDUs of one task (before its status, when that is not
+    /// collapsed into the last of them).
+    DataIn(DataIn),
     Execute(Task),
     /// A task management reset: the caller clears reservations and the
     /// like; this connection's own tasks are already dropped.
@@ -303,7 +339,7 @@ impl Session {
         out.push(Effect::Send(r));
     }
 
-    fn command(&mut self, p: Pdu, cmd_sn: u32, out: &mut Vec<Effect>) {
+    fn command(&mut self, mut p: Pdu, cmd_sn: u32, out: &mut Vec<Effect>) {
         if self.target.is_none() {
             // Discovery sessions carry no SCSI commands (§4.3).
             return self.reject(&p, reject::PROTOCOL_ERROR, out);
@@ -370,8 +406,10 @@ impl Session {
             r2t: None,
             r2tsn: 0,
         };
-        w.task.data = Vec::with_capacity(edtl as usize);
-        w.task.data.extend_from_slice(&p.data);
+        // The immediate data is kept where the connection read it (when
+        // more follows, the first Data-Out grows the buffer to the whole
+        // transfer once).
+        w.task.data = std::mem::take(&mut p.data);
         if unsolicited_follows {
             let first = self.params.first_burst_bytes.min(edtl);
             if first > immediate {
@@ -424,7 +462,7 @@ impl Session {
         out.push(Effect::Send(r));
     }
 
-    fn data_out(&mut self, p: Pdu, out: &mut Vec<Effect>) {
+    fn data_out(&mut self, mut p: Pdu, out: &mut Vec<Effect>) {
         let itt = p.itt();
         let ttt = p.field20();
         let Some(i) = self.writes.iter().position(|w| w.task.itt == itt) else {
@@ -461,7 +499,19 @@ impl Session {
         b.next_datasn += 1;
         b.received += len;
         let done = b.received == b.len;
-        w.task.data.extend_from_slice(&p.data);
+        if w.received == 0 && len == w.task.edtl {
+            // One Data-Out carries the whole transfer: keep its buffer.
+            w.task.data = std::mem::take(&mut p.data);
+        } else {
+            // Appended: one copy of each Data-Out after the first PDU
+            // (reading them straight into place would need the reader to
+            // know the session's tasks).
+            let whole = w.task.edtl as usize + DATA_OUT_SPARE_BYTES;
+            if w.task.data.capacity() < whole {
+                w.task.data.reserve_exact(whole - w.task.data.len());
+            }
+            w.task.data.extend_from_slice(&p.data);
+        }
         w.received += len;
         if done {
             if ttt == TAG_NONE {
@@ -509,6 +559,7 @@ impl Session {
         let n = data.len();
         let mut datasn = 0u32;
         let mut off = 0usize;
+        let mut pdus = Vec::with_capacity(n.div_ceil(seg));
         while off < n {
             let end = (off + seg).min(n).min((off / burst + 1) * burst);
             let last = end == n;
@@ -522,21 +573,24 @@ impl Session {
             d.set_u32_at(20, TAG_NONE);
             d.set_u32_at(36, datasn);
             d.set_u32_at(40, off as u32);
-            d.data = data[off..end].to_vec();
             if last && collapse {
                 f |= pdu::FLAG_FINAL | pdu::FLAG_STATUS | flags;
                 d.bhs[3] = o.status;
                 d.set_u32_at(44, residual);
                 d.set_flags(f);
                 self.seal(&mut d, true);
-                out.push(Effect::Send(d));
+                pdus.push((d, off..end));
+                out.push(Effect::DataIn(DataIn { data, pdus }));
                 return;
             }
             d.set_flags(f);
             self.seal(&mut d, false);
-            out.push(Effect::Send(d));
+            pdus.push((d, off..end));
             datasn += 1;
             off = end;
+        }
+        if !pdus.is_empty() {
+            out.push(Effect::DataIn(DataIn { data, pdus }));
         }
         let mut r = Pdu::new(op::SCSI_RESPONSE);
         r.set_flags(pdu::FLAG_FINAL | flags);
@@ -832,6 +886,35 @@ mod tests {
         assert_eq!(t.data[300], 0xbb);
     }
 
+    // Proves a write's data is not copied when one PDU carries all of it:
+    // immediate data, or a single Data-Out after an R2T, reach the task in
+    // the buffer they were read into.
+    #[test]
+    fn write_data_kept_in_place() {
+        let mut s = session();
+        let p = cmd(10, 7, pdu::FLAG_WRITE | pdu::FLAG_FINAL, 512, 512);
+        let at = p.data.as_ptr();
+        let e = run(&mut s, p);
+        let [Effect::Execute(t)] = &e[..] else {
+            panic!("{e:?}")
+        };
+        assert_eq!(t.data.as_ptr(), at);
+        let e = run(
+            &mut s,
+            cmd(11, 8, pdu::FLAG_WRITE | pdu::FLAG_FINAL, 2048, 0),
+        );
+        let [Effect::Send(r2t)] = &e[..] else {
+            panic!("{e:?}")
+        };
+        let d = data_out(8, r2t.field20(), 0, 0, 2048, true);
+        let at = d.data.as_ptr();
+        let e = run(&mut s, d);
+        let [Effect::Execute(t)] = &e[..] else {
+            panic!("{e:?}")
+        };
+        assert_eq!((t.data.as_ptr(), t.data.len()), (at, 2048));
+    }
+
     // Proves a wrong DataSN, a wrong offset or F bit reject the Data-Out and
     // fail its command, and unsolicited data for an unknown task is dropped.
     #[test]
@@ -883,21 +966,19 @@ mod tests {
             },
             &mut out,
         );
-        assert_eq!(out.len(), 3);
-        let pdus: Vec<&Pdu> = out
-            .iter()
-            .map(|e| match e {
-                Effect::Send(p) => p,
-                _ => panic!(),
-            })
-            .collect();
+        let [Effect::DataIn(di)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let pdus = di.to_pdus();
+        assert_eq!(pdus.len(), 3);
         assert_eq!(pdus[0].data.len(), 1024);
+        assert_eq!(pdus[2].data.len(), 2500 - 2048);
         assert_eq!(
             pdus[1].flags() & pdu::FLAG_FINAL,
             pdu::FLAG_FINAL,
             "burst end at 2048"
         );
-        let last = pdus[2];
+        let last = &pdus[2];
         assert_eq!(
             last.flags(),
             pdu::FLAG_FINAL | pdu::FLAG_STATUS | pdu::FLAG_UNDERFLOW

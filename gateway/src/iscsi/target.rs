@@ -16,6 +16,7 @@ use super::login::{self, Access, Chap, Directory, Login, Offer, SessionKind, Ste
 use super::pdu::{self, Digests, Pdu};
 use super::scsi::{Identity, Sense, asc, key};
 use super::session::{Discovery, Effect, Outcome, Reset, Session, Task};
+use super::stream::{Outbox, Read, Reader};
 use crate::volume::{Catalog, Volume};
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -39,7 +40,6 @@ pub const NOP_INTERVAL_MS: u64 = 10_000;
 /// Login PDUs carry at most 8 KiB of text (§13.12 default before
 /// negotiation); bound what we accept.
 const LOGIN_DATA_MAX: usize = 64 * 1024;
-const READ_CHUNK_BYTES: usize = 256 * 1024;
 /// Commands of one connection executing at once (beyond it, no more PDUs
 /// are read until one finishes: TCP backpressure).
 pub const INFLIGHT_MAX: usize = 64;
@@ -260,58 +260,6 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     b
 }
 
-/// Reads whole PDUs from a socket.
-struct Reader {
-    stream: tokio::net::tcp::OwnedReadHalf,
-    buf: Vec<u8>,
-}
-
-enum Read {
-    Pdu(Pdu),
-    /// Data digest mismatch: the header is good, so it can be rejected.
-    BadData(Pdu),
-    Closed,
-    Error(String),
-}
-
-impl Reader {
-    async fn next(&mut self, digests: Digests, data_max: usize) -> Read {
-        loop {
-            match pdu::decode(&self.buf, digests, data_max) {
-                Ok(Some((p, used))) => {
-                    self.buf.drain(..used);
-                    return Read::Pdu(p);
-                }
-                Ok(None) => {}
-                Err((pdu::Error::DataDigest, used)) => {
-                    let mut bhs = [0u8; pdu::BHS_BYTES];
-                    bhs.copy_from_slice(&self.buf[..pdu::BHS_BYTES]);
-                    self.buf.drain(..used);
-                    return Read::BadData(Pdu {
-                        bhs,
-                        ahs: Vec::new(),
-                        data: Vec::new(),
-                    });
-                }
-                Err((e, _)) => return Read::Error(e.to_string()),
-            }
-            let old = self.buf.len();
-            self.buf.resize(old + READ_CHUNK_BYTES, 0);
-            match self.stream.read(&mut self.buf[old..]).await {
-                Ok(0) => {
-                    self.buf.truncate(old);
-                    return Read::Closed;
-                }
-                Ok(n) => self.buf.truncate(old + n),
-                Err(e) => {
-                    self.buf.truncate(old);
-                    return Read::Error(e.to_string());
-                }
-            }
-        }
-    }
-}
-
 async fn connection(stream: TcpStream, target: &Target) -> String {
     let _ = stream.set_nodelay(true);
     let local = match stream.local_addr() {
@@ -319,10 +267,7 @@ async fn connection(stream: TcpStream, target: &Target) -> String {
         Err(e) => return e.to_string(),
     };
     let (r, mut w) = stream.into_split();
-    let mut reader = Reader {
-        stream: r,
-        buf: Vec::new(),
-    };
+    let mut reader = Reader::new(r);
     let rnd: [u8; 20] = random_bytes();
     let mut challenge = [0u8; login::CHAP_CHALLENGE_BYTES];
     challenge.copy_from_slice(&rnd[..16]);
@@ -438,7 +383,7 @@ async fn connection(stream: TcpStream, target: &Target) -> String {
     };
     let mut running: JoinSet<(Task, Outcome)> = JoinSet::new();
     let mut running_bytes: u64 = 0;
-    let mut out = Vec::new();
+    let mut out = Outbox::default();
     let mut effects = Vec::new();
     let mut idle_until = tokio::time::Instant::now() + nop;
     let end = 'conn: loop {
@@ -463,8 +408,8 @@ async fn connection(stream: TcpStream, target: &Target) -> String {
                         r.bhs[2] = pdu::reject::DATA_DIGEST_ERROR;
                         r.set_itt(pdu::TAG_NONE);
                         r.data = hdr.bhs.to_vec();
-                        r.encode(digests, &mut out);
-                        let _ = w.write_all(&out).await;
+                        out.pdu(&r, digests);
+                        let _ = out.flush(&mut w).await;
                         break "data digest error".to_string();
                     }
                     Some(Read::Closed) | None => break "initiator closed".to_string(),
@@ -482,7 +427,8 @@ async fn connection(stream: TcpStream, target: &Target) -> String {
                     let e = std::mem::replace(&mut effects[i], Effect::Close(""));
                     i += 1;
                     match e {
-                        Effect::Send(p) => p.encode(digests, &mut out),
+                        Effect::Send(p) => out.pdu(&p, digests),
+                        Effect::DataIn(d) => out.data_in(d, digests),
                         Effect::Execute(task) => {
                             if concurrent(&task.cdb) {
                                 running_bytes += task.edtl as u64;
@@ -510,7 +456,7 @@ async fn connection(stream: TcpStream, target: &Target) -> String {
                             }
                         }
                         Effect::Close(why) => {
-                            let _ = w.write_all(&out).await;
+                            let _ = out.flush(&mut w).await;
                             break 'conn why.to_string();
                         }
                     }
@@ -522,16 +468,13 @@ async fn connection(stream: TcpStream, target: &Target) -> String {
                 // answer the previous ping.
                 idle_until = tokio::time::Instant::now() + nop;
                 match session.ping() {
-                    Some(ping) => ping.encode(digests, &mut out),
+                    Some(ping) => out.pdu(&ping, digests),
                     None => break "initiator did not answer NOP-In".to_string(),
                 }
             }
         }
-        if !out.is_empty() {
-            if w.write_all(&out).await.is_err() {
-                break "write failed".to_string();
-            }
-            out.clear();
+        if !out.is_empty() && out.flush(&mut w).await.is_err() {
+            break "write failed".to_string();
         }
     };
     reading.abort();
@@ -549,7 +492,12 @@ async fn connection(stream: TcpStream, target: &Target) -> String {
 }
 
 /// Read PDUs until the connection ends or the receiver goes away.
-async fn read_pdus(mut reader: Reader, digests: Digests, data_max: usize, tx: mpsc::Sender<Read>) {
+async fn read_pdus(
+    mut reader: Reader<tokio::net::tcp::OwnedReadHalf>,
+    digests: Digests,
+    data_max: usize,
+    tx: mpsc::Sender<Read>,
+) {
     loop {
         let r = reader.next(digests, data_max).await;
         let last = !matches!(r, Read::Pdu(_));
@@ -569,7 +517,7 @@ struct Run {
 }
 
 impl Run {
-    fn execute(&self, task: Task) -> impl Future<Output = (Task, Outcome)> + Send + 'static {
+    fn execute(&self, mut task: Task) -> impl Future<Output = (Task, Outcome)> + Send + 'static {
         let (Some(v), Some(l)) = (self.volume.clone(), self.lun.clone()) else {
             unreachable!("the session refuses SCSI commands in discovery sessions")
         };
@@ -579,7 +527,15 @@ impl Run {
             self.persist.clone(),
         );
         async move {
-            let o = exec::execute(v.as_ref(), &l, &ident, &nexus, persist.as_deref(), &task).await;
+            let o = exec::execute(
+                v.as_ref(),
+                &l,
+                &ident,
+                &nexus,
+                persist.as_deref(),
+                &mut task,
+            )
+            .await;
             (task, o)
         }
     }
@@ -627,12 +583,14 @@ fn finished(r: Result<(Task, Outcome), tokio::task::JoinError>) -> (Task, Outcom
     }
 }
 
-fn complete(session: &mut Session, task: &Task, o: Outcome, digests: Digests, out: &mut Vec<u8>) {
+fn complete(session: &mut Session, task: &Task, o: Outcome, digests: Digests, out: &mut Outbox) {
     let mut more = Vec::new();
     session.complete(task, o, &mut more);
     for m in more {
-        if let Effect::Send(p) = m {
-            p.encode(digests, out);
+        match m {
+            Effect::Send(p) => out.pdu(&p, digests),
+            Effect::DataIn(d) => out.data_in(d, digests),
+            _ => unreachable!("completing a task only sends"),
         }
     }
 }
@@ -643,7 +601,7 @@ async fn drain(
     running_bytes: &mut u64,
     session: &mut Session,
     digests: Digests,
-    out: &mut Vec<u8>,
+    out: &mut Outbox,
 ) {
     while let Some(done) = running.join_next().await {
         let (task, o) = finished(done);
