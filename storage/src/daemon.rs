@@ -11,7 +11,7 @@
 //! bounds, placement ownership and payload CRC.
 
 use crate::engine::{self, ChunkKey, Completion, Engine, EngineError, Reply, Request};
-use crate::io::{self, Disk, ReadData, Wait};
+use crate::io::{self, AlignedBuf, Disk, Payload, ReadData, Wait};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -1256,7 +1256,25 @@ where
                 return Err("reply sent as a request");
             }
             let mut payload = Vec::new();
-            if h.payload_len > 0 {
+            // A write's data goes into an aligned buffer the disk write is
+            // issued from, its per-block CRCs computed once (they check the
+            // wire CRC and go into the block map). `None` after a bad CRC.
+            let mut write_data = None;
+            if h.op == Op::Write {
+                // The header was validated: payload_len = length + 4 > 4.
+                let n = h.length as usize;
+                let buf = AlignedBuf::read_exact_from(&mut rd, n)
+                    .await
+                    .map_err(|_| "closed mid-payload")?;
+                let mut crc = [0u8; 4];
+                rd.read_exact(&mut crc)
+                    .await
+                    .map_err(|_| "closed mid-payload")?;
+                let mut data = Payload::new(buf, n);
+                if data.compute_block_crcs() == u32::from_le_bytes(crc) {
+                    write_data = Some(data);
+                }
+            } else if h.payload_len > 0 {
                 assert!(h.payload_len <= PAYLOAD_MAX_BYTES);
                 payload = read_payload(&mut rd, h.payload_len as usize, 0)
                     .await
@@ -1303,7 +1321,7 @@ where
                 });
                 continue;
             }
-            match admit(&shared, &h, payload).await {
+            match admit(&shared, &h, write_data).await {
                 Ok(Admitted::Engine(disk, req, repair_pg)) => {
                     let repair = repair_pg.and_then(|pg| {
                         let tx = shared.repl.lock().expect("repl").clone()?;
@@ -1445,7 +1463,8 @@ enum Admitted {
 
 /// Validate a request against the daemon's map and turn it into an engine
 /// request for one of its disks.
-async fn admit(shared: &Shared, h: &Header, payload: Vec<u8>) -> Result<Admitted, Status> {
+/// `write` is a write's data, `None` when its CRC did not match.
+async fn admit(shared: &Shared, h: &Header, write: Option<Payload>) -> Result<Admitted, Status> {
     if shared.stopping.load(Ordering::Relaxed) {
         return Err(Status::ShuttingDown);
     }
@@ -1551,17 +1570,13 @@ async fn admit(shared: &Shared, h: &Header, payload: Vec<u8>) -> Result<Admitted
         if matches!(h.op, Op::Write | Op::WriteZeroes | Op::Trim) {
             let change = match h.op {
                 Op::Write => {
-                    if open_payload(&payload).is_none() {
-                        return Err(Status::BadPayloadCrc);
-                    }
-                    let mut data = payload;
-                    data.truncate(h.length as usize);
+                    let data = write.ok_or(Status::BadPayloadCrc)?;
                     shared
                         .metrics
                         .bytes
                         .with_label_values(&["write"])
                         .inc_by(data.len() as u64);
-                    repl::Change::Write(Arc::new(data))
+                    repl::Change::Write(data)
                 }
                 Op::WriteZeroes => repl::Change::Zeroes,
                 _ => repl::Change::Trim,
@@ -1586,11 +1601,7 @@ async fn admit(shared: &Shared, h: &Header, payload: Vec<u8>) -> Result<Admitted
             length: h.length,
         },
         Op::Write => {
-            if open_payload(&payload).is_none() {
-                return Err(Status::BadPayloadCrc);
-            }
-            let mut data = payload;
-            data.truncate(h.length as usize);
+            let data = write.ok_or(Status::BadPayloadCrc)?;
             shared
                 .metrics
                 .bytes
@@ -1884,7 +1895,7 @@ const REPL_TICK: Duration = Duration::from_millis(100);
 /// (the state machine resends what is not answered).
 const PEER_QUEUE_MAX: usize = 8192;
 
-type Data = Arc<Vec<u8>>;
+type Data = Payload;
 
 /// What an engine request of the driver was for.
 #[derive(Debug, Clone, Copy)]
@@ -2183,7 +2194,7 @@ impl Driver {
                             ReplInput::ReadDone {
                                 token,
                                 extent,
-                                data: (!zero).then(|| Arc::new(d.into_vec())),
+                                data: (!zero).then(|| Payload::copy_from_read(&d)),
                             }
                         }
                         // A block failed its CRC (or the disk the read):
@@ -2455,7 +2466,7 @@ impl Driver {
                     repl::Change::Write(d) => Request::Write {
                         key: k,
                         offset: update.extent.offset,
-                        data: Arc::try_unwrap(d).unwrap_or_else(|a| (*a).clone()).into(),
+                        data: d,
                         fua: update.fua,
                     },
                     repl::Change::Zeroes => Request::WriteZeroes {

@@ -21,7 +21,7 @@
 
 pub mod format;
 
-use crate::io::{ALIGN, AlignedBuf, Disk, IoDone, IoKind, IoOp, Piece, ReadData, Wait};
+use crate::io::{ALIGN, AlignedBuf, Disk, IoDone, IoKind, IoOp, Payload, Piece, ReadData, Wait};
 use bitvec::prelude::*;
 use format::*;
 use slab::Slab;
@@ -56,7 +56,7 @@ pub enum Request {
     Write {
         key: ChunkKey,
         offset: u32,
-        data: Vec<u8>,
+        data: Payload,
         fua: bool,
     },
     WriteZeroes {
@@ -266,7 +266,7 @@ struct WriteOp {
     offset: u32,
     length: u32,
     fill: Fill,
-    data: Vec<u8>,
+    data: Payload,
     fua: bool,
     first: usize,
     last: usize,
@@ -757,12 +757,28 @@ impl<D: Disk> Engine<D> {
                 offset,
                 length,
                 fua,
-            } => self.start_write(tag, key, offset, length, Fill::Zero, Vec::new(), fua),
+            } => self.start_write(
+                tag,
+                key,
+                offset,
+                length,
+                Fill::Zero,
+                Payload::default(),
+                fua,
+            ),
             Request::Trim {
                 key,
                 offset,
                 length,
-            } => self.start_write(tag, key, offset, length, Fill::Trim, Vec::new(), false),
+            } => self.start_write(
+                tag,
+                key,
+                offset,
+                length,
+                Fill::Trim,
+                Payload::default(),
+                false,
+            ),
             Request::Flush => self.when_durable(tag, 0, None),
             Request::BlockStatus {
                 key,
@@ -913,7 +929,7 @@ impl<D: Disk> Engine<D> {
         offset: u32,
         length: u32,
         fill: Fill,
-        data: Vec<u8>,
+        data: Payload,
         fua: bool,
     ) {
         let first = offset as usize / BLOCK;
@@ -1088,20 +1104,34 @@ impl<D: Disk> Engine<D> {
         let mut writes = Vec::new();
         let mut it = contents.iter();
         for (phys, len) in runs {
+            let run: Vec<&(usize, Content)> = it.by_ref().take(len).collect();
+            assert_eq!(run.len(), len, "one content per placed block");
+            // A run of whole blocks that lie one after another, aligned, in
+            // the client's data is written straight from it (no copy).
+            let view = match run[0].1 {
+                Content::Data(at0)
+                    if run.iter().enumerate().all(
+                        |(i, (_, c))| matches!(c, Content::Data(at) if *at == at0 + i * BLOCK),
+                    ) =>
+                {
+                    op.data.view(at0, len * BLOCK)
+                }
+                _ => None,
+            };
             let mut parts: Vec<&[u8]> = Vec::with_capacity(len);
-            for i in 0..len {
-                let (b, content) = it.next().expect("one content per placed block");
-                let bytes: &[u8] = match content {
-                    Content::Data(at) => &op.data[*at..*at + BLOCK],
-                    Content::Merged(buf) => buf,
+            for (i, (b, content)) in run.iter().enumerate() {
+                let (bytes, crc): (&[u8], u32) = match content {
+                    Content::Data(at) => (&op.data[*at..*at + BLOCK], op.data.block_crc(*at)),
+                    Content::Merged(buf) => (buf, crc32c(buf)),
                 };
-                op.placed.push((*b, phys + i as u32, crc32c(bytes)));
+                op.placed.push((*b, phys + i as u32, crc));
                 parts.push(bytes);
             }
-            writes.push((u64::from(phys), AlignedBuf::from_parts(&parts)));
+            let buf = view.unwrap_or_else(|| AlignedBuf::from_parts(&parts));
+            writes.push((u64::from(phys), buf));
         }
         drop(contents);
-        op.data = Vec::new();
+        op.data = Payload::default();
         op.pending = writes.len();
         if writes.is_empty() {
             self.finish_write(id);

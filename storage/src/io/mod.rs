@@ -15,7 +15,7 @@ pub mod sim;
 pub mod sync;
 pub mod uring;
 
-pub use buffer::{ALIGN, AlignedBuf, Piece, ReadData};
+pub use buffer::{ALIGN, AlignedBuf, Payload, Piece, ReadData};
 
 use std::os::fd::RawFd;
 

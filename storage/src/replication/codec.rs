@@ -27,6 +27,7 @@
 //! limits before anything is allocated.
 
 use super::*;
+use crate::io::Payload;
 
 /// Most log entries or regions one reply may carry (bounded by the payload
 /// limit of the internal protocol).
@@ -119,7 +120,7 @@ fn put_extent(out: &mut Vec<u8>, e: &Extent) {
 }
 
 /// Encode a message body (without header and CRC).
-pub fn encode(m: &Msg<Arc<Vec<u8>>>) -> Vec<u8> {
+pub fn encode(m: &Msg<Payload>) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
     out.extend_from_slice(&m.pg.to_le_bytes());
     out.extend_from_slice(&m.from.to_le_bytes());
@@ -257,7 +258,7 @@ pub fn encode(m: &Msg<Arc<Vec<u8>>>) -> Vec<u8> {
 }
 
 /// Decode a message body received for disk `to` under `epoch`.
-pub fn decode(b: &[u8], to: u32, epoch: u64) -> Result<Msg<Arc<Vec<u8>>>, DecodeError> {
+pub fn decode(b: &[u8], to: u32, epoch: u64) -> Result<Msg<Payload>, DecodeError> {
     let mut r = Reader(b);
     let pg = r.u32()?;
     let from = r.u32()?;
@@ -282,7 +283,7 @@ pub fn decode(b: &[u8], to: u32, epoch: u64) -> Result<Msg<Arc<Vec<u8>>>, Decode
             let change = match change {
                 1 => {
                     let d = r.take(extent.length as usize)?;
-                    Change::Write(Arc::new(d.to_vec()))
+                    Change::Write(Payload::copy_from(d))
                 }
                 2 => Change::Zeroes,
                 3 => Change::Trim,
@@ -374,7 +375,7 @@ pub fn decode(b: &[u8], to: u32, epoch: u64) -> Result<Msg<Arc<Vec<u8>>>, Decode
                 return Err(DecodeError::Field("data of a failed fetch"));
             }
             let data = if has {
-                Some(Arc::new(r.take(extent.length as usize)?.to_vec()))
+                Some(Payload::copy_from(r.take(extent.length as usize)?))
             } else {
                 None
             };
@@ -442,7 +443,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn samples() -> Vec<Msg<Arc<Vec<u8>>>> {
+    fn samples() -> Vec<Msg<Payload>> {
         let e = Extent {
             volume_id: 7,
             chunk_index: 3,
@@ -455,7 +456,7 @@ mod tests {
                 update: Update {
                     seq: s,
                     extent: e,
-                    change: Change::Write(Arc::new(vec![1, 2, 3, 4, 5, 6, 7, 8])),
+                    change: Change::Write(vec![1, 2, 3, 4, 5, 6, 7, 8].into()),
                     fua: true,
                 },
                 committed: Seq { term: 5, n: 3 },
@@ -521,7 +522,7 @@ mod tests {
                 id: 6,
                 ok: true,
                 extent: e,
-                data: Some(Arc::new(vec![9; 8])),
+                data: Some(vec![9; 8].into()),
             },
             Body::Fetched {
                 id: 6,
