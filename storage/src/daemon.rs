@@ -1260,6 +1260,7 @@ where
             // issued from, its per-block CRCs computed once (they check the
             // wire CRC and go into the block map). `None` after a bad CRC.
             let mut write_data = None;
+            let mut repl_msg = None;
             if h.op == Op::Write {
                 // The header was validated: payload_len = length + 4 > 4.
                 let n = h.length as usize;
@@ -1274,6 +1275,10 @@ where
                 if data.compute_block_crcs() == u32::from_le_bytes(crc) {
                     write_data = Some(data);
                 }
+            } else if h.op == Op::Repl {
+                repl_msg = read_repl(&mut rd, h.payload_len as usize)
+                    .await
+                    .map_err(|_| "closed mid-payload")?;
             } else if h.payload_len > 0 {
                 assert!(h.payload_len <= PAYLOAD_MAX_BYTES);
                 payload = read_payload(&mut rd, h.payload_len as usize, 0)
@@ -1306,7 +1311,7 @@ where
                 .with_label_values(&[op_name(h.op)])
                 .inc();
             if h.op == Op::Repl {
-                let status = accept_repl(&shared, &h, &payload);
+                let status = accept_repl(&shared, &h, repl_msg.take());
                 if status != Status::Ok {
                     shared
                         .metrics
@@ -1402,17 +1407,19 @@ const REPLY_BATCH_MAX: usize = 128;
 /// Validate a replication message from a peer daemon and hand it to the
 /// replication driver. Epoch and primacy are judged by the state machine
 /// (it fences old epochs and holds newer ones until the map catches up).
-fn accept_repl(shared: &Shared, h: &Header, payload: &[u8]) -> Status {
+/// `msg` is the body and its data (read apart), `None` when the payload's
+/// CRC did not match.
+fn accept_repl(shared: &Shared, h: &Header, msg: Option<(Vec<u8>, Option<Payload>)>) -> Status {
     if shared.stopping.load(Ordering::Relaxed) {
         return Status::ShuttingDown;
     }
-    let Some(body) = open_payload(payload) else {
+    let Some((body, data)) = msg else {
         return Status::BadPayloadCrc;
     };
     if !shared.disks.read().expect("disks").contains_key(&h.disk_id) {
         return Status::WrongDisk;
     }
-    let msg = match repl::codec::decode(body, h.disk_id, h.epoch) {
+    let msg = match repl::codec::decode_with(&body, data, h.disk_id, h.epoch) {
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(error = %e, "malformed replication message");
@@ -1444,6 +1451,55 @@ fn accept_repl(shared: &Shared, h: &Header, payload: &[u8]) -> Status {
         Some(tx) if tx.send(ReplIn::Input(ReplInput::Msg(msg))).is_ok() => Status::Ok,
         _ => Status::Busy,
     }
+}
+
+/// Read an `Op::Repl` payload of `n` bytes (body and CRC). The data a
+/// message ends with (a write for a replica, fetched blocks) goes straight
+/// into an aligned buffer the replica's disk write is issued from, its
+/// per-block CRCs computed in the same pass that checks the frame's CRC;
+/// the rest of the body into a vector. `None` when the CRC does not match.
+async fn read_repl<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
+    n: usize,
+) -> std::io::Result<Option<(Vec<u8>, Option<Payload>)>> {
+    let mut body = Vec::new();
+    let mut data = None;
+    let mut crc = 0;
+    if n >= repl::codec::KIND_BYTES + 4 {
+        body.resize(repl::codec::KIND_BYTES, 0);
+        rd.read_exact(&mut body).await?;
+        if let Some(head) = repl::codec::head_bytes(&body)
+            && head + 4 <= n
+        {
+            body.resize(head, 0);
+            rd.read_exact(&mut body[repl::codec::KIND_BYTES..]).await?;
+            if let Some(len) = repl::codec::data_len(&body)
+                && len > 0
+                && head + len + 4 <= n
+            {
+                let buf = AlignedBuf::read_exact_from(rd, len).await?;
+                let mut d = Payload::new(buf, len);
+                d.compute_block_crcs();
+                crc = d.crc_append(tessera_wire::crc32c(&body));
+                data = Some(d);
+            }
+        }
+    }
+    if data.is_none() {
+        crc = tessera_wire::crc32c(&body);
+    }
+    let at = body.len() + data.as_ref().map_or(0, |d| d.len());
+    let rest = read_payload(rd, n.saturating_sub(at), 0).await?;
+    if rest.len() < 4 {
+        return Ok(None);
+    }
+    let (tail, sent) = rest.split_at(rest.len() - 4);
+    crc = tessera_wire::crc32c_append(crc, tail);
+    if crc.to_le_bytes() != sent {
+        return Ok(None);
+    }
+    body.extend_from_slice(tail);
+    Ok(Some((body, data)))
 }
 
 /// Where an admitted request goes.
@@ -1861,6 +1917,105 @@ mod tests {
         assert!(!l.allows(t0, 6), "map older than the manager's answer");
     }
 
+    // Proves a replication frame built from pieces (header and fields, the
+    // shared data, the CRC) reads back as the message sent, its data read
+    // apart into an aligned buffer whatever the reader's buffering, and a
+    // flipped byte anywhere in the payload is a CRC failure that leaves
+    // the stream at the next frame.
+    #[test]
+    fn repl_frames_round_trip() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let bytes: Vec<u8> = (0..3 * 4096 + 512u32)
+            .map(|i| (i * 31 % 253) as u8)
+            .collect();
+        let extent = |length: u32| repl::Extent {
+            volume_id: 7,
+            chunk_index: 3,
+            offset: 8192,
+            length,
+        };
+        let seq = repl::Seq { term: 2, n: 9 };
+        let write = |d: Payload| repl::Body::Replicate {
+            update: repl::Update {
+                seq,
+                extent: extent(d.len() as u32),
+                change: repl::Change::Write(d),
+                fua: false,
+            },
+            committed: seq,
+            trim: seq,
+        };
+        let mut with_crcs = Payload::copy_from(&bytes);
+        with_crcs.compute_block_crcs();
+        let bodies = vec![
+            write(Payload::copy_from(&bytes)),
+            write(with_crcs),
+            repl::Body::Fetched {
+                id: 4,
+                ok: true,
+                extent: extent(8192),
+                data: Some(Payload::copy_from(&bytes[..8192])),
+            },
+            repl::Body::Ack {
+                seq,
+                result: repl::AckResult::Ok,
+            },
+        ];
+        for body in bodies {
+            let m = repl::Msg {
+                pg: 1,
+                from: 2,
+                to: 3,
+                epoch: 11,
+                body,
+            };
+            let f = repl_frame(&m);
+            let mut wire = f.head.clone();
+            if let Some(d) = &f.data {
+                wire.extend_from_slice(d);
+            }
+            wire.extend_from_slice(&f.crc);
+            let h = Header::decode(wire[..HEADER_SIZE].try_into().expect("header")).expect("valid");
+            assert_eq!(h.payload_len as usize, wire.len() - HEADER_SIZE);
+            let flips = [
+                None,
+                Some(HEADER_SIZE + 9),
+                Some(wire.len().saturating_sub(100).max(HEADER_SIZE)),
+                Some(wire.len() - 1),
+            ];
+            for cap in [64, 32 * 1024] {
+                for flip in flips {
+                    let mut w = wire.clone();
+                    if let Some(at) = flip {
+                        w[at] ^= 0x10;
+                    }
+                    w.extend_from_slice(b"next");
+                    rt.block_on(async {
+                        let mut rd = BufReader::with_capacity(cap, &w[HEADER_SIZE..]);
+                        let got = read_repl(&mut rd, h.payload_len as usize)
+                            .await
+                            .unwrap_or_else(|e| {
+                                panic!("{e} flip {flip:?} cap {cap} len {}", w.len())
+                            });
+                        match (flip, got) {
+                            (None, Some((body, data))) => {
+                                let d = repl::codec::decode_with(&body, data, 3, 11);
+                                assert_eq!(d.expect("decodes"), m);
+                            }
+                            (Some(_), None) => {}
+                            (flip, got) => panic!("flip {flip:?}: {:?}", got.map(|g| g.0.len())),
+                        }
+                        let mut rest = Vec::new();
+                        rd.read_to_end(&mut rest).await.expect("rest");
+                        assert_eq!(rest, b"next");
+                    });
+                }
+            }
+        }
+    }
+
     // Proves --disk parsing accepts PATH and PATH,size=SIZE and rejects the rest.
     #[test]
     fn disk_spec() {
@@ -1954,11 +2109,20 @@ enum ReplIn {
 struct Peers {
     rt: tokio::runtime::Handle,
     cluster_id: String,
-    conns: Mutex<BTreeMap<String, tmpsc::Sender<Vec<u8>>>>,
+    conns: Mutex<BTreeMap<String, tmpsc::Sender<PeerFrame>>>,
+}
+
+/// One frame for a peer daemon: header and message fields, the message's
+/// data as the shared buffer it lies in (a write sent to two replicas is
+/// never copied: the socket writer gathers the pieces), and the CRC.
+struct PeerFrame {
+    head: Vec<u8>,
+    data: Option<Payload>,
+    crc: [u8; 4],
 }
 
 impl Peers {
-    fn send(&self, addr: &str, frame: Vec<u8>) {
+    fn send(&self, addr: &str, frame: PeerFrame) {
         let mut conns = self.conns.lock().expect("peers");
         let tx = match conns.get(addr) {
             Some(tx) if !tx.is_closed() => tx.clone(),
@@ -1976,7 +2140,7 @@ impl Peers {
     }
 }
 
-async fn peer_task(addr: String, cluster_id: String, mut rx: tmpsc::Receiver<Vec<u8>>) {
+async fn peer_task(addr: String, cluster_id: String, mut rx: tmpsc::Receiver<PeerFrame>) {
     let connect = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&addr));
     let Ok(Ok(stream)) = connect.await else {
         tracing::debug!(%addr, "cannot reach peer daemon");
@@ -1990,11 +2154,17 @@ async fn peer_task(addr: String, cluster_id: String, mut rx: tmpsc::Receiver<Vec
         while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
     });
     let mut wr = wr;
-    let mut hello = cluster_id.into_bytes();
-    tessera_wire::header::seal_payload(&mut hello);
+    let hello = cluster_id.into_bytes();
     let mut h = Header::request(Op::Hello, 0, 0);
-    h.payload_len = hello.len() as u32;
-    let mut frames = vec![h.to_bytes().to_vec(), hello];
+    h.payload_len = hello.len() as u32 + 4;
+    let crc = tessera_wire::crc32c(&hello).to_le_bytes();
+    let mut head = h.to_bytes().to_vec();
+    head.extend_from_slice(&hello);
+    let mut frames = vec![PeerFrame {
+        head,
+        data: None,
+        crc,
+    }];
     let mut scratch = Vec::new();
     loop {
         // Every frame ready goes in one writev (no copy into a buffer).
@@ -2005,7 +2175,11 @@ async fn peer_task(addr: String, cluster_id: String, mut rx: tmpsc::Receiver<Vec
         }
         let mut g = Gather::new(scratch);
         for f in &frames {
-            g.push(f);
+            g.push(&f.head);
+            if let Some(d) = &f.data {
+                g.push(d);
+            }
+            g.push(&f.crc);
         }
         match g.write_to(&mut wr).await {
             Ok(s) => scratch = s,
@@ -2040,17 +2214,27 @@ fn digest_of(data: &[u8]) -> u64 {
     h ^ (u64::from(tessera_wire::crc32c(data)) << 32) ^ data.len() as u64
 }
 
-/// One `Op::Repl` frame: header, body, CRC.
-fn repl_frame(m: &repl::Msg<Data>) -> Vec<u8> {
-    let mut body = repl::codec::encode(m);
-    tessera_wire::header::seal_payload(&mut body);
+/// One `Op::Repl` frame: header, body, CRC (over the data from its
+/// per-block CRCs when the daemon computed them on arrival).
+fn repl_frame(m: &repl::Msg<Data>) -> PeerFrame {
+    let (body, data) = repl::codec::encode_parts(m);
+    let mut crc = tessera_wire::crc32c(&body);
+    let mut len = body.len();
+    if let Some(d) = &data {
+        crc = d.crc_append(crc);
+        len += d.len();
+    }
     let mut h = Header::request(Op::Repl, 0, m.epoch);
     h.disk_id = m.to;
-    h.payload_len = body.len() as u32;
-    let mut out = Vec::with_capacity(HEADER_SIZE + body.len());
-    out.extend_from_slice(&h.to_bytes());
-    out.extend_from_slice(&body);
-    out
+    h.payload_len = (len + 4) as u32;
+    let mut head = Vec::with_capacity(HEADER_SIZE + body.len());
+    head.extend_from_slice(&h.to_bytes());
+    head.extend_from_slice(&body);
+    PeerFrame {
+        head,
+        data,
+        crc: crc.to_le_bytes(),
+    }
 }
 
 struct Driver {

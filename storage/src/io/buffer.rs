@@ -250,13 +250,25 @@ impl Payload {
     pub fn compute_block_crcs(&mut self) -> u32 {
         let whole = self.len / ALIGN;
         let crcs: Arc<[u32]> = self.chunks_exact(ALIGN).map(tessera_wire::crc32c).collect();
-        let mut crc = crcs
-            .iter()
-            .fold(0, |acc, c| tessera_wire::crc32c_append_4k(acc, *c));
-        crc = tessera_wire::crc32c_append(crc, &self[whole * ALIGN..]);
+        debug_assert_eq!(crcs.len(), whole);
         self.block_crcs = Some(crcs);
+        let crc = self.crc_append(0);
         debug_assert_eq!(crc, tessera_wire::crc32c(self));
         crc
+    }
+
+    /// Continue the CRC32C `acc` over the data: from the per-block CRCs
+    /// when they were computed (no pass over the data), else over it.
+    pub fn crc_append(&self, acc: u32) -> u32 {
+        match &self.block_crcs {
+            Some(crcs) => {
+                let crc = crcs
+                    .iter()
+                    .fold(acc, |a, c| tessera_wire::crc32c_append_4k(a, *c));
+                tessera_wire::crc32c_append(crc, &self[crcs.len() * ALIGN..])
+            }
+            None => tessera_wire::crc32c_append(acc, self),
+        }
     }
 
     /// The CRC32C of the 4 KiB block at byte `at` of the data, from the
@@ -558,6 +570,7 @@ mod tests {
         for at in [0, 4096, 8192, 512] {
             assert_eq!(p.block_crc(at), tessera_wire::crc32c(&data[at..at + 4096]));
         }
+        assert_eq!(p.crc_append(7), tessera_wire::crc32c_append(7, &data));
         let v = p.view(4096, 8192).expect("aligned view");
         assert_eq!(&v[..], &data[4096..12288]);
         assert_eq!(v.as_ptr() as usize % ALIGN, 0);

@@ -121,6 +121,26 @@ fn put_extent(out: &mut Vec<u8>, e: &Extent) {
 
 /// Encode a message body (without header and CRC).
 pub fn encode(m: &Msg<Payload>) -> Vec<u8> {
+    let (mut out, data) = encode_parts(m);
+    if let Some(d) = data {
+        out.extend_from_slice(&d);
+    }
+    out
+}
+
+/// Bytes before a message's data: the fixed fields of the two kinds that
+/// end with data (Replicate with a write, Fetched with data), whose data
+/// starts right after them.
+const REPLICATE_HEAD_BYTES: usize = 12 + 16 * 3 + 20 + 4;
+const FETCHED_HEAD_BYTES: usize = 12 + 8 + 4 + 20;
+/// Bytes that name a message's kind.
+pub const KIND_BYTES: usize = 12;
+
+/// Encode a message body as the bytes before its data and the data (a
+/// shared buffer, so sending a write to the replicas copies nothing: the
+/// socket writer gathers the pieces).
+pub fn encode_parts(m: &Msg<Payload>) -> (Vec<u8>, Option<Payload>) {
+    let mut data = None;
     let mut out = Vec::with_capacity(128);
     out.extend_from_slice(&m.pg.to_le_bytes());
     out.extend_from_slice(&m.from.to_le_bytes());
@@ -142,7 +162,8 @@ pub fn encode(m: &Msg<Payload>) -> Vec<u8> {
             };
             out.extend_from_slice(&[change, u8::from(update.fua), 0, 0]);
             if let Change::Write(d) = &update.change {
-                out.extend_from_slice(d);
+                debug_assert_eq!(out.len(), REPLICATE_HEAD_BYTES);
+                data = Some(d.clone());
             }
         }
         Body::Ack { seq, result } => {
@@ -211,15 +232,17 @@ pub fn encode(m: &Msg<Payload>) -> Vec<u8> {
             id,
             ok,
             extent,
-            data,
+            data: data_of_fetch,
         } => {
             out.extend_from_slice(&[10, 0, 0, 0]);
+            let data_of_fetch = data_of_fetch.as_ref();
             out.extend_from_slice(&id.to_le_bytes());
-            out.extend_from_slice(&[u8::from(*ok), u8::from(data.is_some()), 0, 0]);
+            out.extend_from_slice(&[u8::from(*ok), u8::from(data_of_fetch.is_some()), 0, 0]);
             put_extent(&mut out, extent);
-            if let Some(d) = data {
+            if let Some(d) = data_of_fetch {
                 assert_eq!(d.len(), extent.length as usize, "fetched data length");
-                out.extend_from_slice(d);
+                debug_assert_eq!(out.len(), FETCHED_HEAD_BYTES);
+                data = Some(d.clone());
             }
         }
         Body::DigestReq { id, extent } => {
@@ -254,12 +277,58 @@ pub fn encode(m: &Msg<Payload>) -> Vec<u8> {
             }
         }
     }
-    out
+    (out, data)
+}
+
+/// Given the first [`KIND_BYTES`] of a body, how many bytes precede its
+/// data when its kind may end with data.
+pub fn head_bytes(kind: &[u8]) -> Option<usize> {
+    match kind.get(8) {
+        Some(1) => Some(REPLICATE_HEAD_BYTES),
+        Some(10) => Some(FETCHED_HEAD_BYTES),
+        _ => None,
+    }
+}
+
+/// Given the bytes before a body's data (as [`head_bytes`] counts them),
+/// the length of the data that follows, if any. Only a hint for reading
+/// the data into place: [`decode_with`] checks everything again.
+pub fn data_len(head: &[u8]) -> Option<usize> {
+    if head_bytes(head) != Some(head.len()) {
+        return None;
+    }
+    let length =
+        |at: usize| u32::from_le_bytes(head[at..at + 4].try_into().expect("4 bytes")) as usize;
+    match head[8] {
+        // Extent (20 bytes, length last) then change (1 = write).
+        1 if head[REPLICATE_HEAD_BYTES - 4] == 1 => Some(length(REPLICATE_HEAD_BYTES - 8)),
+        // ok, has data, pad, then the extent.
+        10 if head[20] == 1 && head[21] == 1 => Some(length(FETCHED_HEAD_BYTES - 4)),
+        _ => None,
+    }
 }
 
 /// Decode a message body received for disk `to` under `epoch`.
 pub fn decode(b: &[u8], to: u32, epoch: u64) -> Result<Msg<Payload>, DecodeError> {
+    decode_with(b, None, to, epoch)
+}
+
+/// Decode a body whose trailing data, when `data` is given, was read
+/// separately (into an aligned buffer): `b` is the body without it.
+pub fn decode_with(
+    b: &[u8],
+    mut data: Option<Payload>,
+    to: u32,
+    epoch: u64,
+) -> Result<Msg<Payload>, DecodeError> {
     let mut r = Reader(b);
+    // The trailing data: the separate buffer (its length must be the
+    // extent's) or the next bytes of the body.
+    let mut take_data = |r: &mut Reader, n: usize| match data.take() {
+        Some(d) if d.len() == n => Ok(d),
+        Some(_) => Err(DecodeError::Field("data length")),
+        None => Ok(Payload::copy_from(r.take(n)?)),
+    };
     let pg = r.u32()?;
     let from = r.u32()?;
     let kind = r.u8()?;
@@ -281,10 +350,7 @@ pub fn decode(b: &[u8], to: u32, epoch: u64) -> Result<Msg<Payload>, DecodeError
             };
             r.take(2)?;
             let change = match change {
-                1 => {
-                    let d = r.take(extent.length as usize)?;
-                    Change::Write(Payload::copy_from(d))
-                }
+                1 => Change::Write(take_data(&mut r, extent.length as usize)?),
                 2 => Change::Zeroes,
                 3 => Change::Trim,
                 _ => return Err(DecodeError::Field("change")),
@@ -375,7 +441,7 @@ pub fn decode(b: &[u8], to: u32, epoch: u64) -> Result<Msg<Payload>, DecodeError
                 return Err(DecodeError::Field("data of a failed fetch"));
             }
             let data = if has {
-                Some(Payload::copy_from(r.take(extent.length as usize)?))
+                Some(take_data(&mut r, extent.length as usize)?)
             } else {
                 None
             };
@@ -426,7 +492,7 @@ pub fn decode(b: &[u8], to: u32, epoch: u64) -> Result<Msg<Payload>, DecodeError
         }
         k => return Err(DecodeError::Kind(k)),
     };
-    if !r.0.is_empty() {
+    if !r.0.is_empty() || data.is_some() {
         return Err(DecodeError::Trailing);
     }
     Ok(Msg {
@@ -569,6 +635,28 @@ mod tests {
             let mut long = b.clone();
             long.push(0);
             assert_eq!(decode(&long, 4, 99), Err(DecodeError::Trailing));
+            // The same message with its data read apart from the rest, as
+            // a daemon reads writes into an aligned buffer; the head alone
+            // tells where the data starts and how long it is.
+            let (head, data) = encode_parts(&m);
+            let expect_len = data.as_ref().map(|d| d.len());
+            match head_bytes(&head[..KIND_BYTES]) {
+                Some(n) if expect_len.is_some() => {
+                    assert_eq!(n, head.len());
+                    assert_eq!(data_len(&head), expect_len);
+                }
+                _ => assert_eq!(expect_len, None, "{:?}", m.body),
+            }
+            if head_bytes(&head[..KIND_BYTES]) == Some(head.len()) && data.is_none() {
+                assert_eq!(data_len(&head), None);
+            }
+            assert_eq!(decode_with(&head, data.clone(), 4, 99), Ok(m.clone()));
+            if let Some(d) = data {
+                // Data of another length, or data where the body has none.
+                let short = Payload::copy_from(&d[..d.len() - 1]);
+                assert!(decode_with(&head, Some(short), 4, 99).is_err());
+                assert!(decode_with(&b, Some(d), 4, 99).is_err());
+            }
         }
         let mut b = encode(&samples()[0]);
         b[8] = 42;
