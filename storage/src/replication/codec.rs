@@ -18,6 +18,8 @@
 //! 12 DigestReply: id u64 | bad 0 / sum 1 u8 | pad 7 | sum u64
 //! 13 HoldsQuery: id u64
 //! 14 Holds:    id u64 | trim 16 | n u32 | n x (term u64 | first u64 | last u64)
+//! 15 ReclaimQuery: (nothing)
+//! 16 ReclaimReply: n u32 | n x (seq 16 | extent 20)
 //! seq = term u64 | n u64; extent = volume u64 | chunk u32 | offset u32 | length u32;
 //! region = volume u64 | chunk u32 | index u32
 //! ```
@@ -276,6 +278,16 @@ pub fn encode_parts(m: &Msg<Payload>) -> (Vec<u8>, Option<Payload>) {
                 out.extend_from_slice(&r.last.to_le_bytes());
             }
         }
+        Body::ReclaimQuery => out.extend_from_slice(&[15, 0, 0, 0]),
+        Body::ReclaimReply { entries } => {
+            assert!(entries.len() <= LIST_MAX, "reclaim entries");
+            out.extend_from_slice(&[16, 0, 0, 0]);
+            out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+            for (s, e) in entries {
+                put_seq(&mut out, *s);
+                put_extent(&mut out, e);
+            }
+        }
     }
     (out, data)
 }
@@ -490,6 +502,15 @@ pub fn decode_with(
             }
             Body::Holds { id, trim, runs }
         }
+        15 => Body::ReclaimQuery,
+        16 => {
+            let n = r.count(36)?;
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                entries.push((r.seq()?, r.nonempty_extent()?));
+            }
+            Body::ReclaimReply { entries }
+        }
         k => return Err(DecodeError::Kind(k)),
     };
     if !r.0.is_empty() || data.is_some() {
@@ -581,6 +602,13 @@ mod tests {
                 runs: Vec::new(),
             },
             Body::Flushed { round: 78 },
+            Body::ReclaimQuery,
+            Body::ReclaimReply {
+                entries: vec![(s, e), (Seq { term: 6, n: 1 }, e)],
+            },
+            Body::ReclaimReply {
+                entries: Vec::new(),
+            },
             Body::RepairReq { id: 5, extent: e },
             Body::Repaired { id: 5, ok: true },
             Body::Fetch { id: 6, extent: e },

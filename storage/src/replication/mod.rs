@@ -28,6 +28,13 @@
 //!   the other up-to-date members, pushes its own content of those regions
 //!   to them (so in-flight writes of the old primary cannot leave copies
 //!   diverged), then serves.
+//! * A primary whose process is new (a group's last up-to-date copy
+//!   restarted: the manager keeps it up to date, but it lost what it had not
+//!   flushed) first takes back, from the members that are not up to date,
+//!   the content of every change they can vouch for (applied under
+//!   consecutive maps in each of which they were up, so no acknowledged
+//!   change after it passed them by): a write a FLUSH made durable on them
+//!   survives the restart (`Reclaim`).
 //! * Outdated members (back after an absence or a restart) receive new
 //!   writes at once and, in the background, the primary's content of every
 //!   64 KiB region of the changes in its log after the member's durable
@@ -94,6 +101,9 @@ pub const SCRUB_INFLIGHT_MAX: usize = 4;
 /// Runs of applied changes a member lists when asked what it holds (the
 /// rest are pushed again: harmless).
 pub const HOLDS_RUNS_MAX: usize = 65_536;
+/// Fetches a restarted primary keeps in flight while it takes back what
+/// the other members hold (see `Reclaim`).
+pub const RECLAIM_FETCHES_MAX: usize = 16;
 /// Bytes of one block: the unit a repair rewrites whole (a partial write of
 /// a block whose CRC fails cannot merge into it).
 pub const BLOCK_BYTES: u32 = 4096;
@@ -290,6 +300,16 @@ pub enum Body<D> {
         id: u64,
         trim: Seq,
         runs: Vec<SeqRun>,
+    },
+    /// A primary whose process is new (it may have lost changes it applied
+    /// and had not flushed) -> a member that is not up to date: which
+    /// changes you applied can you vouch for?
+    ReclaimQuery,
+    /// Member -> primary: changes applied here such that every change
+    /// acknowledged after them reached this copy too (see `Pg::vouched_after`),
+    /// so this copy's content of their extents is at least as new as them.
+    ReclaimReply {
+        entries: Vec<(Seq, Extent)>,
     },
 }
 
@@ -675,6 +695,46 @@ struct Primary<D> {
     /// they are committed would not report them to the next primary if this
     /// one fails first (found by the scrub's checker in the simulation).
     commit_floor: Option<Seq>,
+    /// A primary whose process is new takes back, before it serves, what the
+    /// members that are not up to date hold of the changes it may have lost.
+    reclaim: Option<Reclaim>,
+}
+
+/// Taking back the changes a restarted primary may have lost. The manager
+/// keeps a group's last up-to-date copy up to date when its daemon restarts
+/// (no other copy is known to hold every acknowledged write), but the new
+/// process lost whatever the old one had applied and not flushed; the
+/// members that are not up to date were in the write set and may hold those
+/// changes, durably if a client FLUSH reached them. So the new primary asks
+/// each of them for the changes it can vouch for, takes the content of each
+/// block from the member holding its newest such change, writes it to its own
+/// copy, and only then serves and resyncs the others from its copy.
+#[derive(Default)]
+struct Reclaim {
+    /// Members asked, with their incarnation when asked.
+    incarnations: BTreeMap<u32, u64>,
+    /// Members asked that have not answered.
+    asking: BTreeSet<u32>,
+    /// Vouched changes reported: (seq, extent, member).
+    entries: Vec<(Seq, Extent, u32)>,
+    /// Pieces to fetch, each from the member holding the newest change of
+    /// it: (member, extent).
+    todo: VecDeque<(u32, Extent)>,
+    /// Fetches in flight: id -> (member, extent, tick sent).
+    fetching: BTreeMap<u64, (u32, Extent, u64)>,
+    /// Local writes of fetched pieces in flight.
+    applying: usize,
+    /// Regions written here: made to agree on the up-to-date members too.
+    regions: BTreeSet<Region>,
+}
+
+impl Reclaim {
+    fn done(&self) -> bool {
+        self.asking.is_empty()
+            && self.todo.is_empty()
+            && self.fetching.is_empty()
+            && self.applying == 0
+    }
 }
 
 impl<D> Primary<D> {
@@ -705,6 +765,20 @@ struct Pg<D> {
     /// Read repairs asked of the primary, by id.
     asks: BTreeMap<u64, Ask>,
     primary: Option<Primary<D>>,
+    /// This process holds nothing of the group yet: it has applied no change
+    /// of it. A new process that leads (the group's last up-to-date copy,
+    /// restarted) may have lost changes its old process applied: it takes
+    /// them back first (`Reclaim`).
+    fresh: bool,
+    /// Changes up to this one may have been followed by an acknowledged
+    /// change this copy did not get, so it cannot vouch for them. A change
+    /// it applied under a run of consecutive maps in each of which it was an
+    /// up member (in every write set) was followed by no acknowledged change
+    /// it missed: every primary acknowledges a change only once every member
+    /// of its write set applied it, at exactly the epoch of the map. So when
+    /// a map skips epochs (it cannot tell what it missed in them) or shows
+    /// this disk down, every change it has logged so far becomes unvouched.
+    vouched_after: Seq,
 }
 
 enum Token {
@@ -770,6 +844,11 @@ enum Token {
     },
     /// A member's flush before it answers `HoldsQuery { id }`, with what it
     /// held when the flush was asked.
+    /// A restarted primary's local write of a piece it took back.
+    Reclaim {
+        pg: u32,
+        disk: u32,
+    },
     HoldsForPeer {
         pg: u32,
         disk: u32,
@@ -811,6 +890,9 @@ pub struct Stats {
     pub scrub_mismatches: u64,
     /// Scrubs aborted by a change of primary or membership.
     pub scrubs_aborted: u64,
+    /// Bytes a restarted primary took back from members before it served
+    /// (changes its old process may have lost; see `Reclaim`).
+    pub reclaimed_bytes: u64,
 }
 
 /// Per-group summary for metrics and status.
@@ -1205,8 +1287,19 @@ impl<D: Clone> Replicator<D> {
                 applying: BTreeMap::new(),
                 asks: BTreeMap::new(),
                 primary: None,
+                fresh: true,
+                vouched_after: Seq::default(),
             });
             let was_primary = p.primary.is_some();
+            let me_up = view
+                .members
+                .iter()
+                .zip(&view.up)
+                .any(|(d, u)| *d == me && *u);
+            if p.view.epoch != 0 && (map.epoch != p.view.epoch + 1 || !me_up) {
+                let last = p.log.keys().next_back().copied().unwrap_or_default();
+                p.vouched_after = p.vouched_after.max(last);
+            }
             p.view = view;
             // With every copy up and up to date nothing is missing anywhere:
             // from here on this member's log tells what others miss.
@@ -1274,6 +1367,16 @@ impl<D: Clone> Replicator<D> {
             }
         }
         pr.peering.retain(|m| ws.contains(m));
+        // A member that left or restarted cannot be asked (or read) any more.
+        // (A restarted member may have lost the very changes it reported,
+        // and its older content must not overwrite ours.)
+        if let Some(rc) = pr.reclaim.as_mut() {
+            let incs = rc.incarnations.clone();
+            let stays = |m: &u32| ws.contains(m) && incs.get(m) == Some(&view.incarnation(*m));
+            rc.asking.retain(stays);
+            rc.todo.retain(|(m, _)| stays(m));
+            rc.fetching.retain(|_, (m, _, _)| stays(m));
+        }
         // Flush rounds forget members that left or restarted before they
         // answered; a round left waiting for nobody ends now (else it
         // would wait forever, and no later round would trim the logs).
@@ -1756,6 +1859,8 @@ impl<D: Clone> Replicator<D> {
                 committed,
             } => self.on_flush_req(m.pg, m.to, m.from, m.epoch, round, trim, committed),
             Body::HoldsQuery { id } => self.on_holds_query(m.pg, m.to, m.from, m.epoch, id),
+            Body::ReclaimQuery => self.on_reclaim_query(m.pg, m.to, m.from, m.epoch),
+            Body::ReclaimReply { entries } => self.on_reclaim_reply(m.pg, m.to, m.from, entries),
             Body::Holds { id, trim, runs } => self.on_holds(m.pg, m.to, m.from, id, trim, runs),
             Body::RepairReq { id, extent } => self.on_repair_req(m.pg, m.to, m.from, id, extent),
             Body::Repaired { id, ok } => self.on_repaired(m.pg, m.to, m.from, id, ok),
@@ -1839,8 +1944,21 @@ impl<D: Clone> Replicator<D> {
     }
 
     fn on_applied(&mut self, token: u64, ok: bool) {
-        let Some(Token::Apply { pg, disk, seq }) = self.tokens.remove(&token) else {
-            return;
+        let (pg, disk, seq) = match self.tokens.remove(&token) {
+            Some(Token::Apply { pg, disk, seq }) => (pg, disk, seq),
+            Some(Token::Reclaim { pg, disk }) => {
+                if let Some(rc) = self
+                    .pgs
+                    .get_mut(&(pg, disk))
+                    .and_then(|p| p.primary.as_mut())
+                    .and_then(|pr| pr.reclaim.as_mut())
+                {
+                    // A failed local write leaves our own content there.
+                    rc.applying -= 1;
+                }
+                return self.pump_reclaim(pg, disk);
+            }
+            _ => return,
         };
         let epoch = self.epoch();
         let Some(p) = self.pgs.get_mut(&(pg, disk)) else {
@@ -1850,6 +1968,7 @@ impl<D: Clone> Replicator<D> {
             // A replica's change.
             if ok {
                 p.applied.insert(seq);
+                p.fresh = false;
             }
             for to in waiters {
                 self.effects.push(Effect::Send(Msg {
@@ -2132,6 +2251,134 @@ impl<D: Clone> Replicator<D> {
         self.effects.push(Effect::Flush { disk: me, token });
     }
 
+    /// A restarted primary asks what this member can vouch for: the changes
+    /// it applied since its copy last may have missed an acknowledged one
+    /// (`Pg::vouched_after`), newest first if there are too many to list.
+    fn on_reclaim_query(&mut self, pg: u32, me: u32, from: u32, epoch: u64) {
+        if self.fenced(pg, me, from, epoch).is_some() {
+            return;
+        }
+        let p = &self.pgs[&(pg, me)];
+        let after = p.vouched_after.max(p.trim);
+        let mut entries: Vec<(Seq, Extent)> = p
+            .log
+            .range(..)
+            .rev()
+            .filter(|(s, _)| **s > after && p.applied.contains(s))
+            .take(codec::LIST_MAX)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        entries.reverse();
+        self.effects.push(Effect::Send(Msg {
+            pg,
+            from: me,
+            to: from,
+            epoch: self.epoch(),
+            body: Body::ReclaimReply { entries },
+        }));
+    }
+
+    fn on_reclaim_reply(&mut self, pg: u32, me: u32, from: u32, entries: Vec<(Seq, Extent)>) {
+        let Some(rc) = self
+            .pgs
+            .get_mut(&(pg, me))
+            .and_then(|p| p.primary.as_mut())
+            .and_then(|pr| pr.reclaim.as_mut())
+        else {
+            return;
+        };
+        if !rc.asking.remove(&from) {
+            return;
+        }
+        rc.entries
+            .extend(entries.into_iter().map(|(s, e)| (s, e, from)));
+        if rc.asking.is_empty() {
+            rc.todo = reclaim_pieces(std::mem::take(&mut rc.entries));
+        }
+        self.pump_reclaim(pg, me);
+    }
+
+    /// Start the fetches of pieces to take back, a few at a time; once every
+    /// piece is written here, peering goes on.
+    fn pump_reclaim(&mut self, pg: u32, me: u32) {
+        let tick = self.tick;
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let epoch = p.view.epoch;
+        let Some(rc) = p.primary.as_mut().and_then(|pr| pr.reclaim.as_mut()) else {
+            return;
+        };
+        while rc.fetching.len() + rc.applying < RECLAIM_FETCHES_MAX {
+            let Some((m, extent)) = rc.todo.pop_front() else {
+                break;
+            };
+            let id = self.next_token;
+            self.next_token += 1;
+            rc.fetching.insert(id, (m, extent, tick));
+            self.effects.push(Effect::Send(Msg {
+                pg,
+                from: me,
+                to: m,
+                epoch,
+                body: Body::Fetch { id, extent },
+            }));
+        }
+        if rc.done() {
+            self.check_peering(pg, me);
+        }
+    }
+
+    /// A piece taken back arrived: write it here (durably: the members'
+    /// copies are resynced from ours next).
+    fn reclaim_fetched(
+        &mut self,
+        pg: u32,
+        me: u32,
+        id: u64,
+        ok: bool,
+        extent: Extent,
+        data: Option<D>,
+    ) {
+        let Some(pr) = self.pgs.get_mut(&(pg, me)).and_then(|p| p.primary.as_mut()) else {
+            return;
+        };
+        let term = pr.term;
+        let Some(rc) = pr.reclaim.as_mut() else {
+            return;
+        };
+        let Some((_, asked, _)) = rc.fetching.remove(&id) else {
+            return;
+        };
+        // A source may only shorten the extent (the volume's end). A copy
+        // that fails its CRC gives nothing back: ours stays.
+        let valid = extent.volume_id == asked.volume_id
+            && extent.chunk_index == asked.chunk_index
+            && extent.offset == asked.offset
+            && extent.length <= asked.length;
+        if ok && valid && extent.length > 0 {
+            rc.applying += 1;
+            rc.regions.extend(extent.regions());
+            self.stats.reclaimed_bytes += u64::from(extent.length);
+            let token = new_token(
+                &mut self.tokens,
+                &mut self.next_token,
+                Token::Reclaim { pg, disk: me },
+            );
+            self.effects.push(Effect::Apply {
+                disk: me,
+                token,
+                update: Update {
+                    seq: Seq { term, n: 0 },
+                    extent,
+                    change: data.map_or(Change::Zeroes, Change::Write),
+                    fua: true,
+                },
+            });
+        }
+        self.pump_reclaim(pg, me);
+    }
+
     /// A primary asks what this member holds before it recovers it: flush
     /// (so everything applied here is durable), then list the changes
     /// applied, as they were when the flush was asked.
@@ -2308,6 +2555,34 @@ impl<D: Clone> Replicator<D> {
                             trim,
                         },
                     }));
+                }
+            }
+            if let Some(rc) = pr.reclaim.as_mut()
+                && tick - pr.peer_sent_tick >= RESEND_TICKS
+            {
+                for m in &rc.asking {
+                    self.effects.push(Effect::Send(Msg {
+                        pg,
+                        from: me,
+                        to: *m,
+                        epoch,
+                        body: Body::ReclaimQuery,
+                    }));
+                }
+                for (id, (m, extent, sent)) in rc.fetching.iter_mut() {
+                    if tick - *sent >= RESEND_TICKS {
+                        *sent = tick;
+                        self.effects.push(Effect::Send(Msg {
+                            pg,
+                            from: me,
+                            to: *m,
+                            epoch,
+                            body: Body::Fetch {
+                                id: *id,
+                                extent: *extent,
+                            },
+                        }));
+                    }
                 }
             }
             if !pr.active && tick - pr.peer_sent_tick >= RESEND_TICKS {
@@ -2588,6 +2863,16 @@ impl<D: Clone> Replicator<D> {
         extent: Extent,
         data: Option<D>,
     ) {
+        let reclaiming = self
+            .pgs
+            .get(&(pg, me))
+            .and_then(|p| p.primary.as_ref())
+            .and_then(|pr| pr.reclaim.as_ref())
+            .and_then(|rc| rc.fetching.get(&id))
+            .is_some_and(|(m, _, _)| *m == from);
+        if reclaiming {
+            return self.reclaim_fetched(pg, me, id, ok, extent, data);
+        }
         let Some(c) = self
             .pgs
             .get_mut(&(pg, me))
@@ -3241,6 +3526,13 @@ impl<D: Clone> Replicator<D> {
         if pr.active || !pr.peering.is_empty() {
             return;
         }
+        if pr.reclaim.as_ref().is_some_and(|rc| !rc.done()) {
+            return;
+        }
+        // What was taken back is ours now; the up-to-date members (if any)
+        // get it as uncertain regions below.
+        let reclaimed = pr.reclaim.take().map(|rc| rc.regions).unwrap_or_default();
+        p.fresh = false;
         // A change up to the highest commit point any up-to-date copy knows
         // of was acknowledged by every target of its primary (or made to
         // agree by a later primary's peering), so it is on every up-to-date
@@ -3258,6 +3550,7 @@ impl<D: Clone> Replicator<D> {
         {
             regions.extend(e.regions());
         }
+        regions.extend(reclaimed);
         pr.active = true;
         self.active_gen += 1;
         // Make the uncertain regions agree: they become changes of this term
@@ -3295,6 +3588,72 @@ impl<D: Clone> Replicator<D> {
         );
         self.pump(pg, me);
     }
+}
+
+/// The pieces a restarted primary takes back: each byte of every reported
+/// change's extent from the member holding the newest change covering it
+/// (any vouched change's member holds every acknowledged change after it,
+/// so each piece is safe alone; the newest also keeps later changes in
+/// flight). Pieces are split at `PUSH_REGIONS_MAX` regions.
+fn reclaim_pieces(mut entries: Vec<(Seq, Extent, u32)>) -> VecDeque<(u32, Extent)> {
+    // Newest first; a change reported by several members is taken once.
+    entries.sort_by(|a, b| b.0.cmp(&a.0).then(a.2.cmp(&b.2)));
+    entries.dedup_by_key(|e| e.0);
+    // Per chunk, the byte ranges already taken: start -> end.
+    let mut covered: BTreeMap<(u64, u32), BTreeMap<u32, u32>> = BTreeMap::new();
+    let mut out = VecDeque::new();
+    let most = PUSH_REGIONS_MAX * REGION_BYTES;
+    for (_, e, m) in entries {
+        if e.length == 0 {
+            continue;
+        }
+        let taken = covered.entry((e.volume_id, e.chunk_index)).or_default();
+        let mut at = e.offset;
+        let end = e.end();
+        // Walk the taken ranges overlapping [at, end): the gaps are new.
+        let mut overlapping: Vec<(u32, u32)> = taken
+            .range(..=e.offset)
+            .next_back()
+            .filter(|(_, b)| **b > e.offset)
+            .map(|(a, b)| (*a, *b))
+            .into_iter()
+            .collect();
+        overlapping.extend(taken.range(e.offset + 1..end).map(|(a, b)| (*a, *b)));
+        let mut gaps = Vec::new();
+        for (a, b) in &overlapping {
+            if *a > at {
+                gaps.push((at, *a));
+            }
+            at = at.max(*b);
+        }
+        if at < end {
+            gaps.push((at, end));
+        }
+        // Merge this extent into the taken ranges.
+        let (mut lo, mut hi) = (e.offset, end);
+        for (a, b) in overlapping {
+            taken.remove(&a);
+            lo = lo.min(a);
+            hi = hi.max(b);
+        }
+        taken.insert(lo, hi);
+        for (a, b) in gaps {
+            let mut o = a;
+            while o < b {
+                let len = (b - o).min(most);
+                out.push_back((
+                    m,
+                    Extent {
+                        offset: o,
+                        length: len,
+                        ..e
+                    },
+                ));
+                o += len;
+            }
+        }
+    }
+    out
 }
 
 fn view_state(states: &[(u32, CopyState)], disk: u32) -> Option<CopyState> {
@@ -3370,6 +3729,33 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
             body: Body::LogQuery { full: false },
         }));
     }
+    // A new process may have lost changes it applied and had not flushed:
+    // the members that are not up to date may hold them (see `Reclaim`).
+    let reclaim = p.fresh.then(|| {
+        let asking: BTreeSet<u32> = p
+            .view
+            .write_set()
+            .into_iter()
+            .filter(|m| *m != me && p.view.state(*m) != Some(CopyState::UpToDate))
+            .collect();
+        for m in &asking {
+            effects.push(Effect::Send(Msg {
+                pg: p.pg,
+                from: me,
+                to: *m,
+                epoch: p.view.epoch,
+                body: Body::ReclaimQuery,
+            }));
+        }
+        Reclaim {
+            incarnations: asking
+                .iter()
+                .map(|m| (*m, p.view.incarnation(*m)))
+                .collect(),
+            asking,
+            ..Reclaim::default()
+        }
+    });
     // Members absent now keep the log from the current trim point on.
     let durable = p.view.members.iter().map(|m| (*m, p.trim)).collect();
     p.primary = Some(Primary {
@@ -3390,6 +3776,7 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
         repairs: VecDeque::new(),
         scrub: None,
         commit_floor: None,
+        reclaim,
     });
 }
 

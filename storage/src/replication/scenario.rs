@@ -399,7 +399,19 @@ impl Cluster {
             }
             self.tick();
         }
-        panic!("the cluster did not settle");
+        let mut detail = String::new();
+        for pg in 0..PGS {
+            for d in &self.map.pgs[pg as usize] {
+                detail += &format!(
+                    "\n  pg {pg} disk {d}: {}",
+                    self.nodes[*d as usize - 1].rep.describe(pg, *d)
+                );
+            }
+        }
+        panic!(
+            "the cluster did not settle: states {:?}{detail}",
+            self.map.pg_states
+        );
     }
 
     /// The distinct regions pushed since `from` (an index into `pushed`).
@@ -689,4 +701,71 @@ fn a_backfill_member_gets_a_change_in_flight_when_it_joins() {
     assert_eq!(c.replies.get(&id), Some(&ClientResult::Ok));
     assert_eq!(c.map.pgs[0], vec![1, 2, 3, 4]);
     c.assert_converged();
+}
+
+// Proves a group's last up-to-date copy that restarts, losing a write it had
+// applied but not flushed, takes back what the other members hold before it
+// leads: the two others were outdated (recovering, in the write set), applied
+// the write with it, and a client FLUSH made it durable on them (it reached
+// them, not the crashed primary). The restarted copy stays up to date (the
+// manager keeps a group's last one) and used to lead with an empty log and
+// resync its stale block over theirs (simulation seed 11149).
+#[test]
+fn a_restarted_last_copy_takes_back_a_write_a_flush_made_durable_elsewhere() {
+    let mut c = Cluster::new();
+    for ch in 0..CHUNKS {
+        c.write(ch, 0);
+    }
+    c.ticks(3);
+    // No recovery push may run (a byte budget of nothing): outdated copies
+    // stay outdated.
+    for id in 1..=MEMBERS {
+        c.node(id).rep.grant_push_bytes(0, 0);
+    }
+    // Node 2 is away while every group changes: outdated, with a delta to
+    // recover.
+    c.stop(2);
+    c.declare_down(2);
+    for ch in 0..CHUNKS {
+        c.write(ch, 1);
+    }
+    c.resume(2);
+    c.declare_up(2);
+    // Node 3 restarts: outdated too. Node 1 is now the only up-to-date copy
+    // of every group, and leads them all.
+    c.crash_and_restart(3);
+    for pg in 0..PGS {
+        assert_eq!(c.map.primary(pg), Some(1));
+        assert_eq!(
+            c.map.pg_states[pg as usize]
+                .iter()
+                .filter(|s| **s == CopyState::UpToDate)
+                .count(),
+            1
+        );
+    }
+    // Group 0: a write applied on all three copies and acknowledged.
+    let v = c.next_value;
+    let id = c.write(0, 5);
+    assert_eq!(c.replies.get(&id), Some(&ClientResult::Ok));
+    // The client's FLUSH reaches nodes 2 and 3; node 1 crashes first and
+    // loses the write with its cache.
+    for id in [2, 3] {
+        let disk = &mut c.node(id).disk;
+        let cache = std::mem::take(&mut disk.cache);
+        disk.durable.extend(cache);
+    }
+    c.crash_and_restart(1);
+    assert_eq!(c.map.primary(0), Some(1));
+    c.node(2).rep.grant_push_bytes(u64::MAX / 2, u64::MAX / 2);
+    c.settle();
+    c.assert_converged();
+    let b = (0, 5 * REGION_BYTES / BLOCK);
+    for id in 1..=MEMBERS {
+        assert_eq!(
+            c.nodes[id as usize - 1].disk.get(b),
+            v,
+            "node {id} lost the flushed write of {b:?}"
+        );
+    }
 }

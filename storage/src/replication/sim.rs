@@ -1353,17 +1353,11 @@ fn run_seed_tally(seed: u64, tally: &mut Tally) -> Result<(), String> {
 
 /// Seeds that fail on a protocol bug not fixed yet, skipped by batches
 /// (`TESSERA_SEED=n` still replays one; `TESSERA_SIM_KEEP_GOING=1` lists
-/// every failing seed of a batch). Seed 11149 loses an acknowledged write a
-/// FLUSH made durable: a group's only up-to-date copy (its primary; the two
-/// others were outdated and recovering, in the write set) applied the write
-/// with the others and crashed before flushing it; the client's FLUSH
-/// reached the two others only and succeeded; the restarted copy stayed
-/// up-to-date (the manager keeps a group's last up-to-date copy), led with
-/// an empty log and full-resynced its stale block over theirs
-/// (docs/replication.md, "Not done yet"). Seed 4211 of an earlier session
-/// lost a flushed write after crashes of several copies in a row, likely
-/// the same way.
-const KNOWN_FAILING: [u64; 1] = [11149];
+/// every failing seed of a batch). None now: seed 11149 (a restarted last
+/// up-to-date copy resynced its stale block over a write a FLUSH had made
+/// durable on the others) passes since restarted primaries take back what
+/// the other members vouch for (`Reclaim`, docs/replication.md).
+const KNOWN_FAILING: [u64; 0] = [];
 
 // Proves the replication protocol keeps every acknowledged write, never
 // returns unwritten data, resumes I/O and converges, over many seeded
