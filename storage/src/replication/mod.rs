@@ -731,6 +731,7 @@ struct Reclaim {
 impl Reclaim {
     fn done(&self) -> bool {
         self.asking.is_empty()
+            && self.entries.is_empty()
             && self.todo.is_empty()
             && self.fetching.is_empty()
             && self.applying == 0
@@ -1374,6 +1375,7 @@ impl<D: Clone> Replicator<D> {
             let incs = rc.incarnations.clone();
             let stays = |m: &u32| ws.contains(m) && incs.get(m) == Some(&view.incarnation(*m));
             rc.asking.retain(stays);
+            rc.entries.retain(|(_, _, m)| stays(m));
             rc.todo.retain(|(m, _)| stays(m));
             rc.fetching.retain(|_, (m, _, _)| stays(m));
         }
@@ -1411,6 +1413,7 @@ impl<D: Clone> Replicator<D> {
             self.end_round(pg, me, id);
         }
         self.finish_ops(pg, me);
+        self.pump_reclaim(pg, me);
         self.check_peering(pg, me);
     }
 
@@ -2292,9 +2295,6 @@ impl<D: Clone> Replicator<D> {
         }
         rc.entries
             .extend(entries.into_iter().map(|(s, e)| (s, e, from)));
-        if rc.asking.is_empty() {
-            rc.todo = reclaim_pieces(std::mem::take(&mut rc.entries));
-        }
         self.pump_reclaim(pg, me);
     }
 
@@ -2309,6 +2309,11 @@ impl<D: Clone> Replicator<D> {
         let Some(rc) = p.primary.as_mut().and_then(|pr| pr.reclaim.as_mut()) else {
             return;
         };
+        // Once every member answered (or left), plan the pieces.
+        if rc.asking.is_empty() && !rc.entries.is_empty() {
+            let pieces = reclaim_pieces(std::mem::take(&mut rc.entries));
+            rc.todo.extend(pieces);
+        }
         while rc.fetching.len() + rc.applying < RECLAIM_FETCHES_MAX {
             let Some((m, extent)) = rc.todo.pop_front() else {
                 break;

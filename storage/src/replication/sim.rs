@@ -1313,6 +1313,10 @@ struct Tally {
     seeds_with_mismatches: u64,
     /// Seeds that took a node out and re-placed its groups.
     seeds_with_out: u64,
+    /// Seeds in which a restarted last up-to-date copy took changes back
+    /// from the other members, and the bytes it took.
+    seeds_with_reclaim: u64,
+    reclaimed_bytes: u64,
 }
 
 fn run_seed(seed: u64) -> Result<(), String> {
@@ -1332,6 +1336,9 @@ fn run_seed_tally(seed: u64, tally: &mut Tally) -> Result<(), String> {
     tally.mismatches += w.mismatches();
     tally.seeds_with_mismatches += u64::from(w.mismatches() > 0);
     tally.seeds_with_out += u64::from(w.outs > 0);
+    let reclaimed: u64 = w.nodes.iter().map(|n| n.rep.stats.reclaimed_bytes).sum();
+    tally.seeds_with_reclaim += u64::from(reclaimed > 0);
+    tally.reclaimed_bytes += reclaimed;
     if std::env::var("TESSERA_SIM_VERBOSE").is_ok() {
         let acked: usize = w.history.values().map(|h| h.acked.len()).sum();
         println!(
@@ -1419,8 +1426,8 @@ fn simulation() {
         tally.seeds_with_mismatches
     );
     println!(
-        "simulation: {} seeds took a node out and rebuilt its groups",
-        tally.seeds_with_out
+        "simulation: {} seeds took a node out and rebuilt its groups; in {} a restarted last up-to-date copy took back {} bytes from the others",
+        tally.seeds_with_out, tally.seeds_with_reclaim, tally.reclaimed_bytes
     );
     assert!(
         tally.corruptions > 0 && tally.repairs > 0,
