@@ -262,6 +262,7 @@ def main():
     writes = {w[0] for w in WRITE_WORKLOADS}
     if not have_fio:
         print(f"no fio with libiscsi at {FIO_LIBISCSI} (bench/build_fio_libiscsi.sh): reads only")
+    load_start = os.getloadavg()
     targets = []
     results = {}  # (workload, target) -> list of (iops, cpu_us_per_io)
     commands = {}
@@ -316,7 +317,8 @@ def main():
                 "runs": results[(wl, name)],
                 "command": commands[(wl, name)],
             })
-    meta = {"runtime_s": a.runtime, "rounds": a.rounds, "size": a.size, "stamp": stamp,
+    meta = {"binaries": BIN, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+            "runtime_s": a.runtime, "rounds": a.rounds, "size": a.size, "stamp": stamp,
             "kernel": os.uname().release, "cpus": os.cpu_count(),
             "tgt": subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "tgt"],
                                   capture_output=True, text=True).stdout,
@@ -328,6 +330,10 @@ def main():
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# iSCSI benchmark {stamp}", "",
              f"Command: `bench/iscsi_compare.py --runtime {a.runtime} --rounds {a.rounds} --size {a.size}`",
+             "",
+             f"Tessera binaries: `{BIN}`. Load average (1/5/15 min) at the start "
+             f"{' / '.join(f'{x:.1f}' for x in meta['loadavg_start'])}, at the end "
+             f"{' / '.join(f'{x:.1f}' for x in meta['loadavg_end'])}.",
              "",
              f"Reads: iscsi-perf (libiscsi {meta['libiscsi']}); writes: "
              f"{'fio libiscsi engine' if have_fio else 'not measured (no fio with libiscsi)'}; "
