@@ -41,6 +41,9 @@ pub struct Config {
     /// A disk down longer than this is taken out and its placement groups
     /// are re-placed and backfilled elsewhere.
     pub down_out_after: Duration,
+    /// Disks are taken out only while at least this fraction of all disks
+    /// stays in (`health::may_take_out`).
+    pub min_in_ratio: f64,
     /// The default pool's policy; used only when the cluster is created.
     pub replicas: u32,
     pub min_replicas: u32,
@@ -171,6 +174,7 @@ pub struct Manager {
     epoch_changed: Condvar,
     grace: Duration,
     down_out_after: Duration,
+    min_in_ratio: f64,
 }
 
 struct Inner {
@@ -257,6 +261,7 @@ impl Manager {
             }),
             grace: config.heartbeat_grace,
             down_out_after: config.down_out_after,
+            min_in_ratio: config.min_in_ratio,
         })
     }
 
@@ -506,6 +511,18 @@ impl Manager {
                 .map(|d| d.id)
                 .collect();
             for d in due {
+                let total = catalog.disks.len();
+                let in_now = catalog.disks.iter().filter(|d| !d.out).count();
+                if !health::may_take_out(total, in_now, self.min_in_ratio) {
+                    tracing::warn!(
+                        disk = d,
+                        in_now,
+                        total,
+                        min_in_ratio = self.min_in_ratio,
+                        "disk down too long but stays in: taking it out would leave fewer disks in than --min-in-ratio; its groups stay degraded"
+                    );
+                    continue;
+                }
                 let moved = map::take_out(catalog, d, up);
                 tracing::warn!(
                     disk = d,
@@ -876,6 +893,7 @@ mod tests {
             pg_count: 16,
             heartbeat_grace: grace,
             down_out_after: Duration::from_secs(600),
+            min_in_ratio: 0.75,
             replicas: 1,
             min_replicas: 1,
             failure_domain: tessera_wire::map::FailureDomain::Host,
@@ -1107,6 +1125,41 @@ mod tests {
         assert!(back.disk(gone).unwrap().up);
         assert!(back.pgs.iter().all(|s| !s.contains(&gone)));
         assert_eq!(back.pgs, after.pgs);
+        drop(m);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    // Proves --min-in-ratio: with four disks and the default 0.75, one
+    // disk silent past --down-out-after goes out, a second one stays in
+    // (its groups stay degraded rather than all be re-placed onto two).
+    #[test]
+    fn min_in_ratio_keeps_disks_in() {
+        let dir = temp("minin");
+        let mut cfg = config(&dir, Duration::from_secs(2));
+        cfg.down_out_after = Duration::from_secs(2);
+        let m = Manager::open(&cfg).unwrap();
+        let nodes: Vec<RegisterResponse> = ["n1", "n2", "n3", "n4"]
+            .iter()
+            .map(|n| reg(&m, n))
+            .collect();
+        let t0 = Instant::now();
+        let hb = || HeartbeatRequest {
+            recovery: Default::default(),
+            scrub: Default::default(),
+            disks: vec![],
+            volumes: vec![],
+        };
+        for at in [2500, 4500, 6500] {
+            for n in &nodes[2..] {
+                m.heartbeat_at(n.node_id, hb(), t0 + Duration::from_millis(at))
+                    .unwrap();
+            }
+            m.check_health(t0 + Duration::from_millis(at + 400));
+        }
+        m.check_health(t0 + Duration::from_secs(7));
+        let s = m.status();
+        assert_eq!(s.daemons_down, 2);
+        assert_eq!(s.disks_out, 1, "the second would leave 2 of 4 in");
         drop(m);
         std::fs::remove_dir_all(dir).ok();
     }

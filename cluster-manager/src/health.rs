@@ -45,6 +45,25 @@ pub fn due_out(down_since: Option<Instant>, now: Instant, down_out_after: Durati
     down_since.is_some_and(|t| now.saturating_duration_since(t) >= down_out_after)
 }
 
+/// Whether one more disk may be taken out of a cluster of `total` disks of
+/// which `in_now` are in: never below `min_in_ratio` of them in afterwards
+/// (Ceph's `mon_osd_min_in_ratio`). Why: when much of a cluster goes silent
+/// at once (a rack's switch, a power domain, the manager's own network),
+/// re-placing everything onto what is left would flood the survivors with
+/// backfill and could fill them, while the silent disks most likely come
+/// back with their data; their groups stay degraded instead.
+pub fn may_take_out(total: usize, in_now: usize, min_in_ratio: f64) -> bool {
+    in_now > 0 && total > 0 && (in_now - 1) as f64 >= min_in_ratio * total as f64 - 1e-9
+}
+
+/// A `--min-in-ratio` value: a number from 0 to 1.
+pub fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio between 0 and 1")),
+    }
+}
+
 /// Bytes per second between two samples of a byte counter (0 if the
 /// counter went back: the daemon restarted).
 pub fn rate(prev: (Instant, u64), now: (Instant, u64)) -> u64 {
@@ -121,5 +140,19 @@ mod tests {
         assert_eq!(rate((t0, 100), (t1, 1100)), 2000);
         assert_eq!(rate((t0, 100), (t1, 50)), 0);
         assert_eq!(rate((t0, 100), (t0, 200)), 0);
+    }
+
+    // Proves the min-in ratio: the last disk that keeps the ratio may go
+    // out, the next may not; 0 never refuses, 1 always does.
+    #[test]
+    fn min_in_ratio() {
+        assert!(may_take_out(4, 4, 0.75), "3 of 4 in afterwards");
+        assert!(!may_take_out(4, 3, 0.75), "2 of 4 would be in");
+        assert!(!may_take_out(3, 3, 0.75), "2 of 3 < 0.75");
+        assert!(may_take_out(100, 76, 0.75));
+        assert!(!may_take_out(100, 75, 0.75));
+        assert!(may_take_out(2, 1, 0.0));
+        assert!(!may_take_out(2, 0, 0.0), "nothing left to take out");
+        assert!(!may_take_out(5, 5, 1.0));
     }
 }

@@ -85,6 +85,10 @@ pub struct UpArgs {
     /// disks and backfilled there.
     #[arg(long, default_value = "10m", value_parser = tessera_wire::api::parse_duration)]
     pub down_out_after: Duration,
+    /// Disks are taken out only while at least this fraction of all disks
+    /// stays in (0 to 1; the manager's default is 0.75).
+    #[arg(long, value_parser = crate::health::parse_ratio)]
+    pub min_in_ratio: Option<f64>,
     /// Recovery pushes (64 KiB regions) each storage daemon keeps in flight
     /// at most, over all the groups it leads: the backfill throttle.
     #[arg(long)]
@@ -281,6 +285,12 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
             format!("{}ms", a.down_out_after.as_millis()).into(),
         ]
         .into_iter()
+        .chain(
+            a.min_in_ratio
+                .map(|r| ["--min-in-ratio".into(), r.to_string().into()])
+                .into_iter()
+                .flatten(),
+        )
         .chain(
             a.min_replicas
                 .map(|m| ["--min-replicas".into(), m.to_string().into()])

@@ -27,6 +27,12 @@ struct Args {
     /// out: its placement groups are re-placed on other disks and rebuilt.
     #[arg(long, default_value = "10m", value_parser = tessera_wire::api::parse_duration)]
     down_out_after: Duration,
+    /// Disks are taken out only while at least this fraction of all disks
+    /// stays in (like Ceph's mon_osd_min_in_ratio): when much of the
+    /// cluster goes silent at once, its groups stay degraded instead of
+    /// all being re-placed onto the rest. 0 disables the limit.
+    #[arg(long, default_value_t = 0.75, value_parser = tessera_manager::health::parse_ratio)]
+    min_in_ratio: f64,
     /// Copies kept by the default pool (used when the cluster is created).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     replicas: u32,
@@ -54,6 +60,7 @@ fn main() {
         pg_count: a.pg_count,
         heartbeat_grace: Duration::from_millis(a.heartbeat_grace_ms),
         down_out_after: a.down_out_after,
+        min_in_ratio: a.min_in_ratio,
         replicas: a.replicas,
         min_replicas: a
             .min_replicas
