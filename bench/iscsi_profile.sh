@@ -32,7 +32,8 @@ iport=$(free_port)
   --nbd-listen 127.0.0.1:0 --manager-listen 127.0.0.1:0 --iscsi-listen 127.0.0.1:$iport \
   --volume bench:1G ${EMBEDDED:+--embedded-gateway} >"$dir/up.log" 2>&1 &
 up=$!
-trap 'kill -TERM $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$dir/data"' EXIT
+# Keep the directory only when it holds profiles to read (PERF=1 without OUT).
+trap 'kill -TERM $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$dir/data"; [ -n "${PERF:-}" ] && [ -z "${OUT:-}" ] || rm -rf "$dir"' EXIT
 for _ in $(seq 300); do grep -q '^ready' "$dir/up.log" && break; sleep 0.1; done
 grep -q '^ready' "$dir/up.log" || { cat "$dir/up.log"; exit 1; }
 pids=$(sed -n 's/^\(storage-0\|gateway\) pid=\([0-9]*\).*/\2/p' "$dir/up.log" | sort -u | tr '\n' ' ')
@@ -85,4 +86,4 @@ print(f"{rw} {bs} QD{qd}: {int(iops):,} IOPS, server CPU {int(c)*1e6/tick/ios:.0
     cat "$out/$rw-$bs-$qd.top.txt"
   fi
 done
-echo "profiles in $out"
+[ -n "${PERF:-}" ] && echo "profiles in $out"
