@@ -25,11 +25,9 @@
 //!   member, present or not); logs are trimmed at `trim`. A member that was
 //!   away therefore missed at most the regions in the primary's log.
 //! * A new primary peers first: it collects the uncommitted log entries of
-//!   the other members of the write set (outdated ones too: they may hold
-//!   an in-flight change no up-to-date copy got), pushes its own content of
-//!   those regions to the up-to-date ones and logs them as changes of its
-//!   own (so outdated members get them by recovery, and in-flight writes of
-//!   the old primary cannot leave copies diverged), then serves.
+//!   the other up-to-date members, pushes its own content of those regions
+//!   to them (so in-flight writes of the old primary cannot leave copies
+//!   diverged), then serves.
 //! * A primary whose process is new (a group's last up-to-date copy
 //!   restarted: the manager keeps it up to date, but it lost what it had not
 //!   flushed) first takes back, from the members that are not up to date,
@@ -3717,13 +3715,7 @@ fn advance<D>(p: &mut Pg<D>, committed: Seq, trim: Seq) {
     }
 }
 
-/// Begin a primary term: peer with the other members of the write set.
-/// The members that are not up to date are asked too: they were in the
-/// write set, so they may hold a change of the old primary that no
-/// up-to-date copy got (it was in flight when the old primary failed);
-/// a delta recovery pushes only the regions of our log, so unless peering
-/// logs that region as uncertain, such a member would keep the change and
-/// differ from every other copy once recovered.
+/// Begin a primary term: peer with the other up-to-date members.
 fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) {
     let me = p.me;
     let term = p.view.epoch;
@@ -3731,7 +3723,7 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
         .view
         .write_set()
         .into_iter()
-        .filter(|m| *m != me)
+        .filter(|m| *m != me && p.view.state(*m) == Some(CopyState::UpToDate))
         .collect();
     for m in &peering {
         effects.push(Effect::Send(Msg {
