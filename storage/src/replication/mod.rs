@@ -652,6 +652,14 @@ struct Recovery {
     full: bool,
     flush_round: Option<u64>,
     bytes: u64,
+    /// A delta recovery also asks the member for its uncommitted log
+    /// entries (`LogQuery`) and ends only once they came: it may hold a
+    /// change of an old primary that was in flight when that primary failed
+    /// and that no up-to-date copy got (the old primary writes its own copy
+    /// only once an up-to-date replica has a change), which our log cannot
+    /// name; their regions are pushed whatever the member holds (`must`).
+    entries_asked: bool,
+    must: BTreeSet<Region>,
 }
 
 struct Round {
@@ -1675,6 +1683,7 @@ impl<D: Clone> Replicator<D> {
             let r = &pr.recovering[&m];
             if r.listing == 0
                 && r.asking.is_none()
+                && !r.entries_asked
                 && r.todo.is_empty()
                 && !r.done
                 && r.flush_round.is_none()
@@ -2169,6 +2178,18 @@ impl<D: Clone> Replicator<D> {
         } else if pr.peering.remove(&from) {
             pr.peer_entries.extend(entries);
             pr.peer_committed = pr.peer_committed.max(committed);
+        } else if let Some(r) = pr.recovering.get_mut(&from)
+            && r.entries_asked
+        {
+            r.entries_asked = false;
+            let known = committed.max(pr.peer_committed);
+            let regions: BTreeSet<Region> = entries
+                .iter()
+                .filter(|(s, _)| *s > known)
+                .flat_map(|(_, e)| e.regions())
+                .collect();
+            r.todo.extend(regions.iter().copied());
+            r.must.extend(regions);
         }
         self.check_peering(pg, me);
         self.pump(pg, me);
@@ -2424,7 +2445,9 @@ impl<D: Clone> Replicator<D> {
             .filter(|(s, _)| *s > trim && !runs.iter().any(|run| run.contains(*s)))
             .flat_map(|(_, e)| e.regions())
             .collect();
-        r.todo.retain(|reg| needed.contains(reg));
+        let must = &r.must;
+        r.todo
+            .retain(|reg| needed.contains(reg) || must.contains(reg));
         self.pump(pg, me);
     }
 
@@ -2634,6 +2657,15 @@ impl<D: Clone> Replicator<D> {
                         to: *m,
                         epoch,
                         body: Body::LogQuery { full: true },
+                    }));
+                }
+                if r.entries_asked {
+                    self.effects.push(Effect::Send(Msg {
+                        pg,
+                        from: me,
+                        to: *m,
+                        epoch,
+                        body: Body::LogQuery { full: false },
                     }));
                 }
                 if let Some(id) = r.asking {
@@ -3828,6 +3860,14 @@ fn start_recoveries<D: Clone>(
                 .map(|(s, e)| (*s, *e))
                 .collect();
             r.todo = r.entries.iter().flat_map(|(_, e)| e.regions()).collect();
+            r.entries_asked = true;
+            effects.push(Effect::Send(Msg {
+                pg,
+                from: me,
+                to: m,
+                epoch,
+                body: Body::LogQuery { full: false },
+            }));
             if !r.entries.is_empty() {
                 let id = *next_token;
                 *next_token += 1;
