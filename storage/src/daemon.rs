@@ -612,6 +612,7 @@ struct Metrics {
     pgs_backfilling: IntGauge,
     recovery_bytes: IntCounter,
     peering_bytes: IntCounter,
+    reclaimed_bytes: IntCounter,
     pgs_scrubbing: IntGauge,
     repairs: IntCounter,
     repair_bytes: IntCounter,
@@ -717,6 +718,12 @@ impl Metrics {
              that may be missing on some of them agree",
         )
         .expect("metric");
+        let reclaimed_bytes = IntCounter::new(
+            "tessera_storage_reclaimed_bytes_total",
+            "Bytes a restarted last up-to-date copy took back from the other members \
+             (writes its crash lost that they held) before leading",
+        )
+        .expect("metric");
         let c = |n: &str, h: &str| IntCounter::new(n, h).expect("metric");
         let pgs_scrubbing = g(
             "tessera_storage_pgs_scrubbing",
@@ -789,6 +796,7 @@ impl Metrics {
             Box::new(pgs_recovering.clone()),
             Box::new(recovery_bytes.clone()),
             Box::new(peering_bytes.clone()),
+            Box::new(reclaimed_bytes.clone()),
             Box::new(requests.clone()),
             Box::new(errors.clone()),
             Box::new(bytes.clone()),
@@ -818,6 +826,7 @@ impl Metrics {
             pgs_backfilling,
             recovery_bytes,
             peering_bytes,
+            reclaimed_bytes,
             pgs_scrubbing,
             repairs,
             repair_bytes,
@@ -2839,6 +2848,8 @@ impl Driver {
             .inc_by(now.recovery_bytes.saturating_sub(was.recovery_bytes));
         m.peering_bytes
             .inc_by(now.peering_bytes.saturating_sub(was.peering_bytes));
+        m.reclaimed_bytes
+            .inc_by(now.reclaimed_bytes.saturating_sub(was.reclaimed_bytes));
         m.repairs.inc_by(now.repairs.saturating_sub(was.repairs));
         m.repair_bytes
             .inc_by(now.repair_bytes.saturating_sub(was.repair_bytes));
