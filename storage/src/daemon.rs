@@ -11,7 +11,7 @@
 //! bounds, placement ownership and payload CRC.
 
 use crate::engine::{self, ChunkKey, Completion, Engine, EngineError, Reply, Request};
-use crate::io::{self, AlignedBuf, Disk, Payload, ReadData, Wait};
+use crate::io::{self, Disk, Payload, ReadData, Wait};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -1273,15 +1273,14 @@ where
             if h.op == Op::Write {
                 // The header was validated: payload_len = length + 4 > 4.
                 let n = h.length as usize;
-                let buf = AlignedBuf::read_exact_from(&mut rd, n)
+                let (data, crc) = Payload::read_from(&mut rd, n)
                     .await
                     .map_err(|_| "closed mid-payload")?;
-                let mut crc = [0u8; 4];
-                rd.read_exact(&mut crc)
+                let mut sent = [0u8; 4];
+                rd.read_exact(&mut sent)
                     .await
                     .map_err(|_| "closed mid-payload")?;
-                let mut data = Payload::new(buf, n);
-                if data.compute_block_crcs() == u32::from_le_bytes(crc) {
+                if crc == u32::from_le_bytes(sent) {
                     write_data = Some(data);
                 }
             } else if h.op == Op::Repl {
@@ -1486,9 +1485,8 @@ async fn read_repl<R: tokio::io::AsyncRead + Unpin>(
                 && len > 0
                 && head + len + 4 <= n
             {
-                let buf = AlignedBuf::read_exact_from(rd, len).await?;
-                let mut d = Payload::new(buf, len);
-                d.compute_block_crcs();
+                // The CRC continues over the data from its block CRCs.
+                let (d, _) = Payload::read_from(rd, len).await?;
                 crc = d.crc_append(tessera_wire::crc32c(&body));
                 data = Some(d);
             }
@@ -2130,6 +2128,29 @@ struct PeerFrame {
     crc: [u8; 4],
 }
 
+impl PeerFrame {
+    /// Header `h` (its payload length set here), `body`, then `data`, and
+    /// the CRC over body and data (over the data from its per-block CRCs
+    /// when they were computed on arrival).
+    fn new(mut h: Header, body: &[u8], data: Option<Payload>) -> PeerFrame {
+        let mut crc = tessera_wire::crc32c(body);
+        let mut len = body.len();
+        if let Some(d) = &data {
+            crc = d.crc_append(crc);
+            len += d.len();
+        }
+        h.payload_len = (len + 4) as u32;
+        let mut head = Vec::with_capacity(HEADER_SIZE + body.len());
+        head.extend_from_slice(&h.to_bytes());
+        head.extend_from_slice(body);
+        PeerFrame {
+            head,
+            data,
+            crc: crc.to_le_bytes(),
+        }
+    }
+}
+
 impl Peers {
     fn send(&self, addr: &str, frame: PeerFrame) {
         let mut conns = self.conns.lock().expect("peers");
@@ -2163,17 +2184,8 @@ async fn peer_task(addr: String, cluster_id: String, mut rx: tmpsc::Receiver<Pee
         while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
     });
     let mut wr = wr;
-    let hello = cluster_id.into_bytes();
-    let mut h = Header::request(Op::Hello, 0, 0);
-    h.payload_len = hello.len() as u32 + 4;
-    let crc = tessera_wire::crc32c(&hello).to_le_bytes();
-    let mut head = h.to_bytes().to_vec();
-    head.extend_from_slice(&hello);
-    let mut frames = vec![PeerFrame {
-        head,
-        data: None,
-        crc,
-    }];
+    let hello = Header::request(Op::Hello, 0, 0);
+    let mut frames = vec![PeerFrame::new(hello, cluster_id.as_bytes(), None)];
     let mut scratch = Vec::new();
     loop {
         // Every frame ready goes in one writev (no copy into a buffer).
@@ -2223,27 +2235,12 @@ fn digest_of(data: &[u8]) -> u64 {
     h ^ (u64::from(tessera_wire::crc32c(data)) << 32) ^ data.len() as u64
 }
 
-/// One `Op::Repl` frame: header, body, CRC (over the data from its
-/// per-block CRCs when the daemon computed them on arrival).
+/// One `Op::Repl` frame: header, body, the message's data, CRC.
 fn repl_frame(m: &repl::Msg<Data>) -> PeerFrame {
     let (body, data) = repl::codec::encode_parts(m);
-    let mut crc = tessera_wire::crc32c(&body);
-    let mut len = body.len();
-    if let Some(d) = &data {
-        crc = d.crc_append(crc);
-        len += d.len();
-    }
     let mut h = Header::request(Op::Repl, 0, m.epoch);
     h.disk_id = m.to;
-    h.payload_len = (len + 4) as u32;
-    let mut head = Vec::with_capacity(HEADER_SIZE + body.len());
-    head.extend_from_slice(&h.to_bytes());
-    head.extend_from_slice(&body);
-    PeerFrame {
-        head,
-        data,
-        crc: crc.to_le_bytes(),
-    }
+    PeerFrame::new(h, &body, data)
 }
 
 struct Driver {
@@ -2387,7 +2384,7 @@ impl Driver {
                             ReplInput::ReadDone {
                                 token,
                                 extent,
-                                data: (!zero).then(|| Payload::copy_from_read(&d)),
+                                data: (!zero).then(|| Payload::from_read(d)),
                             }
                         }
                         // A block failed its CRC (or the disk the read):

@@ -229,19 +229,39 @@ impl Payload {
         Payload::new(AlignedBuf::from_slice(data), data.len())
     }
 
-    /// A copy of a read's bytes in an aligned buffer (one copy, from the
-    /// disk buffers the read filled).
-    pub fn copy_from_read(data: &ReadData) -> Payload {
+    /// A read's bytes as a payload: the disk buffer itself when the read
+    /// filled one from its start (a recovery push of contiguous blocks:
+    /// no copy), else one copy into a new aligned buffer.
+    pub fn from_read(mut data: ReadData) -> Payload {
         if data.is_empty() {
             return Payload::default();
         }
-        let mut buf = AlignedBuf::zeroed(data.len().next_multiple_of(ALIGN));
+        let len = data.len();
+        if let [Piece::Disk { start: 0, .. }] = data.pieces[..]
+            && let Some(Piece::Disk { buf, .. }) = data.pieces.pop()
+            && buf.owner.is_none()
+        {
+            return Payload::new(buf, len);
+        }
+        let mut buf = AlignedBuf::zeroed(len.next_multiple_of(ALIGN));
         let mut at = 0;
         for s in data.slices() {
             buf[at..at + s.len()].copy_from_slice(s);
             at += s.len();
         }
-        Payload::new(buf, data.len())
+        Payload::new(buf, len)
+    }
+
+    /// Read exactly `len` bytes of data from `rd` into a new payload
+    /// (`AlignedBuf::read_exact_from`), computing its per-block CRCs; also
+    /// returns the CRC of the whole data, combined from them.
+    pub async fn read_from<R: AsyncRead + Unpin>(
+        rd: &mut BufReader<R>,
+        len: usize,
+    ) -> std::io::Result<(Payload, u32)> {
+        let mut p = Payload::new(AlignedBuf::read_exact_from(rd, len).await?, len);
+        let crc = p.compute_block_crcs();
+        Ok((p, crc))
     }
 
     /// Compute the CRC32C of every whole 4 KiB block (one pass over the
@@ -583,5 +603,34 @@ mod tests {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| v[0] = 1));
         assert!(r.is_err(), "a view is read-only");
         assert!(Payload::default().is_empty());
+    }
+
+    // Proves a read that filled one disk buffer from its start becomes a
+    // payload without a copy (same memory), and any other read is copied
+    // with the same bytes.
+    #[test]
+    fn payload_from_read() {
+        let disk = AlignedBuf::from_parts(&[&[5u8; 4096][..], &[6u8; 4096][..]]);
+        let at = disk.as_ptr();
+        let whole = ReadData::from_pieces(vec![Piece::Disk {
+            buf: disk,
+            start: 0,
+            len: 6000,
+        }]);
+        let want = whole.to_vec();
+        let p = Payload::from_read(whole);
+        assert_eq!(&p[..], &want[..]);
+        assert_eq!(p.as_ptr(), at, "no copy");
+        let mixed = ReadData::from_pieces(vec![
+            Piece::Disk {
+                buf: AlignedBuf::from_parts(&[&[7u8; 4096][..]]),
+                start: 100,
+                len: 200,
+            },
+            Piece::Zeroes(300),
+        ]);
+        let want = mixed.to_vec();
+        assert_eq!(&Payload::from_read(mixed)[..], &want[..]);
+        assert!(Payload::from_read(ReadData::default()).is_empty());
     }
 }
