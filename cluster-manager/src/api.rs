@@ -9,7 +9,7 @@
 //! an [`ApiError`].
 
 use crate::daemon::{ApiError, Manager};
-use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use serde::Serialize;
 use std::io::Read;
 use std::sync::Arc;
@@ -67,6 +67,9 @@ struct Metrics {
     pgs_assigned: IntGauge,
     capacity: IntGauge,
     used: IntGauge,
+    disks_held_in: IntGauge,
+    /// 1 for each operator switch set, by name (`tessera cluster set`).
+    flags: IntGaugeVec,
 }
 
 impl Metrics {
@@ -97,10 +100,25 @@ impl Metrics {
                 "tessera_manager_used_bytes",
                 "Bytes used on disks, from heartbeats",
             ),
+            disks_held_in: g(
+                "tessera_manager_disks_held_in",
+                "Disks down past --down-out-after kept in (noout or --min-in-ratio)",
+            ),
+            flags: IntGaugeVec::new(
+                Opts::new(
+                    "tessera_manager_flag",
+                    "Operator switches: 1 when set (noout, norebalance)",
+                ),
+                &["flag"],
+            )
+            .expect("valid metric"),
             registry,
         };
         m.registry
             .register(Box::new(m.http.clone()))
+            .expect("unique metric");
+        m.registry
+            .register(Box::new(m.flags.clone()))
             .expect("unique metric");
         for x in [
             &m.epoch,
@@ -111,6 +129,7 @@ impl Metrics {
             &m.pgs_assigned,
             &m.capacity,
             &m.used,
+            &m.disks_held_in,
         ] {
             m.registry
                 .register(Box::new(x.clone()))
@@ -276,6 +295,14 @@ impl Api {
                 "iscsi_chap_clear",
                 r(m.iscsi_clear_chap(name).map(|x| json(200, &x))),
             ),
+            ("GET", ["v1", "flags"]) => ("flags", json(200, &m.flags())),
+            ("PUT", ["v1", "flags", name]) => {
+                ("flag_set", r(m.set_flag(name, true).map(|x| json(200, &x))))
+            }
+            ("DELETE", ["v1", "flags", name]) => (
+                "flag_unset",
+                r(m.set_flag(name, false).map(|x| json(200, &x))),
+            ),
             ("GET", ["v1", "iscsi", "discovery-chap"]) => {
                 ("iscsi_discovery", json(200, &m.iscsi_discovery_chap()))
             }
@@ -316,9 +343,10 @@ impl Api {
                 _,
                 [
                     "v1",
-                    "map" | "status" | "nodes" | "disks" | "volumes" | "pools",
+                    "map" | "status" | "nodes" | "disks" | "volumes" | "pools" | "flags",
                 ],
             )
+            | (_, ["v1", "flags", _])
             | (_, ["v1", "volumes", _])
             | (_, ["v1", "nodes", "register"])
             | (_, ["v1", "nodes", _, "heartbeat"])
@@ -362,6 +390,12 @@ impl Api {
         m.pgs_assigned.set(i64::from(s.pgs_assigned));
         m.capacity.set(s.capacity_bytes as i64);
         m.used.set(s.used_bytes as i64);
+        m.disks_held_in.set(i64::from(s.disks_held_in));
+        for f in crate::store::ClusterFlag::ALL {
+            m.flags
+                .with_label_values(&[f.name()])
+                .set(i64::from(s.flags.iter().any(|x| x == f.name())));
+        }
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&m.registry.gather(), &mut out)
@@ -576,6 +610,12 @@ mod tests {
         assert_eq!(status(&a, "GET", "/v1/volumes/a?x=1", ""), 200);
         assert_eq!(status(&a, "PUT", "/v1/volumes/a", ""), 405);
         assert_eq!(status(&a, "GET", "/v1/volumes/a/b", ""), 404);
+        assert_eq!(status(&a, "GET", "/v1/flags", ""), 200);
+        assert_eq!(status(&a, "PUT", "/v1/flags/noout", ""), 200);
+        assert_eq!(status(&a, "DELETE", "/v1/flags/noout", ""), 200);
+        assert_eq!(status(&a, "PUT", "/v1/flags/nodown", ""), 400);
+        assert_eq!(status(&a, "POST", "/v1/flags/noout", ""), 405);
+        assert_eq!(status(&a, "POST", "/v1/flags", ""), 405);
         assert_eq!(status(&a, "GET", "/", ""), 404);
         assert_eq!(
             status(&a, "PATCH", "/v1/volumes/a", r#"{"size_bytes":-1}"#),

@@ -76,6 +76,41 @@ pub enum Command {
     },
     /// Cluster summary.
     Status,
+    /// Cluster-wide switches that suspend automatic data movement, for
+    /// planned maintenance (as Ceph's `ceph osd set noout`).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Set a switch: `noout` (a disk down past --down-out-after stays in,
+    /// its groups degraded, instead of being re-placed and rebuilt
+    /// elsewhere) or `norebalance` (no group moves because placement now
+    /// prefers other disks; short groups are still topped up).
+    Set { flag: FlagArg },
+    /// Unset a switch: the manager acts on what it held back at its next
+    /// health check (a disk long down goes out at once).
+    Unset { flag: FlagArg },
+    /// List the switches set.
+    Flags,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlagArg {
+    Noout,
+    Norebalance,
+}
+
+impl FlagArg {
+    fn name(self) -> &'static str {
+        match self {
+            FlagArg::Noout => crate::store::ClusterFlag::Noout.name(),
+            FlagArg::Norebalance => crate::store::ClusterFlag::Norebalance.name(),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -472,6 +507,15 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 if s.disks_out > 0 {
                     println!("          {} disk(s) out", s.disks_out);
                 }
+                if s.disks_held_in > 0 {
+                    println!(
+                        "          {} disk(s) down past --down-out-after but kept in (noout or --min-in-ratio)",
+                        s.disks_held_in
+                    );
+                }
+                if !s.flags.is_empty() {
+                    println!("flags     {}", s.flags.join(","));
+                }
                 if s.recovery_remaining_bytes > 0 || s.recovery_bytes_per_sec > 0 {
                     println!(
                         "recovery  {}% ({} of {}), {}/s",
@@ -563,6 +607,25 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             command: PgCommand::Scrub { wait, timeout },
         } => scrub(&c, json, wait, Duration::from_secs(timeout)),
         Command::Iscsi { command } => iscsi(&c, json, command),
+        Command::Cluster { command } => {
+            let flags: crate::daemon::Flags = match command {
+                ClusterCommand::Set { flag } => c
+                    .call("PUT", &format!("/v1/flags/{}", flag.name()), None)?
+                    .ok_or_else(|| CliError::new("empty response from the manager"))?,
+                ClusterCommand::Unset { flag } => c
+                    .call("DELETE", &format!("/v1/flags/{}", flag.name()), None)?
+                    .ok_or_else(|| CliError::new("empty response from the manager"))?,
+                ClusterCommand::Flags => c.get("/v1/flags")?,
+            };
+            if json {
+                print_json(&flags);
+            } else if flags.flags.is_empty() {
+                println!("flags     none");
+            } else {
+                println!("flags     {}", flags.flags.join(","));
+            }
+            Ok(())
+        }
     }
 }
 

@@ -13,9 +13,9 @@
 use crate::health::{self, Live};
 use crate::map;
 use crate::membership;
-use crate::store::{Catalog, Store, StoreError};
+use crate::store::{Catalog, ClusterFlag, Store, StoreError};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -165,6 +165,19 @@ pub struct Status {
     pub recovery_percent: u32,
     #[serde(default)]
     pub recovery_bytes_per_sec: u64,
+    /// Operator switches set (`tessera cluster set`), by name.
+    #[serde(default)]
+    pub flags: Vec<String>,
+    /// Disks down past `--down-out-after` that stay in (`noout` or
+    /// `--min-in-ratio`): their groups stay degraded.
+    #[serde(default)]
+    pub disks_held_in: u32,
+}
+
+/// The answer of the flag routes: every switch set, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flags {
+    pub flags: Vec<String>,
 }
 
 pub struct Manager {
@@ -190,6 +203,10 @@ struct Inner {
     /// of the set). Memory only: a restarted manager waits a grace from its
     /// own start before dropping any demoted primary.
     demoted_at: BTreeMap<u32, Instant>,
+    /// Disks down past `--down-out-after` that stay in (`noout`, or
+    /// `--min-in-ratio`): said once in the log when a disk starts being
+    /// held, not at every health check.
+    held_in: BTreeSet<u32>,
 }
 
 impl Inner {
@@ -257,6 +274,7 @@ impl Manager {
                 live,
                 started: Instant::now(),
                 demoted_at: BTreeMap::new(),
+                held_in: BTreeSet::new(),
                 scrub_generation: 0,
             }),
             grace: config.heartbeat_grace,
@@ -340,6 +358,41 @@ impl Manager {
             return Err(ApiError::new(500, format!("cannot persist catalogue: {e}")));
         }
         Ok(out)
+    }
+
+    pub fn flags(&self) -> Flags {
+        self.read_catalog(|c| Flags {
+            flags: c.flags.iter().map(|f| f.name().to_string()).collect(),
+        })
+    }
+
+    /// Set (`on`) or unset a switch by name; persisted before the answer.
+    /// Not part of the cluster map, so no new epoch: only the manager's
+    /// health check reads them, at its next pass.
+    pub fn set_flag(&self, name: &str, on: bool) -> Result<Flags, ApiError> {
+        let flag = ClusterFlag::parse(name).ok_or_else(|| {
+            let known: Vec<&str> = ClusterFlag::ALL.iter().map(|f| f.name()).collect();
+            ApiError::new(
+                400,
+                format!("unknown flag '{name}' (known: {})", known.join(", ")),
+            )
+        })?;
+        let changed = self.update_catalog(|c| {
+            let changed = if on {
+                c.flags.insert(flag)
+            } else {
+                c.flags.remove(&flag)
+            };
+            Ok((changed, changed))
+        })?;
+        if changed {
+            tracing::warn!(
+                flag = flag.name(),
+                "cluster flag {}",
+                if on { "set" } else { "unset" }
+            );
+        }
+        Ok(self.flags())
     }
 
     pub fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, ApiError> {
@@ -496,6 +549,7 @@ impl Manager {
                 live,
                 demoted_at,
                 started,
+                held_in,
                 ..
             } = &mut *inner;
             let up = |n: u32| live.get(&n).is_some_and(|l| l.up);
@@ -510,19 +564,33 @@ impl Manager {
                 })
                 .map(|d| d.id)
                 .collect();
+            held_in.retain(|d| due.contains(d));
             for d in due {
+                if catalog.flags.contains(&ClusterFlag::Noout) {
+                    if held_in.insert(d) {
+                        tracing::warn!(
+                            disk = d,
+                            after = ?self.down_out_after,
+                            "disk down too long but stays in: the noout flag is set; its groups stay degraded until it returns or the flag is unset"
+                        );
+                    }
+                    continue;
+                }
                 let total = catalog.disks.len();
                 let in_now = catalog.disks.iter().filter(|d| !d.out).count();
                 if !health::may_take_out(total, in_now, self.min_in_ratio) {
-                    tracing::warn!(
-                        disk = d,
-                        in_now,
-                        total,
-                        min_in_ratio = self.min_in_ratio,
-                        "disk down too long but stays in: taking it out would leave fewer disks in than --min-in-ratio; its groups stay degraded"
-                    );
+                    if held_in.insert(d) {
+                        tracing::warn!(
+                            disk = d,
+                            in_now,
+                            total,
+                            min_in_ratio = self.min_in_ratio,
+                            "disk down too long but stays in: taking it out would leave fewer disks in than --min-in-ratio; its groups stay degraded"
+                        );
+                    }
                     continue;
                 }
+                held_in.remove(&d);
                 let moved = map::take_out(catalog, d, up);
                 tracing::warn!(
                     disk = d,
@@ -549,7 +617,11 @@ impl Manager {
             let may_drop =
                 |pg: u32| leases_over(started) && demoted_at.get(&pg).is_none_or(leases_over);
             let mut demoted = Vec::new();
-            let moved = map::rebalance(catalog, up, may_drop, &mut demoted);
+            let moved = if catalog.flags.contains(&ClusterFlag::Norebalance) {
+                Vec::new()
+            } else {
+                map::rebalance(catalog, up, may_drop, &mut demoted)
+            };
             for pg in demoted {
                 demoted_at.insert(pg, now);
             }
@@ -779,6 +851,8 @@ impl Manager {
             unrepairable: sum(|r| r.unrepairable),
             pgs_backfilling: h.backfilling,
             disks_out: c.disks.iter().filter(|d| d.out).count() as u32,
+            flags: c.flags.iter().map(|f| f.name().to_string()).collect(),
+            disks_held_in: inner.held_in.len() as u32,
             recovery_done_bytes: done,
             recovery_remaining_bytes: remaining,
             // Nothing known to push: done, or still listing regions.
@@ -1160,6 +1234,106 @@ mod tests {
         let s = m.status();
         assert_eq!(s.daemons_down, 2);
         assert_eq!(s.disks_out, 1, "the second would leave 2 of 4 in");
+        drop(m);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    // Proves `noout`: a disk silent past --down-out-after stays in while
+    // the flag is set (counted as held in, its groups degraded), the flag
+    // survives a manager restart, and once it is unset the disk goes out
+    // at the next health check. Unknown flag names are refused.
+    #[test]
+    fn noout_keeps_a_down_disk_in() {
+        let dir = temp("noout");
+        let mut cfg = config(&dir, Duration::from_secs(2));
+        cfg.down_out_after = Duration::from_secs(2);
+        let m = Manager::open(&cfg).unwrap();
+        assert_eq!(m.set_flag("nodown", true).unwrap_err().status, 400);
+        assert_eq!(m.set_flag("noout", true).unwrap().flags, vec!["noout"]);
+        drop(m);
+        let m = Manager::open(&cfg).unwrap();
+        assert_eq!(m.flags().flags, vec!["noout"], "persisted");
+        let nodes: Vec<RegisterResponse> = ["n1", "n2", "n3", "n4"]
+            .iter()
+            .map(|n| reg(&m, n))
+            .collect();
+        let t0 = Instant::now();
+        let hb = || HeartbeatRequest {
+            recovery: Default::default(),
+            scrub: Default::default(),
+            disks: vec![],
+            volumes: vec![],
+        };
+        for at in [2500, 4500, 6500] {
+            for n in &nodes[1..] {
+                m.heartbeat_at(n.node_id, hb(), t0 + Duration::from_millis(at))
+                    .unwrap();
+            }
+            m.check_health(t0 + Duration::from_millis(at + 400));
+        }
+        let s = m.status();
+        assert_eq!((s.daemons_down, s.disks_out, s.disks_held_in), (1, 0, 1));
+        assert_eq!(s.flags, vec!["noout"]);
+        let epoch = s.epoch;
+        assert!(m.set_flag("noout", false).unwrap().flags.is_empty());
+        assert_eq!(m.status().epoch, epoch, "flags are not in the map");
+        m.check_health(t0 + Duration::from_millis(7000));
+        let s = m.status();
+        assert_eq!((s.disks_out, s.disks_held_in), (1, 0));
+        assert!(m.map().disk(nodes[0].disks[0].disk_id).unwrap().out);
+        drop(m);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    // Proves `norebalance`: a disk added to a three-copy pool gets no
+    // group while the flag is set; unset, rebalancing starts moving
+    // groups onto it.
+    #[test]
+    fn norebalance_holds_groups_in_place() {
+        let dir = temp("norebalance");
+        let m = Manager::open(&config(&dir, Duration::from_secs(2))).unwrap();
+        m.create_pool(CreatePoolRequest {
+            name: "triple".into(),
+            replicas: 3,
+            min_replicas: None,
+            failure_domain: None,
+            chunk_size_bytes: None,
+            pg_count: Some(32),
+        })
+        .unwrap();
+        for n in ["n1", "n2", "n3"] {
+            reg(&m, n);
+        }
+        m.create_volume(CreateVolumeRequest {
+            name: "v".into(),
+            size_bytes: 1 << 30,
+            block_size: None,
+            pool: Some("triple".into()),
+        })
+        .unwrap();
+        m.set_flag("norebalance", true).unwrap();
+        let added = reg(&m, "n4").disks[0].disk_id;
+        let before = m.map().pgs;
+        // Past the grace since the manager started, as rebalancing needs.
+        let later = Instant::now() + Duration::from_secs(3);
+        let hb = HeartbeatRequest {
+            recovery: Default::default(),
+            scrub: Default::default(),
+            disks: vec![],
+            volumes: vec![],
+        };
+        for n in 1..=4 {
+            m.heartbeat_at(n, hb.clone(), later).unwrap();
+        }
+        m.check_health(later);
+        assert_eq!(m.map().pgs, before, "nothing moves under norebalance");
+        m.set_flag("norebalance", false).unwrap();
+        m.check_health(later);
+        let after = m.map();
+        assert!(
+            after.pgs.iter().any(|s| s.contains(&added)),
+            "groups start moving onto the new disk once unset"
+        );
         drop(m);
         std::fs::remove_dir_all(dir).ok();
     }

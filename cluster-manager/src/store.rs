@@ -6,7 +6,7 @@
 
 use redb::{Database, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use tessera_wire::iscsi::{ChapSecrets, VolumeAccess};
 use tessera_wire::map::{
@@ -82,6 +82,43 @@ pub struct Catalog {
     /// CHAP required of iSCSI discovery sessions (none: discovery is open).
     #[serde(default)]
     pub iscsi_discovery_chap: Option<ChapSecrets>,
+    /// Operator switches that suspend automatic data movement (`tessera
+    /// cluster set`), kept across manager restarts like the rest.
+    #[serde(default)]
+    pub flags: BTreeSet<ClusterFlag>,
+}
+
+/// An operator switch, as Ceph's `noout` / `norebalance`: set before
+/// planned maintenance so the manager does not start moving data that will
+/// be back in place shortly, unset afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterFlag {
+    /// A disk down past `--down-out-after` stays in: its groups stay
+    /// degraded (writes go on with the other copies, which recover it by
+    /// delta when it returns) instead of being re-placed and rebuilt
+    /// elsewhere in full.
+    Noout,
+    /// No group is moved because placement now prefers other disks (new or
+    /// re-weighted disks): groups short of copies after a disk went out are
+    /// still topped up, since that restores redundancy.
+    Norebalance,
+}
+
+impl ClusterFlag {
+    pub const ALL: [ClusterFlag; 2] = [ClusterFlag::Noout, ClusterFlag::Norebalance];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ClusterFlag::Noout => "noout",
+            ClusterFlag::Norebalance => "norebalance",
+        }
+    }
+
+    /// Parse a flag name as the API and CLI spell it.
+    pub fn parse(name: &str) -> Option<ClusterFlag> {
+        ClusterFlag::ALL.into_iter().find(|f| f.name() == name)
+    }
 }
 
 /// The id and name of the pool every cluster starts with.
@@ -183,6 +220,7 @@ impl Catalog {
             iscsi_reservations: BTreeMap::new(),
             iscsi_reservation_versions: BTreeMap::new(),
             iscsi_discovery_chap: None,
+            flags: BTreeSet::new(),
         }
     }
 }
