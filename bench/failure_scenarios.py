@@ -8,7 +8,10 @@ latency of each I/O with its completion time (Unix ms) and offset
 
 0. Sequential write bandwidth of the disk: fio, io_uring, O_DIRECT, 1M
    writes at queue depth 8 on a file laid out first (the yardstick for
-   "disk speed").
+   "disk speed"). Also the disk's copy bandwidth: 256k random reads and
+   writes, half each, at queue depth 16 on one file (what a recovery or
+   rebuild does when its source and destination share the one disk: every
+   byte copied is read once and written once), for comparison only.
 1. Failover, on `tessera up --storage-daemons 3 --replicas 3` (default 2 s
    heartbeat grace): fio writes 4k at random, paced (--rate-iops), queue
    depth 8. The daemon that received the most client writes over two
@@ -365,6 +368,21 @@ def seq_bandwidth(work, args):
     return {"mb_s": bw / 1e6, "command": " ".join(cmd)}
 
 
+def copy_bandwidth(work, args):
+    path = os.path.join(work, "copy.img")
+    base = ["fio", "--name=copy", "--filename=" + path, "--bs=256k", "--iodepth=16",
+            "--size=" + args.seq_size, "--direct=1", "--ioengine=io_uring", "--output-format=json"]
+    subprocess.run(base + ["--rw=write"], check=True, stdout=subprocess.DEVNULL,
+                   timeout=FIO_TIMEOUT_S)  # lay out
+    cmd = base + ["--rw=randrw", "--rwmixread=50", "--time_based=1",
+                  f"--runtime={args.seq_runtime}"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=FIO_TIMEOUT_S)
+    j = json.loads(out.stdout)["jobs"][0]
+    os.unlink(path)
+    r, w = j["read"]["bw_bytes"] / 1e6, j["write"]["bw_bytes"] / 1e6
+    return {"read_mb_s": r, "write_mb_s": w, "mb_s": min(r, w), "command": " ".join(cmd)}
+
+
 # ---- 1: failover ------------------------------------------------------------
 
 def failover_rep(c, work, args, kind, rep):
@@ -601,6 +619,12 @@ def report(doc):
     if seq:
         L += [f"Sequential write bandwidth of the disk (fio io_uring O_DIRECT 1M QD8, "
               f"{a['seq_runtime']} s): **{seq['mb_s']:.0f} MB/s** (`{seq['command']}`)", ""]
+    cp = doc.get("copy")
+    if cp:
+        L += [f"Copy bandwidth of the disk (reads and writes of 256k, half each, QD16, "
+              f"{a['seq_runtime']} s: what a copy from and to this one disk can reach): "
+              f"**{cp['mb_s']:.0f} MB/s** copied ({cp['read_mb_s']:.0f} MB/s read + "
+              f"{cp['write_mb_s']:.0f} MB/s written; `{cp['command']}`)", ""]
     fo = doc.get("failover", [])
     if fo:
         L += [f"## Failover: `tessera up --storage-daemons 3 --replicas 3`, volume "
@@ -632,14 +656,14 @@ def report(doc):
               f"fio: `{d['command']}`", "",
               "| stopped s | writes in the absence | 64 KiB regions | bound MB | recovered MB | "
               "recovered / bound | bound MB (stop..resume only) | bound MB (requests x 64 KiB) | "
-              "recovery s (from resume) | rate MB/s | rate / seq bw |",
-              "|" + "---|" * 11,
+              "recovery s (from resume) | rate MB/s | rate / seq bw | rate / copy bw |",
+              "|" + "---|" * 12,
               f"| {f(d['stopped_s'], 1)} | {f(d['fio_writes_in_window'])} | {f(d['regions_absent'])} | "
               f"{f(d['bound_bytes'] / 1e6, 1)} | {f(d['recovered_bytes'] / 1e6, 1)} | "
               f"{f(d['recovered_bytes'] / d['bound_bytes'] if d['bound_bytes'] else None, 2)} | "
               f"{f(d['bound_strict_bytes'] / 1e6, 1)} | {f(d['bound_requests_bytes'] / 1e6, 1)} | "
               f"{f(d['recovery_time_s'], 2)} | {f(d['recovery_rate_mb_s'], 1)} | "
-              f"{pct(d['recovery_rate_mb_s'], seq)} |", "",
+              f"{pct(d['recovery_rate_mb_s'], seq)} | {pct(d['recovery_rate_mb_s'], cp)} |", "",
               f"Victim {d['victim']}; declared down {d['declared_down_after_s']:.2f} s after the "
               f"stop, up again in the map {d['map_up_after_resume_s']:.2f} s after the resume. "
               "The bound counts the distinct 64 KiB regions of fio's writes in flight at any "
@@ -663,12 +687,13 @@ def report(doc):
               f"Cluster: `{doc['clusters'].get('four')}`", "",
               f"Fill: `{rb['fill_command']}`; writes: `{rb['command']}`", "",
               "| groups rebuilt | out after s | rebuilt MB | rebuild s | MB/s | % of seq bw | "
-              "p99 before ms | p99 during ms | during / before | max during ms | fio error |",
-              "|" + "---|" * 11,
+              "% of copy bw | p99 before ms | p99 during ms | during / before | max during ms | "
+              "fio error |",
+              "|" + "---|" * 12,
               f"| {rb['groups_held']} of {rb['groups_total']} | {f(rb['out_after_s'], 1)} | "
               f"{f(rb['recovered_bytes'] / 1e6)} | {f(rb['rebuild_s'], 1)} | "
               f"{f(rb['rebuild_mb_s'], 1)} | "
-              f"{pct(rb['rebuild_mb_s'], seq)} | "
+              f"{pct(rb['rebuild_mb_s'], seq)} | {pct(rb['rebuild_mb_s'], cp)} | "
               f"{f(rb['p99_before_ms'], 2)} ({rb['n_before']} writes) | "
               f"{f(rb['p99_during_ms'], 2)} ({rb['n_during']} writes) | "
               f"{f(rb['p99_during_ms'] / rb['p99_before_ms'] if rb['p99_before_ms'] and rb['p99_during_ms'] else None, 1)}x | "
@@ -777,6 +802,8 @@ def main():
         if "seq" in scen:
             doc["seq"] = seq_bandwidth(work, args)
             log(f"sequential write: {doc['seq']['mb_s']:.0f} MB/s")
+            doc["copy"] = copy_bandwidth(work, args)
+            log(f"copy (read + write, half each): {doc['copy']['mb_s']:.0f} MB/s")
         if "failover" in scen or "delta" in scen:
             log("starting 3 daemons x 3 copies")
             c = Cluster(work, "three", 3, disk, "v", args.volume_size,
