@@ -571,24 +571,6 @@ fn stop_all(procs: &mut [Proc]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // Proves --volume parsing and READY-line parsing.
-    #[test]
-    fn parsing() {
-        assert_eq!(parse_volume("demo:1G"), Ok(("demo".into(), 1 << 30)));
-        assert!(parse_volume("demo").is_err());
-        assert!(parse_volume(":1G").is_err());
-        assert!(parse_volume("x:big").is_err());
-        let l = "READY listen=127.0.0.1:5 node_id=3 metrics=none";
-        assert_eq!(ready_field(l, "listen").as_deref(), Some("127.0.0.1:5"));
-        assert_eq!(ready_field(l, "node_id").as_deref(), Some("3"));
-        assert_eq!(ready_field(l, "nope"), None);
-    }
-}
-
 /// The export names an NBD server lists (fixed newstyle, NBD_OPT_LIST, then
 /// NBD_OPT_ABORT; NetworkBlockDevice/nbd doc/proto.md).
 fn nbd_list(addr: &str) -> Result<Vec<String>, String> {
@@ -638,4 +620,22 @@ fn nbd_list(addr: &str) -> Result<Vec<String>, String> {
     abort.extend_from_slice(&0u32.to_be_bytes());
     let _ = s.write_all(&abort);
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Proves --volume parsing and READY-line parsing.
+    #[test]
+    fn parsing() {
+        assert_eq!(parse_volume("demo:1G"), Ok(("demo".into(), 1 << 30)));
+        assert!(parse_volume("demo").is_err());
+        assert!(parse_volume(":1G").is_err());
+        assert!(parse_volume("x:big").is_err());
+        let l = "READY listen=127.0.0.1:5 node_id=3 metrics=none";
+        assert_eq!(ready_field(l, "listen").as_deref(), Some("127.0.0.1:5"));
+        assert_eq!(ready_field(l, "node_id").as_deref(), Some("3"));
+        assert_eq!(ready_field(l, "nope"), None);
+    }
 }

@@ -86,7 +86,7 @@ fn request_max(s: &str) -> Result<u32, String> {
         nbd::codec::PREFERRED_BLOCK_BYTES,
         nbd::codec::REQUEST_MAX_BYTES_LIMIT,
     );
-    if v < lo || v > hi || v % lo != 0 {
+    if v < lo || v > hi || !v.is_multiple_of(lo) {
         return Err(format!("must be a multiple of {lo} between {lo} and {hi}"));
     }
     Ok(v)

@@ -20,12 +20,16 @@ use tokio::net::TcpListener;
 
 const CHUNK: u64 = 1 << 20;
 
+/// One request as the fake daemon saw it: (op, chunk, offset, length,
+/// fua, disk).
+type Seen = (Op, u32, u32, u32, bool, u32);
+
 #[derive(Default)]
 struct Fake {
     /// (volume, chunk) → chunk bytes.
     chunks: Mutex<HashMap<(u64, u32), Vec<u8>>>,
     /// Every request seen: (op, chunk, offset, length, fua, disk).
-    log: Mutex<Vec<(Op, u32, u32, u32, bool, u32)>>,
+    log: Mutex<Vec<Seen>>,
     /// Reply StaleEpoch to this many requests first.
     stale: AtomicU32,
     /// Bumped to kill every open connection, as a daemon crash would.

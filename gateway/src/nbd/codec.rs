@@ -729,7 +729,7 @@ pub fn check_request(h: &RequestHeader, g: &Geometry, t: &Terms) -> Result<Comma
         return Ok(Command::Noop);
     }
     let bs = u64::from(g.block_size);
-    if h.offset % bs != 0 || h.length % bs != 0 {
+    if !h.offset.is_multiple_of(bs) || !h.length.is_multiple_of(bs) {
         return Err(reject(NBD_EINVAL));
     }
     let (offset, length) = (h.offset, h.length);

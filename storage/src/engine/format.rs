@@ -69,7 +69,7 @@ impl Superblock {
         format_id: u64,
     ) -> Result<Superblock, FormatError> {
         assert!(cluster_id.len() <= CLUSTER_ID_MAX_BYTES);
-        assert!(chunk_bytes % BLOCK_BYTES as u64 == 0);
+        assert!(chunk_bytes.is_multiple_of(BLOCK_BYTES as u64));
         let total = disk_bytes / BLOCK_BYTES as u64;
         if total < 4096 {
             return Err(FormatError::TooSmall(disk_bytes));
@@ -208,7 +208,7 @@ impl Superblock {
 
     fn check(&self) -> Result<(), FormatError> {
         let total = self.disk_bytes / BLOCK_BYTES as u64;
-        if self.chunk_bytes == 0 || self.chunk_bytes % BLOCK_BYTES as u64 != 0 {
+        if self.chunk_bytes == 0 || !self.chunk_bytes.is_multiple_of(BLOCK_BYTES as u64) {
             return Err(FormatError::Geometry("chunk size"));
         }
         if self.blocks_per_chunk() > usize::from(u16::MAX) + 1 {

@@ -1467,7 +1467,7 @@ impl<D: Disk> Engine<D> {
                 }
             }
             let pages = recs.len().div_ceil(RECORDS_PER_PAGE);
-            assert!(pages as u64 + 1 <= self.sb.ckpt_blocks);
+            assert!((pages as u64) < self.sb.ckpt_blocks);
             let mut buf = AlignedBuf::zeroed((pages + 1) * BLOCK);
             for (i, part) in recs.chunks(RECORDS_PER_PAGE).enumerate() {
                 encode_page(

@@ -107,7 +107,7 @@ fn random_op(rng: &mut Rng, model: &Model) -> ModelOp {
         _ => Kind::Flush,
     };
     let chunk = rng.below(u64::from(CHUNKS)) as u32;
-    let sectors = (CHUNK / 512) as u64;
+    let sectors = CHUNK / 512;
     let start = rng.below(sectors);
     // Mostly small, sometimes whole blocks, sometimes large.
     let len = match rng.below(4) {
@@ -162,7 +162,7 @@ fn to_request(op: &ModelOp) -> Request {
                 // front, as the daemon's do; the others leave the engine
                 // to compute them.
                 let mut p = crate::io::Payload::copy_from(&op.data);
-                if op.offset / 512 % 2 == 0 {
+                if (op.offset / 512).is_multiple_of(2) {
                     p.compute_block_crcs();
                 }
                 p
@@ -696,7 +696,7 @@ fn sequential_reads_exact() {
                         let gb = op.chunk as usize * BPC + b;
                         let (bs, be) = (b * BLOCK, (b + 1) * BLOCK);
                         let (s, en) = (offset.max(bs), (offset + op.length as usize).min(be));
-                        if &m.latest(gb)[s - bs..en - bs] != &d.to_vec()[s - offset..en - offset] {
+                        if m.latest(gb)[s - bs..en - bs] != d.to_vec()[s - offset..en - offset] {
                             panic!(
                                 "step {i} op {:?} chunk {} off {} len {} block {b}",
                                 op.kind, op.chunk, op.offset, op.length

@@ -35,7 +35,7 @@ impl AlignedBuf {
     /// [`ALIGN`].
     pub fn zeroed(len: usize) -> AlignedBuf {
         assert!(len > 0);
-        assert!(len % ALIGN == 0);
+        assert!(len.is_multiple_of(ALIGN));
         let layout = Layout::from_size_align(len, ALIGN).expect("valid layout");
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
@@ -57,7 +57,7 @@ impl AlignedBuf {
     /// operation completed successfully with its full length.
     pub unsafe fn for_kernel_read(len: usize) -> AlignedBuf {
         assert!(len > 0);
-        assert!(len % ALIGN == 0);
+        assert!(len.is_multiple_of(ALIGN));
         let layout = Layout::from_size_align(len, ALIGN).expect("valid layout");
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc(layout) };
@@ -75,7 +75,7 @@ impl AlignedBuf {
     pub fn from_parts(parts: &[&[u8]]) -> AlignedBuf {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         assert!(len > 0);
-        assert!(len % ALIGN == 0);
+        assert!(len.is_multiple_of(ALIGN));
         let layout = Layout::from_size_align(len, ALIGN).expect("valid layout");
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc(layout) };

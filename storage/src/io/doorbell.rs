@@ -15,8 +15,8 @@ impl Doorbell {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: fd is a fresh descriptor we own.
         Ok(Doorbell {
+            // SAFETY: fd is a fresh descriptor we own.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
         })
     }

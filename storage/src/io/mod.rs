@@ -92,7 +92,7 @@ pub(crate) fn check_op(op: &IoOp, size_bytes: u64) {
         IoKind::Sync => assert!(op.buf.is_none()),
         IoKind::Read | IoKind::Write => {
             let buf = op.buf.as_ref().expect("read/write carry a buffer");
-            assert!(op.offset % ALIGN as u64 == 0);
+            assert!(op.offset.is_multiple_of(ALIGN as u64));
             assert!(op.offset + buf.len() as u64 <= size_bytes);
         }
     }

@@ -48,7 +48,7 @@ impl SimDisk {
     }
 
     pub fn from_image(durable: Vec<u8>, seed: u64) -> SimDisk {
-        assert!(durable.len() % BLOCK == 0);
+        assert!(durable.len().is_multiple_of(BLOCK));
         SimDisk {
             durable,
             cache: BTreeMap::new(),
