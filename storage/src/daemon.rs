@@ -17,7 +17,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 use slab::Slab;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -613,6 +613,8 @@ struct Metrics {
     recovery_bytes: IntCounter,
     peering_bytes: IntCounter,
     reclaimed_bytes: IntCounter,
+    /// The primary's staged writes by outcome (parallel primary write).
+    staged: IntCounterVec,
     pgs_scrubbing: IntGauge,
     repairs: IntCounter,
     repair_bytes: IntCounter,
@@ -724,6 +726,19 @@ impl Metrics {
              (writes its crash lost that they held) before leading",
         )
         .expect("metric");
+        let staged = IntCounterVec::new(
+            Opts::new(
+                "tessera_storage_staged_writes_total",
+                "A primary's writes of its own copy made in parallel with its replicas' by \
+                 outcome: installed (mapped when a replica had the change), late (the change \
+                 came while the data was still being written; mapped once written), \
+                 fallback (staging failed while the change waited: written the ordinary \
+                 way), discarded (no apply came within 5 s: a later one writes the ordinary \
+                 way)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric");
         let c = |n: &str, h: &str| IntCounter::new(n, h).expect("metric");
         let pgs_scrubbing = g(
             "tessera_storage_pgs_scrubbing",
@@ -797,6 +812,7 @@ impl Metrics {
             Box::new(recovery_bytes.clone()),
             Box::new(peering_bytes.clone()),
             Box::new(reclaimed_bytes.clone()),
+            Box::new(staged.clone()),
             Box::new(requests.clone()),
             Box::new(errors.clone()),
             Box::new(bytes.clone()),
@@ -827,6 +843,7 @@ impl Metrics {
             recovery_bytes,
             peering_bytes,
             reclaimed_bytes,
+            staged,
             pgs_scrubbing,
             repairs,
             repair_bytes,
@@ -2071,7 +2088,38 @@ enum ReplKind {
     Purge(u32),
     /// A trim of such a chunk (nothing to do with the answer).
     Purged,
+    /// A primary's staged write (`Effect::Stage`).
+    Stage(StageKey),
+    /// Giving back a staged write no `Apply` came for.
+    Discarded,
 }
+
+/// A primary's change as `Effect::Stage` and its later `Effect::Apply`
+/// name it: (disk, sequence, volume, chunk). Sequences are per group and a
+/// chunk belongs to one group, so this is unique on the daemon.
+type StageKey = (u32, repl::Seq, u64, u32);
+
+fn stage_key(disk: u32, u: &repl::Update<Data>) -> StageKey {
+    (disk, u.seq, u.extent.volume_id, u.extent.chunk_index)
+}
+
+/// A staged write of this daemon's own copy (the parallel primary write,
+/// docs/replication.md).
+struct StageSlot {
+    /// The engine's name for it.
+    id: u64,
+    /// The `Apply` that came while the data was still being written: it
+    /// maps the data once written (or writes it the ordinary way if the
+    /// staging failed).
+    apply: Option<(u64, repl::Update<Data>)>,
+    written: bool,
+    at: Instant,
+}
+
+/// A staged write whose `Apply` has not come by then is given back (the
+/// primary dropped the change, or it waited that long for a replica; a late
+/// `Apply` then writes the data the ordinary way).
+const STAGE_TTL: Duration = Duration::from_secs(5);
 
 /// A gateway request waiting for the replication of its change.
 struct PendingReply {
@@ -2271,6 +2319,9 @@ struct Driver {
     budget_at: Instant,
     /// Recovery bytes counter at the start of the current rate window.
     rate_sample: (Instant, u64),
+    /// Staged writes of changes this daemon leads, until their `Apply`.
+    staged: HashMap<StageKey, StageSlot>,
+    next_stage_id: u64,
 }
 
 fn status_of_client(r: ClientResult) -> Status {
@@ -2308,6 +2359,7 @@ impl Driver {
                 next_tick = Instant::now() + REPL_TICK;
                 self.schedule_scrub();
                 self.refill_budget();
+                self.expire_stages();
                 self.feed(ReplInput::Tick);
                 self.publish_stats();
             }
@@ -2360,16 +2412,24 @@ impl Driver {
                 }
             }
             ReplIn::Engine {
-                kind: ReplKind::Purged,
+                kind: ReplKind::Purged | ReplKind::Discarded,
                 ..
             } => {}
+            ReplIn::Engine {
+                kind: ReplKind::Stage(k),
+                result,
+                ..
+            } => self.staged_done(k, result.is_ok()),
             ReplIn::Engine {
                 token,
                 kind,
                 result,
             } => {
                 let input = match kind {
-                    ReplKind::Purge(_) | ReplKind::Purged => unreachable!("handled above"),
+                    ReplKind::Purge(_)
+                    | ReplKind::Purged
+                    | ReplKind::Stage(_)
+                    | ReplKind::Discarded => unreachable!("handled above"),
                     ReplKind::Apply => ReplInput::Applied {
                         token,
                         ok: result.is_ok(),
@@ -2625,6 +2685,73 @@ impl Driver {
         true
     }
 
+    /// Map a staged write as the `Apply` of `token` (its answer is the
+    /// `Applied` of that token).
+    fn install(&mut self, disk: u32, token: u64, id: u64, fua: bool) {
+        let req = Request::Install { stage: id, fua };
+        if !self.engine(disk, token, ReplKind::Apply, req) {
+            self.local
+                .push_back(ReplInput::Applied { token, ok: false });
+        }
+    }
+
+    /// A staged write is on disk (or failed).
+    fn staged_done(&mut self, k: StageKey, ok: bool) {
+        let disk = k.0;
+        let Some(mut slot) = self.staged.remove(&k) else {
+            return;
+        };
+        let outcome = |o: &str| self.shared.metrics.staged.with_label_values(&[o]).inc();
+        match slot.apply.take() {
+            Some((token, update)) if ok => {
+                outcome("late");
+                self.install(disk, token, slot.id, update.fua)
+            }
+            // Write it the ordinary way.
+            Some((token, update)) => {
+                outcome("fallback");
+                self.effect(ReplEffect::Apply {
+                    disk,
+                    token,
+                    update,
+                })
+            }
+            None if ok => {
+                slot.written = true;
+                self.staged.insert(k, slot);
+            }
+            // The `Apply`, if it comes, writes the ordinary way.
+            None => {}
+        }
+    }
+
+    /// Give back staged writes whose `Apply` did not come within
+    /// `STAGE_TTL` (not those still being written: their completion finds
+    /// them).
+    fn expire_stages(&mut self) {
+        let now = Instant::now();
+        let old: Vec<StageKey> = self
+            .staged
+            .iter()
+            .filter(|(_, s)| s.written && now.duration_since(s.at) >= STAGE_TTL)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in old {
+            let slot = self.staged.remove(&k).expect("listed");
+            self.shared
+                .metrics
+                .staged
+                .with_label_values(&["discarded"])
+                .inc();
+            self.engine(
+                k.0,
+                0,
+                ReplKind::Discarded,
+                Request::Discard { stage: slot.id },
+            );
+        }
+    }
+
     fn effect(&mut self, e: ReplEffect<Data>) {
         let key = |e: &repl::Extent| ChunkKey {
             volume_id: e.volume_id,
@@ -2646,11 +2773,56 @@ impl Driver {
                 };
                 self.peers.send(&addr, repl_frame(&m));
             }
+            ReplEffect::Stage { disk, update } => {
+                let repl::Change::Write(data) = &update.change else {
+                    return;
+                };
+                let aligned = |v: u32| v.is_multiple_of(repl::BLOCK_BYTES);
+                if !aligned(update.extent.offset) || !aligned(update.extent.length) {
+                    return;
+                }
+                let k = stage_key(disk, &update);
+                let id = self.next_stage_id;
+                self.next_stage_id += 1;
+                let req = Request::Stage {
+                    key: key(&update.extent),
+                    offset: update.extent.offset,
+                    data: data.clone(),
+                    id,
+                };
+                if self.engine(disk, 0, ReplKind::Stage(k), req) {
+                    self.staged.insert(
+                        k,
+                        StageSlot {
+                            id,
+                            apply: None,
+                            written: false,
+                            at: Instant::now(),
+                        },
+                    );
+                }
+            }
             ReplEffect::Apply {
                 disk,
                 token,
                 update,
             } => {
+                if let Some(mut slot) = self.staged.remove(&stage_key(disk, &update)) {
+                    if slot.written {
+                        self.shared
+                            .metrics
+                            .staged
+                            .with_label_values(&["installed"])
+                            .inc();
+                        self.install(disk, token, slot.id, update.fua);
+                    } else {
+                        // Still being written: mapped when it is.
+                        slot.apply = Some((token, update));
+                        self.staged
+                            .insert(stage_key(disk, &slot.apply.as_ref().expect("set").1), slot);
+                    }
+                    return;
+                }
                 let k = key(&update.extent);
                 let req = match update.change {
                     repl::Change::Write(d) => Request::Write {
@@ -2966,6 +3138,8 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> ReplTx {
         scrub_generation: 0,
         budget_at: Instant::now(),
         rate_sample: (Instant::now(), 0),
+        staged: HashMap::new(),
+        next_stage_id: 1,
     };
     {
         let s = shared.clone();

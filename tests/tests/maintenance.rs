@@ -46,6 +46,20 @@ fn noout_holds_a_silent_daemon_in_until_unset() {
         ))
     };
     write("before", "0");
+    // The primaries wrote their own copies in parallel with the replicas
+    // (staged, mapped at the first replica's acknowledgement), and fio's
+    // verify above read every write back.
+    let installed: f64 = c
+        .storage_metrics()
+        .iter()
+        .map(|m| {
+            metric_sum(
+                m,
+                "tessera_storage_staged_writes_total{outcome=\"installed\"}",
+            )
+        })
+        .sum();
+    assert!(installed > 0.0, "no staged write was installed");
 
     let set = c.cli(&["cluster", "set", "noout"]);
     assert!(set.contains("noout"), "{set}");

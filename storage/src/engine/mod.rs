@@ -25,7 +25,7 @@ use crate::io::{ALIGN, AlignedBuf, Disk, IoDone, IoKind, IoOp, Payload, Piece, R
 use bitvec::prelude::*;
 use format::*;
 use slab::Slab;
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::BuildHasherDefault;
 use tessera_wire::crc32c;
 
@@ -70,6 +70,27 @@ pub enum Request {
         offset: u32,
         length: u32,
     },
+    /// Write whole 4 KiB blocks to free physical blocks without mapping
+    /// them (the copy does not change); answered `Done` once on disk.
+    /// `id` (the caller's choice, unique among staged writes held) names it
+    /// for `Install` / `Discard`.
+    /// Why: a replicated group's primary writes its data at once, in
+    /// parallel with its replicas, and makes it part of its copy only when
+    /// a replica has the change (docs/replication.md, "Parallel primary
+    /// write"); until then a crash loses it without a trace, since nothing
+    /// maps the blocks (the free map is rebuilt from the mappings at open).
+    Stage {
+        key: ChunkKey,
+        offset: u32,
+        data: Payload,
+        id: u64,
+    },
+    /// Map the blocks of a staged write, as a write completing now would
+    /// (new chunk version, journal records; with `fua`, answered once
+    /// durable). `Invalid` if no such staged write is held.
+    Install { stage: u64, fua: bool },
+    /// Give a staged write's blocks back.
+    Discard { stage: u64 },
     /// Make every completed write durable.
     Flush,
     /// One bit per 4 KiB block of the range: allocated or not.
@@ -268,6 +289,8 @@ struct WriteOp {
     fill: Fill,
     data: Payload,
     fua: bool,
+    /// A `Stage` (its id): kept unmapped in `Engine::staged` when done.
+    stage: Option<u64>,
     first: usize,
     last: usize,
     /// Blocks reserved from the allocator for this op.
@@ -286,6 +309,16 @@ struct WriteOp {
 enum Op {
     Read(ReadOp),
     Write(WriteOp),
+}
+
+/// A staged write: its blocks are written and marked used, nothing maps
+/// them.
+struct Staged {
+    key: ChunkKey,
+    first: usize,
+    last: usize,
+    /// (block in chunk, phys, crc), as `WriteOp::placed`.
+    placed: Vec<(usize, u32, u32)>,
 }
 
 struct Waiter {
@@ -324,6 +357,8 @@ pub struct Engine<D: Disk> {
     free_count: u64,
     cursor: usize,
     ops: Slab<Op>,
+    /// Staged writes on disk, not mapped yet, by the id of their `Stage`.
+    staged: HashMap<u64, Staged, BuildHasherDefault<FxHasher>>,
     deferred: VecDeque<(u64, Request)>,
     claims: HashSet<(ChunkKey, usize), BuildHasherDefault<FxHasher>>,
     backlog: VecDeque<IoOp>,
@@ -458,6 +493,7 @@ impl<D: Disk> Engine<D> {
             free_count: 0,
             cursor: 0,
             ops: Slab::with_capacity(OPS_MAX),
+            staged: HashMap::default(),
             deferred: VecDeque::new(),
             claims: HashSet::default(),
             backlog: VecDeque::new(),
@@ -720,7 +756,24 @@ impl<D: Disk> Engine<D> {
                     u32::try_from(data.len()).map_err(|_| EngineError::Invalid("too long"))?;
                 Some((*offset, len))
             }
-            Request::Flush | Request::DropVolume { .. } | Request::ListAllocated => None,
+            Request::Stage {
+                offset, data, id, ..
+            } => {
+                if self.staged.contains_key(id) {
+                    return Err(EngineError::Invalid("staged write id in use"));
+                }
+                let len =
+                    u32::try_from(data.len()).map_err(|_| EngineError::Invalid("too long"))?;
+                if !offset.is_multiple_of(BLOCK as u32) || !len.is_multiple_of(BLOCK as u32) {
+                    return Err(EngineError::Invalid("a staged write is whole blocks"));
+                }
+                Some((*offset, len))
+            }
+            Request::Flush
+            | Request::DropVolume { .. }
+            | Request::ListAllocated
+            | Request::Install { .. }
+            | Request::Discard { .. } => None,
         };
         if let Some((offset, length)) = range {
             if length == 0 {
@@ -750,7 +803,23 @@ impl<D: Disk> Engine<D> {
                 fua,
             } => {
                 let length = data.len() as u32;
-                self.start_write(tag, key, offset, length, Fill::Data, data, fua)
+                self.start_write(tag, key, offset, length, Fill::Data, data, fua, None)
+            }
+            Request::Stage {
+                key,
+                offset,
+                data,
+                id,
+            } => {
+                let length = data.len() as u32;
+                self.start_write(tag, key, offset, length, Fill::Data, data, false, Some(id))
+            }
+            Request::Install { stage, fua } => self.install(tag, stage, fua),
+            Request::Discard { stage } => {
+                if let Some(st) = self.staged.remove(&stage) {
+                    self.free_staged(&st);
+                }
+                self.complete(tag, Ok(Reply::Done), 0);
             }
             Request::WriteZeroes {
                 key,
@@ -765,6 +834,7 @@ impl<D: Disk> Engine<D> {
                 Fill::Zero,
                 Payload::default(),
                 fua,
+                None,
             ),
             Request::Trim {
                 key,
@@ -778,6 +848,7 @@ impl<D: Disk> Engine<D> {
                 Fill::Trim,
                 Payload::default(),
                 false,
+                None,
             ),
             Request::Flush => self.when_durable(tag, 0, None),
             Request::BlockStatus {
@@ -931,10 +1002,17 @@ impl<D: Disk> Engine<D> {
         fill: Fill,
         data: Payload,
         fua: bool,
+        stage: Option<u64>,
     ) {
         let first = offset as usize / BLOCK;
         let last = (offset + length - 1) as usize / BLOCK;
         let req = || match fill {
+            Fill::Data if stage.is_some() => Request::Stage {
+                key,
+                offset,
+                data: data.clone(),
+                id: stage.expect("staged"),
+            },
             Fill::Data => Request::Write {
                 key,
                 offset,
@@ -1005,6 +1083,7 @@ impl<D: Disk> Engine<D> {
             fill,
             data,
             fua,
+            stage,
             first,
             last,
             reserved: reserve,
@@ -1168,54 +1247,23 @@ impl<D: Disk> Engine<D> {
                 self.used.set(p as usize, false);
             }
             self.free_count += op.placed.len() as u64;
-        } else if !op.placed.is_empty() || op.unmaps.iter().any(|b| self.is_mapped(op.key, *b)) {
-            let bpc = self.sb.blocks_per_chunk();
-            let c = self.chunks.entry(op.key).or_insert_with(|| Chunk::new(bpc));
-            c.version += 1;
-            version = c.version;
-            let mut records = Vec::new();
-            let mut freed = Vec::new();
-            let mut delta: i64 = 0;
-            for &(b, p, crc) in &op.placed {
-                let old = c.blocks[b];
-                if old == ENTRY_NONE {
-                    delta += 1;
-                } else {
-                    freed.push(entry_phys(old));
-                }
-                c.blocks[b] = entry(p, crc);
-                records.push(Record::Map {
-                    volume_id: op.key.volume_id,
-                    chunk_index: op.key.chunk_index,
-                    block: b as u16,
-                    phys: p,
-                    crc,
-                    version,
-                });
-            }
-            for &b in &op.unmaps {
-                let old = c.blocks[b];
-                if old == ENTRY_NONE {
-                    continue;
-                }
-                freed.push(entry_phys(old));
-                delta -= 1;
-                c.blocks[b] = ENTRY_NONE;
-                records.push(Record::Unmap {
-                    volume_id: op.key.volume_id,
-                    chunk_index: op.key.chunk_index,
-                    block: b as u16,
-                    version,
-                });
-            }
-            c.mapped = (i64::from(c.mapped) + delta) as u32;
-            let vol = self.stats.volumes.entry(op.key.volume_id).or_default();
-            *vol = (*vol as i64 + delta) as u64;
-            self.stats.mapped_blocks = (self.stats.mapped_blocks as i64 + delta) as u64;
-            self.pending_free.extend(freed);
-            for r in records {
-                self.push_record(r);
-            }
+        } else if let Some(id) = op.stage {
+            // On disk, mapped only by `Install`.
+            self.staged.insert(
+                id,
+                Staged {
+                    key: op.key,
+                    first: op.first,
+                    last: op.last,
+                    placed: op.placed,
+                },
+            );
+            self.complete(op.tag, Ok(Reply::Done), version);
+            self.maybe_commit();
+            self.retry_deferred();
+            return;
+        } else if let Some(v) = self.publish(op.key, &op.placed, &op.unmaps) {
+            version = v;
         }
         match op.error {
             Some(e) => self.complete(op.tag, Err(e), version),
@@ -1224,6 +1272,114 @@ impl<D: Disk> Engine<D> {
         }
         self.maybe_commit();
         self.retry_deferred();
+    }
+
+    /// Map a staged write's blocks (`Request::Install`).
+    fn install(&mut self, tag: u64, stage: u64, fua: bool) {
+        let Some(st) = self.staged.get(&stage) else {
+            self.complete(tag, Err(EngineError::Invalid("no such staged write")), 0);
+            return;
+        };
+        // A FUA write of the same blocks still waiting to be durable keeps
+        // them claimed: install after it, in the order they take effect.
+        if (st.first..=st.last).any(|b| self.claims.contains(&(st.key, b))) {
+            self.deferred
+                .push_back((tag, Request::Install { stage, fua }));
+            return;
+        }
+        let st = self.staged.remove(&stage).expect("staged");
+        if self.dropped.contains(&st.key.volume_id) {
+            self.free_staged(&st);
+            self.complete(tag, Ok(Reply::Done), 0);
+            return;
+        }
+        let version = self
+            .publish(st.key, &st.placed, &[])
+            .unwrap_or_else(|| self.chunk_version(st.key));
+        if fua {
+            for b in st.first..=st.last {
+                self.claims.insert((st.key, b));
+            }
+            self.when_durable(tag, version, Some((st.key, st.first, st.last)));
+        } else {
+            self.complete(tag, Ok(Reply::Done), version);
+        }
+        self.maybe_commit();
+        self.retry_deferred();
+    }
+
+    /// Give back the blocks of a staged write nothing maps (no read can be
+    /// reading them: free at once).
+    fn free_staged(&mut self, st: &Staged) {
+        for &(_, p, _) in &st.placed {
+            self.used.set(p as usize, false);
+        }
+        self.free_count += st.placed.len() as u64;
+    }
+
+    /// Switch the mapping of `key`'s blocks to their new placement and
+    /// unmap `unmaps`: new chunk version, journal records, the replaced
+    /// blocks freed once no read can use them. Returns the new version, or
+    /// None when nothing changed.
+    fn publish(
+        &mut self,
+        key: ChunkKey,
+        placed: &[(usize, u32, u32)],
+        unmaps: &[usize],
+    ) -> Option<u64> {
+        let version;
+        if !placed.is_empty() || unmaps.iter().any(|b| self.is_mapped(key, *b)) {
+            let bpc = self.sb.blocks_per_chunk();
+            let c = self.chunks.entry(key).or_insert_with(|| Chunk::new(bpc));
+            c.version += 1;
+            version = c.version;
+            let mut records = Vec::new();
+            let mut freed = Vec::new();
+            let mut delta: i64 = 0;
+            for &(b, p, crc) in placed {
+                let old = c.blocks[b];
+                if old == ENTRY_NONE {
+                    delta += 1;
+                } else {
+                    freed.push(entry_phys(old));
+                }
+                c.blocks[b] = entry(p, crc);
+                records.push(Record::Map {
+                    volume_id: key.volume_id,
+                    chunk_index: key.chunk_index,
+                    block: b as u16,
+                    phys: p,
+                    crc,
+                    version,
+                });
+            }
+            for &b in unmaps {
+                let old = c.blocks[b];
+                if old == ENTRY_NONE {
+                    continue;
+                }
+                freed.push(entry_phys(old));
+                delta -= 1;
+                c.blocks[b] = ENTRY_NONE;
+                records.push(Record::Unmap {
+                    volume_id: key.volume_id,
+                    chunk_index: key.chunk_index,
+                    block: b as u16,
+                    version,
+                });
+            }
+            c.mapped = (i64::from(c.mapped) + delta) as u32;
+            let vol = self.stats.volumes.entry(key.volume_id).or_default();
+            *vol = (*vol as i64 + delta) as u64;
+            self.stats.mapped_blocks = (self.stats.mapped_blocks as i64 + delta) as u64;
+            self.pending_free.extend(freed);
+            for r in records {
+                self.push_record(r);
+            }
+            Some(version)
+        } else {
+            None
+        }
     }
 
     /// Complete `tag` once every metadata record written so far is durable

@@ -381,6 +381,19 @@ pub enum Effect<D> {
         token: u64,
         update: Update<D>,
     },
+    /// A hint, no answer: the primary will `Apply` this change to its own
+    /// copy once an up-to-date replica has it (or drop it). The driver may
+    /// write the data now, without mapping it, so that the later `Apply`
+    /// only maps it (engine `Stage` / `Install`): the primary's disk write
+    /// then runs in parallel with the replicas' instead of after them, and
+    /// a crash before the `Apply` still leaves nothing of the change on
+    /// this copy. A driver that ignores it loses nothing but time; it must
+    /// give back what it staged if no `Apply` of `(disk, update.seq,
+    /// update.extent)` follows.
+    Stage {
+        disk: u32,
+        update: Update<D>,
+    },
     /// Read an extent of the local disk for a recovery push; answer with
     /// `Input::ReadDone` (the driver may clamp the extent to the volume).
     Read {
@@ -1542,6 +1555,11 @@ impl<D: Clone> Replicator<D> {
                 self.effects.push(Effect::Apply {
                     disk: me,
                     token,
+                    update: update.clone(),
+                });
+            } else if matches!(update.change, Change::Write(_)) {
+                self.effects.push(Effect::Stage {
+                    disk: me,
                     update: update.clone(),
                 });
             }

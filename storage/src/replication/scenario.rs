@@ -281,6 +281,8 @@ impl Cluster {
                     self.bump();
                 }
             }
+            // Staging is the driver's optimisation: nothing to model.
+            Effect::Stage { .. } => {}
             Effect::NeedMap => {
                 let m = Arc::new(self.map.clone());
                 self.queue.push_back((id, Input::Map(m)));

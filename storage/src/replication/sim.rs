@@ -548,6 +548,8 @@ impl World {
                         );
                     }
                 }
+                // Staging is the driver's optimisation: nothing to model.
+                Effect::Stage { .. } => {}
                 Effect::NeedMap => {
                     if self.managed(node) {
                         let d = 1 + self.rng.below(20);
