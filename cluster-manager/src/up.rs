@@ -97,6 +97,11 @@ pub struct UpArgs {
     /// (e.g. 200M; 0 = unlimited).
     #[arg(long, value_parser = parse_size)]
     pub recovery_bytes_per_sec: Option<u64>,
+    /// Adaptive backfill throttle of every storage daemon: keep client
+    /// writes' p90 latency during a rebuild under this multiple of their
+    /// p90 without it (e.g. 3; 0 or off: no adaptation, the default).
+    #[arg(long, value_parser = parse_latency_factor)]
+    pub recovery_latency_factor: Option<String>,
     /// Bytes one recovery push carries at most (64K to 1M, whole 64K
     /// regions); passed to every storage daemon.
     #[arg(long)]
@@ -341,6 +346,12 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
                     n.to_string().into(),
                 ]
             }))
+            .chain(a.recovery_latency_factor.iter().flat_map(|f| {
+                [
+                    OsString::from("--recovery-latency-factor"),
+                    OsString::from(f),
+                ]
+            }))
             .chain(
                 a.recovery_push_size
                     .iter()
@@ -568,6 +579,18 @@ fn stop_all(procs: &mut [Proc]) {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+}
+
+/// `--recovery-latency-factor`, checked here so a mistake is one line
+/// before anything starts (the storage daemons parse it again).
+fn parse_latency_factor(s: &str) -> Result<String, String> {
+    match s {
+        "off" => Ok(s.into()),
+        _ => match s.parse::<f64>() {
+            Ok(f) if f == 0.0 || (f.is_finite() && f >= 1.0) => Ok(s.into()),
+            _ => Err(format!("'{s}' is not 0, off or a number of at least 1")),
+        },
     }
 }
 

@@ -157,6 +157,34 @@ pub struct Config {
     pub recovery_push_bytes: u32,
     /// Recovery bytes per second at most (0: no byte limit).
     pub recovery_bytes_per_sec: u64,
+    /// Adaptive recovery throttle: while this daemon's led groups recover,
+    /// keep its client writes' p90 latency under this multiple of their p90
+    /// without recovery (0: off). See `Driver::adapt_rate`.
+    pub recovery_latency_factor: f64,
+}
+
+/// One decision of the adaptive recovery throttle (`Driver::adapt_rate`):
+/// the next rate from the current one (None: recovery just began), the
+/// window's p90 client write latency (None: too few writes to judge), the
+/// baseline p90 and the factor allowed over it.
+fn adapt_step(rate: Option<u64>, p90: Option<f64>, base: f64, factor: f64, ceiling: u64) -> u64 {
+    let r = rate.unwrap_or(ADAPT_START.min(ceiling));
+    match p90 {
+        Some(p) if p > factor * base => ((r as f64 * 0.6) as u64).max(ADAPT_FLOOR.min(ceiling)),
+        _ => ((r as f64 * 1.25) as u64 + ADAPT_STEP).min(ceiling),
+    }
+}
+
+/// Parse `--recovery-latency-factor`: `0` or `off` (no adaptation), or a
+/// multiple of at least 1.
+pub fn parse_latency_factor(s: &str) -> Result<f64, String> {
+    if s == "off" {
+        return Ok(0.0);
+    }
+    match s.parse::<f64>() {
+        Ok(f) if f == 0.0 || (f.is_finite() && f >= 1.0) => Ok(f),
+        _ => Err(format!("'{s}' is not 0, off or a number of at least 1")),
+    }
 }
 
 /// Parse a duration: `0` or `off` (none), or a number with `s`, `m`, `h` or
@@ -629,6 +657,8 @@ struct Metrics {
     scrub_errors: IntCounter,
     recovery_remaining: IntGauge,
     recovery_rate: IntGauge,
+    /// The adaptive recovery throttle's current limit (0: none).
+    recovery_limit: IntGauge,
     recovery_pushes: IntGauge,
 }
 
@@ -784,6 +814,12 @@ impl Metrics {
             "tessera_storage_recovery_remaining_bytes",
             "Bytes the recoveries under way still have to push",
         );
+        let recovery_limit = g(
+            "tessera_storage_recovery_limit_bytes_per_second",
+            "The recovery byte rate this daemon allows itself now: \
+             --recovery-bytes-per-sec, or lower while the adaptive throttle \
+             (--recovery-latency-factor) protects client writes (0: no limit)",
+        );
         let recovery_rate = g(
             "tessera_storage_recovery_bytes_per_second",
             "Recovery bytes pushed per second over the last second",
@@ -806,6 +842,7 @@ impl Metrics {
             Box::new(pgs_backfilling.clone()),
             Box::new(recovery_remaining.clone()),
             Box::new(recovery_rate.clone()),
+            Box::new(recovery_limit.clone()),
             Box::new(recovery_pushes.clone()),
             Box::new(pgs_degraded.clone()),
             Box::new(pgs_recovering.clone()),
@@ -855,6 +892,7 @@ impl Metrics {
             scrub_errors,
             recovery_remaining,
             recovery_rate,
+            recovery_limit,
             recovery_pushes,
         }
     }
@@ -1923,6 +1961,40 @@ pub fn run(config: Config) -> Result<(), Fatal> {
 mod tests {
     use super::*;
 
+    // Proves the adaptive recovery throttle's rule: it starts at
+    // ADAPT_START, cuts by 40 % while client writes' p90 is above the
+    // factor times the baseline (never below the floor), grows when under
+    // it or when there are too few writes to judge, and never passes the
+    // ceiling (--recovery-bytes-per-sec when set). And the flag's parser.
+    #[test]
+    fn adaptive_recovery_throttle() {
+        let base = 0.002;
+        let slow = Some(0.010);
+        let fine = Some(0.004);
+        let first = adapt_step(None, slow, base, 3.0, ADAPT_CEILING);
+        assert_eq!(first, (ADAPT_START as f64 * 0.6) as u64);
+        let mut r = first;
+        for _ in 0..30 {
+            r = adapt_step(Some(r), slow, base, 3.0, ADAPT_CEILING);
+        }
+        assert_eq!(r, ADAPT_FLOOR, "down to the floor, not below");
+        let up = adapt_step(Some(r), fine, base, 3.0, ADAPT_CEILING);
+        assert!(up > r);
+        assert!(adapt_step(Some(r), None, base, 3.0, ADAPT_CEILING) > r);
+        let mut r = up;
+        for _ in 0..100 {
+            r = adapt_step(Some(r), fine, base, 3.0, 100 << 20);
+        }
+        assert_eq!(r, 100 << 20, "capped by --recovery-bytes-per-sec");
+        assert_eq!(adapt_step(None, slow, base, 3.0, 1 << 20), 1 << 20);
+        assert_eq!(parse_latency_factor("off"), Ok(0.0));
+        assert_eq!(parse_latency_factor("0"), Ok(0.0));
+        assert_eq!(parse_latency_factor("2.5"), Ok(2.5));
+        assert!(parse_latency_factor("0.5").is_err());
+        assert!(parse_latency_factor("x").is_err());
+        assert!(parse_latency_factor("inf").is_err());
+    }
+
     // Proves a read lease lasts three quarters of the grace from the
     // heartbeat's sending, never longer, and needs the answered epoch's map.
     #[test]
@@ -2115,6 +2187,18 @@ struct StageSlot {
     written: bool,
     at: Instant,
 }
+
+/// How often the adaptive recovery throttle decides, and over how many
+/// client writes at least (`Driver::adapt_rate`).
+const ADAPT_EVERY: Duration = Duration::from_millis(500);
+const LAT_SAMPLES_MIN: usize = 20;
+const LAT_SAMPLES_MAX: usize = 65_536;
+/// Its rates: where it starts when recovery begins, its floor, its step up
+/// and its ceiling without `--recovery-bytes-per-sec`.
+const ADAPT_START: u64 = 64 << 20;
+const ADAPT_FLOOR: u64 = 8 << 20;
+const ADAPT_STEP: u64 = 4 << 20;
+const ADAPT_CEILING: u64 = 4 << 30;
 
 /// A staged write whose `Apply` has not come by then is given back (the
 /// primary dropped the change, or it waited that long for a replica; a late
@@ -2322,6 +2406,19 @@ struct Driver {
     /// Staged writes of changes this daemon leads, until their `Apply`.
     staged: HashMap<StageKey, StageSlot>,
     next_stage_id: u64,
+    /// Client write latencies completed here since the last throttle
+    /// decision (the adaptive recovery throttle).
+    write_lat: Vec<Duration>,
+    /// p90 of client write latency while no led group recovers (EWMA over
+    /// decision windows), seconds.
+    lat_baseline: Option<f64>,
+    /// The adaptive throttle's current rate while recovering.
+    adaptive_rate: Option<u64>,
+    /// When the throttle last decided.
+    adapt_at: Instant,
+    /// Whether a byte budget was ever granted (from then on pushes need
+    /// one, so it must keep being granted).
+    budget_granted: bool,
 }
 
 fn status_of_client(r: ClientResult) -> Status {
@@ -2925,9 +3022,13 @@ impl Driver {
                 if let Some(p) = self.pending.remove(&client) {
                     let status = status_of_client(result);
                     let m = &self.shared.metrics;
+                    let took = p.started.elapsed();
                     m.latency
                         .with_label_values(&[op_name(p.header.op)])
-                        .observe(p.started.elapsed().as_secs_f64());
+                        .observe(took.as_secs_f64());
+                    if p.header.op == Op::Write && self.write_lat.len() < LAT_SAMPLES_MAX {
+                        self.write_lat.push(took);
+                    }
                     if status != Status::Ok {
                         m.errors.with_label_values(&[status_name(status)]).inc();
                     }
@@ -2989,19 +3090,90 @@ impl Driver {
         }
     }
 
-    /// The recovery byte budget grows with the time passed, at
-    /// `--recovery-bytes-per-sec`, bounded to a fifth of a second's worth
-    /// (so an idle spell does not allow a burst).
+    /// The recovery byte budget grows with the time passed, at the rate
+    /// `adapt_rate` allows (`--recovery-bytes-per-sec`, or less while the
+    /// adaptive throttle protects client writes), bounded to a fifth of a
+    /// second's worth (so an idle spell does not allow a burst).
     fn refill_budget(&mut self) {
-        let rate = self.shared.config.recovery_bytes_per_sec;
         let now = Instant::now();
         let dt = now.saturating_duration_since(self.budget_at);
         self.budget_at = now;
-        if rate == 0 {
-            return;
+        let rate = self.adapt_rate(now);
+        self.shared
+            .metrics
+            .recovery_limit
+            .set(rate.map_or(0, |r| r as i64));
+        match rate {
+            Some(rate) => {
+                self.budget_granted = true;
+                let grant = (rate as f64 * dt.as_secs_f64()) as u64;
+                self.rep.grant_push_bytes(grant, rate / 5);
+            }
+            // No limit now, but pushes need budget once one was granted.
+            None if self.budget_granted => {
+                self.rep.grant_push_bytes(u64::MAX / 4, u64::MAX / 4);
+            }
+            None => {}
         }
-        let grant = (rate as f64 * dt.as_secs_f64()) as u64;
-        self.rep.grant_push_bytes(grant, rate / 5);
+    }
+
+    /// The recovery rate this daemon allows itself now (None: no limit).
+    ///
+    /// Adaptive throttle (`--recovery-latency-factor F`; off by default):
+    /// a backfill (the rebuild of a disk taken out, or a rebalance) shares
+    /// the disks with client writes for minutes, and a small write waits
+    /// behind large pushes and the syncs that end them (docs/replication.md,
+    /// "Where recovery time goes"). So every `ADAPT_EVERY`, from the client
+    /// writes this daemon answered as primary meanwhile: with no led group
+    /// backfilling, their p90 latency feeds the baseline (EWMA); while some
+    /// backfill, a p90 above F x the
+    /// baseline cuts the rate (x0.6, not below `ADAPT_FLOOR`, so recovery
+    /// always progresses) and one below raises it (x1.25 + `ADAPT_STEP`, up
+    /// to `--recovery-bytes-per-sec` or `ADAPT_CEILING`). Too few writes to
+    /// judge (none to protect) raise it too. Without a baseline yet (a
+    /// daemon that recovers as soon as it starts) it does not throttle.
+    /// Measured, not a guarantee: the replicas' disks are shared too.
+    fn adapt_rate(&mut self, now: Instant) -> Option<u64> {
+        let limit = self.shared.config.recovery_bytes_per_sec;
+        let configured = (limit > 0).then_some(limit);
+        let factor = self.shared.config.recovery_latency_factor;
+        if factor <= 0.0 {
+            return configured;
+        }
+        if now.saturating_duration_since(self.adapt_at) < ADAPT_EVERY {
+            return self.adaptive_rate.or(configured);
+        }
+        self.adapt_at = now;
+        let p90 = (self.write_lat.len() >= LAT_SAMPLES_MIN).then(|| {
+            let mut v = std::mem::take(&mut self.write_lat);
+            let i = (v.len() * 9 / 10).min(v.len() - 1);
+            let (_, x, _) = v.select_nth_unstable(i);
+            x.as_secs_f64()
+        });
+        self.write_lat.clear();
+        // Backfill only: a rebuild runs for minutes and can wait; a delta
+        // recovery (a daemon back after a short absence) restores
+        // redundancy in seconds and goes at full speed.
+        let s = self.rep.summary();
+        if s.backfilling == 0 {
+            if let Some(p) = p90 {
+                self.lat_baseline = Some(self.lat_baseline.map_or(p, |b| b * 0.8 + p * 0.2));
+            }
+            self.adaptive_rate = None;
+            return configured;
+        }
+        let Some(base) = self.lat_baseline else {
+            return configured;
+        };
+        let r = adapt_step(
+            self.adaptive_rate,
+            p90,
+            base,
+            factor,
+            configured.unwrap_or(ADAPT_CEILING),
+        );
+        self.adaptive_rate = Some(r);
+        Some(r)
     }
 
     fn publish_stats(&mut self) {
@@ -3140,6 +3312,11 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> ReplTx {
         rate_sample: (Instant::now(), 0),
         staged: HashMap::new(),
         next_stage_id: 1,
+        write_lat: Vec::new(),
+        lat_baseline: None,
+        adaptive_rate: None,
+        adapt_at: Instant::now(),
+        budget_granted: false,
     };
     {
         let s = shared.clone();

@@ -78,6 +78,14 @@ struct Args {
     /// besides --recovery-pushes-max).
     #[arg(long, default_value = "0", value_parser = tessera_wire::api::parse_size)]
     recovery_bytes_per_sec: u64,
+    /// Adaptive backfill throttle: while groups this daemon leads backfill
+    /// (a rebuild or a rebalance), slow pushes down whenever its client
+    /// writes' p90 latency exceeds this multiple of their p90 without
+    /// backfill (e.g. 3; 0 or off: no adaptation, the default: measured on a
+    /// one-disk machine it cut the rebuild rate 5x for half the latency
+    /// inflation, docs/replication.md). Delta recovery is never slowed.
+    #[arg(long, default_value = "off", value_parser = daemon::parse_latency_factor)]
+    recovery_latency_factor: f64,
 }
 
 fn main() {
@@ -114,6 +122,7 @@ fn main() {
         recovery_pushes_max: a.recovery_pushes_max as usize,
         recovery_push_bytes: a.recovery_push_size,
         recovery_bytes_per_sec: a.recovery_bytes_per_sec,
+        recovery_latency_factor: a.recovery_latency_factor,
     };
     match daemon::run(config) {
         Ok(()) => std::process::exit(daemon::ExitCode::Ok as i32),
