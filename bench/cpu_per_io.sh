@@ -19,6 +19,10 @@ runtime=${1:-5}
 rounds=${2:-2}
 bin=${TESSERA_BIN:-"$(cd "$(dirname "$0")/.." && pwd)/target/release"}
 dir=$(mktemp -d /tmp/tessera-cpu.XXXXXX)
+# Cleanup from here on: the disk files below are 4 GiB each, and a run
+# interrupted while writing them used to leave them behind (13 GB once).
+up=""
+trap '[ -n "$up" ] && { kill -TERM $up 2>/dev/null; wait $up 2>/dev/null; }; rm -rf "$dir"' EXIT
 port=$((20000 + RANDOM % 20000))
 # A disk file written in full, as a raw device would be (and as
 # nbd_compare.py does): on a sparse or fallocated file every redirected
@@ -35,7 +39,6 @@ done
   --nbd-listen 127.0.0.1:$port --manager-listen 127.0.0.1:0 --volume demo:2G \
   ${EMBEDDED:+--embedded-gateway} >"$dir/up.log" 2>&1 &
 up=$!
-trap 'kill -TERM $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 300); do grep -q '^ready' "$dir/up.log" && break; sleep 0.1; done
 grep -q '^ready' "$dir/up.log" || { cat "$dir/up.log"; exit 1; }
 # The embedded gateway's pid is storage-0's: count it once.

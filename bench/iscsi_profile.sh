@@ -22,6 +22,10 @@ workloads=("$@")
 bin=${TESSERA_BIN:-"$(cd "$(dirname "$0")/.." && pwd)/target/release"}
 fio_iscsi=${FIO_LIBISCSI:-/var/tmp/fio-libiscsi/fio}
 dir=$(mktemp -d /tmp/tessera-iprof.XXXXXX)
+# Cleanup from here on (the disk file below is 2 GiB): keep the directory
+# only when it holds profiles to read (PERF=1 without OUT).
+up=""
+trap '[ -n "$up" ] && { kill -TERM $up 2>/dev/null; wait $up 2>/dev/null; }; rm -rf "$dir/data"; [ -n "${PERF:-}" ] && [ -z "${OUT:-}" ] || rm -rf "$dir"' EXIT
 out=${OUT:-$dir/out}
 mkdir -p "$out" "$dir/data/storage-0"
 # A disk file written in full, as a raw device would be (see cpu_per_io.sh).
@@ -32,8 +36,6 @@ iport=$(free_port)
   --nbd-listen 127.0.0.1:0 --manager-listen 127.0.0.1:0 --iscsi-listen 127.0.0.1:$iport \
   --volume bench:1G ${EMBEDDED:+--embedded-gateway} >"$dir/up.log" 2>&1 &
 up=$!
-# Keep the directory only when it holds profiles to read (PERF=1 without OUT).
-trap 'kill -TERM $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$dir/data"; [ -n "${PERF:-}" ] && [ -z "${OUT:-}" ] || rm -rf "$dir"' EXIT
 for _ in $(seq 300); do grep -q '^ready' "$dir/up.log" && break; sleep 0.1; done
 grep -q '^ready' "$dir/up.log" || { cat "$dir/up.log"; exit 1; }
 pids=$(sed -n 's/^\(storage-0\|gateway\) pid=\([0-9]*\).*/\2/p' "$dir/up.log" | sort -u | tr '\n' ' ')
