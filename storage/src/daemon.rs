@@ -2180,6 +2180,9 @@ fn stage_key(disk: u32, u: &repl::Update<Data>) -> StageKey {
 struct StageSlot {
     /// The engine's name for it.
     id: u64,
+    /// What was staged: an `Apply` of another extent under the same key
+    /// (none is expected) writes the ordinary way.
+    extent: repl::Extent,
     /// The `Apply` that came while the data was still being written: it
     /// maps the data once written (or writes it the ordinary way if the
     /// staging failed).
@@ -2892,6 +2895,7 @@ impl Driver {
                         k,
                         StageSlot {
                             id,
+                            extent: update.extent,
                             apply: None,
                             written: false,
                             at: Instant::now(),
@@ -2904,7 +2908,36 @@ impl Driver {
                 token,
                 update,
             } => {
-                if let Some(mut slot) = self.staged.remove(&stage_key(disk, &update)) {
+                let k = stage_key(disk, &update);
+                let matching = self.staged.get(&k).is_some_and(|slot| {
+                    slot.extent == update.extent && matches!(update.change, repl::Change::Write(_))
+                });
+                if !matching && let Some(slot) = self.staged.remove(&k) {
+                    // Not the staged change (none is expected): give it
+                    // back once written, write this one the ordinary way.
+                    if slot.written {
+                        self.engine(
+                            k.0,
+                            0,
+                            ReplKind::Discarded,
+                            Request::Discard { stage: slot.id },
+                        );
+                    } else {
+                        self.staged.insert(
+                            k,
+                            StageSlot {
+                                apply: None,
+                                ..slot
+                            },
+                        );
+                    }
+                }
+                let staged = if matching {
+                    self.staged.remove(&k)
+                } else {
+                    None
+                };
+                if let Some(mut slot) = staged {
                     if slot.written {
                         self.shared
                             .metrics
