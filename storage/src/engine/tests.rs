@@ -83,6 +83,11 @@ enum Kind {
     Zero,
     Trim,
     Flush,
+    /// A staged write (`Request::Stage`, whole blocks): changes nothing
+    /// until the harness installs it (then a `Write` in the model) or
+    /// discards it (`Discard`); in flight at a crash it must leave no trace.
+    Stage,
+    Discard,
 }
 
 #[derive(Debug, Clone)]
@@ -96,12 +101,15 @@ struct ModelOp {
     /// For reads: each block's state index when the read was submitted.
     /// For flushes: a snapshot of every block's latest index.
     snapshot: Vec<usize>,
+    /// For stages, installs and discards: the staged write's id.
+    stage_id: u64,
 }
 
 fn random_op(rng: &mut Rng, model: &Model) -> ModelOp {
     let kind = match rng.below(100) {
         0..=39 => Kind::Read,
-        40..=79 => Kind::Write,
+        40..=71 => Kind::Write,
+        72..=79 => Kind::Stage,
         80..=86 => Kind::Zero,
         87..=92 => Kind::Trim,
         _ => Kind::Flush,
@@ -116,9 +124,16 @@ fn random_op(rng: &mut Rng, model: &Model) -> ModelOp {
         _ => 1 + rng.below(sectors - start),
     }
     .min(sectors - start);
-    let (offset, length) = ((start * 512) as u32, (len * 512) as u32);
+    let (mut offset, mut length) = ((start * 512) as u32, (len * 512) as u32);
+    if kind == Kind::Stage {
+        // Whole blocks only.
+        let first = offset / BLOCK as u32;
+        let blocks = length.div_ceil(BLOCK as u32).min(BPC as u32 - first);
+        offset = first * BLOCK as u32;
+        length = blocks * BLOCK as u32;
+    }
     let mut data = Vec::new();
-    if kind == Kind::Write {
+    if matches!(kind, Kind::Write | Kind::Stage) {
         let tag = rng.next_u64();
         data = (0..length as usize)
             .map(|i| (tag.wrapping_add(i as u64 * 31) >> 3) as u8)
@@ -143,6 +158,7 @@ fn random_op(rng: &mut Rng, model: &Model) -> ModelOp {
         data,
         fua: rng.chance(10),
         snapshot,
+        stage_id: 0,
     }
 }
 
@@ -181,6 +197,13 @@ fn to_request(op: &ModelOp) -> Request {
             length: op.length,
         },
         Kind::Flush => Request::Flush,
+        Kind::Stage => Request::Stage {
+            key,
+            offset: op.offset,
+            data: crate::io::Payload::copy_from(&op.data),
+            id: op.stage_id,
+        },
+        Kind::Discard => Request::Discard { stage: op.stage_id },
     }
 }
 
@@ -235,7 +258,10 @@ fn exercise<D: Disk>(
     for _ in 0..steps {
         let batch = 1 + rng.below(8);
         for _ in 0..batch {
-            let op = random_op(rng, model);
+            let mut op = random_op(rng, model);
+            if op.kind == Kind::Stage {
+                op.stage_id = next_tag;
+            }
             if std::env::var("TRACE").is_ok() {
                 eprintln!(
                     "submit {next_tag} {:?} chunk {} off {} len {} fua {}",
@@ -254,7 +280,8 @@ fn exercise<D: Disk>(
                 return inflight.into_values().collect();
             }
             engine.drive(Wait::No);
-            settle(engine, model, &mut inflight, ctx);
+            let staged = settle(engine, model, &mut inflight, ctx);
+            follow_up(engine, rng, &mut inflight, &mut next_tag, staged);
         }
     }
     while !inflight.is_empty() {
@@ -263,10 +290,38 @@ fn exercise<D: Disk>(
             return inflight.into_values().collect();
         }
         engine.drive(Wait::Any);
-        settle(engine, model, &mut inflight, ctx);
+        let staged = settle(engine, model, &mut inflight, ctx);
+        follow_up(engine, rng, &mut inflight, &mut next_tag, staged);
     }
     check_reads(model, ctx);
     Vec::new()
+}
+
+/// Staged writes that completed: most are installed (a `Write` of the same
+/// bytes in the model from its completion on), some discarded.
+fn follow_up<D: Disk>(
+    engine: &mut Engine<D>,
+    rng: &mut Rng,
+    inflight: &mut BTreeMap<u64, ModelOp>,
+    next_tag: &mut u64,
+    staged: Vec<ModelOp>,
+) {
+    for st in staged {
+        let (kind, req) = if rng.chance(80) {
+            (
+                Kind::Write,
+                Request::Install {
+                    stage: st.stage_id,
+                    fua: st.fua,
+                },
+            )
+        } else {
+            (Kind::Discard, Request::Discard { stage: st.stage_id })
+        };
+        engine.submit(*next_tag, req);
+        inflight.insert(*next_tag, ModelOp { kind, ..st });
+        *next_tag += 1;
+    }
 }
 
 /// Whether a request covers global block `gb`.
@@ -283,12 +338,15 @@ fn check_reads(model: &mut Model, ctx: &str) {
     }
 }
 
+/// Apply completed requests to the model; returns the staged writes that
+/// completed (to be installed or discarded).
 fn settle<D: Disk>(
     engine: &mut Engine<D>,
     model: &mut Model,
     inflight: &mut BTreeMap<u64, ModelOp>,
     ctx: &str,
-) {
+) -> Vec<ModelOp> {
+    let mut staged = Vec::new();
     let mut done = Vec::new();
     engine.take_completions(&mut done);
     for c in done {
@@ -318,9 +376,12 @@ fn settle<D: Disk>(
                     }
                 }
             }
+            (Kind::Stage, Reply::Done) => staged.push(op),
+            (Kind::Discard, Reply::Done) => {}
             (k, r) => panic!("{ctx}: unexpected reply {r:?} to {k:?}"),
         }
     }
+    staged
 }
 
 /// Read every block back and check it against what a crash may leave:
