@@ -612,3 +612,87 @@ impl Cluster {
             .collect()
     }
 }
+
+// ---- fault scenarios: which process is which, what fio saw ---------------
+
+/// The `tessera up` name (`storage-N`) of the daemon listening on `addr`.
+pub fn daemon_name(c: &Cluster, addr: &str) -> String {
+    c.output()
+        .iter()
+        .find(|l| l.starts_with("storage-") && field(l, "listen").as_deref() == Some(addr))
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| panic!("no storage daemon listens on {addr}"))
+}
+
+/// The disk of a supervised storage daemon (`storage-N`; `tessera up`
+/// gives each daemon one disk).
+pub fn daemon_disk(c: &Cluster, m: &tessera_wire::map::ClusterMap, name: &str) -> u32 {
+    let line = c
+        .output()
+        .into_iter()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("tessera up printed no line for {name}"));
+    let addr = field(&line, "listen").expect("listen address");
+    let node = m
+        .nodes
+        .iter()
+        .find(|n| n.addr == addr)
+        .unwrap_or_else(|| panic!("no node at {addr}"));
+    m.disks
+        .iter()
+        .find(|d| d.node_id == node.id)
+        .map(|d| d.id)
+        .expect("the daemon's disk")
+}
+
+/// Client requests of one kind (`write`, `flush`, ...) the storage daemons
+/// the manager sees up have received since they started (replication
+/// traffic is counted under `repl`).
+pub fn live_requests(c: &Cluster, op: &str) -> f64 {
+    let prefix = format!("tessera_storage_requests_total{{op=\"{op}\"}}");
+    c.live_storage_metrics()
+        .iter()
+        .flat_map(|m| m.lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A metric summed over the storage daemons the manager sees up.
+pub fn live_storage_metric(c: &Cluster, name: &str) -> f64 {
+    c.live_storage_metrics()
+        .iter()
+        .map(|m| metric_sum(m, name))
+        .sum()
+}
+
+/// The longest time between two consecutive completions in a fio latency
+/// log (`time_ms, latency, ...` per I/O), in ms.
+pub fn longest_completion_gap_ms(log: &Path) -> u64 {
+    let text = std::fs::read_to_string(log).expect("fio latency log");
+    let mut times: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.split(',').next()?.trim().parse().ok())
+        .collect();
+    times.sort_unstable();
+    times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+}
+
+/// Metrics text of one supervised storage daemon (`storage-N`), if it
+/// answers.
+pub fn daemon_metrics(c: &Cluster, name: &str) -> Option<String> {
+    let line = c
+        .output()
+        .into_iter()
+        .find(|l| l.starts_with(&format!("{name} ")))?;
+    let addr = field(&line, "listen")?;
+    let nodes: serde_json::Value =
+        serde_json::from_str(&c.cli(&["--output", "json", "node", "list"])).ok()?;
+    let metrics = nodes
+        .as_array()?
+        .iter()
+        .find(|n| n["addr"] == addr.as_str())?["metrics_addr"]
+        .as_str()?
+        .to_string();
+    http_get(&format!("http://{metrics}/metrics")).ok()
+}

@@ -55,15 +55,6 @@ fn writes_on_up_daemons(c: &Cluster) -> f64 {
     total
 }
 
-/// The `tessera up` name (`storage-N`) of the daemon listening on `addr`.
-fn daemon_name(c: &Cluster, addr: &str) -> String {
-    c.output()
-        .iter()
-        .find(|l| l.starts_with("storage-") && field(l, "listen").as_deref() == Some(addr))
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| panic!("no storage daemon listens on {addr}"))
-}
-
 /// The daemon that is primary for the most chunks of `volume` in its first
 /// `bytes`, and how many of those chunks it leads.
 fn busiest_primary(c: &Cluster, volume: &str, bytes: u64) -> (String, usize) {
@@ -80,18 +71,6 @@ fn busiest_primary(c: &Cluster, volume: &str, bytes: u64) -> (String, usize) {
     led.into_iter()
         .max_by_key(|(name, n)| (*n, std::cmp::Reverse(name.clone())))
         .expect("some chunk")
-}
-
-/// The longest time between two consecutive completions in a fio latency
-/// log (`time_ms, latency, ...` per I/O), in ms.
-fn longest_completion_gap_ms(log: &std::path::Path) -> u64 {
-    let text = std::fs::read_to_string(log).expect("fio latency log");
-    let mut times: Vec<u64> = text
-        .lines()
-        .filter_map(|l| l.split(',').next()?.trim().parse().ok())
-        .collect();
-    times.sort_unstable();
-    times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
 }
 
 // Proves that the primary of the busiest placement groups can die (kill -9,

@@ -8,7 +8,11 @@
 //! every change acknowledged meanwhile (and FLUSHes made some durable
 //! there), so the restarted copy must take them back from it before it
 //! serves (docs/replication.md, "A restarted last copy takes back") — the
-//! case the simulation's seed 11149 found, here with real processes.
+//! case the simulation's seed 11149 found, here with real processes. The
+//! second test reaches the same case by two kills in a row instead: one
+//! daemon hung past the grace, a second killed with -9, and the last
+//! up-to-date copy killed with -9 as soon as the second's new process has
+//! applied some writes, before it is recovered (no recovery throttle).
 
 use std::time::{Duration, Instant};
 use tessera_tests::*;
@@ -137,5 +141,206 @@ fn restarted_last_copy_takes_back_what_it_lost() {
     wait_clean(&c, Duration::from_secs(120));
     let chunks = compare_copies(&c, "v");
     println!("{chunks} chunks identical on all three copies");
+    c.stop();
+}
+/// The copy state of `disk` in group `pg` (None: not a member).
+fn copy_state(
+    m: &tessera_wire::map::ClusterMap,
+    pg: usize,
+    disk: u32,
+) -> Option<tessera_wire::map::CopyState> {
+    let i = m.pgs[pg].iter().position(|d| *d == disk)?;
+    Some(
+        m.pg_states
+            .get(pg)
+            .and_then(|s| s.get(i))
+            .copied()
+            .unwrap_or_default(),
+    )
+}
+
+fn incarnation(m: &tessera_wire::map::ClusterMap, disk: u32) -> u64 {
+    m.disk(disk).expect("disk").incarnation
+}
+
+/// Poll `f` until it returns `Some` or `timeout` passes (then `None`).
+fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// Proves that two failures in a row lose no acknowledged write, with real
+// processes: while fio writes (crc32c verify, a FLUSH every 16 writes),
+// storage-2 is stopped until declared down (outdated, writes go on), then
+// storage-1 is killed with -9 (its new process is outdated too, so
+// storage-0 holds the only up-to-date copy of every group), then, before
+// storage-1 has recovered, storage-0 — the primary and last up-to-date copy
+// of every group — is killed with -9. Its new process lost what the old
+// one had not flushed; it must take back what storage-1 vouches for
+// (ReclaimQuery / ReclaimReply, `tessera_storage_reclaimed_bytes_total`)
+// before it serves, or fio's verify fails. Asserts the take-back happened,
+// fio's verify passes, every copy is identical, and the volume reads back
+// (a second fio, `--verify_only`) once storage-2 is resumed and recovered.
+// Prints the longest I/O stall.
+#[test]
+fn last_copy_killed_right_after_another_restarted() {
+    require(&["fio"]);
+    let dir = TempDir::new("two-failures");
+    let opts = ClusterOptions {
+        storage_daemons: 3,
+        disk_size: "2G",
+        volumes: vec![("r".into(), "32M".into())],
+    };
+    let c = Cluster::start_with_args(
+        &dir.path().join("cluster"),
+        &opts,
+        &[],
+        &["--replicas", "3"],
+    );
+    let s = status_json(&c);
+    assert_eq!(s["pgs_clean"], s["pgs_total"], "{s}");
+    let lat = dir.path().join("lat");
+    let job = [
+        "--name=twofail",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=32m",
+        "--iodepth=8",
+        "--rate_iops=400",
+        "--fsync=16",
+        "--end_fsync=1",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+    ];
+    let lat_arg = format!("--write_lat_log={}", lat.display());
+    let mut args = job.to_vec();
+    args.extend([lat_arg.as_str(), "--log_avg_msec=0"]);
+    let fio = spawn_fio_nbd(&c.uri("r"), &args);
+    poll("writes to flow", Duration::from_secs(30), || {
+        (live_requests(&c, "write") > 300.0).then_some(())
+    });
+    let m = cluster_map(&c);
+    let (d0, d1, d2) = (
+        daemon_disk(&c, &m, "storage-0"),
+        daemon_disk(&c, &m, "storage-1"),
+        daemon_disk(&c, &m, "storage-2"),
+    );
+
+    // First failure: storage-2 hangs until declared down; its copies are
+    // outdated and writes go on on the other two.
+    let t0 = Instant::now();
+    let frozen = c.freeze("storage-2");
+    poll("storage-2 declared down", Duration::from_secs(30), || {
+        (status_json(&c)["daemons_down"] == 1).then_some(())
+    });
+    let down_after = t0.elapsed();
+    let w0 = live_requests(&c, "write");
+    poll(
+        "writes to go on without storage-2",
+        Duration::from_secs(30),
+        || (live_requests(&c, "write") > w0 + 200.0).then_some(()),
+    );
+    println!("storage-2 stopped: declared down after {down_after:?}, writes go on");
+
+    // Second and third: storage-1 killed (restarted outdated), then
+    // storage-0, the last up-to-date copy, killed as soon as storage-1 is
+    // back and before it is recovered. If storage-1's recovery won the race
+    // (storage-0 was no longer the last copy, so nothing is taken back),
+    // the pair of kills is repeated.
+    let mut reclaimed = 0.0;
+    for attempt in 1..=4 {
+        let m = cluster_map(&c);
+        let (inc0, inc1) = (incarnation(&m, d0), incarnation(&m, d1));
+        kill(c.pid("storage-1"), 9);
+        // Polled at a steady pace (not `poll`'s backoff): the window
+        // before storage-1 is recovered is short.
+        let m = within(Duration::from_secs(30), || {
+            let m = cluster_map(&c);
+            (incarnation(&m, d1) > inc1 && m.disk(d1).expect("disk").up).then_some(m)
+        })
+        .expect("storage-1's new process to register");
+        // Let storage-1's new process apply some of the client's writes
+        // (what it will vouch for), but not finish its recovery.
+        let repl = |c: &Cluster| {
+            daemon_metrics(c, "storage-1").map_or(0.0, |m| {
+                m.lines()
+                    .filter(|l| l.starts_with("tessera_storage_requests_total{op=\"repl\"}"))
+                    .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                    .sum()
+            })
+        };
+        let applied = within(Duration::from_secs(5), || {
+            let n = repl(&c);
+            (n >= 40.0).then_some(n)
+        });
+        kill(c.pid("storage-0"), 9);
+        let last: usize = (0..m.pgs.len())
+            .filter(|pg| {
+                copy_state(&m, *pg, d0) == Some(tessera_wire::map::CopyState::UpToDate)
+                    && [d1, d2].iter().all(|d| {
+                        copy_state(&m, *pg, *d) != Some(tessera_wire::map::CopyState::UpToDate)
+                    })
+            })
+            .count();
+        // storage-0 back, and storage-1 up to date in every group again:
+        // whichever daemon led, the take-back (if any) is over.
+        poll(
+            "storage-0 back and storage-1 recovered",
+            Duration::from_secs(60),
+            || {
+                let m = cluster_map(&c);
+                (incarnation(&m, d0) > inc0
+                    && m.disk(d0).expect("disk").up
+                    && (0..m.pgs.len()).all(|pg| {
+                        copy_state(&m, pg, d1) == Some(tessera_wire::map::CopyState::UpToDate)
+                    }))
+                .then_some(())
+            },
+        );
+        // The counter is published about every 100 ms.
+        reclaimed = within(Duration::from_secs(3), || {
+            let r = live_storage_metric(&c, "tessera_storage_reclaimed_bytes_total");
+            (r > 0.0).then_some(r)
+        })
+        .unwrap_or(0.0);
+        println!(
+            "attempt {attempt}: storage-0 killed after storage-1's new process had {applied:?} replication messages, while the only up-to-date copy of {last} groups (map before the kill); it took back {reclaimed} bytes"
+        );
+        if reclaimed > 0.0 {
+            break;
+        }
+    }
+    assert!(
+        reclaimed > 0.0,
+        "storage-1 always recovered before storage-0 was killed: the restarted last copy never took anything back"
+    );
+
+    // storage-2 back: recovered from storage-0's copy (a full resync: the
+    // new process's log does not reach back to storage-2's departure).
+    frozen.resume();
+    wait_clean(&c, Duration::from_secs(60));
+    let flushes = live_requests(&c, "flush");
+    let stall = fio_max_latency_ms(&fio_wait_ok(fio));
+    let gap = longest_completion_gap_ms(&dir.path().join("lat_clat.1.log"));
+    println!(
+        "longest I/O stall seen by fio: {stall:.0} ms (longest gap between completions {gap} ms); {flushes} flushes counted by the daemons"
+    );
+    assert!(flushes > 0.0, "fio sent no flush");
+    wait_clean(&c, Duration::from_secs(60));
+    let chunks = compare_copies(&c, "r");
+    println!("{chunks} chunks identical on all three copies");
+    // Read back through the gateway: every block still holds what fio
+    // last wrote to it.
+    let mut verify = job.to_vec();
+    verify.push("--verify_only");
+    fio_json(&fio_wait_ok(spawn_fio_nbd(&c.uri("r"), &verify)));
     c.stop();
 }
