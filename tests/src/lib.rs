@@ -696,3 +696,38 @@ pub fn daemon_metrics(c: &Cluster, name: &str) -> Option<String> {
         .to_string();
     http_get(&format!("http://{metrics}/metrics")).ok()
 }
+
+/// The copy state of `disk` in group `pg` (None: not a member).
+pub fn copy_state(
+    m: &tessera_wire::map::ClusterMap,
+    pg: usize,
+    disk: u32,
+) -> Option<tessera_wire::map::CopyState> {
+    let i = m.pgs[pg].iter().position(|d| *d == disk)?;
+    Some(
+        m.pg_states
+            .get(pg)
+            .and_then(|s| s.get(i))
+            .copied()
+            .unwrap_or_default(),
+    )
+}
+
+pub fn incarnation(m: &tessera_wire::map::ClusterMap, disk: u32) -> u64 {
+    m.disk(disk).expect("disk").incarnation
+}
+
+/// Poll `f` every 10 ms (no backoff: for short windows) until it returns
+/// `Some` or `timeout` passes (then `None`).
+pub fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -143,40 +143,6 @@ fn restarted_last_copy_takes_back_what_it_lost() {
     println!("{chunks} chunks identical on all three copies");
     c.stop();
 }
-/// The copy state of `disk` in group `pg` (None: not a member).
-fn copy_state(
-    m: &tessera_wire::map::ClusterMap,
-    pg: usize,
-    disk: u32,
-) -> Option<tessera_wire::map::CopyState> {
-    let i = m.pgs[pg].iter().position(|d| *d == disk)?;
-    Some(
-        m.pg_states
-            .get(pg)
-            .and_then(|s| s.get(i))
-            .copied()
-            .unwrap_or_default(),
-    )
-}
-
-fn incarnation(m: &tessera_wire::map::ClusterMap, disk: u32) -> u64 {
-    m.disk(disk).expect("disk").incarnation
-}
-
-/// Poll `f` until it returns `Some` or `timeout` passes (then `None`).
-fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 // Proves that two failures in a row lose no acknowledged write, with real
 // processes: while fio writes (crc32c verify, a FLUSH every 16 writes),
 // storage-2 is stopped until declared down (outdated, writes go on), then

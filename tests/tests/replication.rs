@@ -24,7 +24,8 @@ fn write_requests(c: &Cluster) -> f64 {
 
 // Proves that with three copies, fio's crc32c-verified writes complete with
 // no error while a storage daemon is killed with -9 (and restarted), killed
-// again, and stopped with SIGSTOP past the heartbeat grace then resumed;
+// again, killed twice more (the second time before the restart before it
+// is recovered), and stopped with SIGSTOP past the heartbeat grace then resumed;
 // that every copy is identical once the cluster is clean again; and that
 // recovery after the stop copied at most one 64 KiB region per write made
 // meanwhile. Prints the longest I/O stall fio saw and the recovery figures.
@@ -75,6 +76,42 @@ fn three_copies_survive_kill9_and_sigstop() {
         wait_clean(&c, Duration::from_secs(60));
         println!("kill -9 round {round}: clean again");
     }
+
+    // Killed again before its restart is recovered: as soon as the new
+    // process has registered (its copies outdated, the primaries starting
+    // its recovery), kill -9 once more; its next process is recovered
+    // anew.
+    let m = cluster_map(&c);
+    let d1 = daemon_disk(&c, &m, "storage-1");
+    let inc = incarnation(&m, d1);
+    let pid = c.pid("storage-1");
+    kill(pid, 9);
+    let m = within(Duration::from_secs(30), || {
+        let m = cluster_map(&c);
+        (incarnation(&m, d1) > inc && m.disk(d1).expect("disk").up).then_some(m)
+    })
+    .expect("storage-1's new process to register");
+    // `tessera up` prints the new PID once the daemon is ready, which may
+    // come just after the manager saw it register.
+    let pid = within(Duration::from_secs(30), || {
+        let p = c.pid("storage-1");
+        (p != pid).then_some(p)
+    })
+    .expect("storage-1's new PID");
+    kill(pid, 9);
+    let outdated = (0..m.pgs.len())
+        .filter(|pg| copy_state(&m, *pg, d1) != Some(tessera_wire::map::CopyState::UpToDate))
+        .count();
+    poll(
+        "storage-1's third process registered",
+        Duration::from_secs(30),
+        || (incarnation(&cluster_map(&c), d1) > inc + 1).then_some(()),
+    );
+    wait_clean(&c, Duration::from_secs(60));
+    println!(
+        "kill -9 again while {outdated} of its {} groups were still outdated: clean again",
+        m.pgs.len()
+    );
 
     // SIGSTOP past the grace (declared down, fails over), then SIGCONT.
     let writes0 = write_requests(&c);
