@@ -247,7 +247,8 @@ fn last_copy_killed_right_after_another_restarted() {
             let n = repl(&c);
             (n >= 40.0).then_some(n)
         });
-        kill(c.pid("storage-0"), 9);
+        let pid0 = c.pid("storage-0");
+        kill(pid0, 9);
         let last: usize = (0..m.pgs.len())
             .filter(|pg| {
                 copy_state(&m, *pg, d0) == Some(tessera_wire::map::CopyState::UpToDate)
@@ -263,7 +264,9 @@ fn last_copy_killed_right_after_another_restarted() {
             Duration::from_secs(60),
             || {
                 let m = cluster_map(&c);
-                (incarnation(&m, d0) > inc0
+                // (its new PID printed too: the next attempt kills it)
+                (c.pid("storage-0") != pid0
+                    && incarnation(&m, d0) > inc0
                     && m.disk(d0).expect("disk").up
                     && (0..m.pgs.len()).all(|pg| {
                         copy_state(&m, pg, d1) == Some(tessera_wire::map::CopyState::UpToDate)
