@@ -17,13 +17,26 @@ command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v curl >/dev/null || need+=(curl)
 command -v openssl >/dev/null || need+=(openssl)
 command -v iscsi-test-cu >/dev/null || need+=(libiscsi-bin)
-[ -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ] || need+=(qemu-block-extra)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "tests/run.sh: installing ${need[*]}"
+block_extra=0
+[ -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ] || block_extra=1
+if [ ${#need[@]} -gt 0 ] || [ $block_extra = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null || true
-  apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+  if [ $block_extra = 1 ]; then
+    # qemu-block-extra must match qemu-utils' version exactly. A machine
+    # may come with a newer qemu-utils than its apt sources carry (a
+    # backport): apt then satisfies the dependency with qemu-system-x86 and
+    # removes qemu-utils (no more qemu-img). Install the pair at the
+    # version the sources have.
+    v=$(apt-cache policy qemu-block-extra | awk '/Candidate:/ {print $2}')
+    rest=()
+    for p in "${need[@]}"; do [ "$p" = qemu-utils ] || rest+=("$p"); done
+    need=("${rest[@]}" qemu-block-extra "qemu-utils=$v")
+  fi
+  echo "tests/run.sh: installing ${need[*]}"
+  apt-get install -y -q --no-install-recommends --allow-downgrades "${need[@]}" >/dev/null
 fi
+command -v qemu-img >/dev/null || { echo "tests/run.sh: qemu-img missing after install" >&2; exit 1; }
 
 # Build every binary once (profile `ci`: optimised, no LTO; see Cargo.toml);
 # the real-client tests start them from target/ci.

@@ -641,6 +641,7 @@ struct Metrics {
     recovery_bytes: IntCounter,
     peering_bytes: IntCounter,
     reclaimed_bytes: IntCounter,
+    settles: IntCounter,
     /// The primary's staged writes by outcome (parallel primary write).
     staged: IntCounterVec,
     pgs_scrubbing: IntGauge,
@@ -756,6 +757,12 @@ impl Metrics {
              (writes its crash lost that they held) before leading",
         )
         .expect("metric");
+        let settles = IntCounter::new(
+            "tessera_storage_primary_settles_total",
+            "Flushes a primary made of its own copy before going on, because a member of the \
+             write set left or restarted, or its term began",
+        )
+        .expect("metric");
         let staged = IntCounterVec::new(
             Opts::new(
                 "tessera_storage_staged_writes_total",
@@ -849,6 +856,7 @@ impl Metrics {
             Box::new(recovery_bytes.clone()),
             Box::new(peering_bytes.clone()),
             Box::new(reclaimed_bytes.clone()),
+            Box::new(settles.clone()),
             Box::new(staged.clone()),
             Box::new(requests.clone()),
             Box::new(errors.clone()),
@@ -880,6 +888,7 @@ impl Metrics {
             recovery_bytes,
             peering_bytes,
             reclaimed_bytes,
+            settles,
             staged,
             pgs_scrubbing,
             repairs,
@@ -3224,6 +3233,7 @@ impl Driver {
             .inc_by(now.peering_bytes.saturating_sub(was.peering_bytes));
         m.reclaimed_bytes
             .inc_by(now.reclaimed_bytes.saturating_sub(was.reclaimed_bytes));
+        m.settles.inc_by(now.settles.saturating_sub(was.settles));
         m.repairs.inc_by(now.repairs.saturating_sub(was.repairs));
         m.repair_bytes
             .inc_by(now.repair_bytes.saturating_sub(was.repair_bytes));

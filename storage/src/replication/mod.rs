@@ -719,6 +719,12 @@ struct Primary<D> {
     /// A primary whose process is new takes back, before it serves, what the
     /// members that are not up to date hold of the changes it may have lost.
     reclaim: Option<Reclaim>,
+    /// Making this copy durable before the group goes on (`settle`): set
+    /// when this primary starts a term or a member of the write set left or
+    /// restarted; `Some` token while the flush is in flight (`None` with
+    /// `settling`: to be asked again, the last one failed).
+    settling: bool,
+    settle_token: Option<u64>,
 }
 
 /// Taking back the changes a restarted primary may have lost. The manager
@@ -879,6 +885,11 @@ enum Token {
         trim: Seq,
         runs: Vec<SeqRun>,
     },
+    /// The primary's flush of its own copy before the group goes on.
+    Settle {
+        pg: u32,
+        disk: u32,
+    },
 }
 
 /// Counters the daemon turns into metrics.
@@ -915,6 +926,10 @@ pub struct Stats {
     /// Bytes a restarted primary took back from members before it served
     /// (changes its old process may have lost; see `Reclaim`).
     pub reclaimed_bytes: u64,
+    /// Flushes a primary made of its own copy before going on, because a
+    /// member of the write set left or restarted or its term began
+    /// (`Replicator::settle`).
+    pub settles: u64,
 }
 
 /// Per-group summary for metrics and status.
@@ -1322,6 +1337,14 @@ impl<D: Clone> Replicator<D> {
                 let last = p.log.keys().next_back().copied().unwrap_or_default();
                 p.vouched_after = p.vouched_after.max(last);
             }
+            // A member of the write set that left it or restarted no longer
+            // holds what it had applied and not flushed (a new process lost
+            // it; a departed one may never come back as itself).
+            let holder_lost = p.view.write_set().iter().any(|m| {
+                *m != me
+                    && (!view.write_set().contains(m)
+                        || view.incarnation(*m) != p.view.incarnation(*m))
+            });
             p.view = view;
             // With every copy up and up to date nothing is missing anywhere:
             // from here on this member's log tells what others miss.
@@ -1337,11 +1360,15 @@ impl<D: Clone> Replicator<D> {
             if !was_primary && leads {
                 self.stats.peerings += 1;
                 start_term(p, self.tick, &mut self.effects);
+                self.settle(pg, me);
                 // With no other up-to-date member there is nobody to ask:
                 // serve at once (else the group would wait for a map that
                 // may never come, its recoveries needing this primary).
                 self.check_peering(pg, me);
             } else if leads {
+                if holder_lost {
+                    self.settle(pg, me);
+                }
                 self.refresh_primary(pg, me);
             }
         }
@@ -1421,7 +1448,7 @@ impl<D: Clone> Replicator<D> {
                 && view.incarnation(*m) == r.incarnation
                 && (r.full || view.state(*m) != Some(CopyState::Backfill))
         });
-        if pr.active {
+        if pr.active && !pr.settling {
             start_recoveries(
                 p,
                 self.tick,
@@ -1505,7 +1532,7 @@ impl<D: Clone> Replicator<D> {
         let Some(pr) = p.primary.as_mut() else {
             return;
         };
-        if !pr.active {
+        if !pr.active || pr.settling {
             return;
         }
         let mut started: Vec<(Seq, Extent)> = Vec::new();
@@ -2489,6 +2516,7 @@ impl<D: Clone> Replicator<D> {
             Some(Token::Flush { pg, disk, round }) if ok => {
                 self.on_peer_flushed(pg, disk, disk, round)
             }
+            Some(Token::Settle { pg, disk }) => self.settled(pg, disk, token, ok),
             Some(Token::HoldsForPeer {
                 pg,
                 disk,
@@ -2575,6 +2603,7 @@ impl<D: Clone> Replicator<D> {
         self.tick += 1;
         let tick = self.tick;
         let keys: Vec<(u32, u32)> = self.pgs.keys().copied().collect();
+        let mut settle_again = Vec::new();
         for (pg, me) in keys {
             let p = self.pgs.get_mut(&(pg, me)).expect("pg");
             let (trim, committed, epoch) = (p.trim, p.committed, p.view.epoch);
@@ -2696,6 +2725,9 @@ impl<D: Clone> Replicator<D> {
                     }));
                 }
             }
+            if pr.settling && pr.settle_token.is_none() {
+                settle_again.push((pg, me));
+            }
             // Advance durability so logs can be trimmed.
             let trim_round = pr.rounds.values().any(|r| r.recovered.is_none());
             if pr.active && log_above_trim && !trim_round {
@@ -2759,6 +2791,9 @@ impl<D: Clone> Replicator<D> {
                     });
                 }
             }
+        }
+        for (pg, me) in settle_again {
+            self.settle(pg, me);
         }
         self.tick_checks();
         // Budget granted since, or slots freed without a completion.
@@ -3571,6 +3606,68 @@ impl<D: Clone> Replicator<D> {
         }
     }
 
+    /// Make this primary's copy durable before the group goes on. Every
+    /// change acknowledged so far was applied by every member of the write
+    /// set, but made durable only by the next flush; when a member leaves the
+    /// write set or restarts (or this daemon becomes primary because the old
+    /// one is gone), this copy may be the only one still holding some of
+    /// them, in memory, and nobody could give them back if this process
+    /// crashed too (a restarted member vouches only for what its new process
+    /// applied). So the primary flushes itself at once, and starts no new
+    /// change, recovery or peering push until the flush is done: whatever
+    /// the group does under the new map happens after those changes are on
+    /// its disk. Changes already in flight are still resent and acknowledged
+    /// (they are older than the flush's reach matters for: each is applied
+    /// here before it is acknowledged, and the next flush covers it).
+    fn settle(&mut self, pg: u32, me: u32) {
+        let Some(pr) = self.pgs.get_mut(&(pg, me)).and_then(|p| p.primary.as_mut()) else {
+            return;
+        };
+        pr.settling = true;
+        // A flush already in flight may not cover what was applied since it
+        // was asked (changes in flight go on): ask again, and wait for the
+        // new one only.
+        if let Some(old) = pr.settle_token.take() {
+            self.tokens.remove(&old);
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        self.tokens.insert(token, Token::Settle { pg, disk: me });
+        pr.settle_token = Some(token);
+        self.stats.settles += 1;
+        self.effects.push(Effect::Flush { disk: me, token });
+    }
+
+    fn settled(&mut self, pg: u32, me: u32, token: u64, ok: bool) {
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let Some(pr) = p.primary.as_mut() else {
+            return;
+        };
+        if pr.settle_token != Some(token) {
+            return;
+        }
+        pr.settle_token = None;
+        if !ok {
+            // Asked again on the next tick; the group waits meanwhile.
+            return;
+        }
+        pr.settling = false;
+        if pr.active {
+            start_recoveries(
+                p,
+                self.tick,
+                &mut self.effects,
+                &mut self.tokens,
+                &mut self.next_token,
+            );
+            self.pump(pg, me);
+        } else {
+            self.check_peering(pg, me);
+        }
+    }
+
     fn check_peering(&mut self, pg: u32, me: u32) {
         let Some(p) = self.pgs.get_mut(&(pg, me)) else {
             return;
@@ -3578,7 +3675,7 @@ impl<D: Clone> Replicator<D> {
         let Some(pr) = p.primary.as_mut() else {
             return;
         };
-        if pr.active || !pr.peering.is_empty() {
+        if pr.active || !pr.peering.is_empty() || pr.settling {
             return;
         }
         if pr.reclaim.as_ref().is_some_and(|rc| !rc.done()) {
@@ -3832,6 +3929,8 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
         scrub: None,
         commit_floor: None,
         reclaim,
+        settling: false,
+        settle_token: None,
     });
 }
 

@@ -896,3 +896,45 @@ fn a_change_only_an_outdated_member_got_is_made_to_agree() {
     c.settle();
     c.assert_converged();
 }
+
+// Proves a primary makes its own copy durable as soon as a member of the
+// write set restarts: a change acknowledged by the primary and one replica
+// (neither had flushed it) is held only in the primary's memory once that
+// replica's process is gone, so a crash of the primary right after would
+// lose it (nobody can give it back: the replica's new process never had
+// it). Found by `tests/tests/last_copy.rs` (storage-0 killed while
+// storage-1's new process was being recovered; fio's verify read zeros).
+#[test]
+fn a_primary_flushes_its_copy_when_a_holder_restarts() {
+    let mut c = Cluster::new();
+    for ch in 0..CHUNKS {
+        c.write(ch, 0);
+    }
+    c.ticks(3);
+    // Node 3 away: group 0's write set is nodes 1 (primary) and 2.
+    c.stop(3);
+    c.declare_down(3);
+    let v = c.next_value;
+    let id = c.write(0, 5);
+    assert_eq!(c.replies.get(&id), Some(&ClientResult::Ok));
+    let b = (0, 5 * REGION_BYTES / BLOCK);
+    assert!(!c.nodes[0].disk.durable.contains_key(&b), "not flushed yet");
+    // Node 2 restarts (its cache and its log are gone; its recovery cannot
+    // push yet), and node 1, now the only holder of the change, crashes
+    // before any tick.
+    c.node(1).rep.grant_push_bytes(0, 0);
+    c.crash_and_restart(2);
+    c.crash_and_restart(1);
+    assert_eq!(c.map.primary(0), Some(1));
+    c.resume(3);
+    c.declare_up(3);
+    c.settle();
+    c.assert_converged();
+    for id in 1..=MEMBERS {
+        assert_eq!(
+            c.nodes[id as usize - 1].disk.get(b),
+            v,
+            "node {id} lost the acknowledged write of {b:?}"
+        );
+    }
+}
