@@ -2248,6 +2248,8 @@ enum ReplIn {
         kind: ReplKind,
         result: Result<Reply, EngineError>,
     },
+    /// The link to the peer daemon at this address broke.
+    PeerLost(String),
     /// A client read of a replicated group found a block failing its CRC.
     ReadRepair {
         pg: u32,
@@ -2259,6 +2261,8 @@ enum ReplIn {
 /// Connections to peer daemons for one-way replication messages.
 struct Peers {
     rt: tokio::runtime::Handle,
+    /// The driver's input, told when a link breaks (`ReplIn::PeerLost`).
+    driver: ReplTx,
     cluster_id: String,
     conns: Mutex<BTreeMap<String, tmpsc::Sender<PeerFrame>>>,
 }
@@ -2303,7 +2307,7 @@ impl Peers {
             _ => {
                 let (tx, rx) = tmpsc::channel(PEER_QUEUE_MAX);
                 let (a, id) = (addr.to_string(), self.cluster_id.clone());
-                self.rt.spawn(peer_task(a, id, rx));
+                self.rt.spawn(peer_task(a, id, rx, self.driver.clone()));
                 conns.insert(addr.to_string(), tx.clone());
                 tx
             }
@@ -2314,7 +2318,12 @@ impl Peers {
     }
 }
 
-async fn peer_task(addr: String, cluster_id: String, mut rx: tmpsc::Receiver<PeerFrame>) {
+async fn peer_task(
+    addr: String,
+    cluster_id: String,
+    mut rx: tmpsc::Receiver<PeerFrame>,
+    driver: ReplTx,
+) {
     let connect = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&addr));
     let Ok(Ok(stream)) = connect.await else {
         tracing::debug!(%addr, "cannot reach peer daemon");
@@ -2322,10 +2331,15 @@ async fn peer_task(addr: String, cluster_id: String, mut rx: tmpsc::Receiver<Pee
     };
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
-    // Replies only acknowledge receipt: read and drop them.
+    // Replies only acknowledge receipt: read and drop them. The peer's end
+    // closing (its process died, or it dropped the link) says at once that
+    // whatever it held in memory is gone: the driver settles the groups it
+    // was a member of (`Input::MemberLost`).
+    let (lost_addr, lost_tx) = (addr.clone(), driver.clone());
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
+        let _ = lost_tx.send(ReplIn::PeerLost(lost_addr));
     });
     let mut wr = wr;
     let hello = Header::request(Op::Hello, 0, 0);
@@ -2348,7 +2362,10 @@ async fn peer_task(addr: String, cluster_id: String, mut rx: tmpsc::Receiver<Pee
         }
         match g.write_to(&mut wr).await {
             Ok(s) => scratch = s,
-            Err(_) => break,
+            Err(_) => {
+                let _ = driver.send(ReplIn::PeerLost(addr.clone()));
+                break;
+            }
         }
         frames.clear();
         match rx.recv().await {
@@ -2602,6 +2619,19 @@ impl Driver {
                     }
                 };
                 self.feed(input);
+            }
+            ReplIn::PeerLost(addr) => {
+                let map = self.shared.map();
+                let disks: Vec<u32> = map
+                    .nodes
+                    .iter()
+                    .filter(|n| n.addr == addr)
+                    .flat_map(|n| map.disks.iter().filter(move |d| d.node_id == n.id))
+                    .map(|d| d.id)
+                    .collect();
+                for disk in disks {
+                    self.feed(ReplInput::MemberLost { disk });
+                }
             }
             ReplIn::ReadRepair { pg, attempt, reply } => {
                 let client = self.next_client;
@@ -3337,6 +3367,7 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> ReplTx {
         tx: tx.clone(),
         peers: Peers {
             rt: rt.clone(),
+            driver: tx.clone(),
             cluster_id: shared.map().cluster_id.clone(),
             conns: Mutex::new(BTreeMap::new()),
         },

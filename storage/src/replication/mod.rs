@@ -490,6 +490,14 @@ pub enum Input<D> {
     Scrub {
         pg: Option<u32>,
     },
+    /// The link to the daemon of `disk` broke (its process died: the kernel
+    /// closed its sockets), before any map says so: every group this daemon
+    /// leads with `disk` in its write set settles (`Replicator::settle`)
+    /// now, not only once the manager's map shows the loss up to a
+    /// heartbeat grace later. A false alarm costs one flush.
+    MemberLost {
+        disk: u32,
+    },
 }
 
 /// Whether a read may be served by `disk` for `pg` now.
@@ -1250,6 +1258,7 @@ impl<D: Clone> Replicator<D> {
         match input {
             Input::Map(m) => self.on_map(m),
             Input::Tick => self.on_tick(),
+            Input::MemberLost { disk } => self.on_member_lost(disk),
             Input::Client {
                 pg,
                 disk,
@@ -3603,6 +3612,20 @@ impl<D: Clone> Replicator<D> {
                 self.next_source(pg, me, id);
             }
             self.pump(pg, me);
+        }
+    }
+
+    fn on_member_lost(&mut self, disk: u32) {
+        let led: Vec<(u32, u32)> = self
+            .pgs
+            .iter()
+            .filter(|((_, me), p)| {
+                *me != disk && p.primary.is_some() && p.view.write_set().contains(&disk)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for (pg, me) in led {
+            self.settle(pg, me);
         }
     }
 

@@ -379,6 +379,16 @@ impl Cluster {
         self.run();
     }
 
+    /// The daemon's process dies (its disk loses what was not flushed) and
+    /// nobody has told the manager yet: the map does not change.
+    fn die(&mut self, id: u32) {
+        let n = self.node(id);
+        n.disk.cache.clear();
+        n.held.clear();
+        n.stopped = true;
+        self.queue.retain(|(to, _)| *to != id);
+    }
+
     fn clean(&self) -> bool {
         self.map.disks.iter().all(|d| d.up)
             && self
@@ -923,6 +933,52 @@ fn a_primary_flushes_its_copy_when_a_holder_restarts() {
     // push yet), and node 1, now the only holder of the change, crashes
     // before any tick.
     c.node(1).rep.grant_push_bytes(0, 0);
+    c.crash_and_restart(2);
+    c.crash_and_restart(1);
+    assert_eq!(c.map.primary(0), Some(1));
+    c.resume(3);
+    c.declare_up(3);
+    c.settle();
+    c.assert_converged();
+    for id in 1..=MEMBERS {
+        assert_eq!(
+            c.nodes[id as usize - 1].disk.get(b),
+            v,
+            "node {id} lost the acknowledged write of {b:?}"
+        );
+    }
+}
+
+// Proves a primary settles as soon as its link to a member breaks, before
+// the map shows the member gone: node 2 (a replica holding an acknowledged,
+// unflushed change with primary node 1) dies; node 1 sees its link close
+// (`Input::MemberLost`) and flushes; node 2's new process registers, and
+// node 1 is killed before it processed that map. Without the early settle
+// the change was only in node 1's memory at that point and was lost.
+#[test]
+fn a_primary_settles_when_its_link_to_a_member_breaks() {
+    let mut c = Cluster::new();
+    for ch in 0..CHUNKS {
+        c.write(ch, 0);
+    }
+    c.ticks(3);
+    c.stop(3);
+    c.declare_down(3);
+    let v = c.next_value;
+    let id = c.write(0, 5);
+    assert_eq!(c.replies.get(&id), Some(&ClientResult::Ok));
+    let b = (0, 5 * REGION_BYTES / BLOCK);
+    c.node(1).rep.grant_push_bytes(0, 0);
+    c.die(2);
+    c.queue.push_back((1, Input::MemberLost { disk: 2 }));
+    c.run();
+    assert!(
+        c.nodes[0].disk.durable.get(&b) == Some(&v),
+        "node 1 flushed the change when its link to node 2 broke"
+    );
+    // Node 2 comes back as a new process; node 1 dies before it sees that
+    // map, and restarts.
+    c.stop(1);
     c.crash_and_restart(2);
     c.crash_and_restart(1);
     assert_eq!(c.map.primary(0), Some(1));

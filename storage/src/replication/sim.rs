@@ -996,6 +996,13 @@ impl World {
                     n.alive = false;
                     n.disk.crash(&mut rng);
                     self.crashes.push(self.now);
+                    // Its links close: the others notice at once, as the
+                    // daemon's peer links do (`Input::MemberLost`).
+                    for other in 1..=NODES {
+                        if other != id {
+                            self.feed(other, Input::MemberLost { disk: id });
+                        }
+                    }
                     if let Some(tb) = trace_block() {
                         println!(
                             "{} node {id} crash: block {:?} now {}",
