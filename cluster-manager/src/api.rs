@@ -28,17 +28,28 @@ pub const MAP_WAIT_DEFAULT_MS: u64 = 10_000;
 /// answers 503 and the client retries later.
 pub const MAP_WAITERS_MAX: usize = 256;
 
-/// A `GET /v1/map?after=EPOCH[&wait_ms=MS]` long poll: the epoch the client
-/// has and how long to hold the request for a newer one. `None` for a
+/// A map long poll, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapPoll {
+    /// The epoch the client has.
+    pub after: u64,
+    /// How long to hold the request for a newer one.
+    pub wait: std::time::Duration,
+    /// `next=1`: the map of epoch `after + 1` while the manager still has
+    /// it, not the newest (storage daemons process every epoch in order).
+    pub next: bool,
+}
+
+/// A `GET /v1/map?after=EPOCH[&wait_ms=MS][&next=1]` long poll. `None` for a
 /// plain map request; `Err` for a malformed query.
-pub fn map_long_poll(url: &str) -> Result<Option<(u64, std::time::Duration)>, ApiError> {
+pub fn map_long_poll(url: &str) -> Result<Option<MapPoll>, ApiError> {
     let Some((path, query)) = url.split_once('?') else {
         return Ok(None);
     };
     if path.trim_end_matches('/') != "/v1/map" {
         return Ok(None);
     }
-    let (mut after, mut wait_ms) = (None, MAP_WAIT_DEFAULT_MS);
+    let (mut after, mut wait_ms, mut next) = (None, MAP_WAIT_DEFAULT_MS, false);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let num = || {
@@ -48,10 +59,15 @@ pub fn map_long_poll(url: &str) -> Result<Option<(u64, std::time::Duration)>, Ap
         match k {
             "after" => after = Some(num()?),
             "wait_ms" => wait_ms = num()?.min(MAP_WAIT_MAX_MS),
+            "next" => next = num()? != 0,
             _ => {}
         }
     }
-    Ok(after.map(|a| (a, std::time::Duration::from_millis(wait_ms))))
+    Ok(after.map(|a| MapPoll {
+        after: a,
+        wait: std::time::Duration::from_millis(wait_ms),
+        next,
+    }))
 }
 
 /// The manager's fixed metric set; labels are bounded (route names are
@@ -405,12 +421,7 @@ impl Api {
 
     /// Hold a map long poll on its own small thread until the epoch
     /// passes `after` or `wait` runs out; the HTTP threads stay free.
-    fn hold_map_request(
-        self: &Arc<Self>,
-        req: tiny_http::Request,
-        after: u64,
-        wait: std::time::Duration,
-    ) {
+    fn hold_map_request(self: &Arc<Self>, req: tiny_http::Request, poll: MapPoll) {
         use std::sync::atomic::Ordering;
         if self.map_waiters.fetch_add(1, Ordering::SeqCst) >= MAP_WAITERS_MAX {
             self.map_waiters.fetch_sub(1, Ordering::SeqCst);
@@ -426,7 +437,11 @@ impl Api {
             .name("map-wait".into())
             .stack_size(64 * 1024)
             .spawn(move || {
-                let map = api.manager.map_after(after, wait);
+                let map = if poll.next {
+                    api.manager.map_next(poll.after, poll.wait)
+                } else {
+                    api.manager.map_after(poll.after, poll.wait)
+                };
                 api.respond(req, "map_wait", json(200, &map));
                 api.map_waiters.fetch_sub(1, Ordering::SeqCst);
             });
@@ -460,8 +475,8 @@ impl Api {
             let url = req.url().to_string();
             if method == "GET" {
                 match map_long_poll(&url) {
-                    Ok(Some((after, wait))) => {
-                        self.hold_map_request(req, after, wait);
+                    Ok(Some(poll)) => {
+                        self.hold_map_request(req, poll);
                         continue;
                     }
                     Ok(None) => {}
@@ -535,28 +550,46 @@ impl Api {
 mod tests {
 
     // Proves the long-poll query parser: only `/v1/map` with `after` is a
-    // long poll, `wait_ms` defaults and is capped, bad numbers are 400.
+    // long poll, `wait_ms` defaults and is capped, `next` is off unless
+    // asked, bad numbers are 400.
     #[test]
     fn map_long_poll_query() {
         use std::time::Duration as D;
+        let poll = |after, ms, next| {
+            Some(MapPoll {
+                after,
+                wait: D::from_millis(ms),
+                next,
+            })
+        };
         assert_eq!(map_long_poll("/v1/map").unwrap(), None);
         assert_eq!(map_long_poll("/v1/map?wait_ms=5").unwrap(), None);
         assert_eq!(map_long_poll("/v1/status?after=3").unwrap(), None);
         assert_eq!(
             map_long_poll("/v1/map?after=7").unwrap(),
-            Some((7, D::from_millis(MAP_WAIT_DEFAULT_MS)))
+            poll(7, MAP_WAIT_DEFAULT_MS, false)
         );
         assert_eq!(
             map_long_poll("/v1/map/?after=7&wait_ms=250&x").unwrap(),
-            Some((7, D::from_millis(250)))
+            poll(7, 250, false)
         );
         assert_eq!(
             map_long_poll("/v1/map?wait_ms=99999999&after=0").unwrap(),
-            Some((0, D::from_millis(MAP_WAIT_MAX_MS)))
+            poll(0, MAP_WAIT_MAX_MS, false)
+        );
+        assert_eq!(
+            map_long_poll("/v1/map?after=3&next=1&wait_ms=9").unwrap(),
+            poll(3, 9, true)
         );
         assert_eq!(map_long_poll("/v1/map?after=-1").unwrap_err().status, 400);
         assert_eq!(
             map_long_poll("/v1/map?after=1&wait_ms=")
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            map_long_poll("/v1/map?after=1&next=yes")
                 .unwrap_err()
                 .status,
             400

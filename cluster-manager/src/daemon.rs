@@ -190,10 +190,18 @@ pub struct Manager {
     min_in_ratio: f64,
 }
 
+/// Maps the manager keeps for daemons that fell behind (`Inner::history`).
+pub const MAP_HISTORY: usize = 64;
+
 struct Inner {
     catalog: Catalog,
     live: BTreeMap<u32, Live>,
     started: Instant,
+    /// The last `MAP_HISTORY` maps committed, oldest first, so a storage
+    /// daemon that fell behind can process every epoch in turn
+    /// (`map_next`). Memory only: after a manager restart a lagging daemon
+    /// skips to the current map, as it did before there was a history.
+    history: std::collections::VecDeque<ClusterMap>,
     /// The newest scrub request, handed to daemons with heartbeat answers.
     /// Memory only: it starts from the clock (milliseconds since the
     /// epoch) at the first request, so a restarted manager's requests are
@@ -273,6 +281,7 @@ impl Manager {
                 catalog,
                 live,
                 started: Instant::now(),
+                history: std::collections::VecDeque::new(),
                 demoted_at: BTreeMap::new(),
                 held_in: BTreeSet::new(),
                 scrub_generation: 0,
@@ -309,6 +318,11 @@ impl Manager {
             tracing::error!(error = %e, "cannot persist the catalogue");
             return Err(ApiError::new(500, format!("cannot persist catalogue: {e}")));
         }
+        let map = inner.map();
+        inner.history.push_back(map);
+        while inner.history.len() > MAP_HISTORY {
+            inner.history.pop_front();
+        }
         self.epoch_changed.notify_all();
         Ok(())
     }
@@ -321,6 +335,25 @@ impl Manager {
     /// `timeout` passes first (the `GET /v1/map?after=` long poll: gateways
     /// and storage daemons learn a new map as soon as it is committed,
     /// not at their next poll).
+    /// Like `map_after`, but the map of the epoch right after `epoch` when
+    /// the history still holds it, rather than the newest: a storage daemon
+    /// that processed every epoch in order knows that no change was
+    /// acknowledged without it since it applied one, and can vouch for what
+    /// it holds (docs/replication.md, "A restarted last copy takes back").
+    pub fn map_next(&self, epoch: u64, timeout: Duration) -> ClusterMap {
+        let inner = self.lock();
+        let (inner, _) = self
+            .epoch_changed
+            .wait_timeout_while(inner, timeout, |i| i.catalog.epoch <= epoch)
+            .expect("manager lock poisoned");
+        if inner.catalog.epoch > epoch + 1
+            && let Some(m) = inner.history.iter().find(|m| m.epoch == epoch + 1)
+        {
+            return m.clone();
+        }
+        inner.map()
+    }
+
     pub fn map_after(&self, epoch: u64, timeout: Duration) -> ClusterMap {
         let inner = self.lock();
         let (inner, _) = self
@@ -1018,6 +1051,56 @@ mod tests {
         c.pg_count = 99;
         let m = Manager::open(&c).unwrap();
         assert_eq!(m.map(), before);
+        drop(m);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    // Proves a lagging daemon's `next` long poll gets every epoch in turn,
+    // each the map that was published at it, while the history holds it,
+    // and the newest map once the history has rolled past its epoch.
+    #[test]
+    fn map_next_steps_through_every_epoch() {
+        let dir = temp("map-next");
+        let m = Manager::open(&config(&dir, Duration::from_secs(5))).unwrap();
+        reg(&m, "n1");
+        let start = m.map().epoch;
+        let mut published = vec![m.map()];
+        for i in 0..5 {
+            m.create_volume(CreateVolumeRequest {
+                name: format!("v{i}"),
+                size_bytes: 1 << 20,
+                block_size: None,
+                pool: None,
+            })
+            .unwrap();
+            published.push(m.map());
+        }
+        let newest = m.map();
+        assert_eq!(newest.epoch, start + 5);
+        let zero = Duration::ZERO;
+        for e in start..newest.epoch {
+            let next = m.map_next(e, zero);
+            assert_eq!(next.epoch, e + 1);
+            assert_eq!(next, published[(e + 1 - start) as usize]);
+            // The plain long poll still answers with the newest.
+            assert_eq!(m.map_after(e, zero), newest);
+        }
+        // Up to date: the current map (after the wait).
+        assert_eq!(m.map_next(newest.epoch, zero), newest);
+        // Past the history: the newest.
+        for i in 0..MAP_HISTORY {
+            m.create_volume(CreateVolumeRequest {
+                name: format!("w{i}"),
+                size_bytes: 1 << 20,
+                block_size: None,
+                pool: None,
+            })
+            .unwrap();
+        }
+        let newest = m.map();
+        assert_eq!(m.map_next(start, zero), newest);
+        let e = newest.epoch - 2;
+        assert_eq!(m.map_next(e, zero).epoch, e + 1);
         drop(m);
         std::fs::remove_dir_all(dir).ok();
     }

@@ -996,15 +996,20 @@ fn fetch_map(agent: &ureq::Agent, manager: &str) -> Result<ClusterMap, String> {
     parse_map(agent.get(&format!("{manager}/v1/map")).call())
 }
 
-/// Long poll: the first map above `epoch`, or the current one once the
-/// manager has held the request for `wait`.
+/// Long poll: the map of the epoch right after `epoch` (`next=1`: while
+/// the manager still keeps it, else the newest), or the current one once
+/// the manager has held the request for `wait`. Processing every epoch in
+/// order lets this daemon vouch for the changes it applied when a
+/// restarted last up-to-date copy asks (`Pg::vouched_after` in
+/// `replication`: a skipped epoch could have acknowledged a change without
+/// it).
 fn fetch_map_after(manager: &str, epoch: u64, wait: Duration) -> Result<ClusterMap, String> {
     let agent = ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(2))
         .timeout(wait + Duration::from_secs(5))
         .build();
     let url = format!(
-        "{manager}/v1/map?after={epoch}&wait_ms={}",
+        "{manager}/v1/map?after={epoch}&next=1&wait_ms={}",
         wait.as_millis()
     );
     parse_map(agent.get(&url).call())
