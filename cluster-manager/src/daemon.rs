@@ -341,25 +341,29 @@ impl Manager {
     /// acknowledged without it since it applied one, and can vouch for what
     /// it holds (docs/replication.md, "A restarted last copy takes back").
     pub fn map_next(&self, epoch: u64, timeout: Duration) -> ClusterMap {
+        self.wait_map(epoch, timeout, true)
+    }
+
+    /// The map once its epoch is above `epoch`, or the current one when
+    /// `timeout` passes first (the `GET /v1/map?after=` long poll: gateways
+    /// and storage daemons learn a new map as soon as it is committed,
+    /// not at their next poll).
+    pub fn map_after(&self, epoch: u64, timeout: Duration) -> ClusterMap {
+        self.wait_map(epoch, timeout, false)
+    }
+
+    fn wait_map(&self, epoch: u64, timeout: Duration, next: bool) -> ClusterMap {
         let inner = self.lock();
         let (inner, _) = self
             .epoch_changed
             .wait_timeout_while(inner, timeout, |i| i.catalog.epoch <= epoch)
             .expect("manager lock poisoned");
-        if inner.catalog.epoch > epoch + 1
+        if next
+            && inner.catalog.epoch > epoch + 1
             && let Some(m) = inner.history.iter().find(|m| m.epoch == epoch + 1)
         {
             return m.clone();
         }
-        inner.map()
-    }
-
-    pub fn map_after(&self, epoch: u64, timeout: Duration) -> ClusterMap {
-        let inner = self.lock();
-        let (inner, _) = self
-            .epoch_changed
-            .wait_timeout_while(inner, timeout, |i| i.catalog.epoch <= epoch)
-            .expect("manager lock poisoned");
         inner.map()
     }
 
