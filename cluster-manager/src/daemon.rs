@@ -358,9 +358,11 @@ impl Manager {
             .epoch_changed
             .wait_timeout_while(inner, timeout, |i| i.catalog.epoch <= epoch)
             .expect("manager lock poisoned");
+        // (`epoch` comes from a client: no overflow on u64::MAX.)
         if next
-            && inner.catalog.epoch > epoch + 1
-            && let Some(m) = inner.history.iter().find(|m| m.epoch == epoch + 1)
+            && let Some(want) = epoch.checked_add(1)
+            && inner.catalog.epoch > want
+            && let Some(m) = inner.history.iter().find(|m| m.epoch == want)
         {
             return m.clone();
         }
@@ -510,6 +512,7 @@ impl Manager {
         live.last_heartbeat = Some(now);
         live.usage = Some(req);
         if !live.up {
+            let down_since = live.down_since;
             live.up = true;
             live.down_since = None;
             tracing::info!(node_id, "node is up again");
@@ -527,7 +530,14 @@ impl Manager {
                     );
                 }
             }
-            self.commit(&mut inner, before)?;
+            if let Err(e) = self.commit(&mut inner, before) {
+                // Still down in the map every client has at this epoch: the
+                // next heartbeat tries again.
+                let live = inner.live.get_mut(&node_id).expect("live");
+                live.up = false;
+                live.down_since = down_since;
+                return Err(e);
+            }
         }
         Ok(HeartbeatResponse {
             epoch: inner.catalog.epoch,
@@ -1089,8 +1099,10 @@ mod tests {
             // The plain long poll still answers with the newest.
             assert_eq!(m.map_after(e, zero), newest);
         }
-        // Up to date: the current map (after the wait).
+        // Up to date: the current map (after the wait); an epoch from a
+        // client at the end of the range does not overflow.
         assert_eq!(m.map_next(newest.epoch, zero), newest);
+        assert_eq!(m.map_next(u64::MAX, zero), newest);
         // Past the history: the newest.
         for i in 0..MAP_HISTORY {
             m.create_volume(CreateVolumeRequest {

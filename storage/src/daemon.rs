@@ -2339,18 +2339,17 @@ async fn peer_task(
     // Replies only acknowledge receipt: read and drop them. The peer's end
     // closing (its process died, or it dropped the link) says at once that
     // whatever it held in memory is gone: the driver settles the groups it
-    // was a member of (`Input::MemberLost`).
-    let (lost_addr, lost_tx) = (addr.clone(), driver.clone());
-    let reader = tokio::spawn(async move {
+    // was a member of (`Input::MemberLost`), once per link, and the link
+    // ends so the next frame for that peer connects again.
+    let mut reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
-        let _ = lost_tx.send(ReplIn::PeerLost(lost_addr));
     });
     let mut wr = wr;
     let hello = Header::request(Op::Hello, 0, 0);
     let mut frames = vec![PeerFrame::new(hello, cluster_id.as_bytes(), None)];
     let mut scratch = Vec::new();
-    loop {
+    let lost = loop {
         // Every frame ready goes in one writev (no copy into a buffer).
         while frames.len() < REPLY_BATCH_MAX
             && let Ok(f) = rx.try_recv()
@@ -2367,18 +2366,22 @@ async fn peer_task(
         }
         match g.write_to(&mut wr).await {
             Ok(s) => scratch = s,
-            Err(_) => {
-                let _ = driver.send(ReplIn::PeerLost(addr.clone()));
-                break;
-            }
+            Err(_) => break true,
         }
         frames.clear();
-        match rx.recv().await {
-            Some(f) => frames.push(f),
-            None => break,
+        tokio::select! {
+            f = rx.recv() => match f {
+                Some(f) => frames.push(f),
+                // This side dropped the link (shutting down).
+                None => break false,
+            },
+            _ = &mut reader => break true,
         }
-    }
+    };
     reader.abort();
+    if lost {
+        let _ = driver.send(ReplIn::PeerLost(addr));
+    }
 }
 
 /// A copy's digest of an extent it read (every block's CRC verified): its

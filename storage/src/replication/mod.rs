@@ -733,6 +733,9 @@ struct Primary<D> {
     /// `settling`: to be asked again, the last one failed).
     settling: bool,
     settle_token: Option<u64>,
+    /// A local write of a change completed after the last flush was asked:
+    /// that flush does not cover it, so another one follows.
+    settle_dirty: bool,
 }
 
 /// Taking back the changes a restarted primary may have lost. The manager
@@ -898,6 +901,8 @@ enum Token {
         pg: u32,
         disk: u32,
     },
+    /// A member's flush after its primary's process died (nothing waits).
+    Durable,
 }
 
 /// Counters the daemon turns into metrics.
@@ -1817,6 +1822,10 @@ impl<D: Clone> Replicator<D> {
                 });
             }
         }
+        if pr.settling {
+            // Answered once this copy is durable (`settle`).
+            return;
+        }
         let done: Vec<Seq> = pr
             .ops
             .iter()
@@ -2055,7 +2064,14 @@ impl<D: Clone> Replicator<D> {
         {
             op.local_pending = false;
             op.failed |= !ok;
+            let settle_now = pr.settling && {
+                pr.settle_dirty = true;
+                pr.settle_token.is_none()
+            };
             p.applied.insert(seq);
+            if settle_now {
+                self.settle(pg, disk);
+            }
             self.finish_ops(pg, disk);
         }
     }
@@ -3627,6 +3643,24 @@ impl<D: Clone> Replicator<D> {
         for (pg, me) in led {
             self.settle(pg, me);
         }
+        // A member whose primary died holds, in memory, the changes that
+        // primary acknowledged and nobody flushed: make them durable now,
+        // not a heartbeat grace later when the map names a new primary (and
+        // it settles). One flush per local disk; nothing waits for it.
+        let mine: BTreeSet<u32> = self
+            .pgs
+            .iter()
+            .filter(|((_, me), p)| {
+                *me != disk && p.primary.is_none() && p.view.primary == Some(disk)
+            })
+            .map(|((_, me), _)| *me)
+            .collect();
+        for me in mine {
+            let token = self.next_token;
+            self.next_token += 1;
+            self.tokens.insert(token, Token::Durable);
+            self.effects.push(Effect::Flush { disk: me, token });
+        }
     }
 
     /// Make this primary's copy durable before the group goes on. Every
@@ -3636,27 +3670,30 @@ impl<D: Clone> Replicator<D> {
     /// one is gone), this copy may be the only one still holding some of
     /// them, in memory, and nobody could give them back if this process
     /// crashed too (a restarted member vouches only for what its new process
-    /// applied). So the primary flushes itself at once, and starts no new
-    /// change, recovery or peering push until the flush is done: whatever
-    /// the group does under the new map happens after those changes are on
-    /// its disk. Changes already in flight are still resent and acknowledged
-    /// (they are older than the flush's reach matters for: each is applied
-    /// here before it is acknowledged, and the next flush covers it).
+    /// applied). So the primary flushes itself at once, and until the flush
+    /// is done it starts no new change, recovery or peering push of the
+    /// group and acknowledges nothing: changes already in flight go on
+    /// (resent, applied here and by the members) but are answered only once
+    /// a flush that began after their local write completed is done
+    /// (`settle_dirty`), so each is on this disk when its client hears.
     fn settle(&mut self, pg: u32, me: u32) {
         let Some(pr) = self.pgs.get_mut(&(pg, me)).and_then(|p| p.primary.as_mut()) else {
             return;
         };
         pr.settling = true;
-        // A flush already in flight may not cover what was applied since it
-        // was asked (changes in flight go on): ask again, and wait for the
-        // new one only.
-        if let Some(old) = pr.settle_token.take() {
-            self.tokens.remove(&old);
+        if pr.settle_token.is_some() {
+            // The flush in flight covers every change acknowledged so far
+            // (none is acknowledged while settling); local writes that
+            // complete meanwhile are caught by `settle_dirty` when it
+            // answers. Asking again here would only postpone the end while
+            // triggers keep coming (a link that keeps dropping).
+            return;
         }
         let token = self.next_token;
         self.next_token += 1;
         self.tokens.insert(token, Token::Settle { pg, disk: me });
         pr.settle_token = Some(token);
+        pr.settle_dirty = false;
         self.stats.settles += 1;
         self.effects.push(Effect::Flush { disk: me, token });
     }
@@ -3676,6 +3713,14 @@ impl<D: Clone> Replicator<D> {
             // Asked again on the next tick; the group waits meanwhile.
             return;
         }
+        if pr.settle_dirty {
+            return self.settle(pg, me);
+        }
+        if pr.ops.values().any(|o| o.local_started && o.local_pending) {
+            // Local writes still in flight complete after this flush: the
+            // last of them asks for the next one (`on_applied`).
+            return;
+        }
         pr.settling = false;
         if pr.active {
             start_recoveries(
@@ -3685,8 +3730,11 @@ impl<D: Clone> Replicator<D> {
                 &mut self.tokens,
                 &mut self.next_token,
             );
+            // Answers held while settling go out; then new changes start.
+            self.finish_ops(pg, me);
             self.pump(pg, me);
         } else {
+            self.finish_ops(pg, me);
             self.check_peering(pg, me);
         }
     }
@@ -3954,6 +4002,7 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
         reclaim,
         settling: false,
         settle_token: None,
+        settle_dirty: false,
     });
 }
 
