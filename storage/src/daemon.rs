@@ -2404,6 +2404,40 @@ fn digest_of(data: &[u8]) -> u64 {
     h ^ (u64::from(tessera_wire::crc32c(data)) << 32) ^ data.len() as u64
 }
 
+/// The take-back of a restarted last up-to-date copy, message by message
+/// (rare: once per group at such a restart): what each member vouched for,
+/// what was fetched and what came back. Summaries at info, each entry and
+/// piece at debug (`TESSERA_LOG=info,tessera_storage::daemon=debug`).
+fn trace_reclaim(m: &repl::Msg<Data>) {
+    match &m.body {
+        repl::Body::ReclaimQuery => {
+            tracing::info!(pg = m.pg, from = m.from, to = m.to, epoch = m.epoch, "reclaim: asking");
+        }
+        repl::Body::ReclaimReply { entries } => {
+            tracing::info!(
+                pg = m.pg,
+                from = m.from,
+                to = m.to,
+                epoch = m.epoch,
+                entries = entries.len(),
+                first = ?entries.first().map(|e| e.0),
+                last = ?entries.last().map(|e| e.0),
+                "reclaim: vouching"
+            );
+            for (seq, e) in entries {
+                tracing::debug!(pg = m.pg, ?seq, chunk = e.chunk_index, offset = e.offset, length = e.length, "reclaim: vouched");
+            }
+        }
+        repl::Body::Fetch { id, extent } => {
+            tracing::debug!(pg = m.pg, to = m.to, id, chunk = extent.chunk_index, offset = extent.offset, length = extent.length, "fetch");
+        }
+        repl::Body::Fetched { id, ok, extent, data } => {
+            tracing::debug!(pg = m.pg, to = m.to, id, ok, chunk = extent.chunk_index, offset = extent.offset, length = extent.length, zero = data.is_none(), "fetched");
+        }
+        _ => {}
+    }
+}
+
 /// One `Op::Repl` frame: header, body, the message's data, CRC.
 fn repl_frame(m: &repl::Msg<Data>) -> PeerFrame {
     let (body, data) = repl::codec::encode_parts(m);
@@ -2906,6 +2940,7 @@ impl Driver {
         };
         match e {
             ReplEffect::Send(m) => {
+                trace_reclaim(&m);
                 if self.shared.disks.read().expect("disks").contains_key(&m.to) {
                     self.local.push_back(ReplInput::Msg(m));
                     return;

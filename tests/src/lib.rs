@@ -128,6 +128,12 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // TESSERA_TEST_KEEP=1 keeps a failed test's directory (disk files,
+        // daemon logs) to look at.
+        if std::thread::panicking() && std::env::var_os("TESSERA_TEST_KEEP").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
