@@ -1853,7 +1853,13 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     // The replicator starts with this process's (empty) logs, after the
     // registration told the manager that a new process owns the disks.
     let repl_tx = start_driver(shared.clone(), rt.handle().clone());
-    let _ = repl_tx.send(ReplIn::Input(ReplInput::Map(shared.map())));
+    // Only a map from this registration on: in an older one this disk is
+    // the old process's (its incarnation, its copies' states, the groups
+    // it led), and the new process must not act as it — lead a group,
+    // answer a peering under an epoch that is already gone.
+    if shared.map().epoch >= resp.epoch {
+        let _ = repl_tx.send(ReplIn::Input(ReplInput::Map(shared.map())));
+    }
     *shared.repl.lock().expect("repl") = Some(repl_tx);
     if let Ok(m) = fetch_map(&agent, &config.manager) {
         publish_map(&shared, m);
