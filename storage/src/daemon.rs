@@ -1852,7 +1852,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     apply_registration(&shared, &resp).map_err(Fatal::env)?;
     // The replicator starts with this process's (empty) logs, after the
     // registration told the manager that a new process owns the disks.
-    let repl_tx = start_driver(shared.clone(), rt.handle().clone());
+    let repl_tx = start_driver(shared.clone(), rt.handle().clone(), resp.epoch);
     // Only a map from this registration on: in an older one this disk is
     // the old process's (its incarnation, its copies' states, the groups
     // it led), and the new process must not act as it — lead a group,
@@ -3393,7 +3393,7 @@ fn report_loop(shared: Arc<Shared>, rx: mpsc::Receiver<(u32, u32, u32, u64)>) {
 }
 
 /// Start the driver for this daemon's disks; returns its input channel.
-fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> ReplTx {
+fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle, registered: u64) -> ReplTx {
     let (tx, rx) = tmpsc::unbounded_channel();
     let (rtx, rrx) = mpsc::channel();
     let disks: Vec<u32> = shared
@@ -3409,6 +3409,7 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle) -> ReplTx {
         / f64::from(repl::REGION_BYTES);
     rep.set_scrub_rate(per_tick.ceil() as usize);
     rep.set_pushes_max(shared.config.recovery_pushes_max);
+    rep.set_min_epoch(registered);
     rep.set_push_regions(shared.config.recovery_push_bytes / repl::REGION_BYTES);
     let driver = Driver {
         shared: shared.clone(),

@@ -157,7 +157,6 @@ fn restarted_last_copy_takes_back_what_it_lost() {
 // (a second fio, `--verify_only`) once storage-2 is resumed and recovered.
 // Prints the longest I/O stall.
 #[test]
-#[ignore = "loses an acknowledged write about 1 run in 7 while the other test of this file runs at the same time (fio verify: bad magic header 0 after storage-0's restart); cause not found yet: docs/replication.md, 'Not done yet'. Run with --ignored."]
 fn last_copy_killed_right_after_another_restarted() {
     require(&["fio"]);
     let dir = TempDir::new("two-failures");

@@ -998,6 +998,8 @@ pub struct Replicator<D> {
     /// (a new map, a primary done peering), so the driver recomputes it
     /// only then and not after every input.
     active_gen: u64,
+    /// Maps older than this are ignored (`set_min_epoch`).
+    min_epoch: u64,
 }
 
 impl<D: Clone> Replicator<D> {
@@ -1023,7 +1025,20 @@ impl<D: Clone> Replicator<D> {
             push_budget: None,
             starved: VecDeque::new(),
             active_gen: 0,
+            min_epoch: 0,
         }
+    }
+
+    /// Ignore maps older than `epoch`: the one in which this process
+    /// registered its disks. In an older map a disk is still the previous
+    /// process's (its incarnation, its copies' states, the groups it led):
+    /// acting on it, a new process led such a group under an epoch already
+    /// gone, had a member still at that epoch answer its peering, and
+    /// pushed its own stale content over the member's newer writes as
+    /// "uncertain regions" — a lost acknowledged write (scenario test
+    /// `a_new_process_ignores_the_map_before_its_registration`).
+    pub fn set_min_epoch(&mut self, epoch: u64) {
+        self.min_epoch = epoch;
     }
 
     /// Limit the regions (64 KiB) of the recovery pushes in flight over all
@@ -1296,7 +1311,7 @@ impl<D: Clone> Replicator<D> {
     // ---- map changes ------------------------------------------------------
 
     fn on_map(&mut self, map: Arc<ClusterMap>) {
-        if self.map.as_ref().is_some_and(|m| m.epoch >= map.epoch) {
+        if self.map.as_ref().is_some_and(|m| m.epoch >= map.epoch) || map.epoch < self.min_epoch {
             return;
         }
         self.active_gen += 1;
