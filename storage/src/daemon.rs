@@ -1853,13 +1853,11 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     // The replicator starts with this process's (empty) logs, after the
     // registration told the manager that a new process owns the disks.
     let repl_tx = start_driver(shared.clone(), rt.handle().clone(), resp.epoch);
-    // Only a map from this registration on: in an older one this disk is
-    // the old process's (its incarnation, its copies' states, the groups
-    // it led), and the new process must not act as it — lead a group,
-    // answer a peering under an epoch that is already gone.
-    if shared.map().epoch >= resp.epoch {
-        let _ = repl_tx.send(ReplIn::Input(ReplInput::Map(shared.map())));
-    }
+    // The map fetched before registering is not fed to it: in that map
+    // this disk is the old process's (its incarnation, its copies' states,
+    // the groups it led), and the new process must not act as it (the
+    // replicator also ignores maps older than the registration:
+    // `set_min_epoch`). Its first map is the one fetched next.
     *shared.repl.lock().expect("repl") = Some(repl_tx);
     if let Ok(m) = fetch_map(&agent, &config.manager) {
         publish_map(&shared, m);

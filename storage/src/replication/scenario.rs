@@ -1087,15 +1087,17 @@ fn a_member_flushes_when_its_primary_dies() {
     }
 }
 
-// Proves a restarted daemon does not act on the map it fetched before it
-// registered: in that map its disk is still the old process's, primary of
-// group 0. The new process (whose cache lost an acknowledged change) led
-// the group under that gone epoch; the replica, still at it, answered its
-// peering with the change as uncertain, and the new process pushed its own
-// stale content of that region over it: the write was lost on every copy
-// (`tests/tests/last_copy.rs::last_copy_killed_right_after_another_restarted`,
-// fio verify reading zeros). Now the state machine ignores maps older than
-// its registration (`Replicator::set_min_epoch`).
+// Proves a restarted daemon does not act on a map older than its
+// registration: in the map it fetched before registering its disk is still
+// the old process's, primary of group 0. Acting on it, the new process
+// (whose cache lost an acknowledged change) led the group under that gone
+// epoch; the replica, still at it, answered its peering with the change as
+// uncertain, and the new process pushed its own stale content of that
+// region over it: the write was lost on every copy, as fio's verify saw in
+// `tests/tests/last_copy.rs::last_copy_killed_right_after_another_restarted`
+// (the likely cause there; docs/replication.md, "A lost write, found
+// late"). Now the state machine ignores maps older than its registration
+// (`Replicator::set_min_epoch`).
 #[test]
 fn a_new_process_ignores_the_map_before_its_registration() {
     let mut c = Cluster::new();
