@@ -2415,7 +2415,13 @@ fn digest_of(data: &[u8]) -> u64 {
 fn trace_reclaim(m: &repl::Msg<Data>) {
     match &m.body {
         repl::Body::ReclaimQuery => {
-            tracing::info!(pg = m.pg, from = m.from, to = m.to, epoch = m.epoch, "reclaim: asking");
+            tracing::info!(
+                pg = m.pg,
+                from = m.from,
+                to = m.to,
+                epoch = m.epoch,
+                "reclaim: asking"
+            );
         }
         repl::Body::ReclaimReply { entries } => {
             tracing::info!(
@@ -2429,14 +2435,44 @@ fn trace_reclaim(m: &repl::Msg<Data>) {
                 "reclaim: vouching"
             );
             for (seq, e) in entries {
-                tracing::debug!(pg = m.pg, ?seq, chunk = e.chunk_index, offset = e.offset, length = e.length, "reclaim: vouched");
+                tracing::debug!(
+                    pg = m.pg,
+                    ?seq,
+                    chunk = e.chunk_index,
+                    offset = e.offset,
+                    length = e.length,
+                    "reclaim: vouched"
+                );
             }
         }
         repl::Body::Fetch { id, extent } => {
-            tracing::debug!(pg = m.pg, to = m.to, id, chunk = extent.chunk_index, offset = extent.offset, length = extent.length, "fetch");
+            tracing::debug!(
+                pg = m.pg,
+                to = m.to,
+                id,
+                chunk = extent.chunk_index,
+                offset = extent.offset,
+                length = extent.length,
+                "fetch"
+            );
         }
-        repl::Body::Fetched { id, ok, extent, data } => {
-            tracing::debug!(pg = m.pg, to = m.to, id, ok, chunk = extent.chunk_index, offset = extent.offset, length = extent.length, zero = data.is_none(), "fetched");
+        repl::Body::Fetched {
+            id,
+            ok,
+            extent,
+            data,
+        } => {
+            tracing::debug!(
+                pg = m.pg,
+                to = m.to,
+                id,
+                ok,
+                chunk = extent.chunk_index,
+                offset = extent.offset,
+                length = extent.length,
+                zero = data.is_none(),
+                "fetched"
+            );
         }
         _ => {}
     }
