@@ -494,7 +494,8 @@ pub enum Input<D> {
     /// closed its sockets), before any map says so: every group this daemon
     /// leads with `disk` in its write set settles (`Replicator::settle`)
     /// now, not only once the manager's map shows the loss up to a
-    /// heartbeat grace later. A false alarm costs one flush.
+    /// heartbeat grace later; a member whose primary it was flushes its own
+    /// copy. A false alarm costs one flush and the group's pause for it.
     MemberLost {
         disk: u32,
     },
@@ -730,7 +731,8 @@ struct Primary<D> {
     /// Making this copy durable before the group goes on (`settle`): set
     /// when this primary starts a term or a member of the write set left or
     /// restarted; `Some` token while the flush is in flight (`None` with
-    /// `settling`: to be asked again, the last one failed).
+    /// `settling`: waiting for local writes in flight, or to be asked again
+    /// on the next tick after a failed flush).
     settling: bool,
     settle_token: Option<u64>,
     /// A local write of a change completed after the last flush was asked:
@@ -3671,9 +3673,7 @@ impl<D: Clone> Replicator<D> {
             .map(|((_, me), _)| *me)
             .collect();
         for me in mine {
-            let token = self.next_token;
-            self.next_token += 1;
-            self.tokens.insert(token, Token::Durable);
+            let token = self.token(Token::Durable);
             self.effects.push(Effect::Flush { disk: me, token });
         }
     }
@@ -3704,11 +3704,11 @@ impl<D: Clone> Replicator<D> {
             // triggers keep coming (a link that keeps dropping).
             return;
         }
-        let token = self.next_token;
-        self.next_token += 1;
-        self.tokens.insert(token, Token::Settle { pg, disk: me });
-        pr.settle_token = Some(token);
         pr.settle_dirty = false;
+        let token = self.token(Token::Settle { pg, disk: me });
+        if let Some(pr) = self.pgs.get_mut(&(pg, me)).and_then(|p| p.primary.as_mut()) {
+            pr.settle_token = Some(token);
+        }
         self.stats.settles += 1;
         self.effects.push(Effect::Flush { disk: me, token });
     }

@@ -405,6 +405,42 @@ impl Cluster {
         self.queue.retain(|(to, _)| *to != id);
     }
 
+    /// A cluster whose every chunk was written and flushed everywhere.
+    fn primed() -> Cluster {
+        let mut c = Cluster::new();
+        for ch in 0..CHUNKS {
+            c.write(ch, 0);
+        }
+        c.ticks(3);
+        c
+    }
+
+    /// Node 3 away, then one write of group 0 acknowledged by its primary
+    /// (node 1) and node 2, flushed nowhere: its value and block.
+    fn unflushed_write_without_node_3(&mut self) -> (u64, Block) {
+        self.stop(3);
+        self.declare_down(3);
+        let v = self.next_value;
+        let id = self.write(0, 5);
+        assert_eq!(self.replies.get(&id), Some(&ClientResult::Ok));
+        (v, (0, 5 * REGION_BYTES / BLOCK))
+    }
+
+    /// Node 3 back, everything recovered: every copy of `b` holds `v`.
+    fn heal_and_expect(&mut self, b: Block, v: u64) {
+        self.resume(3);
+        self.declare_up(3);
+        self.settle();
+        self.assert_converged();
+        for id in 1..=MEMBERS {
+            assert_eq!(
+                self.nodes[id as usize - 1].disk.get(b),
+                v,
+                "node {id} lost the acknowledged write of {b:?}"
+            );
+        }
+    }
+
     fn clean(&self) -> bool {
         self.map.disks.iter().all(|d| d.up)
             && self
@@ -932,18 +968,9 @@ fn a_change_only_an_outdated_member_got_is_made_to_agree() {
 // storage-1's new process was being recovered; fio's verify read zeros).
 #[test]
 fn a_primary_flushes_its_copy_when_a_holder_restarts() {
-    let mut c = Cluster::new();
-    for ch in 0..CHUNKS {
-        c.write(ch, 0);
-    }
-    c.ticks(3);
+    let mut c = Cluster::primed();
     // Node 3 away: group 0's write set is nodes 1 (primary) and 2.
-    c.stop(3);
-    c.declare_down(3);
-    let v = c.next_value;
-    let id = c.write(0, 5);
-    assert_eq!(c.replies.get(&id), Some(&ClientResult::Ok));
-    let b = (0, 5 * REGION_BYTES / BLOCK);
+    let (v, b) = c.unflushed_write_without_node_3();
     assert!(!c.nodes[0].disk.durable.contains_key(&b), "not flushed yet");
     // Node 2 restarts (its cache and its log are gone; its recovery cannot
     // push yet), and node 1, now the only holder of the change, crashes
@@ -952,17 +979,7 @@ fn a_primary_flushes_its_copy_when_a_holder_restarts() {
     c.crash_and_restart(2);
     c.crash_and_restart(1);
     assert_eq!(c.map.primary(0), Some(1));
-    c.resume(3);
-    c.declare_up(3);
-    c.settle();
-    c.assert_converged();
-    for id in 1..=MEMBERS {
-        assert_eq!(
-            c.nodes[id as usize - 1].disk.get(b),
-            v,
-            "node {id} lost the acknowledged write of {b:?}"
-        );
-    }
+    c.heal_and_expect(b, v);
 }
 
 // Proves a primary settles as soon as its link to a member breaks, before
@@ -973,17 +990,8 @@ fn a_primary_flushes_its_copy_when_a_holder_restarts() {
 // the change was only in node 1's memory at that point and was lost.
 #[test]
 fn a_primary_settles_when_its_link_to_a_member_breaks() {
-    let mut c = Cluster::new();
-    for ch in 0..CHUNKS {
-        c.write(ch, 0);
-    }
-    c.ticks(3);
-    c.stop(3);
-    c.declare_down(3);
-    let v = c.next_value;
-    let id = c.write(0, 5);
-    assert_eq!(c.replies.get(&id), Some(&ClientResult::Ok));
-    let b = (0, 5 * REGION_BYTES / BLOCK);
+    let mut c = Cluster::primed();
+    let (v, b) = c.unflushed_write_without_node_3();
     c.node(1).rep.grant_push_bytes(0, 0);
     c.die(2);
     c.queue.push_back((1, Input::MemberLost { disk: 2 }));
@@ -998,17 +1006,7 @@ fn a_primary_settles_when_its_link_to_a_member_breaks() {
     c.crash_and_restart(2);
     c.crash_and_restart(1);
     assert_eq!(c.map.primary(0), Some(1));
-    c.resume(3);
-    c.declare_up(3);
-    c.settle();
-    c.assert_converged();
-    for id in 1..=MEMBERS {
-        assert_eq!(
-            c.nodes[id as usize - 1].disk.get(b),
-            v,
-            "node {id} lost the acknowledged write of {b:?}"
-        );
-    }
+    c.heal_and_expect(b, v);
 }
 
 // Proves a change in flight when the primary starts settling is answered
@@ -1019,11 +1017,7 @@ fn a_primary_settles_when_its_link_to_a_member_breaks() {
 // flush does not cover it, and the answer must wait for another one.
 #[test]
 fn a_change_in_flight_while_settling_is_answered_once_durable() {
-    let mut c = Cluster::new();
-    for ch in 0..CHUNKS {
-        c.write(ch, 0);
-    }
-    c.ticks(3);
+    let mut c = Cluster::primed();
     c.stop(3);
     c.declare_down(3);
     // Group 0: primary 1, replica 2. Node 1 takes the client's write and
@@ -1064,11 +1058,7 @@ fn a_change_in_flight_while_settling_is_answered_once_durable() {
 // grace later.
 #[test]
 fn a_member_flushes_when_its_primary_dies() {
-    let mut c = Cluster::new();
-    for ch in 0..CHUNKS {
-        c.write(ch, 0);
-    }
-    c.ticks(3);
+    let mut c = Cluster::primed();
     let v = c.next_value;
     let id = c.write(0, 5);
     assert_eq!(c.replies.get(&id), Some(&ClientResult::Ok));
@@ -1100,17 +1090,8 @@ fn a_member_flushes_when_its_primary_dies() {
 // (`Replicator::set_min_epoch`).
 #[test]
 fn a_new_process_ignores_the_map_before_its_registration() {
-    let mut c = Cluster::new();
-    for ch in 0..CHUNKS {
-        c.write(ch, 0);
-    }
-    c.ticks(3);
-    c.stop(3);
-    c.declare_down(3);
-    let v = c.next_value;
-    let id = c.write(0, 5);
-    assert_eq!(c.replies.get(&id), Some(&ClientResult::Ok));
-    let b = (0, 5 * REGION_BYTES / BLOCK);
+    let mut c = Cluster::primed();
+    let (v, b) = c.unflushed_write_without_node_3();
     // Node 1 (group 0's primary) crashes; its new process starts with the
     // map it fetched before registering.
     let before = Arc::new(c.map.clone());
@@ -1133,15 +1114,5 @@ fn a_new_process_ignores_the_map_before_its_registration() {
     c.bump();
     assert_eq!(c.map.epoch, registered);
     c.run();
-    c.resume(3);
-    c.declare_up(3);
-    c.settle();
-    c.assert_converged();
-    for id in 1..=MEMBERS {
-        assert_eq!(
-            c.nodes[id as usize - 1].disk.get(b),
-            v,
-            "node {id} lost the acknowledged write of {b:?}"
-        );
-    }
+    c.heal_and_expect(b, v);
 }
