@@ -6,6 +6,8 @@ In one run, on the same disk, it serves a backing store with:
   * qemu-nbd  - a raw file, --cache=none --aio=io_uring
   * nbdkit    - file plugin (cache=none where supported)
   * nbd-server- a raw file
+  * nbdkit-null - nbdkit's null plugin, no disk: not a competitor but the
+                ceiling of the client (fio's nbd engine) and loopback TCP
 and measures each with fio's nbd engine, plus the local limit: fio with
 io_uring and O_DIRECT on a file on the same disk. Workloads: 4k random read
 and write at queue depth 1 and 32, 128k sequential read and write at queue
@@ -248,6 +250,24 @@ class Nbdkit(Nbd):
         prefill(self.fio_args(), size)
 
 
+class NbdkitNull(Nbd):
+    """nbdkit's null plugin: no disk at all (reads are zeroes, writes are
+    dropped). Not a competitor: the ceiling of fio's nbd engine, libnbd and
+    loopback TCP on this machine, which bounds every NBD server here."""
+
+    name = "nbdkit-null"
+
+    def __init__(self, work, size):
+        self.port = free_port()
+        self.export = ""
+        p = subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(self.port),
+                              "null", "size=" + size],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs = [p]
+        self.pids = [p.pid]
+        wait_port(self.port)
+
+
 class NbdServer(Nbd):
     name = "nbd-server"
 
@@ -284,7 +304,7 @@ NbdServer.stop = _stop_nbd_server
 
 TARGETS = {"local": Local, "tessera": Tessera, "tessera-embedded": TesseraEmbedded,
            "tessera-3x3": TesseraReplicated, "qemu-nbd": QemuNbd,
-           "nbdkit": Nbdkit, "nbd-server": NbdServer}
+           "nbdkit": Nbdkit, "nbdkit-null": NbdkitNull, "nbd-server": NbdServer}
 
 
 def pids_with_arg(arg):
@@ -362,7 +382,8 @@ def main():
     results = {n: {w[0]: [] for w in wls} for n in names}
     try:
         for n in names:
-            tool = {"qemu-nbd": "qemu-nbd", "nbdkit": "nbdkit", "nbd-server": "nbd-server"}.get(n)
+            tool = {"qemu-nbd": "qemu-nbd", "nbdkit": "nbdkit", "nbdkit-null": "nbdkit",
+                    "nbd-server": "nbd-server"}.get(n)
             if tool and not shutil.which(tool):
                 print(f"skipping {n}: {tool} not installed", file=sys.stderr)
                 continue

@@ -20,7 +20,7 @@ use crate::volume::{Capabilities, Catalog, Extent, VolFuture, Volume, VolumeErro
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tessera_wire::header::{REQUEST_LENGTH_MAX_BYTES, seal_payload};
+use tessera_wire::header::{COMPARE_LENGTH_MAX_BYTES, REQUEST_LENGTH_MAX_BYTES, seal_payload};
 use tessera_wire::map::ClusterMap;
 use tessera_wire::{Flags, Header, Op, Status};
 use tokio::task::JoinSet;
@@ -121,6 +121,8 @@ pub fn classify(status: Status, volume_in_map: bool) -> Verdict {
         Status::Invalid => Verdict::Fail(VolumeError::Invalid("refused by storage".into())),
         Status::NoSpace => Verdict::Fail(VolumeError::NoSpace),
         Status::Refused => Verdict::Fail(VolumeError::Io),
+        // The offset is in the reply's `chunk_version` (`Router::call`).
+        Status::Miscompare => Verdict::Fail(VolumeError::Miscompare(0)),
     }
 }
 
@@ -222,6 +224,11 @@ impl Router {
                             let in_map = volume_id.is_some_and(|v| map.volume(v).is_some());
                             match classify(reply.header.status, in_map) {
                                 Verdict::Done => return Ok(reply.data),
+                                Verdict::Fail(VolumeError::Miscompare(_)) => {
+                                    return Err(VolumeError::Miscompare(
+                                        reply.header.chunk_version,
+                                    ));
+                                }
                                 Verdict::Fail(e) => return Err(e),
                                 Verdict::Backoff(r) => r,
                                 Verdict::RefreshAndRetry => {
@@ -305,6 +312,46 @@ impl Router {
         self.call(Some(volume_id), target, payload).await
     }
 
+    /// A COMPARE AND WRITE of one chunk piece at its primary; `payload`
+    /// is the compare bytes then the write bytes, sealed. `token` names the
+    /// request across resends (`Op::CompareAndWrite`).
+    async fn compare_piece(
+        self: Arc<Self>,
+        volume_id: u64,
+        piece: Piece,
+        fua: bool,
+        token: u64,
+        payload: Arc<Vec<u8>>,
+    ) -> Result<(), VolumeError> {
+        let payload_len = payload.len() as u32;
+        let target = |map: &ClusterMap| {
+            if map.volume(volume_id).is_none() {
+                return Target::Gone;
+            }
+            let Some(loc) = map.locate(volume_id, piece.chunk_index) else {
+                return Target::Unplaced;
+            };
+            let mut h = Header::request(Op::CompareAndWrite, 0, map.epoch);
+            h.volume_id = volume_id;
+            h.chunk_index = piece.chunk_index;
+            h.disk_id = loc.disk_id;
+            h.offset = piece.offset;
+            h.length = piece.length;
+            h.payload_len = payload_len;
+            h.chunk_version = token;
+            if fua {
+                h.flags = Flags::FUA;
+            }
+            Target::Send {
+                addr: loc.addr,
+                header: h,
+            }
+        };
+        self.call(Some(volume_id), target, Some(payload))
+            .await
+            .map(|_| ())
+    }
+
     /// Flush one disk, if it is still in the map.
     async fn flush_disk(self: Arc<Self>, disk_id: u32) -> Result<Option<Vec<u8>>, VolumeError> {
         let target = |map: &ClusterMap| {
@@ -326,6 +373,26 @@ impl Router {
             }
         };
         self.call(None, target, None).await
+    }
+}
+
+/// A token for a COMPARE AND WRITE, unique per request of this process
+/// and, through a random start, among gateway processes (0 is never used:
+/// it means "no token").
+fn next_cas_token() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static BASE: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = *BASE.get_or_init(|| {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    });
+    match base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) {
+        0 => base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)),
+        t => t,
     }
 }
 
@@ -496,6 +563,40 @@ impl Volume for RoutedVolume {
 
     fn allocation(&self, offset: u64, length: u64) -> VolFuture<'_, Vec<Extent>> {
         Box::pin(self.allocation_map(offset, length))
+    }
+
+    fn compare_and_write(
+        &self,
+        offset: u64,
+        compare: Vec<u8>,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> VolFuture<'_, ()> {
+        Box::pin(async move {
+            if compare.len() != data.len() {
+                return Err(VolumeError::Invalid(
+                    "compare and write lengths differ".into(),
+                ));
+            }
+            let pieces = split(self.chunk_size()?, offset, data.len() as u64)
+                .ok_or_else(|| VolumeError::Invalid("range beyond addressable chunks".into()))?;
+            // One chunk, one primary: atomic there. Across chunks two
+            // primaries would have to agree; the caller falls back.
+            let [piece] = pieces[..] else {
+                return Err(VolumeError::NotSupported);
+            };
+            if piece.length > COMPARE_LENGTH_MAX_BYTES {
+                return Err(VolumeError::NotSupported);
+            }
+            let mut payload = compare;
+            payload.reserve(data.len() + 4);
+            payload.extend_from_slice(&data);
+            seal_payload(&mut payload);
+            let token = next_cas_token();
+            Arc::clone(&self.router)
+                .compare_piece(self.id, piece, fua, token, Arc::new(payload))
+                .await
+        })
     }
 
     fn zeroes_are_fast(&self) -> bool {

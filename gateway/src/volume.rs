@@ -35,6 +35,10 @@ pub enum VolumeError {
     NotSupported,
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// COMPARE AND WRITE only: the medium differs from the compare data at
+    /// this byte offset of it; nothing was written.
+    #[error("miscompare at byte {0}")]
+    Miscompare(u64),
 }
 
 /// Which optional operations a volume implements.
@@ -81,6 +85,21 @@ pub trait Volume: Send + Sync {
     fn flush(&self) -> VolFuture<'_, ()>;
     fn trim(&self, offset: u64, length: u32, fua: bool) -> VolFuture<'_, ()>;
     fn write_zeroes(&self, offset: u64, length: u32, fua: bool) -> VolFuture<'_, ()>;
+
+    /// If `[offset, offset + compare.len())` holds exactly `compare`,
+    /// write `data` (the same length) there, atomically against every other
+    /// write of the volume, through any gateway: SCSI COMPARE AND WRITE.
+    /// A difference is `Err(Miscompare(at))`. `NotSupported` (the default,
+    /// or a range this volume cannot do so) leaves it to the caller.
+    fn compare_and_write(
+        &self,
+        _offset: u64,
+        _compare: Vec<u8>,
+        _data: Vec<u8>,
+        _fua: bool,
+    ) -> VolFuture<'_, ()> {
+        Box::pin(async { Err(VolumeError::NotSupported) })
+    }
 
     /// Allocation map of `[offset, offset + length)`: consecutive extents
     /// that cover exactly that range, in order. Protocols use it for NBD

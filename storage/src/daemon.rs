@@ -17,10 +17,10 @@ use prometheus::{
     Registry, TextEncoder,
 };
 use slab::Slab;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -254,6 +254,9 @@ enum Route {
         repair: Option<RepairRoute>,
     },
     Internal,
+    /// A step of a request run by a task of its own (a single-copy COMPARE
+    /// AND WRITE): the result goes back to it.
+    Task(tokio::sync::oneshot::Sender<Result<Reply, EngineError>>),
     /// A request of the replication driver: the completion goes back to it.
     Repl {
         token: u64,
@@ -303,6 +306,10 @@ struct DiskHandle {
     capacity_bytes: u64,
     chunk_bytes: u64,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Tokens of single-copy COMPARE AND WRITEs written here, newest last
+    /// (a resend whose first attempt wrote is answered `Ok`; see
+    /// `compare_and_write`).
+    cas_done: Mutex<VecDeque<u64>>,
 }
 
 impl DiskHandle {
@@ -403,6 +410,7 @@ fn spawn_engine(
         tokio::spawn(engine_task(engine, queue, stats, metrics))
     };
     DiskHandle {
+        cas_done: Mutex::new(VecDeque::new()),
         queue,
         stats,
         uuid: sb.uuid_string(),
@@ -500,6 +508,10 @@ fn deliver(routes: &mut Slab<Route>, done: &mut Vec<Completion>, metrics: &Metri
                     kind,
                     result: c.result,
                 });
+                continue;
+            }
+            Route::Task(tx) => {
+                let _ = tx.send(c.result);
                 continue;
             }
             r => r,
@@ -600,6 +612,7 @@ fn op_name(op: Op) -> &'static str {
         Op::BlockStatus => "block_status",
         Op::Ping => "ping",
         Op::Repl => "repl",
+        Op::CompareAndWrite => "compare_and_write",
     }
 }
 
@@ -617,6 +630,7 @@ fn status_name(s: Status) -> &'static str {
         Status::BadPayloadCrc => "bad_payload_crc",
         Status::ShuttingDown => "shutting_down",
         Status::Refused => "refused",
+        Status::Miscompare => "miscompare",
     }
 }
 
@@ -1403,7 +1417,7 @@ where
                 });
                 continue;
             }
-            match admit(&shared, &h, write_data).await {
+            match admit(&shared, &h, write_data, &payload).await {
                 Ok(Admitted::Engine(disk, req, repair_pg)) => {
                     let repair = repair_pg.and_then(|pg| {
                         let tx = shared.repl.lock().expect("repl").clone()?;
@@ -1447,6 +1461,68 @@ where
                         // Starting or stopping: the reply (and its permit)
                         // went with the failed send; the gateway times out
                         // and retries.
+                        tracing::warn!("replication driver unavailable");
+                    }
+                }
+                Ok(Admitted::CompareAndWrite {
+                    disk,
+                    pg: None,
+                    extent,
+                    compare,
+                    data,
+                    fua,
+                }) => {
+                    let tx = tx.clone();
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        let started = Instant::now();
+                        let (status, at) =
+                            compare_and_write(disk, extent, compare, data, fua, h.chunk_version)
+                                .await;
+                        let m = &shared.metrics;
+                        m.latency
+                            .with_label_values(&[op_name(h.op)])
+                            .observe(started.elapsed().as_secs_f64());
+                        if status != Status::Ok {
+                            m.errors.with_label_values(&[status_name(status)]).inc();
+                        }
+                        let mut reply = h.reply_to(status, shared.map().epoch, 0);
+                        reply.chunk_version = at;
+                        let _ = tx.send(Outgoing {
+                            header: reply,
+                            data: ReadData::default(),
+                            _permit: Some(permit),
+                        });
+                    });
+                }
+                Ok(Admitted::CompareAndWrite {
+                    pg: Some(pg),
+                    extent,
+                    compare,
+                    data,
+                    fua,
+                    ..
+                }) => {
+                    let reply = PendingReply {
+                        header: h,
+                        tx: tx.clone(),
+                        permit,
+                        started: Instant::now(),
+                    };
+                    let sent = shared.repl.lock().expect("repl").as_ref().map(|r| {
+                        r.send(ReplIn::CompareAndWrite {
+                            pg,
+                            disk: h.disk_id,
+                            extent,
+                            compare,
+                            data,
+                            token: h.chunk_version,
+                            fua,
+                            reply,
+                        })
+                        .is_ok()
+                    });
+                    if sent != Some(true) {
                         tracing::warn!("replication driver unavailable");
                     }
                 }
@@ -1591,12 +1667,28 @@ enum Admitted {
         change: repl::Change<Data>,
         fua: bool,
     },
+    /// A COMPARE AND WRITE: through the replication driver for a
+    /// replicated group (`pg`), else run by a task against the engine.
+    CompareAndWrite {
+        disk: Arc<DiskHandle>,
+        pg: Option<u32>,
+        extent: repl::Extent,
+        compare: Payload,
+        data: Payload,
+        fua: bool,
+    },
 }
 
 /// Validate a request against the daemon's map and turn it into an engine
 /// request for one of its disks.
-/// `write` is a write's data, `None` when its CRC did not match.
-async fn admit(shared: &Shared, h: &Header, write: Option<Payload>) -> Result<Admitted, Status> {
+/// `write` is a write's data, `None` when its CRC did not match; `payload`
+/// the payload section of other ops (data and CRC).
+async fn admit(
+    shared: &Shared,
+    h: &Header,
+    write: Option<Payload>,
+    payload: &[u8],
+) -> Result<Admitted, Status> {
     if shared.stopping.load(Ordering::Relaxed) {
         return Err(Status::ShuttingDown);
     }
@@ -1657,7 +1749,10 @@ async fn admit(shared: &Shared, h: &Header, write: Option<Payload>) -> Result<Ad
     let replicated = map.pool_of_pg(pg).is_some_and(|p| p.replicas > 1);
     let repair_pg = (replicated && h.op == Op::Read).then_some(pg);
     if replicated {
-        let changes = matches!(h.op, Op::Write | Op::WriteZeroes | Op::Trim);
+        let changes = matches!(
+            h.op,
+            Op::Write | Op::WriteZeroes | Op::Trim | Op::CompareAndWrite
+        );
         let is_primary = map.primary(pg) == Some(h.disk_id);
         let active = shared
             .active
@@ -1699,6 +1794,17 @@ async fn admit(shared: &Shared, h: &Header, write: Option<Payload>) -> Result<Ad
             length: h.length,
         };
         let fua = h.flags.contains(Flags::FUA);
+        if h.op == Op::CompareAndWrite {
+            let (compare, data) = compare_payload(h, payload)?;
+            return Ok(Admitted::CompareAndWrite {
+                disk,
+                pg: Some(pg),
+                extent,
+                compare,
+                data,
+                fua,
+            });
+        }
         if matches!(h.op, Op::Write | Op::WriteZeroes | Op::Trim) {
             let change = match h.op {
                 Op::Write => {
@@ -1726,6 +1832,22 @@ async fn admit(shared: &Shared, h: &Header, write: Option<Payload>) -> Result<Ad
         chunk_index: h.chunk_index,
     };
     let fua = h.flags.contains(Flags::FUA);
+    if h.op == Op::CompareAndWrite {
+        let (compare, data) = compare_payload(h, payload)?;
+        return Ok(Admitted::CompareAndWrite {
+            disk,
+            pg: None,
+            extent: repl::Extent {
+                volume_id: h.volume_id,
+                chunk_index: h.chunk_index,
+                offset: h.offset,
+                length: h.length,
+            },
+            compare,
+            data,
+            fua,
+        });
+    }
     let req = match h.op {
         Op::Read => Request::Read {
             key,
@@ -1766,6 +1888,118 @@ async fn admit(shared: &Shared, h: &Header, write: Option<Payload>) -> Result<Ad
     };
     Ok(Admitted::Engine(disk, req, repair_pg))
 }
+
+/// A COMPARE AND WRITE's payload: what to compare, what to write (the
+/// header was validated: the data is twice `length`).
+fn compare_payload(h: &Header, payload: &[u8]) -> Result<(Payload, Payload), Status> {
+    let data = open_payload(payload).ok_or(Status::BadPayloadCrc)?;
+    let n = h.length as usize;
+    if data.len() != 2 * n {
+        return Err(Status::Invalid);
+    }
+    let mut compare = Payload::copy_from(&data[..n]);
+    let mut write = Payload::copy_from(&data[n..]);
+    compare.compute_block_crcs();
+    write.compute_block_crcs();
+    Ok((compare, write))
+}
+
+impl repl::CompareData for Payload {
+    fn first_difference(expected: &Self, actual: Option<&Self>) -> Option<u32> {
+        first_difference(expected, actual.map(|a| &a[..]))
+    }
+}
+
+/// Where `actual` (`None`: zeroes) first differs from `expected`, in bytes.
+fn first_difference(expected: &[u8], actual: Option<&[u8]>) -> Option<u32> {
+    let at = match actual {
+        Some(a) => expected
+            .iter()
+            .zip(a.iter().chain(std::iter::repeat(&0)))
+            .position(|(x, y)| x != y),
+        None => expected.iter().position(|x| *x != 0),
+    };
+    at.map(|i| i as u32)
+}
+
+/// Hold ids of single-copy COMPARE AND WRITEs (unique per daemon).
+static NEXT_HOLD: AtomicU64 = AtomicU64::new(1);
+
+/// A single-copy COMPARE AND WRITE: hold the range in the engine (writes
+/// to it wait; the hold itself waits for writes in flight on it), read,
+/// compare, and end the hold with the write or without it. Several
+/// gateways may write the volume; the engine sees every write of this
+/// disk, so the compare and the write are atomic against all of them.
+/// Returns the reply's status and, for a miscompare, the offset of the
+/// first difference.
+async fn compare_and_write(
+    disk: Arc<DiskHandle>,
+    extent: repl::Extent,
+    compare: Payload,
+    data: Payload,
+    fua: bool,
+    token: u64,
+) -> (Status, u64) {
+    let step = |req: Request| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        disk.send(EngineMsg::Request(req, Route::Task(tx)));
+        async move { rx.await.unwrap_or(Err(EngineError::Failed)) }
+    };
+    if token != 0 && disk.cas_done.lock().expect("cas").contains(&token) {
+        return (Status::Ok, 0);
+    }
+    let key = ChunkKey {
+        volume_id: extent.volume_id,
+        chunk_index: extent.chunk_index,
+    };
+    let id = NEXT_HOLD.fetch_add(1, Ordering::Relaxed);
+    let hold = Request::Hold {
+        key,
+        offset: extent.offset,
+        length: extent.length,
+        id,
+    };
+    if let Err(e) = step(hold).await {
+        return (status_of(e), 0);
+    }
+    let read = Request::Read {
+        key,
+        offset: extent.offset,
+        length: extent.length,
+    };
+    let (write, outcome) = match step(read).await {
+        Ok(Reply::Data(d)) => {
+            let actual = d.into_vec();
+            match first_difference(&compare, Some(&actual)) {
+                Some(at) => (None, Err((Status::Miscompare, u64::from(at)))),
+                None => (Some((data, fua)), Ok(())),
+            }
+        }
+        Ok(_) => (None, Err((Status::Io, 0))),
+        Err(e) => (None, Err((status_of(e), 0))),
+    };
+    // Always ends the hold, whatever the read found.
+    let released = step(Request::Release { id, write }).await;
+    if let Err(r) = outcome {
+        return r;
+    }
+    match released {
+        Ok(_) => {
+            if token != 0 {
+                let mut done = disk.cas_done.lock().expect("cas");
+                if done.len() >= CAS_TOKENS_MAX {
+                    done.pop_front();
+                }
+                done.push_back(token);
+            }
+            (Status::Ok, 0)
+        }
+        Err(e) => (status_of(e), 0),
+    }
+}
+
+/// Single-copy COMPARE AND WRITE tokens a disk remembers as written.
+const CAS_TOKENS_MAX: usize = 1024;
 
 /// Run the daemon until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), Fatal> {
@@ -2257,6 +2491,16 @@ enum ReplIn {
         kind: ReplKind,
         result: Result<Reply, EngineError>,
     },
+    CompareAndWrite {
+        pg: u32,
+        disk: u32,
+        extent: repl::Extent,
+        compare: Data,
+        data: Data,
+        token: u64,
+        fua: bool,
+        reply: PendingReply,
+    },
     /// The link to the peer daemon at this address broke.
     PeerLost(String),
     /// A client read of a replicated group found a block failing its CRC.
@@ -2539,6 +2783,7 @@ fn status_of_client(r: ClientResult) -> Status {
         // gateway refreshes its map and tries again, so clients see a pause.
         ClientResult::Retry => Status::WrongDisk,
         ClientResult::Failed => Status::Io,
+        ClientResult::Miscompare(_) => Status::Miscompare,
     }
 }
 
@@ -2607,6 +2852,30 @@ impl Driver {
                     client,
                     extent,
                     change,
+                    fua,
+                });
+            }
+            ReplIn::CompareAndWrite {
+                pg,
+                disk,
+                extent,
+                compare,
+                data,
+                token,
+                fua,
+                reply,
+            } => {
+                let client = self.next_client;
+                self.next_client += 1;
+                self.pending.insert(client, reply);
+                self.feed(ReplInput::CompareAndWrite {
+                    pg,
+                    disk,
+                    client,
+                    extent,
+                    compare,
+                    data,
+                    token,
                     fua,
                 });
             }
@@ -2875,8 +3144,9 @@ impl Driver {
             // Not the place to repair (any more): the gateway refreshes its
             // map and reads at the primary.
             ClientResult::Retry => Status::WrongDisk,
-            // No copy holds good data: the error stands.
-            ClientResult::Failed => Status::Checksum,
+            // No copy holds good data: the error stands. (A repair never
+            // answers a miscompare.)
+            ClientResult::Failed | ClientResult::Miscompare(_) => Status::Checksum,
         };
         let m = &self.shared.metrics;
         m.errors.with_label_values(&[status_name(status)]).inc();
@@ -3187,8 +3457,12 @@ impl Driver {
                     if status != Status::Ok {
                         m.errors.with_label_values(&[status_name(status)]).inc();
                     }
+                    let mut header = p.header.reply_to(status, 0, 0);
+                    if let ClientResult::Miscompare(at) = result {
+                        header.chunk_version = u64::from(at);
+                    }
                     let _ = p.tx.send(Outgoing {
-                        header: p.header.reply_to(status, 0, 0),
+                        header,
                         data: ReadData::default(),
                         _permit: Some(p.permit),
                     });

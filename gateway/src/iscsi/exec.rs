@@ -192,6 +192,7 @@ pub fn sense_of(e: &VolumeError, write: bool) -> Sense {
         VolumeError::ShuttingDown => Sense::new(key::ABORTED_COMMAND, asc::NONE),
         VolumeError::Gone => Sense::new(key::NOT_READY, asc::MEDIUM_NOT_PRESENT),
         VolumeError::NotSupported => Sense::illegal(asc::INVALID_OPCODE),
+        VolumeError::Miscompare(at) => Sense::miscompare(*at),
     }
 }
 
@@ -561,6 +562,26 @@ async fn run(
             if task.data.len() != 2 * n {
                 return cx.check(Sense::illegal(asc::PARAMETER_LIST_LENGTH_ERROR));
             }
+            // At the primary of the blocks' chunk, which sees every write
+            // to them through any gateway (shared here: a fallback below
+            // through this gateway must not interleave with it).
+            {
+                let _shared = cx.lun.atomic.read().await;
+                let (compare, write) = (data[..n].to_vec(), data[n..].to_vec());
+                match vol
+                    .compare_and_write(r.lba * bs, compare, write, r.fua)
+                    .await
+                {
+                    Ok(()) => return good(Vec::new()),
+                    Err(VolumeError::Miscompare(at)) => {
+                        return cx.check(Sense::miscompare(at));
+                    }
+                    Err(VolumeError::NotSupported) => {}
+                    Err(e) => return io(e, true),
+                }
+            }
+            // The volume cannot (a range across chunks, an in-memory
+            // volume): atomic against this gateway's writes only.
             let _exclusive = cx.lun.atomic.write().await;
             let medium = match vol.read(r.lba * bs, n as u32).await {
                 Ok(d) => d,

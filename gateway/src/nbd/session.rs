@@ -42,9 +42,11 @@ const ZERO_WRITE_PIECE_BYTES: u64 = 1 << 20;
 /// place this mapping exists.
 pub fn errno_of(e: &VolumeError) -> u32 {
     match e {
-        VolumeError::Io | VolumeError::Checksum | VolumeError::Timeout | VolumeError::Gone => {
-            codec::NBD_EIO
-        }
+        VolumeError::Io
+        | VolumeError::Checksum
+        | VolumeError::Timeout
+        | VolumeError::Gone
+        | VolumeError::Miscompare(_) => codec::NBD_EIO,
         VolumeError::Invalid(_) => codec::NBD_EINVAL,
         VolumeError::NoSpace => codec::NBD_ENOSPC,
         VolumeError::NotSupported => codec::NBD_ENOTSUP,

@@ -98,6 +98,25 @@ pub enum Request {
     Install { stage: u64, fua: bool },
     /// Give a staged write's blocks back.
     Discard { stage: u64 },
+    /// Claim the blocks of a range as a write in flight would, so no write,
+    /// write-zeroes or trim touching them starts until `Release`; answered
+    /// `Done` once every earlier such request on them has completed.
+    /// Reads go on. `id` (the caller's choice, unique among holds) names
+    /// it. Why: a single-copy COMPARE AND WRITE reads, compares and writes
+    /// with nothing else changing the range in between.
+    Hold {
+        key: ChunkKey,
+        offset: u32,
+        length: u32,
+        id: u64,
+    },
+    /// End hold `id`; with `write`, write that data at the held range in
+    /// the same step, before anything that waited for the range (it must
+    /// be exactly the held length).
+    Release {
+        id: u64,
+        write: Option<(Payload, bool)>,
+    },
     /// Make every completed write durable.
     Flush,
     /// One bit per 4 KiB block of the range: allocated or not.
@@ -366,6 +385,8 @@ pub struct Engine<D: Disk> {
     ops: Slab<Op>,
     /// Staged writes on disk, not mapped yet, by the id of their `Stage`.
     staged: HashMap<u64, Staged, BuildHasherDefault<FxHasher>>,
+    /// Ranges claimed by `Hold`, by id: (chunk, offset, length).
+    holds: HashMap<u64, (ChunkKey, u32, u32), BuildHasherDefault<FxHasher>>,
     deferred: VecDeque<(u64, Request)>,
     claims: HashSet<(ChunkKey, usize), BuildHasherDefault<FxHasher>>,
     backlog: VecDeque<IoOp>,
@@ -501,6 +522,7 @@ impl<D: Disk> Engine<D> {
             cursor: 0,
             ops: Slab::with_capacity(OPS_MAX),
             staged: HashMap::default(),
+            holds: HashMap::default(),
             deferred: VecDeque::new(),
             claims: HashSet::default(),
             backlog: VecDeque::new(),
@@ -758,6 +780,14 @@ impl<D: Disk> Engine<D> {
             | Request::WriteZeroes { offset, length, .. }
             | Request::Trim { offset, length, .. }
             | Request::BlockStatus { offset, length, .. } => Some((*offset, *length)),
+            Request::Hold {
+                offset, length, id, ..
+            } => {
+                if self.holds.contains_key(id) {
+                    return Err(EngineError::Invalid("hold id in use"));
+                }
+                Some((*offset, *length))
+            }
             Request::Write { offset, data, .. } => {
                 let len =
                     u32::try_from(data.len()).map_err(|_| EngineError::Invalid("too long"))?;
@@ -780,7 +810,8 @@ impl<D: Disk> Engine<D> {
             | Request::DropVolume { .. }
             | Request::ListAllocated
             | Request::Install { .. }
-            | Request::Discard { .. } => None,
+            | Request::Discard { .. }
+            | Request::Release { .. } => None,
         };
         if let Some((offset, length)) = range {
             if length == 0 {
@@ -828,6 +859,33 @@ impl<D: Disk> Engine<D> {
                 }
                 self.complete(tag, Ok(Reply::Done), 0);
             }
+            Request::Hold {
+                key,
+                offset,
+                length,
+                id,
+            } => {
+                let first = offset as usize / BLOCK;
+                let last = (offset + length - 1) as usize / BLOCK;
+                if (first..=last).any(|b| self.claims.contains(&(key, b))) {
+                    self.deferred.push_back((
+                        tag,
+                        Request::Hold {
+                            key,
+                            offset,
+                            length,
+                            id,
+                        },
+                    ));
+                    return;
+                }
+                for b in first..=last {
+                    self.claims.insert((key, b));
+                }
+                self.holds.insert(id, (key, offset, length));
+                self.complete(tag, Ok(Reply::Done), 0);
+            }
+            Request::Release { id, write } => self.release(tag, id, write),
             Request::WriteZeroes {
                 key,
                 offset,
@@ -1420,6 +1478,41 @@ impl<D: Disk> Engine<D> {
         self.chunks
             .get(&key)
             .is_some_and(|c| c.blocks[b] != ENTRY_NONE)
+    }
+
+    /// End a hold, writing its range first when asked (see
+    /// `Request::Release`).
+    fn release(&mut self, tag: u64, id: u64, write: Option<(Payload, bool)>) {
+        let Some((key, offset, length)) = self.holds.remove(&id) else {
+            self.complete(tag, Err(EngineError::Invalid("no such hold")), 0);
+            return;
+        };
+        let first = offset as usize / BLOCK;
+        let last = (offset + length - 1) as usize / BLOCK;
+        for b in first..=last {
+            self.claims.remove(&(key, b));
+        }
+        match write {
+            Some((data, fua)) if data.len() == length as usize => {
+                // Started in this step, so it claims the blocks before any
+                // request deferred behind the hold is retried; if it must
+                // wait itself (for space), it waits first in line.
+                let before = self.deferred.len();
+                self.start_write(tag, key, offset, length, Fill::Data, data, fua, None);
+                if self.deferred.len() > before
+                    && let Some(w) = self.deferred.pop_back()
+                {
+                    self.deferred.push_front(w);
+                }
+            }
+            Some(_) => self.complete(
+                tag,
+                Err(EngineError::Invalid("length differs from the hold")),
+                0,
+            ),
+            None => self.complete(tag, Ok(Reply::Done), 0),
+        }
+        self.retry_deferred();
     }
 
     fn retry_deferred(&mut self) {

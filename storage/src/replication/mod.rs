@@ -365,6 +365,9 @@ pub struct Msg<D> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientResult {
     Ok,
+    /// A COMPARE AND WRITE found a difference at this offset of its compare
+    /// data (`CompareData::first_difference`) and wrote nothing.
+    Miscompare(u32),
     /// Not served here or not now (not primary, peering, too few copies,
     /// deposed mid-flight): the client refreshes its map and retries.
     Retry,
@@ -489,6 +492,20 @@ pub enum Input<D> {
     /// Scrub every group this daemon leads (or only `pg`).
     Scrub {
         pg: Option<u32>,
+    },
+    /// A COMPARE AND WRITE addressed to `disk` as primary of `pg`: if the
+    /// copy's content of `extent` equals `compare`, write `data` there as a
+    /// client change; nothing overlapping changes in between. `token`
+    /// names the request across resends (see `Pg::cas_done`).
+    CompareAndWrite {
+        pg: u32,
+        disk: u32,
+        client: u64,
+        extent: Extent,
+        compare: D,
+        data: D,
+        token: u64,
+        fua: bool,
     },
     /// The link to the daemon of `disk` broke (its process died: the kernel
     /// closed its sockets), before any map says so: every group this daemon
@@ -655,7 +672,36 @@ struct Queued<D> {
     extent: Extent,
     change: Change<D>,
     fua: bool,
+    /// A COMPARE AND WRITE not compared yet: the bytes to compare and the
+    /// request's token (`change` is the write).
+    compare: Option<(D, u64)>,
+    /// The write of a COMPARE AND WRITE that matched: its token, remembered
+    /// once the change is acknowledged.
+    cas: Option<u64>,
 }
+
+/// A COMPARE AND WRITE reading the primary's copy to compare. It holds its
+/// extent like a change in flight, so the copy it reads holds every change
+/// acknowledged before it and nothing overlapping starts until its write
+/// (or its miscompare) is decided.
+struct Compare<D> {
+    client: u64,
+    extent: Extent,
+    compare: D,
+    data: D,
+    fua: bool,
+    token: u64,
+}
+
+/// Data a primary can compare for COMPARE AND WRITE.
+pub trait CompareData {
+    /// Where `actual` (`None`: the extent reads as zeroes) first differs
+    /// from `expected` (in bytes for byte data), or `None` when equal.
+    fn first_difference(expected: &Self, actual: Option<&Self>) -> Option<u32>;
+}
+
+/// COMPARE AND WRITE tokens a group remembers as written (`Pg::cas_done`).
+const CAS_TOKENS_MAX: usize = 1024;
 
 #[derive(Default)]
 struct Recovery {
@@ -717,6 +763,10 @@ struct Primary<D> {
     rounds: BTreeMap<u64, Round>,
     pushes: usize,
     checks: BTreeMap<u64, Check>,
+    /// COMPARE AND WRITEs comparing, by the token of their local read.
+    compares: BTreeMap<u64, Compare<D>>,
+    /// Changes in flight that are a COMPARE AND WRITE's write: their token.
+    cas_writes: BTreeMap<Seq, u64>,
     repairs: VecDeque<RepairJob>,
     scrub: Option<ScrubRun>,
     /// While peering's pushes to up-to-date members are not all done, the
@@ -783,6 +833,7 @@ impl<D> Primary<D> {
     fn busy(&self, e: &Extent) -> bool {
         self.ops.values().any(|o| o.update.extent.overlaps(e))
             || self.checks.values().any(|c| c.extent.overlaps(e))
+            || self.compares.values().any(|c| c.extent.overlaps(e))
     }
 }
 
@@ -820,6 +871,13 @@ struct Pg<D> {
     /// a map skips epochs (it cannot tell what it missed in them) or shows
     /// this disk down, every change it has logged so far becomes unvouched.
     vouched_after: Seq,
+    /// Tokens of COMPARE AND WRITEs this process acknowledged as written,
+    /// newest last (at most `CAS_TOKENS_MAX`): a gateway that lost the
+    /// answer resends the request, which would now find its own write and
+    /// miscompare; it is answered `Ok` instead. Kept across terms of this
+    /// process; not known to other members (a resend after a failover
+    /// compares again).
+    cas_done: VecDeque<u64>,
 }
 
 enum Token {
@@ -857,6 +915,12 @@ enum Token {
     },
     /// The primary's read of its own copy for check `id`.
     CheckRead {
+        pg: u32,
+        disk: u32,
+        id: u64,
+    },
+    /// The primary's read of its own copy for COMPARE AND WRITE `id`.
+    CompareRead {
         pg: u32,
         disk: u32,
         id: u64,
@@ -1004,7 +1068,7 @@ pub struct Replicator<D> {
     min_epoch: u64,
 }
 
-impl<D: Clone> Replicator<D> {
+impl<D: Clone + CompareData> Replicator<D> {
     /// A replicator for a daemon that owns `disks` and has just started: its
     /// logs are empty and so incomplete (it cannot tell what it missed).
     pub fn new(disks: impl IntoIterator<Item = u32>) -> Replicator<D> {
@@ -1256,6 +1320,7 @@ impl<D: Clone> Replicator<D> {
                         && pr.ops.is_empty()
                         && pr.queue.is_empty()
                         && pr.checks.is_empty()
+                        && pr.compares.is_empty()
                         && pr.repairs.is_empty()
                         && pr.scrub.is_none()
                         && pr.recovering.values().all(|r| {
@@ -1288,7 +1353,25 @@ impl<D: Clone> Replicator<D> {
                 extent,
                 change,
                 fua,
-            } => self.on_client(pg, disk, client, extent, change, fua),
+            } => self.on_client(pg, disk, client, extent, change, fua, None),
+            Input::CompareAndWrite {
+                pg,
+                disk,
+                client,
+                extent,
+                compare,
+                data,
+                token,
+                fua,
+            } => self.on_client(
+                pg,
+                disk,
+                client,
+                extent,
+                Change::Write(data),
+                fua,
+                Some((compare, token)),
+            ),
             Input::Msg(m) => self.on_msg(m),
             Input::Applied { token, ok } => self.on_applied(token, ok),
             Input::ReadDone {
@@ -1357,6 +1440,7 @@ impl<D: Clone> Replicator<D> {
                 primary: None,
                 fresh: true,
                 vouched_after: Seq::default(),
+                cas_done: VecDeque::new(),
             });
             let was_primary = p.primary.is_some();
             let me_up = view
@@ -1506,6 +1590,7 @@ impl<D: Clone> Replicator<D> {
         extent: Extent,
         change: Change<D>,
         fua: bool,
+        compare: Option<(D, u64)>,
     ) {
         let retry = Effect::Reply {
             client,
@@ -1530,6 +1615,8 @@ impl<D: Clone> Replicator<D> {
             extent,
             change,
             fua,
+            compare,
+            cas: None,
         });
         self.pump(pg, disk);
     }
@@ -1583,6 +1670,41 @@ impl<D: Clone> Replicator<D> {
                 });
                 continue;
             }
+            if let Some((compare, token)) = q.compare {
+                if p.cas_done.contains(&token) {
+                    // A resend of one this process already wrote.
+                    self.effects.push(Effect::Reply {
+                        client: q.client,
+                        result: ClientResult::Ok,
+                    });
+                    continue;
+                }
+                let Change::Write(data) = q.change else {
+                    unreachable!("a COMPARE AND WRITE carries a write");
+                };
+                let id = self.next_token;
+                self.next_token += 1;
+                self.tokens
+                    .insert(id, Token::CompareRead { pg, disk: me, id });
+                self.effects.push(Effect::Read {
+                    disk: me,
+                    token: id,
+                    extent: q.extent,
+                });
+                pr.compares.insert(
+                    id,
+                    Compare {
+                        client: q.client,
+                        extent: q.extent,
+                        compare,
+                        data,
+                        fua: q.fua,
+                        token,
+                    },
+                );
+                blocked.push(q.extent);
+                continue;
+            }
             let seq = Seq {
                 term: pr.term,
                 n: pr.next_n,
@@ -1620,6 +1742,9 @@ impl<D: Clone> Replicator<D> {
                     disk: me,
                     update: update.clone(),
                 });
+            }
+            if let Some(t) = q.cas {
+                pr.cas_writes.insert(seq, t);
             }
             pr.ops.insert(
                 seq,
@@ -1684,6 +1809,7 @@ impl<D: Clone> Replicator<D> {
                     let e = reg.extent();
                     !pr.ops.values().any(|o| o.update.extent.overlaps(&e))
                         && !pr.checks.values().any(|c| c.extent.overlaps(&e))
+                        && !pr.compares.values().any(|c| c.extent.overlaps(&e))
                         && !pr.queue.iter().any(|q| q.extent.overlaps(&e))
                         && !pr.repairs.iter().any(|j| j.extent.overlaps(&e))
                 };
@@ -1854,6 +1980,14 @@ impl<D: Clone> Replicator<D> {
         }
         for s in done {
             let op = pr.ops.remove(&s).expect("op");
+            if let Some(t) = pr.cas_writes.remove(&s)
+                && !op.failed
+            {
+                if p.cas_done.len() >= CAS_TOKENS_MAX {
+                    p.cas_done.pop_front();
+                }
+                p.cas_done.push_back(t);
+            }
             if let Some(c) = op.client {
                 self.effects.push(Effect::Reply {
                     client: c,
@@ -2138,6 +2272,9 @@ impl<D: Clone> Replicator<D> {
             Some(Token::Read { pg, disk, seq }) => (pg, disk, seq),
             Some(Token::CheckRead { pg, disk, id }) => {
                 return self.rewrite(pg, disk, id, extent, data);
+            }
+            Some(Token::CompareRead { pg, disk, id }) => {
+                return self.compared(pg, disk, id, extent, Ok(data));
             }
             Some(Token::FetchForPeer { pg, disk, to, id }) => {
                 let epoch = self.epoch();
@@ -3057,6 +3194,15 @@ impl<D: Clone> Replicator<D> {
 
     fn on_read_failed(&mut self, token: u64) {
         match self.tokens.remove(&token) {
+            Some(Token::CompareRead { pg, disk, id }) => {
+                let e = Extent {
+                    volume_id: 0,
+                    chunk_index: 0,
+                    offset: 0,
+                    length: 0,
+                };
+                self.compared(pg, disk, id, e, Err(()));
+            }
             Some(Token::Read { pg, disk, seq }) => {
                 // A recovery push found our own copy bad: repair it first
                 // (the push is retried after).
@@ -3243,6 +3389,7 @@ impl<D: Clone> Replicator<D> {
                     let e = reg.extent();
                     !pr.ops.values().any(|o| o.update.extent.overlaps(&e))
                         && !pr.checks.values().any(|c| c.extent.overlaps(&e))
+                        && !pr.compares.values().any(|c| c.extent.overlaps(&e))
                         && !pr.queue.iter().any(|q| q.extent.overlaps(&e))
                         && !pr.repairs.iter().any(|j| j.extent.overlaps(&e))
                         && !pr.recovering.values().any(|r| r.todo.contains(reg))
@@ -3297,6 +3444,40 @@ impl<D: Clone> Replicator<D> {
         for id in started {
             self.start_check(pg, me, id);
         }
+    }
+
+    /// The primary's copy of a COMPARE AND WRITE's extent was read (`Err`:
+    /// the read failed): answer a difference, or queue the write first in
+    /// line, so nothing that waited behind the compare overtakes it.
+    fn compared(&mut self, pg: u32, me: u32, id: u64, extent: Extent, data: Result<Option<D>, ()>) {
+        let Some(pr) = self.pgs.get_mut(&(pg, me)).and_then(|p| p.primary.as_mut()) else {
+            return;
+        };
+        let Some(c) = pr.compares.remove(&id) else {
+            return;
+        };
+        let result = match data {
+            // The volume went away meanwhile, or the copy failed its read
+            // (a read repair of it comes from the client's next read).
+            Err(()) => Some(ClientResult::Failed),
+            Ok(_) if extent.length == 0 => Some(ClientResult::Failed),
+            Ok(d) => D::first_difference(&c.compare, d.as_ref()).map(ClientResult::Miscompare),
+        };
+        match result {
+            Some(result) => self.effects.push(Effect::Reply {
+                client: c.client,
+                result,
+            }),
+            None => pr.queue.push_front(Queued {
+                client: c.client,
+                extent: c.extent,
+                change: Change::Write(c.data),
+                fua: c.fua,
+                compare: None,
+                cas: Some(c.token),
+            }),
+        }
+        self.pump(pg, me);
     }
 
     /// A repair check begins: read our own copy unless it is a target.
@@ -4011,6 +4192,8 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
         rounds: BTreeMap::new(),
         pushes: 0,
         checks: BTreeMap::new(),
+        compares: BTreeMap::new(),
+        cas_writes: BTreeMap::new(),
         repairs: VecDeque::new(),
         scrub: None,
         commit_floor: None,
@@ -4170,6 +4353,12 @@ fn step_down<D>(p: &mut Pg<D>, effects: &mut Vec<Effect<D>>, stats: &mut Stats) 
             result: ClientResult::Retry,
         });
     }
+    for c in pr.compares.into_values() {
+        effects.push(Effect::Reply {
+            client: c.client,
+            result: ClientResult::Retry,
+        });
+    }
     pushes
 }
 
@@ -4206,5 +4395,15 @@ fn repair_done<D>(
             body: Body::Repaired { id, ok },
         })),
         RepairOrigin::Scrub | RepairOrigin::Internal => {}
+    }
+}
+
+#[cfg(test)]
+impl CompareData for Vec<u64> {
+    // The simulations' data: one value per block, zero for never written.
+    fn first_difference(expected: &Self, actual: Option<&Self>) -> Option<u32> {
+        (0..expected.len())
+            .find(|i| expected[*i] != actual.map_or(0, |a| a.get(*i).copied().unwrap_or(0)))
+            .map(|i| i as u32)
     }
 }

@@ -1116,3 +1116,128 @@ fn a_new_process_ignores_the_map_before_its_registration() {
     c.run();
     c.heal_and_expect(b, v);
 }
+
+impl Cluster {
+    /// Queue (without running) a compare and write of the block at the
+    /// start of region `index` of `chunk` at the group's primary: if it
+    /// holds `compare`, write `data`. Returns the client id.
+    fn compare_and_write(
+        &mut self,
+        chunk: u32,
+        index: u32,
+        compare: u64,
+        data: u64,
+        token: u64,
+    ) -> u64 {
+        let pg = pg_of_chunk(chunk);
+        let primary = self.map.primary(pg).expect("a primary");
+        let client = self.next_client;
+        self.next_client += 1;
+        self.queue.push_back((
+            primary,
+            Input::CompareAndWrite {
+                pg,
+                disk: primary,
+                client,
+                extent: block_of(chunk, index),
+                compare: vec![compare],
+                data: vec![data],
+                token,
+                fua: false,
+            },
+        ));
+        client
+    }
+
+    /// Queue (without running) a write of `v` to the block at the start of
+    /// region `index` of `chunk`. Returns the client id.
+    fn queue_write(&mut self, chunk: u32, index: u32, v: u64) -> u64 {
+        let pg = pg_of_chunk(chunk);
+        let primary = self.map.primary(pg).expect("a primary");
+        let client = self.next_client;
+        self.next_client += 1;
+        self.queue.push_back((
+            primary,
+            Input::Client {
+                pg,
+                disk: primary,
+                client,
+                extent: block_of(chunk, index),
+                change: Change::Write(vec![v]),
+                fua: false,
+            },
+        ));
+        client
+    }
+
+    fn copies_of(&self, b: Block) -> Vec<u64> {
+        (1..=MEMBERS)
+            .map(|id| self.nodes[id as usize - 1].disk.get(b))
+            .collect()
+    }
+}
+
+// Proves a COMPARE AND WRITE at the primary holds its block from its
+// compare to its write: a write and another compare and write queued right
+// behind it wait, so the first matches and writes, the write lands after
+// it, and the second compares against that write (a miscompare); every
+// copy ends with the write. A resend of the first (same token) is answered
+// Ok without writing again.
+#[test]
+fn compare_and_write_holds_its_block_until_written() {
+    let mut c = Cluster::primed();
+    let v = c.next_value;
+    c.write(0, 1);
+    let b = (0, REGION_BYTES / BLOCK);
+    assert_eq!(c.copies_of(b), vec![v; 3]);
+    let first = c.compare_and_write(0, 1, v, 100, 7);
+    let plain = c.queue_write(0, 1, 200);
+    let second = c.compare_and_write(0, 1, v, 300, 8);
+    c.run();
+    assert_eq!(c.replies.get(&first), Some(&ClientResult::Ok));
+    assert_eq!(c.replies.get(&plain), Some(&ClientResult::Ok));
+    assert_eq!(c.replies.get(&second), Some(&ClientResult::Miscompare(0)));
+    assert_eq!(c.copies_of(b), vec![200; 3]);
+    // The gateway lost the first answer and resends: Ok, nothing written.
+    let resend = c.compare_and_write(0, 1, v, 100, 7);
+    c.run();
+    assert_eq!(c.replies.get(&resend), Some(&ClientResult::Ok));
+    assert_eq!(c.copies_of(b), vec![200; 3]);
+    // A never-written block compares equal to zeroes.
+    let zero = c.compare_and_write(0, 2, 0, 400, 9);
+    c.run();
+    assert_eq!(c.replies.get(&zero), Some(&ClientResult::Ok));
+    assert_eq!(c.copies_of((0, 2 * REGION_BYTES / BLOCK)), vec![400; 3]);
+    c.settle();
+    c.assert_converged();
+}
+
+// Proves a COMPARE AND WRITE whose primary is deposed while it compares is
+// told to retry (at the new primary) and writes nothing.
+#[test]
+fn compare_and_write_deposed_while_comparing_retries() {
+    let mut c = Cluster::primed();
+    let v = c.next_value;
+    c.write(0, 1);
+    let b = (0, REGION_BYTES / BLOCK);
+    let primary = c.map.primary(0).expect("primary");
+    let id = c.compare_and_write(0, 1, v, 100, 7);
+    // The primary takes the request and asks for its read; before the read
+    // is answered, a map arrives that gives the group another primary.
+    c.step();
+    let at = c
+        .queue
+        .iter()
+        .position(|(to, i)| *to == primary && matches!(i, Input::ReadDone { .. }))
+        .expect("the compare's read is asked");
+    let read = c.queue.remove(at).expect("read");
+    c.declare_down(primary);
+    c.queue.push_back(read);
+    c.run();
+    assert_eq!(c.replies.get(&id), Some(&ClientResult::Retry));
+    assert_eq!(c.node(primary).disk.get(b), v);
+    let others: Vec<u32> = (1..=MEMBERS).filter(|m| *m != primary).collect();
+    for m in others {
+        assert_eq!(c.node(m).disk.get(b), v, "node {m}");
+    }
+}

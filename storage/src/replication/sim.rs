@@ -1190,6 +1190,10 @@ impl World {
                 return Ok(());
             }
             ClientResult::Failed => return Err(format!("client {c}: operation failed")),
+            // The simulation's clients send no COMPARE AND WRITE.
+            ClientResult::Miscompare(_) => {
+                return Err(format!("client {c}: a miscompare without a compare"));
+            }
             ClientResult::Ok => {}
         }
         let op = self.clients[c].op.take().expect("op");

@@ -42,11 +42,15 @@ pub const PAYLOAD_MAX_BYTES: u32 = 8 * 1024 * 1024 + 4;
 /// Largest `length` a request may address. Reads return this many bytes,
 /// so it must fit in a payload together with the trailing CRC.
 pub const REQUEST_LENGTH_MAX_BYTES: u32 = 8 * 1024 * 1024;
+/// Largest range one COMPARE AND WRITE addresses: its payload holds the
+/// range twice (what to compare, what to write).
+pub const COMPARE_LENGTH_MAX_BYTES: u32 = 1024 * 1024;
 /// The unit in which offsets and lengths of data requests must be aligned.
 pub const SECTOR_BYTES: u32 = 512;
 
 const _: () = assert!(HEADER_SIZE == 64);
 const _: () = assert!(REQUEST_LENGTH_MAX_BYTES + 4 <= PAYLOAD_MAX_BYTES);
+const _: () = assert!(2 * COMPARE_LENGTH_MAX_BYTES + 4 <= PAYLOAD_MAX_BYTES);
 
 /// Operations of the internal protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,6 +74,16 @@ pub enum Op {
     /// addressed to `disk_id`, sent under the sender's `epoch`. One-way: the
     /// reply only acknowledges receipt.
     Repl = 9,
+    /// Gateway to the primary of a chunk: compare the range with the first
+    /// `length` bytes of the payload and, only if they are equal, write the
+    /// next `length` bytes there, atomically against every other change of
+    /// the range (SCSI COMPARE AND WRITE, which VMware's ATS locking relies
+    /// on: only the primary sees every write to a chunk, whichever gateway
+    /// sent it). `chunk_version` carries the request's token (unique per
+    /// gateway process and request): a resent request whose first attempt
+    /// wrote is answered `Ok` again instead of comparing against its own
+    /// write. A difference is answered `Miscompare`.
+    CompareAndWrite = 10,
 }
 
 impl Op {
@@ -84,6 +98,7 @@ impl Op {
             7 => Op::BlockStatus,
             8 => Op::Ping,
             9 => Op::Repl,
+            10 => Op::CompareAndWrite,
             _ => return None,
         })
     }
@@ -92,7 +107,12 @@ impl Op {
     pub fn is_ranged(self) -> bool {
         matches!(
             self,
-            Op::Read | Op::Write | Op::Trim | Op::WriteZeroes | Op::BlockStatus
+            Op::Read
+                | Op::Write
+                | Op::Trim
+                | Op::WriteZeroes
+                | Op::BlockStatus
+                | Op::CompareAndWrite
         )
     }
 }
@@ -135,6 +155,10 @@ pub enum Status {
     ShuttingDown = 10,
     /// The peer belongs to another cluster or speaks another version.
     Refused = 11,
+    /// COMPARE AND WRITE found a difference and wrote nothing; the reply's
+    /// `chunk_version` is the byte offset of the first difference within
+    /// the compared range.
+    Miscompare = 12,
 }
 
 impl Status {
@@ -152,6 +176,7 @@ impl Status {
             9 => Status::BadPayloadCrc,
             10 => Status::ShuttingDown,
             11 => Status::Refused,
+            12 => Status::Miscompare,
             _ => return None,
         })
     }
@@ -326,7 +351,9 @@ impl Header {
             return Err(HeaderError::PayloadTooLarge(self.payload_len));
         }
         if self.op.is_ranged() {
-            if self.length > REQUEST_LENGTH_MAX_BYTES {
+            if self.length > REQUEST_LENGTH_MAX_BYTES
+                || self.op == Op::CompareAndWrite && self.length > COMPARE_LENGTH_MAX_BYTES
+            {
                 return Err(HeaderError::LengthTooLarge(self.length));
             }
             if self.length == 0 {
@@ -352,6 +379,7 @@ impl Header {
         match (self.op, self.reply) {
             (Op::Hello, _) | (Op::Repl, false) => None,
             (Op::Write, false) => Some(with_crc(self.length)),
+            (Op::CompareAndWrite, false) => Some(with_crc(2 * self.length)),
             (Op::Read, true) if self.status == Status::Ok => Some(with_crc(self.length)),
             (Op::BlockStatus, true) if self.status == Status::Ok => {
                 Some(with_crc(block_status_bytes(self.length)))
@@ -468,6 +496,31 @@ mod tests {
         assert_eq!(Header::decode(&b), Err(HeaderError::PayloadMismatch));
     }
 
+    // Proves a COMPARE AND WRITE carries its range twice and is bounded by
+    // its own, smaller, length limit.
+    #[test]
+    fn compare_and_write_sizes() {
+        let mut h = Header::request(Op::CompareAndWrite, 1, 1);
+        h.length = 4096;
+        h.payload_len = 2 * 4096 + 4;
+        assert_eq!(Header::decode(&h.to_bytes()), Ok(h));
+        h.payload_len = 4096 + 4;
+        assert_eq!(
+            Header::decode(&h.to_bytes()),
+            Err(HeaderError::PayloadMismatch)
+        );
+        h.length = COMPARE_LENGTH_MAX_BYTES + 512;
+        h.payload_len = 2 * h.length + 4;
+        assert!(matches!(
+            Header::decode(&h.to_bytes()),
+            Err(HeaderError::LengthTooLarge(_))
+        ));
+        let mut r = Header::request(Op::CompareAndWrite, 1, 1).reply_to(Status::Miscompare, 1, 0);
+        r.length = 512;
+        r.chunk_version = 17;
+        assert_eq!(Header::decode(&r.to_bytes()), Ok(r));
+    }
+
     #[test]
     fn payload_seal_and_open() {
         let mut p = b"hello".to_vec();
@@ -480,10 +533,10 @@ mod tests {
 
     fn arb_header() -> impl Strategy<Value = Header> {
         (
-            1u8..=9,
+            1u8..=10,
             any::<bool>(),
             0u16..=1,
-            0u16..=11,
+            0u16..=12,
             any::<u64>(),
             any::<u64>(),
             any::<u64>(),
@@ -496,6 +549,11 @@ mod tests {
             .prop_map(
                 |(op, reply, flags, status, rid, epoch, vol, ver, chunk, disk, off, len)| {
                     let op = Op::from_u8(op).expect("valid op");
+                    let len = if op == Op::CompareAndWrite {
+                        len.min(COMPARE_LENGTH_MAX_BYTES / 512)
+                    } else {
+                        len
+                    };
                     let status = if reply {
                         Status::from_u16(status).expect("valid")
                     } else {
