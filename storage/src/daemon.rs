@@ -306,10 +306,8 @@ struct DiskHandle {
     capacity_bytes: u64,
     chunk_bytes: u64,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Tokens of single-copy COMPARE AND WRITEs written here, newest last
-    /// (a resend whose first attempt wrote is answered `Ok`; see
-    /// `compare_and_write`).
-    cas_done: Mutex<VecDeque<u64>>,
+    /// Single-copy COMPARE AND WRITEs by token (see `compare_and_write`).
+    cas: Mutex<CasTokens>,
 }
 
 impl DiskHandle {
@@ -410,7 +408,7 @@ fn spawn_engine(
         tokio::spawn(engine_task(engine, queue, stats, metrics))
     };
     DiskHandle {
-        cas_done: Mutex::new(VecDeque::new()),
+        cas: Mutex::new(CasTokens::default()),
         queue,
         stats,
         uuid: sb.uuid_string(),
@@ -452,6 +450,7 @@ async fn engine_task(
             }
         }
         if shutting {
+            engine.drop_holds();
             engine.quiesce();
             engine.take_completions(&mut done);
             deliver(&mut routes, &mut done, &metrics);
@@ -1483,7 +1482,9 @@ where
                         m.latency
                             .with_label_values(&[op_name(h.op)])
                             .observe(started.elapsed().as_secs_f64());
-                        if status != Status::Ok {
+                        // A miscompare is an answer, not a failure (ATS
+                        // locking contends by design).
+                        if !matches!(status, Status::Ok | Status::Miscompare) {
                             m.errors.with_label_values(&[status_name(status)]).inc();
                         }
                         let mut reply = h.reply_to(status, shared.map().epoch, 0);
@@ -1777,8 +1778,9 @@ async fn admit(
         // A read must not come from a copy the manager may already have
         // replaced (a daemon cut off from the manager, or hung, then back
         // before it learnt of the new map): only under a valid lease. The
-        // gateway backs off and retries, and by then has the new map.
-        if !changes
+        // gateway backs off and retries, and by then has the new map. A
+        // COMPARE AND WRITE reads too: its miscompare would report data.
+        if (!changes || h.op == Op::CompareAndWrite)
             && !shared
                 .lease
                 .lock()
@@ -1897,9 +1899,8 @@ fn compare_payload(h: &Header, payload: &[u8]) -> Result<(Payload, Payload), Sta
     if data.len() != 2 * n {
         return Err(Status::Invalid);
     }
-    let mut compare = Payload::copy_from(&data[..n]);
+    let compare = Payload::copy_from(&data[..n]);
     let mut write = Payload::copy_from(&data[n..]);
-    compare.compute_block_crcs();
     write.compute_block_crcs();
     Ok((compare, write))
 }
@@ -1940,14 +1941,72 @@ async fn compare_and_write(
     fua: bool,
     token: u64,
 ) -> (Status, u64) {
+    if token == 0 {
+        return compare_and_write_once(&disk, extent, compare, data, fua).await;
+    }
+    // One attempt per token: a resend (the gateway lost the connection or
+    // gave up waiting) while the first attempt runs gets that attempt's
+    // answer; after it wrote, `Ok` (comparing again would find its own
+    // write and miscompare).
+    let (tx, mut rx) = tokio::sync::watch::channel(None);
+    let first = {
+        let mut t = disk.cas.lock().expect("cas");
+        if t.done.contains(&token) {
+            return (Status::Ok, 0);
+        }
+        match t.running.get(&token) {
+            Some(r) => {
+                rx = r.clone();
+                false
+            }
+            None => {
+                t.running.insert(token, rx.clone());
+                true
+            }
+        }
+    };
+    if !first {
+        return match rx.wait_for(|r| r.is_some()).await {
+            Ok(r) => r.expect("some"),
+            Err(_) => (Status::Busy, 0),
+        };
+    }
+    let result = compare_and_write_once(&disk, extent, compare, data, fua).await;
+    {
+        let mut t = disk.cas.lock().expect("cas");
+        t.running.remove(&token);
+        if result.0 == Status::Ok {
+            if t.done.len() >= CAS_TOKENS_MAX {
+                t.done.pop_front();
+            }
+            t.done.push_back(token);
+        }
+    }
+    let _ = tx.send(Some(result));
+    result
+}
+
+/// Single-copy COMPARE AND WRITE tokens of one disk: written ones (newest
+/// last, at most `CAS_TOKENS_MAX`) and those being run, with the channel
+/// their answer comes on.
+#[derive(Default)]
+struct CasTokens {
+    done: VecDeque<u64>,
+    running: HashMap<u64, tokio::sync::watch::Receiver<Option<(Status, u64)>>>,
+}
+
+async fn compare_and_write_once(
+    disk: &DiskHandle,
+    extent: repl::Extent,
+    compare: Payload,
+    data: Payload,
+    fua: bool,
+) -> (Status, u64) {
     let step = |req: Request| {
         let (tx, rx) = tokio::sync::oneshot::channel();
         disk.send(EngineMsg::Request(req, Route::Task(tx)));
         async move { rx.await.unwrap_or(Err(EngineError::Failed)) }
     };
-    if token != 0 && disk.cas_done.lock().expect("cas").contains(&token) {
-        return (Status::Ok, 0);
-    }
     let key = ChunkKey {
         volume_id: extent.volume_id,
         chunk_index: extent.chunk_index,
@@ -1984,16 +2043,7 @@ async fn compare_and_write(
         return r;
     }
     match released {
-        Ok(_) => {
-            if token != 0 {
-                let mut done = disk.cas_done.lock().expect("cas");
-                if done.len() >= CAS_TOKENS_MAX {
-                    done.pop_front();
-                }
-                done.push_back(token);
-            }
-            (Status::Ok, 0)
-        }
+        Ok(_) => (Status::Ok, 0),
         Err(e) => (status_of(e), 0),
     }
 }
@@ -3454,7 +3504,7 @@ impl Driver {
                     if p.header.op == Op::Write && self.write_lat.len() < LAT_SAMPLES_MAX {
                         self.write_lat.push(took);
                     }
-                    if status != Status::Ok {
+                    if !matches!(status, Status::Ok | Status::Miscompare) {
                         m.errors.with_label_values(&[status_name(status)]).inc();
                     }
                     let mut header = p.header.reply_to(status, 0, 0);

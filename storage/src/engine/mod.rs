@@ -759,6 +759,13 @@ impl<D: Disk> Engine<D> {
     // ---- request intake -------------------------------------------------
 
     pub fn submit(&mut self, tag: u64, req: Request) {
+        // Ending a hold is never refused (not for overload, not on a failed
+        // engine): a hold left behind would stall every write to its
+        // blocks for good.
+        let req = match req {
+            Request::Release { id, write } => return self.release(tag, id, write),
+            r => r,
+        };
         if self.failed {
             self.complete(tag, Err(EngineError::Failed), 0);
             return;
@@ -1493,16 +1500,36 @@ impl<D: Disk> Engine<D> {
             self.claims.remove(&(key, b));
         }
         match write {
+            Some(_) if self.failed => self.complete(tag, Err(EngineError::Failed), 0),
             Some((data, fua)) if data.len() == length as usize => {
                 // Started in this step, so it claims the blocks before any
-                // request deferred behind the hold is retried; if it must
-                // wait itself (for space), it waits first in line.
+                // request deferred behind the hold is retried.
                 let before = self.deferred.len();
-                self.start_write(tag, key, offset, length, Fill::Data, data, fua, None);
-                if self.deferred.len() > before
-                    && let Some(w) = self.deferred.pop_back()
-                {
-                    self.deferred.push_front(w);
+                self.start_write(
+                    tag,
+                    key,
+                    offset,
+                    length,
+                    Fill::Data,
+                    data.clone(),
+                    fua,
+                    None,
+                );
+                if self.deferred.len() > before {
+                    // It waits for space (the blocks were free): keep
+                    // holding them meanwhile, so no write that waited
+                    // behind the hold starts first, and try again later.
+                    self.deferred.pop_back();
+                    for b in first..=last {
+                        self.claims.insert((key, b));
+                    }
+                    self.holds.insert(id, (key, offset, length));
+                    let again = Request::Release {
+                        id,
+                        write: Some((data, fua)),
+                    };
+                    self.deferred.push_back((tag, again));
+                    return;
                 }
             }
             Some(_) => self.complete(
@@ -1511,6 +1538,20 @@ impl<D: Disk> Engine<D> {
                 0,
             ),
             None => self.complete(tag, Ok(Reply::Done), 0),
+        }
+        self.retry_deferred();
+    }
+
+    /// End every hold without writing (the daemon is stopping: the tasks
+    /// that would release them are going away), so what waits behind them
+    /// can finish.
+    pub fn drop_holds(&mut self) {
+        for (_, (key, offset, length)) in std::mem::take(&mut self.holds) {
+            let first = offset as usize / BLOCK;
+            let last = (offset + length - 1) as usize / BLOCK;
+            for b in first..=last {
+                self.claims.remove(&(key, b));
+            }
         }
         self.retry_deferred();
     }

@@ -3457,10 +3457,13 @@ impl<D: Clone + CompareData> Replicator<D> {
             return;
         };
         let result = match data {
-            // The volume went away meanwhile, or the copy failed its read
-            // (a read repair of it comes from the client's next read).
+            // The copy failed its read (a checksum error or the disk): a
+            // read repair of it comes from the client's next read.
             Err(()) => Some(ClientResult::Failed),
-            Ok(_) if extent.length == 0 => Some(ClientResult::Failed),
+            // Nothing read (the engine refused: overloaded, or the volume
+            // went away): the gateway tries again (and finds a deleted
+            // volume gone).
+            Ok(_) if extent.length == 0 => Some(ClientResult::Retry),
             Ok(d) => D::first_difference(&c.compare, d.as_ref()).map(ClientResult::Miscompare),
         };
         match result {
