@@ -209,6 +209,44 @@ class Tgt:
             self.proc.wait()
 
 
+class TgtNull(Tgt):
+    """tgtd with `--bstype null` (no disk: reads return nothing read,
+    writes are dropped). Not a competitor: the ceiling of the initiator
+    (iscsi-perf / fio's libiscsi engine) and loopback TCP on this machine,
+    which bounds every iSCSI target here."""
+    name = "tgtd-null"
+
+    def __init__(self, work, size):
+        self.file = None
+        self.ctl = str(20000 + (os.getpid() + 1) % 20000)
+        port = free_port()
+        self.log = open(os.path.join(work, "tgtd-null.log"), "w")
+        self.proc = subprocess.Popen(["tgtd", "-f", "-C", self.ctl, "--iscsi",
+                                      f"portal=127.0.0.1:{port}"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 30
+            while self.adm("--op", "show", "--mode", "target", check=False).returncode != 0:
+                if time.time() > deadline:
+                    raise RuntimeError("tgtd did not start")
+                time.sleep(0.05)
+            iqn = "iqn.2026-11.io.tessera.bench:tgt-null"
+            self.adm("--op", "new", "--mode", "target", "--tid", "1", "-T", iqn)
+            self.adm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
+                     "-b", "null", "--bstype", "null")
+            self.adm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        self.pids = [self.proc.pid]
+        self.url = f"iscsi://127.0.0.1:{port}/{iqn}/1"
+
+    def stop(self):
+        self.adm("--op", "delete", "--mode", "target", "--tid", "1", "--force", check=False)
+        Tgt.stop(self)
+
+
 def iscsi_perf(url, random, nbytes, qd, runtime):
     cmd = ["iscsi-perf", "-t", str(runtime), "-m", str(qd), "-b", str(nbytes // BLOCK)]
     if random:
@@ -250,6 +288,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", default="2G")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a new one in /var/tmp)")
+    ap.add_argument("--null", action="store_true",
+                    help="also measure tgtd-null (no disk): the initiator's own ceiling")
     a = ap.parse_args()
     size = parse_size(a.size)
     for tool in ("iscsi-perf", "tgtd", "tgtadm", "fio"):
@@ -272,6 +312,9 @@ def main():
         targets.append(Tgt(work, size))
         tgt = targets[-1]
         order = ["tessera", "tessera-embedded", "tgtd", "local"]
+        if a.null:
+            targets.append(TgtNull(work, size))
+            order.append("tgtd-null")
         for r in range(a.rounds):
             rot = order[r % len(order):] + order[:r % len(order)]
             for wl, random, nbytes, qd in workloads:

@@ -2344,6 +2344,7 @@ mod tests {
             },
             committed: seq,
             trim: seq,
+            cas: Some(77),
         };
         let mut with_crcs = Payload::copy_from(&bytes);
         with_crcs.compute_block_crcs();

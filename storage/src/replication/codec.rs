@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! pg u32 | from u32 | kind u8 | pad 3
-//! 1 Replicate: seq 16 | committed 16 | trim 16 | extent 20 | change u8 | fua u8 | pad 2 | data
+//! 1 Replicate: seq 16 | committed 16 | trim 16 | extent 20 | change u8 | fua u8 | pad 2 | cas u64 | data
 //! 2 Ack:       seq 16 | result u8
 //! 3 LogQuery:  full u8
 //! 4 LogReply:  full u8 | pad 3 | committed 16 | n u32 | n x (seq 16 | extent 20) | m u32 | m x region 16
@@ -133,7 +133,10 @@ pub fn encode(m: &Msg<Payload>) -> Vec<u8> {
 /// Bytes before a message's data: the fixed fields of the two kinds that
 /// end with data (Replicate with a write, Fetched with data), whose data
 /// starts right after them.
-const REPLICATE_HEAD_BYTES: usize = 12 + 16 * 3 + 20 + 4;
+const REPLICATE_HEAD_BYTES: usize = 12 + 16 * 3 + 20 + 4 + 8;
+/// Where a Replicate's extent length and change kind lie in its head.
+const REPLICATE_LENGTH_AT: usize = 12 + 16 * 3 + 16;
+const REPLICATE_CHANGE_AT: usize = REPLICATE_LENGTH_AT + 4;
 const FETCHED_HEAD_BYTES: usize = 12 + 8 + 4 + 20;
 /// Bytes that name a message's kind.
 pub const KIND_BYTES: usize = 12;
@@ -151,6 +154,7 @@ pub fn encode_parts(m: &Msg<Payload>) -> (Vec<u8>, Option<Payload>) {
             update,
             committed,
             trim,
+            cas,
         } => {
             out.extend_from_slice(&[1, 0, 0, 0]);
             put_seq(&mut out, update.seq);
@@ -163,6 +167,7 @@ pub fn encode_parts(m: &Msg<Payload>) -> (Vec<u8>, Option<Payload>) {
                 Change::Trim => 3,
             };
             out.extend_from_slice(&[change, u8::from(update.fua), 0, 0]);
+            out.extend_from_slice(&cas.unwrap_or(0).to_le_bytes());
             if let Change::Write(d) = &update.change {
                 debug_assert_eq!(out.len(), REPLICATE_HEAD_BYTES);
                 data = Some(d.clone());
@@ -313,7 +318,7 @@ pub fn data_len(head: &[u8]) -> Option<usize> {
         |at: usize| u32::from_le_bytes(head[at..at + 4].try_into().expect("4 bytes")) as usize;
     match head[8] {
         // Extent (20 bytes, length last) then change (1 = write).
-        1 if head[REPLICATE_HEAD_BYTES - 4] == 1 => Some(length(REPLICATE_HEAD_BYTES - 8)),
+        1 if head[REPLICATE_CHANGE_AT] == 1 => Some(length(REPLICATE_LENGTH_AT)),
         // ok, has data, pad, then the extent.
         10 if head[20] == 1 && head[21] == 1 => Some(length(FETCHED_HEAD_BYTES - 4)),
         _ => None,
@@ -361,6 +366,10 @@ pub fn decode_with(
                 _ => return Err(DecodeError::Field("fua")),
             };
             r.take(2)?;
+            let cas = match r.u64()? {
+                0 => None,
+                t => Some(t),
+            };
             let change = match change {
                 1 => Change::Write(take_data(&mut r, extent.length as usize)?),
                 2 => Change::Zeroes,
@@ -376,6 +385,7 @@ pub fn decode_with(
                 },
                 committed,
                 trim,
+                cas,
             }
         }
         2 => {
@@ -548,6 +558,7 @@ mod tests {
                 },
                 committed: Seq { term: 5, n: 3 },
                 trim: Seq { term: 4, n: 1 },
+                cas: Some(0xfeed),
             },
             Body::Replicate {
                 update: Update {
@@ -558,6 +569,7 @@ mod tests {
                 },
                 committed: s,
                 trim: s,
+                cas: None,
             },
             Body::Ack {
                 seq: s,

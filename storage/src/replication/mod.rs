@@ -226,6 +226,10 @@ pub enum Body<D> {
         update: Update<D>,
         committed: Seq,
         trim: Seq,
+        /// The token of the COMPARE AND WRITE this change is the write of:
+        /// a member that holds the change may answer a resend of it after
+        /// a failover (`Pg::cas_pending`).
+        cas: Option<u64>,
     },
     Ack {
         seq: Seq,
@@ -878,6 +882,18 @@ struct Pg<D> {
     /// process; not known to other members (a resend after a failover
     /// compares again).
     cas_done: VecDeque<u64>,
+    /// A member's COMPARE AND WRITE writes being applied: seq -> (token,
+    /// primary that sent it).
+    cas_applying: BTreeMap<Seq, (u64, u32)>,
+    /// A member's COMPARE AND WRITE writes applied and not known to be
+    /// acknowledged. One becomes done (`cas_done`) when its primary's
+    /// commit point passes it (acknowledged, never undone), or when this
+    /// copy begins a term (peering makes every copy agree with its content,
+    /// which holds the write). Dropped when a change of a newer term
+    /// arrives or the map names another primary than the one that sent it
+    /// and this copy: that primary may have made the region agree with a
+    /// copy that never got the write.
+    cas_pending: BTreeMap<Seq, (u64, u32)>,
 }
 
 enum Token {
@@ -1441,6 +1457,8 @@ impl<D: Clone + CompareData> Replicator<D> {
                 fresh: true,
                 vouched_after: Seq::default(),
                 cas_done: VecDeque::new(),
+                cas_applying: BTreeMap::new(),
+                cas_pending: BTreeMap::new(),
             });
             let was_primary = p.primary.is_some();
             let me_up = view
@@ -1461,6 +1479,12 @@ impl<D: Clone + CompareData> Replicator<D> {
                         || view.incarnation(*m) != p.view.incarnation(*m))
             });
             p.view = view;
+            // Another primary than the one that sent a pending COMPARE AND
+            // WRITE write (and not this copy) may make its region agree
+            // with a copy that never got it.
+            let primary = p.view.primary;
+            p.cas_pending
+                .retain(|_, (_, from)| primary == Some(*from) || primary == Some(me));
             // With every copy up and up to date nothing is missing anywhere:
             // from here on this member's log tells what others miss.
             if p.view.up.iter().all(|u| *u)
@@ -1516,6 +1540,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                 continue;
             }
             op.sent_tick = tick;
+            let cas = pr.cas_writes.get(&op.update.seq).copied();
             for m in &op.waiting {
                 self.effects.push(Effect::Send(Msg {
                     pg,
@@ -1526,6 +1551,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                         update: op.update.clone(),
                         committed,
                         trim,
+                        cas,
                     },
                 }));
             }
@@ -1769,6 +1795,7 @@ impl<D: Clone + CompareData> Replicator<D> {
         for (seq, extent) in &started {
             p.log.insert(*seq, *extent);
             let op = &pr.ops[seq];
+            let cas = pr.cas_writes.get(seq).copied();
             for m in &op.waiting {
                 self.effects.push(Effect::Send(Msg {
                     pg,
@@ -1779,6 +1806,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                         update: op.update.clone(),
                         committed,
                         trim,
+                        cas,
                     },
                 }));
             }
@@ -1983,10 +2011,7 @@ impl<D: Clone + CompareData> Replicator<D> {
             if let Some(t) = pr.cas_writes.remove(&s)
                 && !op.failed
             {
-                if p.cas_done.len() >= CAS_TOKENS_MAX {
-                    p.cas_done.pop_front();
-                }
-                p.cas_done.push_back(t);
+                remember_cas(&mut p.cas_done, t);
             }
             if let Some(c) = op.client {
                 self.effects.push(Effect::Reply {
@@ -2077,7 +2102,8 @@ impl<D: Clone + CompareData> Replicator<D> {
                 update,
                 committed,
                 trim,
-            } => self.on_replicate(m.pg, m.to, m.from, m.epoch, update, committed, trim),
+                cas,
+            } => self.on_replicate(m.pg, m.to, m.from, m.epoch, update, committed, trim, cas),
             Body::LogQuery { full } => self.on_log_query(m.pg, m.to, m.from, m.epoch, full),
             Body::Flush {
                 round,
@@ -2128,6 +2154,7 @@ impl<D: Clone + CompareData> Replicator<D> {
         update: Update<D>,
         committed: Seq,
         trim: Seq,
+        cas: Option<u64>,
     ) {
         let my_epoch = self.epoch();
         let ack = |result| Msg {
@@ -2145,6 +2172,10 @@ impl<D: Clone + CompareData> Replicator<D> {
             return;
         }
         let p = self.pgs.get_mut(&(pg, me)).expect("fenced checked");
+        // A change of a newer term: its primary may have made regions
+        // agree over changes of older terms this copy applied, so their
+        // COMPARE AND WRITE tokens no longer say anything.
+        p.cas_pending.retain(|s, _| s.term >= update.seq.term);
         advance(p, committed, trim);
         let seq = update.seq;
         // Overlapping changes are serialised by the primary, so a change
@@ -2161,6 +2192,9 @@ impl<D: Clone + CompareData> Replicator<D> {
         }
         p.log.insert(seq, update.extent);
         p.applying.insert(seq, (update.extent, vec![from]));
+        if let Some(t) = cas {
+            p.cas_applying.insert(seq, (t, from));
+        }
         let token = self.token(Token::Apply { pg, disk: me, seq });
         self.effects.push(Effect::Apply {
             disk: me,
@@ -2192,9 +2226,14 @@ impl<D: Clone + CompareData> Replicator<D> {
         };
         if let Some((_, waiters)) = p.applying.remove(&seq) {
             // A replica's change.
+            let cas = p.cas_applying.remove(&seq);
             if ok {
                 p.applied.insert(seq);
                 p.fresh = false;
+                if let Some(c) = cas {
+                    p.cas_pending.insert(seq, c);
+                    promote_cas(p);
+                }
             }
             for to in waiters {
                 self.effects.push(Effect::Send(Msg {
@@ -2324,6 +2363,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                     update: op.update.clone(),
                     committed,
                     trim,
+                    cas: None,
                 },
             }));
         }
@@ -2797,6 +2837,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                     continue;
                 }
                 op.sent_tick = tick;
+                let cas = pr.cas_writes.get(&op.update.seq).copied();
                 for m in &op.waiting {
                     self.effects.push(Effect::Send(Msg {
                         pg,
@@ -2807,6 +2848,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                             update: op.update.clone(),
                             committed,
                             trim,
+                            cas,
                         },
                     }));
                 }
@@ -3709,6 +3751,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                     update: update.clone(),
                     committed,
                     trim,
+                    cas: None,
                 },
             }));
         }
@@ -4119,6 +4162,7 @@ fn committed_of<D>(pr: &Primary<D>) -> Seq {
 /// makes durable everywhere.
 fn advance<D>(p: &mut Pg<D>, committed: Seq, trim: Seq) {
     p.committed = p.committed.max(committed);
+    promote_cas(p);
     if trim > p.trim {
         p.trim = trim;
         p.log = p.log.split_off(&Seq {
@@ -4132,8 +4176,37 @@ fn advance<D>(p: &mut Pg<D>, committed: Seq, trim: Seq) {
     }
 }
 
+/// Pending COMPARE AND WRITE tokens whose change the commit point of the
+/// same term passed: acknowledged, so never undone.
+fn promote_cas<D>(p: &mut Pg<D>) {
+    let c = p.committed;
+    let done: Vec<Seq> = p
+        .cas_pending
+        .range(..=c)
+        .filter(|(s, _)| s.term == c.term)
+        .map(|(s, _)| *s)
+        .collect();
+    for s in done {
+        let (t, _) = p.cas_pending.remove(&s).expect("pending");
+        remember_cas(&mut p.cas_done, t);
+    }
+}
+
+fn remember_cas(done: &mut VecDeque<u64>, token: u64) {
+    if done.len() >= CAS_TOKENS_MAX {
+        done.pop_front();
+    }
+    done.push_back(token);
+}
+
 /// Begin a primary term: peer with the other up-to-date members.
 fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) {
+    // This copy's content is what peering makes every copy agree with, so
+    // the COMPARE AND WRITE writes it applied stand (unless this process
+    // is new: then it has none).
+    for (_, (t, _)) in std::mem::take(&mut p.cas_pending) {
+        remember_cas(&mut p.cas_done, t);
+    }
     let me = p.me;
     let term = p.view.epoch;
     let peering: BTreeSet<u32> = p

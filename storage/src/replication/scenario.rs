@@ -1241,3 +1241,49 @@ fn compare_and_write_deposed_while_comparing_retries() {
         assert_eq!(c.node(m).disk.get(b), v, "node {m}");
     }
 }
+
+// Proves a COMPARE AND WRITE whose write both members applied, and whose
+// primary died before it could answer, is answered Ok by the new primary
+// when the gateway resends it: the member learnt the token with the change
+// and its term's peering makes every copy agree with its content, which
+// holds the write. Compared again, the request would find its own write
+// and miscompare. A request with another token does compare.
+#[test]
+fn compare_and_write_resent_after_failover_is_answered_ok() {
+    let mut c = Cluster::primed();
+    let v = c.next_value;
+    c.write(0, 1);
+    let b = (0, REGION_BYTES / BLOCK);
+    let primary = c.map.primary(0).expect("primary");
+    let members: Vec<u32> = (1..=MEMBERS).filter(|m| *m != primary).collect();
+    let first = c.compare_and_write(0, 1, v, 100, 7);
+    // Until both members applied the write and processed its completion;
+    // their acknowledgements have not reached the primary yet.
+    for _ in 0..1000 {
+        let applied = members
+            .iter()
+            .all(|m| c.nodes[*m as usize - 1].disk.get(b) == 100);
+        let completing = c
+            .queue
+            .iter()
+            .any(|(to, i)| members.contains(to) && matches!(i, Input::Applied { .. }));
+        if applied && !completing {
+            break;
+        }
+        c.step();
+    }
+    c.die(primary);
+    assert_eq!(c.replies.get(&first), None, "never answered");
+    c.declare_down(primary);
+    c.ticks(3);
+    let resend = c.compare_and_write(0, 1, v, 100, 7);
+    c.run();
+    c.ticks(3);
+    assert_eq!(c.replies.get(&resend), Some(&ClientResult::Ok));
+    let other = c.compare_and_write(0, 1, v, 300, 8);
+    c.run();
+    assert_eq!(c.replies.get(&other), Some(&ClientResult::Miscompare(0)));
+    for m in members {
+        assert_eq!(c.nodes[m as usize - 1].disk.get(b), 100, "node {m}");
+    }
+}

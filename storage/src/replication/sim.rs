@@ -697,6 +697,7 @@ impl World {
                                     update,
                                     committed,
                                     trim,
+                                    ..
                                 } => format!(
                                     "replicate {:?} {:?} committed {committed:?} trim {trim:?}",
                                     update.seq, update.extent
