@@ -171,7 +171,8 @@ class Tgt:
         subprocess.run(["fio", "--name=fill", "--ioengine=io_uring", "--direct=1", "--rw=write",
                         "--bs=1m", "--iodepth=8", f"--size={size}", f"--filename={self.file}"],
                        check=True, capture_output=True)
-        self.ctl = str(20000 + os.getpid() % 20000)
+        # tgtd's control port (-C) must stay below 32768.
+        self.ctl = str(100 + os.getpid() % 16000)
         port = free_port()
         self.log = open(os.path.join(work, "tgtd.log"), "w")
         self.proc = subprocess.Popen(["tgtd", "-f", "-C", self.ctl, "--iscsi",
@@ -218,7 +219,7 @@ class TgtNull(Tgt):
 
     def __init__(self, work, size):
         self.file = None
-        self.ctl = str(20000 + (os.getpid() + 1) % 20000)
+        self.ctl = str(16200 + os.getpid() % 16000)
         port = free_port()
         self.log = open(os.path.join(work, "tgtd-null.log"), "w")
         self.proc = subprocess.Popen(["tgtd", "-f", "-C", self.ctl, "--iscsi",
@@ -372,7 +373,8 @@ def main():
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# iSCSI benchmark {stamp}", "",
-             f"Command: `bench/iscsi_compare.py --runtime {a.runtime} --rounds {a.rounds} --size {a.size}`",
+             f"Command: `bench/iscsi_compare.py --runtime {a.runtime} --rounds {a.rounds} --size {a.size}"
+             f"{' --null' if a.null else ''}`",
              "",
              f"Tessera binaries: `{BIN}`. Load average (1/5/15 min) at the start "
              f"{' / '.join(f'{x:.1f}' for x in meta['loadavg_start'])}, at the end "

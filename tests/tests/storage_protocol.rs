@@ -169,6 +169,42 @@ fn storage_edge_validation() {
     let h = req(&m, Op::Read, 0, (4 << 20) - 4096, 8192);
     assert_eq!(good.call(h, &[]).0.status, Status::Invalid);
 
+    // COMPARE AND WRITE at the edge: the compare part must match the
+    // medium (a difference is answered at its offset and writes nothing);
+    // a payload whose CRC does not match is refused; a range beyond the
+    // chunk is invalid.
+    let caw = |compare: &[u8], write: &[u8]| {
+        let mut p = compare.to_vec();
+        p.extend_from_slice(write);
+        seal_payload(&mut p);
+        p
+    };
+    let new_data = pattern(6, 8192);
+    let mut diff = data.clone();
+    diff[5000] ^= 0x40;
+    let h = req(&m, Op::CompareAndWrite, 1, 4096, 8192);
+    let (r, _) = good.call(h, &caw(&diff, &new_data));
+    assert_eq!(r.status, Status::Miscompare);
+    assert_eq!(r.chunk_version, 5000, "offset of the first difference");
+    let mut bad_crc = caw(&data, &new_data);
+    bad_crc[100] ^= 1;
+    assert_eq!(good.call(h, &bad_crc).0.status, Status::BadPayloadCrc);
+    let (r, p) = good.call(req(&m, Op::Read, 1, 4096, 8192), &[]);
+    assert_eq!(open_payload(&p), Some(&data[..]), "nothing written");
+    assert_eq!(r.status, Status::Ok);
+    let beyond = req(&m, Op::CompareAndWrite, 0, (4 << 20) - 4096, 8192);
+    let zeros = vec![0u8; 8192];
+    assert_eq!(
+        good.call(beyond, &caw(&zeros, &zeros)).0.status,
+        Status::Invalid
+    );
+    let (r, _) = good.call(h, &caw(&data, &new_data));
+    assert_eq!(r.status, Status::Ok);
+    let (_, p) = good.call(req(&m, Op::Read, 1, 4096, 8192), &[]);
+    assert_eq!(open_payload(&p), Some(&new_data[..]));
+    // Write the old data back for the checks below.
+    assert_eq!(good.call(w, &payload).0.status, Status::Ok);
+
     // Ping and Flush.
     let (r, _) = good.call(req(&m, Op::Ping, 0, 0, 0), &[]);
     assert_eq!(r.status, Status::Ok);
