@@ -3499,9 +3499,21 @@ impl<D: Clone + CompareData> Replicator<D> {
             return;
         };
         let result = match data {
-            // The copy failed its read (a checksum error or the disk): a
-            // read repair of it comes from the client's next read.
-            Err(()) => Some(ClientResult::Failed),
+            // The copy failed its read (a checksum error or the disk):
+            // repair it from a good copy, and let the gateway resend (by
+            // then it compares the repaired copy).
+            Err(()) => {
+                if pr.repairs.len() < REPAIRS_MAX
+                    && !pr.repairs.iter().any(|j| j.extent.overlaps(&c.extent))
+                {
+                    pr.repairs.push_back(RepairJob {
+                        extent: c.extent,
+                        targets: BTreeSet::from([me]),
+                        origin: RepairOrigin::Internal,
+                    });
+                }
+                Some(ClientResult::Retry)
+            }
             // Nothing read (the engine refused: overloaded, or the volume
             // went away): the gateway tries again (and finds a deleted
             // volume gone).

@@ -196,13 +196,29 @@ enum Ev {
 
 #[derive(Clone)]
 enum COp {
-    Write { extent: Extent, id: u64, fua: bool },
-    Read { extent: Extent },
+    Write {
+        extent: Extent,
+        id: u64,
+        fua: bool,
+    },
+    /// COMPARE AND WRITE (FUA) of the shared counter block: from `expect`
+    /// to `id`; `id` is also the request's token.
+    Cas {
+        id: u64,
+        expect: u64,
+    },
+    Read {
+        extent: Extent,
+    },
     Flush,
 }
 
 struct Client {
     op: Option<COp>,
+    /// The counter block's value as this client last saw it, and whether
+    /// it must read it again (after a miscompare).
+    cas_seen: u64,
+    cas_refresh: bool,
     attempt: u64,
     done: u64,
     map: Arc<ClusterMap>,
@@ -234,6 +250,10 @@ struct World {
     clients: Vec<Client>,
     history: BTreeMap<Block, History>,
     next_write: u64,
+    /// Successful compare-and-writes by the value they replaced.
+    cas_from: BTreeMap<u64, u64>,
+    cas_ok: u64,
+    cas_miscompares: u64,
     drop_pm: u64,
     dup_pm: u64,
     faults: bool,
@@ -246,6 +266,21 @@ struct World {
     budget_per_tick: Option<u64>,
     /// Nodes taken out so far.
     outs: u32,
+}
+
+/// The block every client's COMPARE AND WRITE targets: the first of the
+/// chunk after the clients' own.
+fn counter_block() -> Block {
+    (CLIENTS as u32, 0)
+}
+
+fn counter_extent() -> Extent {
+    Extent {
+        volume_id: 1,
+        chunk_index: CLIENTS as u32,
+        offset: 0,
+        length: BLOCK,
+    }
 }
 
 fn pg_of_chunk(c: u32) -> u32 {
@@ -289,7 +324,8 @@ fn initial_map() -> ClusterMap {
         volumes: vec![VolumeEntry {
             id: 1,
             name: "v".into(),
-            size_bytes: u64::from(CHUNK_BYTES) * CLIENTS as u64,
+            // One chunk per client, and the counter chunk they share.
+            size_bytes: u64::from(CHUNK_BYTES) * (CLIENTS as u64 + 1),
             chunk_size_bytes: u64::from(CHUNK_BYTES),
             block_size: 4096,
             pool_id: 1,
@@ -352,6 +388,8 @@ impl World {
             clients: (0..CLIENTS)
                 .map(|_| Client {
                     op: None,
+                    cas_seen: 0,
+                    cas_refresh: false,
                     attempt: 0,
                     done: 0,
                     map: m.clone(),
@@ -359,6 +397,9 @@ impl World {
                 .collect(),
             history: BTreeMap::new(),
             next_write: 1,
+            cas_from: BTreeMap::new(),
+            cas_ok: 0,
+            cas_miscompares: 0,
             drop_pm,
             dup_pm,
             faults: true,
@@ -1037,7 +1078,24 @@ impl World {
                 length: n * BLOCK,
             };
             let r = self.rng.below(100);
-            let op = if r < 60 {
+            let op = if self.clients[c].cas_refresh {
+                self.clients[c].cas_refresh = false;
+                COp::Read {
+                    extent: counter_extent(),
+                }
+            } else if r >= 92 {
+                let id = self.next_write;
+                self.next_write += 1;
+                self.history
+                    .entry(counter_block())
+                    .or_default()
+                    .issued
+                    .insert(id, self.now);
+                COp::Cas {
+                    id,
+                    expect: self.clients[c].cas_seen,
+                }
+            } else if r < 60 {
                 let id = self.next_write;
                 self.next_write += 1;
                 for b in blocks(&extent) {
@@ -1052,7 +1110,7 @@ impl World {
                     id,
                     fua: self.rng.chance(200),
                 }
-            } else if r < 90 {
+            } else if r < 82 {
                 COp::Read { extent }
             } else {
                 COp::Flush
@@ -1079,6 +1137,29 @@ impl World {
                         attempt,
                         result: ClientResult::Ok,
                         data: None,
+                    },
+                );
+            }
+            COp::Cas { id, expect } => {
+                let extent = counter_extent();
+                let pg = pg_of_chunk(extent.chunk_index);
+                let Some(p) = map.primary(pg) else {
+                    return self.retry_later(c);
+                };
+                if !self.reachable(p) {
+                    return;
+                }
+                self.feed(
+                    p,
+                    Input::CompareAndWrite {
+                        pg,
+                        disk: p,
+                        client: token,
+                        extent,
+                        compare: vec![expect],
+                        data: vec![id],
+                        token: id,
+                        fua: true,
                     },
                 );
             }
@@ -1191,9 +1272,23 @@ impl World {
                 return Ok(());
             }
             ClientResult::Failed => return Err(format!("client {c}: operation failed")),
-            // The simulation's clients send no COMPARE AND WRITE.
             ClientResult::Miscompare(_) => {
-                return Err(format!("client {c}: a miscompare without a compare"));
+                let Some(COp::Cas { id, .. }) = self.clients[c].op.take() else {
+                    return Err(format!("client {c}: a miscompare without a compare"));
+                };
+                // Nothing written, except where a resend reached a process
+                // that no longer knew the token (a restart) while the
+                // first attempt's write stands: the checker lets it be.
+                let h = self.history.entry(counter_block()).or_default();
+                let t = h.issued[&id];
+                h.abandoned.push((id, t));
+                self.cas_miscompares += 1;
+                let cl = &mut self.clients[c];
+                cl.attempt += 1;
+                cl.cas_refresh = true;
+                let d = self.rng.below(10);
+                self.at(d, Ev::ClientGo(c));
+                return Ok(());
             }
             ClientResult::Ok => {}
         }
@@ -1201,6 +1296,23 @@ impl World {
         self.clients[c].attempt += 1;
         self.clients[c].done += 1;
         match op {
+            COp::Cas { id, expect } => {
+                // Two successful compare-and-writes from one value: one of
+                // them overwrote the other's write without seeing it (a
+                // FUA write is never lost, and every value is written
+                // once).
+                if let Some(other) = self.cas_from.insert(expect, id) {
+                    return Err(format!(
+                        "lost update: compare-and-writes {other} and {id} both replaced {expect}"
+                    ));
+                }
+                self.cas_ok += 1;
+                let h = self.history.entry(counter_block()).or_default();
+                let issued = h.issued[&id];
+                h.acked.push((id, issued, self.now));
+                h.durable_upto = Some(h.acked.len() - 1);
+                self.clients[c].cas_seen = id;
+            }
             COp::Write { extent, id, fua } => {
                 for b in blocks(&extent) {
                     let h = self.history.entry(b).or_default();
@@ -1220,6 +1332,9 @@ impl World {
             }
             COp::Read { extent } => {
                 let data = data.expect("read data");
+                if extent == counter_extent() {
+                    self.clients[c].cas_seen = data[0];
+                }
                 for (b, v) in blocks(&extent).zip(data) {
                     let ok = v == 0
                         || self
@@ -1251,7 +1366,7 @@ impl World {
                 "scrub found {mismatches} copies that verify but differ"
             ));
         }
-        for c in 0..CLIENTS as u32 {
+        for c in 0..=CLIENTS as u32 {
             let pg = pg_of_chunk(c);
             for b in 0..CHUNK_BLOCKS {
                 let blk = (c, b);
@@ -1278,7 +1393,11 @@ impl World {
                     h.acked.len().checked_sub(1)
                 };
                 let base_issued = base.map_or(0, |b| h.acked[b].1);
+                // With a loss possible and nothing durable, any acknowledged
+                // write may have survived the crash (or none of them).
+                let any_acked = loss_possible && h.durable_upto.is_none();
                 let allowed = base.is_some_and(|b| h.acked[b..].iter().any(|a| a.0 == v))
+                    || any_acked && h.acked.iter().any(|a| a.0 == v)
                     // With no acknowledged write to be newer than, any
                     // abandoned one may stay (even one issued at time 0).
                     || h.abandoned
@@ -1331,6 +1450,9 @@ struct Tally {
     /// from the other members, and the bytes it took.
     seeds_with_reclaim: u64,
     reclaimed_bytes: u64,
+    /// COMPARE AND WRITEs that wrote and that miscompared.
+    cas_ok: u64,
+    cas_miscompares: u64,
 }
 
 fn run_seed(seed: u64) -> Result<(), String> {
@@ -1353,6 +1475,8 @@ fn run_seed_tally(seed: u64, tally: &mut Tally) -> Result<(), String> {
     let reclaimed: u64 = w.nodes.iter().map(|n| n.rep.stats.reclaimed_bytes).sum();
     tally.seeds_with_reclaim += u64::from(reclaimed > 0);
     tally.reclaimed_bytes += reclaimed;
+    tally.cas_ok += w.cas_ok;
+    tally.cas_miscompares += w.cas_miscompares;
     if std::env::var("TESSERA_SIM_VERBOSE").is_ok() {
         let acked: usize = w.history.values().map(|h| h.acked.len()).sum();
         println!(
@@ -1443,6 +1567,11 @@ fn simulation() {
         "simulation: {} seeds took a node out and rebuilt its groups; in {} a restarted last up-to-date copy took back {} bytes from the others",
         tally.seeds_with_out, tally.seeds_with_reclaim, tally.reclaimed_bytes
     );
+    println!(
+        "simulation: {} compare-and-writes wrote, {} miscompared",
+        tally.cas_ok, tally.cas_miscompares
+    );
+    assert!(tally.cas_ok > 0, "no compare-and-write was exercised");
     assert!(
         tally.corruptions > 0 && tally.repairs > 0,
         "no corruption was exercised"
