@@ -655,6 +655,8 @@ struct Metrics {
     peering_bytes: IntCounter,
     reclaimed_bytes: IntCounter,
     settles: IntCounter,
+    /// COMPARE AND WRITEs by outcome.
+    compare_and_writes: IntCounterVec,
     /// The primary's staged writes by outcome (parallel primary write).
     staged: IntCounterVec,
     pgs_scrubbing: IntGauge,
@@ -776,6 +778,16 @@ impl Metrics {
              write set left or restarted, or its term began",
         )
         .expect("metric");
+        let compare_and_writes = IntCounterVec::new(
+            Opts::new(
+                "tessera_storage_compare_and_writes_total",
+                "COMPARE AND WRITEs this daemon decided (as the chunk's primary) by outcome: \
+                 written, miscompare (nothing written: the medium differed), failed (any \
+                 other answer, including retries the gateway resends)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric");
         let staged = IntCounterVec::new(
             Opts::new(
                 "tessera_storage_staged_writes_total",
@@ -870,6 +882,7 @@ impl Metrics {
             Box::new(peering_bytes.clone()),
             Box::new(reclaimed_bytes.clone()),
             Box::new(settles.clone()),
+            Box::new(compare_and_writes.clone()),
             Box::new(staged.clone()),
             Box::new(requests.clone()),
             Box::new(errors.clone()),
@@ -902,6 +915,7 @@ impl Metrics {
             peering_bytes,
             reclaimed_bytes,
             settles,
+            compare_and_writes,
             staged,
             pgs_scrubbing,
             repairs,
@@ -1482,6 +1496,9 @@ where
                         m.latency
                             .with_label_values(&[op_name(h.op)])
                             .observe(started.elapsed().as_secs_f64());
+                        m.compare_and_writes
+                            .with_label_values(&[caw_outcome(status)])
+                            .inc();
                         // A miscompare is an answer, not a failure (ATS
                         // locking contends by design).
                         if !matches!(status, Status::Ok | Status::Miscompare) {
@@ -1921,6 +1938,14 @@ fn first_difference(expected: &[u8], actual: Option<&[u8]>) -> Option<u32> {
         None => expected.iter().position(|x| *x != 0),
     };
     at.map(|i| i as u32)
+}
+
+fn caw_outcome(s: Status) -> &'static str {
+    match s {
+        Status::Ok => "written",
+        Status::Miscompare => "miscompare",
+        _ => "failed",
+    }
 }
 
 /// Hold ids of single-copy COMPARE AND WRITEs (unique per daemon).
@@ -3507,6 +3532,11 @@ impl Driver {
                     }
                     if !matches!(status, Status::Ok | Status::Miscompare) {
                         m.errors.with_label_values(&[status_name(status)]).inc();
+                    }
+                    if p.header.op == Op::CompareAndWrite {
+                        m.compare_and_writes
+                            .with_label_values(&[caw_outcome(status)])
+                            .inc();
                     }
                     let mut header = p.header.reply_to(status, 0, 0);
                     if let ClientResult::Miscompare(at) = result {

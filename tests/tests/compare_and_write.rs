@@ -213,6 +213,25 @@ fn exercise(c: &Cluster) {
         "the resend"
     );
     assert_eq!(value_of(&first.read()), n + 2, "the resend wrote nothing");
+
+    // The primaries count what they decided.
+    let count = |outcome: &str| -> f64 {
+        let name = format!("tessera_storage_compare_and_writes_total{{outcome=\"{outcome}\"}}");
+        c.storage_metrics()
+            .iter()
+            .map(|t| metric_sum(t, &name))
+            .sum()
+    };
+    assert!(
+        count("written") >= (n + 3) as f64,
+        "written {}",
+        count("written")
+    );
+    assert!(
+        count("miscompare") >= 1.0,
+        "miscompare {}",
+        count("miscompare")
+    );
 }
 
 // Proves compare and write is atomic at a single copy's storage daemon
