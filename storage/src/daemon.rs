@@ -2983,6 +2983,12 @@ impl Driver {
                     | ReplKind::Purged
                     | ReplKind::Stage(_)
                     | ReplKind::Discarded => unreachable!("handled above"),
+                    // A checksum error on a write: a partial block's merge
+                    // read a corrupt block (nothing was written); the state
+                    // machine repairs the copy from a good one.
+                    ReplKind::Apply if matches!(result, Err(EngineError::Checksum)) => {
+                        ReplInput::ApplyBadBlock { token }
+                    }
                     ReplKind::Apply => ReplInput::Applied {
                         token,
                         ok: result.is_ok(),

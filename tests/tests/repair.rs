@@ -219,7 +219,7 @@ fn read_repair_and_scrub() {
     let s = status_json(&c);
     assert_eq!(s["pgs_clean"], s["pgs_total"], "{s}");
 
-    let data = tagged(VOLUME_BYTES);
+    let mut data = tagged(VOLUME_BYTES);
     let src = dir.path().join("src.img");
     std::fs::write(&src, &data).expect("write source");
     run(Command::new("nbdcopy").arg(&src).arg(c.uri("r")));
@@ -272,6 +272,28 @@ fn read_repair_and_scrub() {
         settled(&c, "tessera_storage_checksum_errors_total") > ck1,
         "the replica's corrupted blocks were not read"
     );
+
+    // 1c. A write that is not whole 4 KiB blocks over a block that fails
+    // its CRC, on the primary's copy of chunk 3 and on a replica's: the
+    // copy that cannot merge it is rewritten from a good one (which has the
+    // write) before the write is answered, and the write succeeds (it used
+    // to fail with EIO).
+    let (p3, others3) = members(&c, "r", 3);
+    corrupt_tagged(&c, p3, &[3 * CHUNK_BLOCKS + 50]);
+    corrupt_tagged(&c, others3[0], &[3 * CHUNK_BLOCKS + 60]);
+    let repairs1c = settled(&c, "tessera_storage_repairs_total");
+    for blk in [50u64, 60] {
+        let off = (3 * CHUNK_BLOCKS + blk) as usize * BLOCK + 1024;
+        run(Command::new("qemu-io")
+            .args(["-f", "raw", "-c", &format!("write -P 0x5a {off} 512")])
+            .arg(c.uri("r")));
+        data[off..off + 512].fill(0x5a);
+    }
+    let back = read_back(&c, dir.path(), "back1c.img");
+    assert!(back == data, "read back after the partial writes differs");
+    let repairs1c2 = settled(&c, "tessera_storage_repairs_total");
+    println!("partial writes over corrupt blocks: repairs {repairs1c} -> {repairs1c2}");
+    assert!(repairs1c2 >= repairs1c + 2.0, "both copies were repaired");
 
     // 2. Scrub: garbage under a replica of chunk 0, a replica of chunk 1
     // and the primary of chunk 2 (not read by anyone before the scrub).

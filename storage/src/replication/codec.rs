@@ -181,6 +181,7 @@ pub fn encode_parts(m: &Msg<Payload>) -> (Vec<u8>, Option<Payload>) {
                 AckResult::Stale => 1,
                 AckResult::NotPrimary => 2,
                 AckResult::Failed => 3,
+                AckResult::BadBlock => 4,
             });
         }
         Body::LogQuery { full } => {
@@ -395,6 +396,7 @@ pub fn decode_with(
                 1 => AckResult::Stale,
                 2 => AckResult::NotPrimary,
                 3 => AckResult::Failed,
+                4 => AckResult::BadBlock,
                 _ => return Err(DecodeError::Field("ack result")),
             };
             Body::Ack { seq, result }

@@ -187,6 +187,12 @@ pub enum Change<D> {
     Trim,
 }
 
+impl<D> Change<D> {
+    fn is_write(&self) -> bool {
+        matches!(self, Change::Write(_))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Update<D> {
     pub seq: Seq,
@@ -205,6 +211,11 @@ pub enum AckResult {
     NotPrimary,
     /// The receiver's disk failed the change.
     Failed,
+    /// The change is not whole 4 KiB blocks and a block it had to merge
+    /// with failed its CRC on the receiver: nothing was written there. The
+    /// primary rewrites that copy's blocks from a good copy (which has the
+    /// change) before it answers the client.
+    BadBlock,
 }
 
 /// A copy's digest of one extent, computed from a read of it that verified
@@ -511,6 +522,13 @@ pub enum Input<D> {
         token: u64,
         fua: bool,
     },
+    /// An `Apply` wrote nothing because the change is not whole 4 KiB
+    /// blocks and a block it had to merge with failed its CRC (a corrupt
+    /// block): the copy is repaired from a good one, which has the change,
+    /// instead of failing the client's write.
+    ApplyBadBlock {
+        token: u64,
+    },
     /// The link to the daemon of `disk` broke (its process died: the kernel
     /// closed its sockets), before any map says so: every group this daemon
     /// leads with `disk` in its write set settles (`Replicator::settle`)
@@ -605,6 +623,10 @@ struct Op<D> {
     repair: Option<RepairOrigin>,
     /// For a repair: the copies it rewrites.
     repaired: BTreeSet<u32>,
+    /// Copies (this one included) that could not apply the change because
+    /// a block it merges with failed its CRC: repaired from a good copy
+    /// before the client is answered (`AckResult::BadBlock`).
+    bad_copies: BTreeSet<u32>,
 }
 
 /// Who a repair answers when it ends.
@@ -1390,6 +1412,7 @@ impl<D: Clone + CompareData> Replicator<D> {
             ),
             Input::Msg(m) => self.on_msg(m),
             Input::Applied { token, ok } => self.on_applied(token, ok),
+            Input::ApplyBadBlock { token } => self.on_apply_bad_block(token),
             Input::ReadDone {
                 token,
                 extent,
@@ -1786,6 +1809,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                     failed: false,
                     repair: None,
                     repaired: BTreeSet::new(),
+                    bad_copies: BTreeSet::new(),
                 },
             );
             started.push((seq, q.extent));
@@ -1907,6 +1931,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                         failed: false,
                         repair: None,
                         repaired: BTreeSet::new(),
+                        bad_copies: BTreeSet::new(),
                     },
                 );
             }
@@ -2007,7 +2032,29 @@ impl<D: Clone + CompareData> Replicator<D> {
             return;
         }
         for s in done {
-            let op = pr.ops.remove(&s).expect("op");
+            let mut op = pr.ops.remove(&s).expect("op");
+            if !op.failed && !op.bad_copies.is_empty() {
+                // Copies that could not merge the change with a corrupt
+                // block: rewrite their whole blocks from a good copy (which
+                // has the change) and answer the client when that is done.
+                let extent = whole_blocks(op.update.extent);
+                let origin = op
+                    .client
+                    .take()
+                    .map_or(RepairOrigin::Internal, RepairOrigin::Client);
+                if pr.repairs.len() < REPAIRS_MAX {
+                    pr.repairs.push_back(RepairJob {
+                        extent,
+                        targets: std::mem::take(&mut op.bad_copies),
+                        origin,
+                    });
+                } else if let RepairOrigin::Client(c) = origin {
+                    self.effects.push(Effect::Reply {
+                        client: c,
+                        result: ClientResult::Failed,
+                    });
+                }
+            }
             if let Some(t) = pr.cas_writes.remove(&s)
                 && !op.failed
             {
@@ -2203,6 +2250,53 @@ impl<D: Clone + CompareData> Replicator<D> {
         });
     }
 
+    /// See `Input::ApplyBadBlock`. A member answers `BadBlock` (it logged
+    /// the change but holds it nowhere); the primary counts its own copy
+    /// as one to repair. Anything else is a failed apply.
+    fn on_apply_bad_block(&mut self, token: u64) {
+        let apply = match self.tokens.get(&token) {
+            Some(Token::Apply { pg, disk, seq }) => Some((*pg, *disk, *seq)),
+            _ => None,
+        };
+        let Some((pg, disk, seq)) = apply else {
+            return self.on_applied(token, false);
+        };
+        let epoch = self.epoch();
+        let Some(p) = self.pgs.get_mut(&(pg, disk)) else {
+            self.tokens.remove(&token);
+            return;
+        };
+        if let Some((_, waiters)) = p.applying.remove(&seq) {
+            self.tokens.remove(&token);
+            p.cas_applying.remove(&seq);
+            for to in waiters {
+                self.effects.push(Effect::Send(Msg {
+                    pg,
+                    from: disk,
+                    to,
+                    epoch,
+                    body: Body::Ack {
+                        seq,
+                        result: AckResult::BadBlock,
+                    },
+                }));
+            }
+            return;
+        }
+        let Some(op) = p.primary.as_mut().and_then(|pr| pr.ops.get_mut(&seq)) else {
+            return self.on_applied(token, false);
+        };
+        // Only a copy another good copy can be repaired from; with none,
+        // the write fails as before.
+        if op.repair.is_some() || !op.update.change.is_write() {
+            return self.on_applied(token, false);
+        }
+        self.tokens.remove(&token);
+        op.local_pending = false;
+        op.bad_copies.insert(disk);
+        self.finish_ops(pg, disk);
+    }
+
     fn on_applied(&mut self, token: u64, ok: bool) {
         let (pg, disk, seq) = match self.tokens.remove(&token) {
             Some(Token::Apply { pg, disk, seq }) => (pg, disk, seq),
@@ -2278,8 +2372,11 @@ impl<D: Clone + CompareData> Replicator<D> {
             return;
         };
         match result {
-            AckResult::Ok => {
+            AckResult::Ok | AckResult::BadBlock => {
                 op.waiting.remove(&from);
+                if result == AckResult::BadBlock {
+                    op.bad_copies.insert(from);
+                }
                 if !op.local_started && from_uptodate {
                     op.local_started = true;
                     let token = self.next_token;
@@ -3750,6 +3847,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                 failed: false,
                 repair: Some(c.origin),
                 repaired,
+                bad_copies: BTreeSet::new(),
             },
         );
         let committed = committed_of(pr);
@@ -4185,6 +4283,19 @@ fn advance<D>(p: &mut Pg<D>, committed: Seq, trim: Seq) {
             term: trim.term,
             n: trim.n + 1,
         });
+    }
+}
+
+/// `e` widened to whole 4 KiB blocks (within its chunk: chunk sizes are
+/// multiples of 4 KiB).
+fn whole_blocks(e: Extent) -> Extent {
+    const B: u32 = 4096;
+    let start = e.offset / B * B;
+    let end = e.end().div_ceil(B) * B;
+    Extent {
+        offset: start,
+        length: end - start,
+        ..e
     }
 }
 
