@@ -577,6 +577,10 @@ mod tests {
                 seq: s,
                 result: AckResult::NotPrimary,
             },
+            Body::Ack {
+                seq: s,
+                result: AckResult::BadBlock,
+            },
             Body::LogQuery { full: true },
             Body::LogReply {
                 entries: vec![(s, e)],

@@ -793,6 +793,13 @@ struct Primary<D> {
     compares: BTreeMap<u64, Compare<D>>,
     /// Changes in flight that are a COMPARE AND WRITE's write: their token.
     cas_writes: BTreeMap<Seq, u64>,
+    /// Tokens of COMPARE AND WRITE writes this copy held, not known to be
+    /// acknowledged, when its term began: its peering makes every copy
+    /// agree with its content, so a resend of one is answered `Ok`, but
+    /// only once that peering's pushes are done (`commit_floor` cleared):
+    /// before, this copy may be the only one holding the write. Dropped
+    /// with the term.
+    cas_peered: BTreeSet<u64>,
     repairs: VecDeque<RepairJob>,
     scrub: Option<ScrubRun>,
     /// While peering's pushes to up-to-date members are not all done, the
@@ -916,6 +923,11 @@ struct Pg<D> {
     /// and this copy: that primary may have made the region agree with a
     /// copy that never got the write.
     cas_pending: BTreeMap<Seq, (u64, u32)>,
+    /// Changes since `trim` this member could not apply because a block
+    /// they merge with failed its CRC (`AckResult::BadBlock`): a duplicate
+    /// of one is answered the same, never applied later over newer changes
+    /// (the primary repairs this copy's blocks instead).
+    refused: BTreeSet<Seq>,
 }
 
 enum Token {
@@ -1482,6 +1494,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                 cas_done: VecDeque::new(),
                 cas_applying: BTreeMap::new(),
                 cas_pending: BTreeMap::new(),
+                refused: BTreeSet::new(),
             });
             let was_primary = p.primary.is_some();
             let me_up = view
@@ -1507,6 +1520,8 @@ impl<D: Clone + CompareData> Replicator<D> {
             // with a copy that never got it.
             let primary = p.view.primary;
             p.cas_pending
+                .retain(|_, (_, from)| primary == Some(*from) || primary == Some(me));
+            p.cas_applying
                 .retain(|_, (_, from)| primary == Some(*from) || primary == Some(me));
             // With every copy up and up to date nothing is missing anywhere:
             // from here on this member's log tells what others miss.
@@ -1719,7 +1734,24 @@ impl<D: Clone + CompareData> Replicator<D> {
                 });
                 continue;
             }
-            if let Some((compare, token)) = q.compare {
+            if let Some((_, token)) = &q.compare {
+                let token = *token;
+                let peered = pr.cas_peered.contains(&token);
+                if peered && pr.commit_floor.is_some() {
+                    // Its write may be on this copy only until peering's
+                    // pushes are done: the gateway asks again (waiting in
+                    // the queue would hold back the very push of its
+                    // region).
+                    self.effects.push(Effect::Reply {
+                        client: q.client,
+                        result: ClientResult::Retry,
+                    });
+                    continue;
+                }
+                if peered {
+                    pr.cas_peered.remove(&token);
+                    remember_cas(&mut p.cas_done, token);
+                }
                 if p.cas_done.contains(&token) {
                     // A resend of one this process already wrote.
                     self.effects.push(Effect::Reply {
@@ -1728,6 +1760,8 @@ impl<D: Clone + CompareData> Replicator<D> {
                     });
                     continue;
                 }
+            }
+            if let Some((compare, token)) = q.compare {
                 let Change::Write(data) = q.change else {
                     unreachable!("a COMPARE AND WRITE carries a write");
                 };
@@ -2223,12 +2257,17 @@ impl<D: Clone + CompareData> Replicator<D> {
         // agree over changes of older terms this copy applied, so their
         // COMPARE AND WRITE tokens no longer say anything.
         p.cas_pending.retain(|s, _| s.term >= update.seq.term);
+        p.cas_applying.retain(|s, _| s.term >= update.seq.term);
         advance(p, committed, trim);
         let seq = update.seq;
         // Overlapping changes are serialised by the primary, so a change
         // applied here before can only come back as a duplicate.
         if seq <= p.trim || p.applied.contains(&seq) {
             self.effects.push(Effect::Send(ack(AckResult::Ok)));
+            return;
+        }
+        if p.refused.contains(&seq) {
+            self.effects.push(Effect::Send(ack(AckResult::BadBlock)));
             return;
         }
         if let Some((_, waiters)) = p.applying.get_mut(&seq) {
@@ -2269,6 +2308,7 @@ impl<D: Clone + CompareData> Replicator<D> {
         if let Some((_, waiters)) = p.applying.remove(&seq) {
             self.tokens.remove(&token);
             p.cas_applying.remove(&seq);
+            p.refused.insert(seq);
             for to in waiters {
                 self.effects.push(Effect::Send(Msg {
                     pg,
@@ -2372,6 +2412,12 @@ impl<D: Clone + CompareData> Replicator<D> {
             return;
         };
         match result {
+            // Only a client change's copy is repaired after it; a push or a
+            // repair's rewrite that a corrupt block stopped failed.
+            AckResult::BadBlock if op.repair.is_some() || op.push.is_some() => {
+                op.waiting.remove(&from);
+                op.failed = true;
+            }
             AckResult::Ok | AckResult::BadBlock => {
                 op.waiting.remove(&from);
                 if result == AckResult::BadBlock {
@@ -3600,11 +3646,12 @@ impl<D: Clone + CompareData> Replicator<D> {
             // repair it from a good copy, and let the gateway resend (by
             // then it compares the repaired copy).
             Err(()) => {
+                let whole = whole_blocks(c.extent);
                 if pr.repairs.len() < REPAIRS_MAX
-                    && !pr.repairs.iter().any(|j| j.extent.overlaps(&c.extent))
+                    && !pr.repairs.iter().any(|j| j.extent.overlaps(&whole))
                 {
                     pr.repairs.push_back(RepairJob {
-                        extent: c.extent,
+                        extent: whole,
                         targets: BTreeSet::from([me]),
                         origin: RepairOrigin::Internal,
                     });
@@ -4283,6 +4330,10 @@ fn advance<D>(p: &mut Pg<D>, committed: Seq, trim: Seq) {
             term: trim.term,
             n: trim.n + 1,
         });
+        p.refused = p.refused.split_off(&Seq {
+            term: trim.term,
+            n: trim.n + 1,
+        });
     }
 }
 
@@ -4325,11 +4376,13 @@ fn remember_cas(done: &mut VecDeque<u64>, token: u64) {
 /// Begin a primary term: peer with the other up-to-date members.
 fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) {
     // This copy's content is what peering makes every copy agree with, so
-    // the COMPARE AND WRITE writes it applied stand (unless this process
-    // is new: then it has none).
-    for (_, (t, _)) in std::mem::take(&mut p.cas_pending) {
-        remember_cas(&mut p.cas_done, t);
-    }
+    // the COMPARE AND WRITE writes it applied stand once that is done
+    // (`Primary::cas_peered`).
+    let cas_peered: BTreeSet<u64> = std::mem::take(&mut p.cas_pending)
+        .into_values()
+        .map(|(t, _)| t)
+        .collect();
+    p.cas_applying.clear();
     let me = p.me;
     let term = p.view.epoch;
     let peering: BTreeSet<u32> = p
@@ -4393,6 +4446,7 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
         checks: BTreeMap::new(),
         compares: BTreeMap::new(),
         cas_writes: BTreeMap::new(),
+        cas_peered,
         repairs: VecDeque::new(),
         scrub: None,
         commit_floor: None,
