@@ -2089,8 +2089,12 @@ impl<D: Clone + CompareData> Replicator<D> {
                     });
                 }
             }
+            // Remembered only when answered Ok now: the client of a change
+            // with copies to repair is answered by the repair, which may
+            // fail (then a resend compares again).
             if let Some(t) = pr.cas_writes.remove(&s)
                 && !op.failed
+                && op.client.is_some()
             {
                 remember_cas(&mut p.cas_done, t);
             }
