@@ -1362,3 +1362,110 @@ fn a_partial_write_over_a_corrupt_block_repairs_that_copy() {
         c.assert_converged();
     }
 }
+
+// Proves a new primary that holds a COMPARE AND WRITE's write (only it got
+// the write before the old primary died) answers a resend of it only once
+// its peering has pushed that region to the other up-to-date copy: before,
+// it may be the only copy holding the write (and would lose it to a crash),
+// so the resend is told to retry; after, it is answered Ok (not compared
+// again, which would find its own write).
+#[test]
+fn a_resent_compare_and_write_waits_for_the_new_primarys_peering() {
+    let mut c = Cluster::primed();
+    let v = c.next_value;
+    c.write(0, 1);
+    let b = (0, REGION_BYTES / BLOCK);
+    let (p, nb, nc) = (1, 2, 3);
+    assert_eq!(c.map.primary(0), Some(p));
+    c.compare_and_write(0, 1, v, 100, 7);
+    // The write reaches node 2 only.
+    for _ in 0..1000 {
+        c.queue.retain(|(to, i)| {
+            !(*to == nc && matches!(i, Input::Msg(m) if matches!(m.body, Body::Replicate { .. })))
+        });
+        let applied = c.nodes[nb as usize - 1].disk.get(b) == 100;
+        let completing = c
+            .queue
+            .iter()
+            .any(|(to, i)| *to == nb && matches!(i, Input::Applied { .. }));
+        if applied && !completing {
+            break;
+        }
+        c.step();
+    }
+    assert_eq!(c.nodes[nc as usize - 1].disk.get(b), v);
+    c.die(p);
+    c.map.disks[p as usize - 1].up = false;
+    c.map.nodes[p as usize - 1].up = false;
+    let pgs = c.map.pgs.clone();
+    outdate_disk(&pgs, &mut c.map.pg_states, p);
+    c.bump();
+    // Node 2 learns it leads; the gateway's resend reaches it while it
+    // peers, and waits in its queue.
+    let epoch = c.map.epoch;
+    for _ in 0..1000 {
+        if c.node(nb).rep.epoch() == epoch {
+            break;
+        }
+        c.step();
+    }
+    let client = c.next_client;
+    c.next_client += 1;
+    c.queue.push_front((
+        nb,
+        Input::CompareAndWrite {
+            pg: 0,
+            disk: nb,
+            client,
+            extent: block_of(0, 1),
+            compare: vec![v],
+            data: vec![100],
+            token: 7,
+            fua: false,
+        },
+    ));
+    // Peering ends: the region goes to node 3 as a push. Until node 3 has
+    // it, node 2 may be the only copy holding the write, so the resend is
+    // not answered Ok (it is told to retry).
+    for _ in 0..1000 {
+        if c.node(nb).rep.active_primaries().contains(&(0, nb)) {
+            break;
+        }
+        c.step();
+    }
+    assert!(c.node(nb).rep.active_primaries().contains(&(0, nb)));
+    assert_eq!(c.nodes[nc as usize - 1].disk.get(b), v, "not pushed yet");
+    assert_eq!(
+        c.replies.get(&client),
+        Some(&ClientResult::Retry),
+        "answered before the push"
+    );
+    c.run();
+    c.ticks(3);
+    let again = c.next_client;
+    c.next_client += 1;
+    c.queue.push_back((
+        nb,
+        Input::CompareAndWrite {
+            pg: 0,
+            disk: nb,
+            client: again,
+            extent: block_of(0, 1),
+            compare: vec![v],
+            data: vec![100],
+            token: 7,
+            fua: false,
+        },
+    ));
+    c.run();
+    assert_eq!(
+        c.replies.get(&again),
+        Some(&ClientResult::Ok),
+        "after the push"
+    );
+    assert_eq!(
+        c.nodes[nc as usize - 1].disk.get(b),
+        100,
+        "pushed by peering"
+    );
+}
