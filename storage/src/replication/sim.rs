@@ -1404,6 +1404,19 @@ impl World {
                         .iter()
                         .any(|(w, t)| *w == v && (base.is_none() || *t > base_issued))
                     || (v == 0 && base.is_none());
+                // The shared counter: compare-and-writes run concurrently
+                // and one may be answered after a later one replaced its
+                // value (a resend answered from its token), so the order of
+                // acknowledgements is not the order of the writes. It must
+                // hold a value no successful compare-and-write replaced.
+                let allowed = if blk == counter_block() {
+                    let known = v == 0
+                        || h.acked.iter().any(|a| a.0 == v)
+                        || h.abandoned.iter().any(|a| a.0 == v);
+                    known && !self.cas_from.contains_key(&v)
+                } else {
+                    allowed
+                };
                 if !allowed {
                     return Err(format!(
                         "block {blk:?} holds {v}; acknowledged (id, issued, acked) {:?}, durable up to {:?}, abandoned {:?}, crashes at {:?}",
