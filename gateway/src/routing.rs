@@ -278,6 +278,7 @@ impl Router {
     }
 
     /// One chunk piece of a ranged op.
+    /// `token` goes in `chunk_version` (a COMPARE AND WRITE's; 0 otherwise).
     async fn piece(
         self: Arc<Self>,
         op: Op,
@@ -285,6 +286,7 @@ impl Router {
         piece: Piece,
         fua: bool,
         payload: Option<Arc<Vec<u8>>>,
+        token: u64,
     ) -> Result<Option<Vec<u8>>, VolumeError> {
         let payload_len = payload.as_ref().map_or(0, |p| p.len() as u32);
         let target = |map: &ClusterMap| {
@@ -301,43 +303,6 @@ impl Router {
             h.offset = piece.offset;
             h.length = piece.length;
             h.payload_len = payload_len;
-            if fua {
-                h.flags = Flags::FUA;
-            }
-            Target::Send {
-                addr: loc.addr,
-                header: h,
-            }
-        };
-        self.call(Some(volume_id), target, payload).await
-    }
-
-    /// A COMPARE AND WRITE of one chunk piece at its primary; `payload`
-    /// is the compare bytes then the write bytes, sealed. `token` names the
-    /// request across resends (`Op::CompareAndWrite`).
-    async fn compare_piece(
-        self: Arc<Self>,
-        volume_id: u64,
-        piece: Piece,
-        fua: bool,
-        token: u64,
-        payload: Arc<Vec<u8>>,
-    ) -> Result<(), VolumeError> {
-        let payload_len = payload.len() as u32;
-        let target = |map: &ClusterMap| {
-            if map.volume(volume_id).is_none() {
-                return Target::Gone;
-            }
-            let Some(loc) = map.locate(volume_id, piece.chunk_index) else {
-                return Target::Unplaced;
-            };
-            let mut h = Header::request(Op::CompareAndWrite, 0, map.epoch);
-            h.volume_id = volume_id;
-            h.chunk_index = piece.chunk_index;
-            h.disk_id = loc.disk_id;
-            h.offset = piece.offset;
-            h.length = piece.length;
-            h.payload_len = payload_len;
             h.chunk_version = token;
             if fua {
                 h.flags = Flags::FUA;
@@ -347,9 +312,7 @@ impl Router {
                 header: h,
             }
         };
-        self.call(Some(volume_id), target, Some(payload))
-            .await
-            .map(|_| ())
+        self.call(Some(volume_id), target, payload).await
     }
 
     /// Flush one disk, if it is still in the map.
@@ -486,7 +449,7 @@ impl RoutedVolume {
             let router = Arc::clone(&self.router);
             let id = self.id;
             set.spawn(async move {
-                let r = router.piece(op, id, p, fua, payload).await?;
+                let r = router.piece(op, id, p, fua, payload, 0).await?;
                 Ok((p.buf_offset, r))
             });
         }
@@ -593,9 +556,19 @@ impl Volume for RoutedVolume {
             payload.extend_from_slice(&data);
             seal_payload(&mut payload);
             let token = next_cas_token();
+            // The compare bytes then the write bytes, one CRC; `token`
+            // names the request across resends (`Op::CompareAndWrite`).
             Arc::clone(&self.router)
-                .compare_piece(self.id, piece, fua, token, Arc::new(payload))
+                .piece(
+                    Op::CompareAndWrite,
+                    self.id,
+                    piece,
+                    fua,
+                    Some(Arc::new(payload)),
+                    token,
+                )
                 .await
+                .map(|_| ())
         })
     }
 

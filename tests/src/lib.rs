@@ -737,3 +737,39 @@ pub fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Joins counter-increment workers (each returns the values it saw and
+/// replaced by a successful compare-and-write, and its miscompares) and
+/// asserts every value from 0 to `total - 1` was replaced exactly once: a
+/// lost update shows as a value replaced twice. Returns the miscompares.
+pub fn assert_each_increment_once(
+    workers: Vec<std::thread::JoinHandle<(Vec<u64>, u64)>>,
+    total: u64,
+) -> u64 {
+    let mut all = Vec::new();
+    let mut misses = 0;
+    for w in workers {
+        let (seen, m) = w.join().expect("worker");
+        all.extend(seen);
+        misses += m;
+    }
+    all.sort_unstable();
+    let twice: Vec<u64> = all
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "lost updates: {} increments started from a value another one had already \
+         incremented, e.g. {:?}",
+        twice.len(),
+        &twice[..twice.len().min(10)]
+    );
+    assert_eq!(
+        all,
+        (0..total).collect::<Vec<_>>(),
+        "each value incremented once"
+    );
+    misses
+}

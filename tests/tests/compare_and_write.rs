@@ -169,28 +169,7 @@ fn exercise(c: &Cluster) {
             })
         })
         .collect();
-    let mut all = Vec::new();
-    let mut misses = 0;
-    for t in writers {
-        let (seen, m) = t.join().expect("writer");
-        all.extend(seen);
-        misses += m;
-    }
-    all.sort_unstable();
-    let twice: Vec<u64> = all
-        .windows(2)
-        .filter(|w| w[0] == w[1])
-        .map(|w| w[0])
-        .collect();
-    assert!(
-        twice.is_empty(),
-        "{} increments started from a value another one had already incremented \
-         (lost updates), e.g. {:?}",
-        twice.len(),
-        &twice[..twice.len().min(10)]
-    );
-    let expected: Vec<u64> = (0..WRITERS * INCREMENTS).collect();
-    assert_eq!(all, expected, "each value was incremented exactly once");
+    let misses = assert_each_increment_once(writers, WRITERS * INCREMENTS);
     assert_eq!(value_of(&first.read()), WRITERS * INCREMENTS);
     eprintln!(
         "{} increments by {WRITERS} writers, {misses} miscompares",

@@ -12,7 +12,9 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tessera_gateway::iscsi::pdu::{self, Digests, Pdu, op};
-use tessera_tests::{Cluster, ClusterOptions, TempDir, alive, bin, field, kill, poll};
+use tessera_tests::{
+    Cluster, ClusterOptions, TempDir, alive, assert_each_increment_once, bin, field, kill, poll,
+};
 
 const IQN: &str = "iqn.2026-11.io.tessera:";
 const GOOD: u8 = 0x00;
@@ -489,26 +491,7 @@ fn compare_and_write_through_two_gateways() {
             })
         })
         .collect();
-    let mut all = Vec::new();
-    let mut misses = 0;
-    for w in workers {
-        let (seen, m) = w.join().expect("worker");
-        all.extend(seen);
-        misses += m;
-    }
-    all.sort_unstable();
-    let twice: Vec<u64> = all
-        .windows(2)
-        .filter(|w| w[0] == w[1])
-        .map(|w| w[0])
-        .collect();
-    assert!(
-        twice.is_empty(),
-        "lost updates: {} increments started from a value another one had already incremented, e.g. {:?}",
-        twice.len(),
-        &twice[..twice.len().min(10)]
-    );
-    assert_eq!(all, (0..4 * PER_SESSION).collect::<Vec<_>>());
+    let misses = assert_each_increment_once(workers, 4 * PER_SESSION);
     eprintln!(
         "{} increments through two gateways, {misses} miscompares",
         4 * PER_SESSION

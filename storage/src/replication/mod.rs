@@ -2071,7 +2071,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                 // Copies that could not merge the change with a corrupt
                 // block: rewrite their whole blocks from a good copy (which
                 // has the change) and answer the client when that is done.
-                let extent = whole_blocks(op.update.extent);
+                let extent = op.update.extent.blocks();
                 let origin = op
                     .client
                     .take()
@@ -3650,7 +3650,7 @@ impl<D: Clone + CompareData> Replicator<D> {
             // repair it from a good copy, and let the gateway resend (by
             // then it compares the repaired copy).
             Err(()) => {
-                let whole = whole_blocks(c.extent);
+                let whole = c.extent.blocks();
                 if pr.repairs.len() < REPAIRS_MAX
                     && !pr.repairs.iter().any(|j| j.extent.overlaps(&whole))
                 {
@@ -4338,19 +4338,6 @@ fn advance<D>(p: &mut Pg<D>, committed: Seq, trim: Seq) {
             term: trim.term,
             n: trim.n + 1,
         });
-    }
-}
-
-/// `e` widened to whole 4 KiB blocks (within its chunk: chunk sizes are
-/// multiples of 4 KiB).
-fn whole_blocks(e: Extent) -> Extent {
-    const B: u32 = 4096;
-    let start = e.offset / B * B;
-    let end = e.end().div_ceil(B) * B;
-    Extent {
-        offset: start,
-        length: end - start,
-        ..e
     }
 }
 
