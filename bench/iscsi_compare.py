@@ -172,9 +172,14 @@ class Tgt:
                         "--bs=1m", "--iodepth=8", f"--size={size}", f"--filename={self.file}"],
                        check=True, capture_output=True)
         # tgtd's control port (-C) must stay below 32768.
-        self.ctl = str(100 + os.getpid() % 16000)
+        self.start(work, str(100 + os.getpid() % 16000), "iqn.2026-11.io.tessera.bench:tgt",
+                   self.file, "aio")
+
+    def start(self, work, ctl, iqn, backing, bstype):
+        """Run tgtd with one target, LUN 1 on `backing` (tgtd's `--bstype`)."""
+        self.ctl = ctl
         port = free_port()
-        self.log = open(os.path.join(work, "tgtd.log"), "w")
+        self.log = open(os.path.join(work, f"{self.name}.log"), "w")
         self.proc = subprocess.Popen(["tgtd", "-f", "-C", self.ctl, "--iscsi",
                                       f"portal=127.0.0.1:{port}"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
@@ -184,10 +189,9 @@ class Tgt:
                 if time.time() > deadline:
                     raise RuntimeError("tgtd did not start")
                 time.sleep(0.05)
-            iqn = "iqn.2026-11.io.tessera.bench:tgt"
             self.adm("--op", "new", "--mode", "target", "--tid", "1", "-T", iqn)
             self.adm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
-                     "-b", self.file, "--bstype", "aio")
+                     "-b", backing, "--bstype", bstype)
             self.adm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
         except Exception:
             self.proc.kill()
@@ -201,7 +205,8 @@ class Tgt:
                               capture_output=True, text=True, check=check)
 
     def stop(self):
-        # tgtd ignores SIGTERM while it has targets; ask it to stop.
+        # tgtd ignores SIGTERM while it has targets: remove them, then stop it.
+        self.adm("--op", "delete", "--mode", "target", "--tid", "1", "--force", check=False)
         self.adm("--op", "delete", "--mode", "system", check=False)
         try:
             self.proc.wait(10)
@@ -219,33 +224,8 @@ class TgtNull(Tgt):
 
     def __init__(self, work, size):
         self.file = None
-        self.ctl = str(16200 + os.getpid() % 16000)
-        port = free_port()
-        self.log = open(os.path.join(work, "tgtd-null.log"), "w")
-        self.proc = subprocess.Popen(["tgtd", "-f", "-C", self.ctl, "--iscsi",
-                                      f"portal=127.0.0.1:{port}"],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 30
-            while self.adm("--op", "show", "--mode", "target", check=False).returncode != 0:
-                if time.time() > deadline:
-                    raise RuntimeError("tgtd did not start")
-                time.sleep(0.05)
-            iqn = "iqn.2026-11.io.tessera.bench:tgt-null"
-            self.adm("--op", "new", "--mode", "target", "--tid", "1", "-T", iqn)
-            self.adm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
-                     "-b", "null", "--bstype", "null")
-            self.adm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        self.pids = [self.proc.pid]
-        self.url = f"iscsi://127.0.0.1:{port}/{iqn}/1"
-
-    def stop(self):
-        self.adm("--op", "delete", "--mode", "target", "--tid", "1", "--force", check=False)
-        Tgt.stop(self)
+        self.start(work, str(16200 + os.getpid() % 16000),
+                   "iqn.2026-11.io.tessera.bench:tgt-null", "null", "null")
 
 
 def iscsi_perf(url, random, nbytes, qd, runtime):

@@ -1459,23 +1459,17 @@ where
                         permit,
                         started: Instant::now(),
                     };
-                    let sent = shared.repl.lock().expect("repl").as_ref().map(|r| {
-                        r.send(ReplIn::Client {
+                    to_driver(
+                        &shared,
+                        ReplIn::Client {
                             pg,
                             disk: h.disk_id,
                             extent,
                             change,
                             fua,
                             reply,
-                        })
-                        .is_ok()
-                    });
-                    if sent != Some(true) {
-                        // Starting or stopping: the reply (and its permit)
-                        // went with the failed send; the gateway times out
-                        // and retries.
-                        tracing::warn!("replication driver unavailable");
-                    }
+                        },
+                    );
                 }
                 Ok(Admitted::CompareAndWrite {
                     disk,
@@ -1492,18 +1486,7 @@ where
                         let (status, at) =
                             compare_and_write(disk, extent, compare, data, fua, h.chunk_version)
                                 .await;
-                        let m = &shared.metrics;
-                        m.latency
-                            .with_label_values(&[op_name(h.op)])
-                            .observe(started.elapsed().as_secs_f64());
-                        m.compare_and_writes
-                            .with_label_values(&[caw_outcome(status)])
-                            .inc();
-                        // A miscompare is an answer, not a failure (ATS
-                        // locking contends by design).
-                        if !matches!(status, Status::Ok | Status::Miscompare) {
-                            m.errors.with_label_values(&[status_name(status)]).inc();
-                        }
+                        count_answer(&shared.metrics, h.op, status, started.elapsed());
                         let mut reply = h.reply_to(status, shared.map().epoch, 0);
                         reply.chunk_version = at;
                         let _ = tx.send(Outgoing {
@@ -1527,8 +1510,9 @@ where
                         permit,
                         started: Instant::now(),
                     };
-                    let sent = shared.repl.lock().expect("repl").as_ref().map(|r| {
-                        r.send(ReplIn::CompareAndWrite {
+                    to_driver(
+                        &shared,
+                        ReplIn::CompareAndWrite {
                             pg,
                             disk: h.disk_id,
                             extent,
@@ -1537,12 +1521,8 @@ where
                             token: h.chunk_version,
                             fua,
                             reply,
-                        })
-                        .is_ok()
-                    });
-                    if sent != Some(true) {
-                        tracing::warn!("replication driver unavailable");
-                    }
+                        },
+                    );
                 }
                 Err(status) => {
                     shared
@@ -1938,6 +1918,38 @@ fn first_difference(expected: &[u8], actual: Option<&[u8]>) -> Option<u32> {
         None => expected.iter().position(|x| *x != 0),
     };
     at.map(|i| i as u32)
+}
+
+/// Count a request's answer: its latency, an error unless it is Ok or a
+/// miscompare (an answer, not a failure: ATS locking contends by design),
+/// and a COMPARE AND WRITE's outcome.
+fn count_answer(m: &Metrics, op: Op, status: Status, took: Duration) {
+    m.latency
+        .with_label_values(&[op_name(op)])
+        .observe(took.as_secs_f64());
+    if !matches!(status, Status::Ok | Status::Miscompare) {
+        m.errors.with_label_values(&[status_name(status)]).inc();
+    }
+    if op == Op::CompareAndWrite {
+        m.compare_and_writes
+            .with_label_values(&[caw_outcome(status)])
+            .inc();
+    }
+}
+
+/// Hand a client request to the replication driver. When it is starting or
+/// stopping, the reply (and its permit) goes with the failed send; the
+/// gateway times out and retries.
+fn to_driver(shared: &Shared, m: ReplIn) {
+    let sent = shared
+        .repl
+        .lock()
+        .expect("repl")
+        .as_ref()
+        .map(|r| r.send(m).is_ok());
+    if sent != Some(true) {
+        tracing::warn!("replication driver unavailable");
+    }
 }
 
 fn caw_outcome(s: Status) -> &'static str {
@@ -3528,22 +3540,11 @@ impl Driver {
                 }
                 if let Some(p) = self.pending.remove(&client) {
                     let status = status_of_client(result);
-                    let m = &self.shared.metrics;
                     let took = p.started.elapsed();
-                    m.latency
-                        .with_label_values(&[op_name(p.header.op)])
-                        .observe(took.as_secs_f64());
                     if p.header.op == Op::Write && self.write_lat.len() < LAT_SAMPLES_MAX {
                         self.write_lat.push(took);
                     }
-                    if !matches!(status, Status::Ok | Status::Miscompare) {
-                        m.errors.with_label_values(&[status_name(status)]).inc();
-                    }
-                    if p.header.op == Op::CompareAndWrite {
-                        m.compare_and_writes
-                            .with_label_values(&[caw_outcome(status)])
-                            .inc();
-                    }
+                    count_answer(&self.shared.metrics, p.header.op, status, took);
                     let mut header = p.header.reply_to(status, 0, 0);
                     if let ClientResult::Miscompare(at) = result {
                         header.chunk_version = u64::from(at);

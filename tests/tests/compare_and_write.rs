@@ -8,7 +8,7 @@
 //! (the replication primary holds it).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tessera_tests::*;
 use tessera_wire::header::{open_payload, seal_payload};
 use tessera_wire::map::ClusterMap;
@@ -58,8 +58,8 @@ impl Client {
     /// gives an answer that is not "retry" (the map is fetched again after
     /// one).
     fn call(&mut self, op: Op, token: u64, payload: &[u8]) -> (Header, Vec<u8>) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        let what = format!("a {op:?} answer other than retry");
+        poll(&what, Duration::from_secs(30), || {
             if self.map.is_none() {
                 self.refresh();
             }
@@ -72,17 +72,12 @@ impl Client {
             }
             let (_, p) = self.peer.as_mut().expect("peer");
             let (r, data) = p.call(h, payload);
-            if !r.status.is_retryable() {
-                return (r, data);
+            if r.status.is_retryable() {
+                self.map = None;
+                return None;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{op:?} kept answering {:?}",
-                r.status
-            );
-            std::thread::sleep(Duration::from_millis(20));
-            self.map = None;
-        }
+            Some((r, data))
+        })
     }
 
     fn read(&mut self) -> Vec<u8> {

@@ -872,9 +872,7 @@ impl<D: Disk> Engine<D> {
                 length,
                 id,
             } => {
-                let first = offset as usize / BLOCK;
-                let last = (offset + length - 1) as usize / BLOCK;
-                if (first..=last).any(|b| self.claims.contains(&(key, b))) {
+                if held_blocks(offset, length).any(|b| self.claims.contains(&(key, b))) {
                     self.deferred.push_back((
                         tag,
                         Request::Hold {
@@ -886,7 +884,7 @@ impl<D: Disk> Engine<D> {
                     ));
                     return;
                 }
-                for b in first..=last {
+                for b in held_blocks(offset, length) {
                     self.claims.insert((key, b));
                 }
                 self.holds.insert(id, (key, offset, length));
@@ -1494,9 +1492,7 @@ impl<D: Disk> Engine<D> {
             self.complete(tag, Err(EngineError::Invalid("no such hold")), 0);
             return;
         };
-        let first = offset as usize / BLOCK;
-        let last = (offset + length - 1) as usize / BLOCK;
-        for b in first..=last {
+        for b in held_blocks(offset, length) {
             self.claims.remove(&(key, b));
         }
         match write {
@@ -1520,7 +1516,7 @@ impl<D: Disk> Engine<D> {
                     // holding them meanwhile, so no write that waited
                     // behind the hold starts first, and try again later.
                     self.deferred.pop_back();
-                    for b in first..=last {
+                    for b in held_blocks(offset, length) {
                         self.claims.insert((key, b));
                     }
                     self.holds.insert(id, (key, offset, length));
@@ -1547,9 +1543,7 @@ impl<D: Disk> Engine<D> {
     /// can finish.
     pub fn drop_holds(&mut self) {
         for (_, (key, offset, length)) in std::mem::take(&mut self.holds) {
-            let first = offset as usize / BLOCK;
-            let last = (offset + length - 1) as usize / BLOCK;
-            for b in first..=last {
+            for b in held_blocks(offset, length) {
                 self.claims.remove(&(key, b));
             }
         }
@@ -1950,6 +1944,11 @@ impl<D: Disk> Engine<D> {
     pub fn into_disk(self) -> D {
         self.disk
     }
+}
+
+/// The blocks a hold of `[offset, offset + length)` claims.
+fn held_blocks(offset: u32, length: u32) -> std::ops::RangeInclusive<usize> {
+    offset as usize / BLOCK..=(offset + length - 1) as usize / BLOCK
 }
 
 fn op_token(id: usize, sub: usize) -> u64 {

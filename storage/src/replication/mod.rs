@@ -2313,18 +2313,8 @@ impl<D: Clone + CompareData> Replicator<D> {
             self.tokens.remove(&token);
             p.cas_applying.remove(&seq);
             p.refused.insert(seq);
-            for to in waiters {
-                self.effects.push(Effect::Send(Msg {
-                    pg,
-                    from: disk,
-                    to,
-                    epoch,
-                    body: Body::Ack {
-                        seq,
-                        result: AckResult::BadBlock,
-                    },
-                }));
-            }
+            let acks = ack_all(pg, disk, epoch, waiters, seq, AckResult::BadBlock);
+            self.effects.extend(acks);
             return;
         }
         let Some(op) = p.primary.as_mut().and_then(|pr| pr.ops.get_mut(&seq)) else {
@@ -2373,18 +2363,9 @@ impl<D: Clone + CompareData> Replicator<D> {
                     promote_cas(p);
                 }
             }
-            for to in waiters {
-                self.effects.push(Effect::Send(Msg {
-                    pg,
-                    from: disk,
-                    to,
-                    epoch,
-                    body: Body::Ack {
-                        seq,
-                        result: if ok { AckResult::Ok } else { AckResult::Failed },
-                    },
-                }));
-            }
+            let result = if ok { AckResult::Ok } else { AckResult::Failed };
+            let acks = ack_all(pg, disk, epoch, waiters, seq, result);
+            self.effects.extend(acks);
             return;
         }
         if let Some(pr) = p.primary.as_mut()
@@ -4339,6 +4320,26 @@ fn advance<D>(p: &mut Pg<D>, committed: Seq, trim: Seq) {
             n: trim.n + 1,
         });
     }
+}
+
+/// A member's answers to the primaries waiting for change `seq`.
+fn ack_all<D>(
+    pg: u32,
+    from: u32,
+    epoch: u64,
+    waiters: Vec<u32>,
+    seq: Seq,
+    result: AckResult,
+) -> impl Iterator<Item = Effect<D>> {
+    waiters.into_iter().map(move |to| {
+        Effect::Send(Msg {
+            pg,
+            from,
+            to,
+            epoch,
+            body: Body::Ack { seq, result },
+        })
+    })
 }
 
 /// Pending COMPARE AND WRITE tokens whose change the commit point of the
