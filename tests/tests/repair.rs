@@ -295,9 +295,43 @@ fn read_repair_and_scrub() {
     println!("partial writes over corrupt blocks: repairs {repairs1c} -> {repairs1c2}");
     assert!(repairs1c2 >= repairs1c + 2.0, "both copies were repaired");
 
+    // 1d. Every copy bad somewhere in a read's extent, each block good on
+    // one copy: block 300 of chunk 2 under the primary and one replica,
+    // block 301 under the other replica. The repair takes each block from
+    // a copy good for it (it used to fail the read with EIO).
+    let (p2, others2) = members(&c, "r", 2);
+    let (b300, b301) = (2 * CHUNK_BLOCKS + 300, 2 * CHUNK_BLOCKS + 301);
+    corrupt_tagged(&c, p2, &[b300]);
+    corrupt_tagged(&c, others2[0], &[b301]);
+    corrupt_tagged(&c, others2[1], &[b300]);
+    let repairs1d = settled(&c, "tessera_storage_repairs_total");
+    let back = read_back(&c, dir.path(), "back1d.img");
+    assert!(back == data, "read back with every copy partly bad differs");
+    let repairs1d2 = settled(&c, "tessera_storage_repairs_total");
+    println!("every copy partly bad: repairs {repairs1d} -> {repairs1d2}");
+    assert!(repairs1d2 > repairs1d, "no repair counted");
+    assert_eq!(
+        storage_metric(&c, "tessera_storage_unrepairable_total"),
+        0.0,
+        "a block with a good copy was counted unrepairable"
+    );
+    // Each copy was rewritten: reading it finds no bad block.
+    let ck1d = settled(&c, "tessera_storage_checksum_errors_total");
+    for disk in [p2, others2[0], others2[1]] {
+        let copy = read_copy(&c, "r", 2, disk);
+        assert!(
+            copy == data[2 * chunk_bytes..3 * chunk_bytes],
+            "disk {disk}'s copy of chunk 2 differs after the repair"
+        );
+    }
+    assert_eq!(
+        settled(&c, "tessera_storage_checksum_errors_total"),
+        ck1d,
+        "a copy of chunk 2 still fails its CRC after the repair"
+    );
+
     // 2. Scrub: garbage under a replica of chunk 0, a replica of chunk 1
     // and the primary of chunk 2 (not read by anyone before the scrub).
-    let (p2, _) = members(&c, "r", 2);
     corrupt_tagged(&c, others0[0], &[10, 11]);
     corrupt_tagged(&c, others1[1], &[CHUNK_BLOCKS + 500]);
     corrupt_tagged(&c, p2, &[2 * CHUNK_BLOCKS + 17, 2 * CHUNK_BLOCKS + 900]);

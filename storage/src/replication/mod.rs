@@ -640,6 +640,19 @@ enum RepairOrigin {
     Scrub,
     /// Our own copy, found bad by a recovery push.
     Internal,
+    /// One block of a check split block by block: the `Split` of this id.
+    Part(u64),
+}
+
+/// A check whose extent no copy could give whole (each copy failed on some
+/// block of it), checked again block by block: every copy's digest of each
+/// block names the copies good for that block, so a block with a good copy
+/// anywhere is repaired from it. `origin` is answered once every block is
+/// done, `ok` only if each was.
+struct Split {
+    origin: RepairOrigin,
+    left: usize,
+    ok: bool,
 }
 
 /// A repair waiting to start: rewrite `targets`' copies of `extent` from a
@@ -789,6 +802,8 @@ struct Primary<D> {
     rounds: BTreeMap<u64, Round>,
     pushes: usize,
     checks: BTreeMap<u64, Check>,
+    /// Checks split block by block, by the id of the check they replace.
+    splits: BTreeMap<u64, Split>,
     /// COMPARE AND WRITEs comparing, by the token of their local read.
     compares: BTreeMap<u64, Compare<D>>,
     /// Changes in flight that are a COMPARE AND WRITE's write: their token.
@@ -2116,12 +2131,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                     self.stats.repairs += copies;
                     self.stats.repair_bytes += copies * u64::from(op.update.extent.length);
                 }
-                if origin == RepairOrigin::Scrub
-                    && let Some(sc) = pr.scrub.as_mut()
-                {
-                    sc.inflight = sc.inflight.saturating_sub(1);
-                }
-                repair_done(pg, me, epoch, origin, !op.failed, &mut self.effects);
+                repair_done(pg, me, epoch, pr, origin, !op.failed, &mut self.effects);
             }
             if let Some((m, pushed)) = op.push {
                 let regions = pushed.regions().count() as u64;
@@ -3226,6 +3236,7 @@ impl<D: Clone + CompareData> Replicator<D> {
         let origin = RepairOrigin::Member(from, id);
         let known = pr.repairs.iter().any(|j| j.origin == origin)
             || pr.checks.values().any(|c| c.origin == origin)
+            || pr.splits.values().any(|s| s.origin == origin)
             || pr.ops.values().any(|o| o.repair == Some(origin));
         if known || pr.repairs.len() >= REPAIRS_MAX {
             return;
@@ -3568,42 +3579,19 @@ impl<D: Clone + CompareData> Replicator<D> {
                 sc.todo.remove(&reg);
                 sc.inflight += 1;
                 self.scrub_budget -= 1;
-                let id = self.next_token;
-                self.next_token += 1;
-                let extent = reg.extent();
-                for m in members.iter().filter(|m| **m != me) {
-                    self.effects.push(Effect::Send(Msg {
-                        pg,
-                        from: me,
-                        to: *m,
-                        epoch,
-                        body: Body::DigestReq { id, extent },
-                    }));
-                }
-                let token = new_token(
+                let (id, check) = digest_check(
+                    pg,
+                    me,
+                    epoch,
+                    tick,
+                    &members,
+                    reg.extent(),
+                    RepairOrigin::Scrub,
+                    &mut self.effects,
                     &mut self.tokens,
                     &mut self.next_token,
-                    Token::CheckDigest { pg, disk: me, id },
                 );
-                self.effects.push(Effect::Digest {
-                    disk: me,
-                    token,
-                    extent,
-                });
-                pr.checks.insert(
-                    id,
-                    Check {
-                        extent,
-                        targets: BTreeSet::new(),
-                        tried: BTreeSet::new(),
-                        origin: RepairOrigin::Scrub,
-                        stage: Stage::Digest {
-                            waiting: members.clone(),
-                            digests: BTreeMap::new(),
-                        },
-                        sent_tick: tick,
-                    },
-                );
+                pr.checks.insert(id, check);
             }
             scrub_done = sc.listing.is_empty() && sc.todo.is_empty() && sc.inflight == 0;
         }
@@ -3722,12 +3710,14 @@ impl<D: Clone + CompareData> Replicator<D> {
             .filter(|(_, d)| authority.is_none_or(|a| **d != Digest::Sum(a)))
             .map(|(m, _)| *m)
             .collect();
-        self.stats.scrub_regions += 1;
-        self.stats.scrub_errors += targets.len() as u64;
-        self.stats.scrub_mismatches += targets
-            .iter()
-            .filter(|m| matches!(digests.get(m), Some(Digest::Sum(_))))
-            .count() as u64;
+        if c.origin == RepairOrigin::Scrub {
+            self.stats.scrub_regions += 1;
+            self.stats.scrub_errors += targets.len() as u64;
+            self.stats.scrub_mismatches += targets
+                .iter()
+                .filter(|m| matches!(digests.get(m), Some(Digest::Sum(_))))
+                .count() as u64;
+        }
         c.targets = targets;
         let mine_good = !c.targets.contains(&me);
         if c.targets.is_empty() {
@@ -3764,6 +3754,12 @@ impl<D: Clone + CompareData> Replicator<D> {
             })
             .map(|((m, _), _)| *m);
         let Some(source) = source else {
+            if c.extent.length > BLOCK_BYTES && !matches!(c.origin, RepairOrigin::Part(_)) {
+                // Every copy failed somewhere in the extent: each block may
+                // still have a good copy.
+                self.split_check(pg, me, id);
+                return;
+            }
             // No good copy is left to take the data from.
             self.stats.unrepairable += 1;
             self.end_check(pg, me, id, false);
@@ -3781,6 +3777,60 @@ impl<D: Clone + CompareData> Replicator<D> {
         }));
     }
 
+    /// No copy could give a check's whole extent: check it again block by
+    /// block (see `Split`). The blocks' checks replace it in the same step,
+    /// so the extent stays held against client changes throughout.
+    fn split_check(&mut self, pg: u32, me: u32, id: u64) {
+        let tick = self.tick;
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let epoch = p.view.epoch;
+        let members: BTreeSet<u32> = p
+            .view
+            .write_set()
+            .into_iter()
+            .filter(|m| *m == me || p.view.state(*m) == Some(CopyState::UpToDate))
+            .collect();
+        let Some(pr) = p.primary.as_mut() else {
+            return;
+        };
+        let Some(c) = pr.checks.remove(&id) else {
+            return;
+        };
+        let blocks: Vec<Extent> = (c.extent.offset..c.extent.end())
+            .step_by(BLOCK_BYTES as usize)
+            .map(|offset| Extent {
+                offset,
+                length: BLOCK_BYTES.min(c.extent.end() - offset),
+                ..c.extent
+            })
+            .collect();
+        pr.splits.insert(
+            id,
+            Split {
+                origin: c.origin,
+                left: blocks.len(),
+                ok: true,
+            },
+        );
+        for extent in blocks {
+            let (sub, check) = digest_check(
+                pg,
+                me,
+                epoch,
+                tick,
+                &members,
+                extent,
+                RepairOrigin::Part(id),
+                &mut self.effects,
+                &mut self.tokens,
+                &mut self.next_token,
+            );
+            pr.checks.insert(sub, check);
+        }
+    }
+
     /// A check ends without a rewrite: nothing to repair (`ok`) or nothing
     /// to repair from.
     fn end_check(&mut self, pg: u32, me: u32, id: u64, ok: bool) {
@@ -3794,12 +3844,7 @@ impl<D: Clone + CompareData> Replicator<D> {
         let Some(c) = pr.checks.remove(&id) else {
             return;
         };
-        if c.origin == RepairOrigin::Scrub
-            && let Some(sc) = pr.scrub.as_mut()
-        {
-            sc.inflight = sc.inflight.saturating_sub(1);
-        }
-        repair_done(pg, me, epoch, c.origin, ok, &mut self.effects);
+        repair_done(pg, me, epoch, pr, c.origin, ok, &mut self.effects);
         self.pump(pg, me);
     }
 
@@ -3822,12 +3867,7 @@ impl<D: Clone + CompareData> Replicator<D> {
         };
         if extent.length == 0 {
             // The volume is gone: nothing to repair.
-            if c.origin == RepairOrigin::Scrub
-                && let Some(sc) = pr.scrub.as_mut()
-            {
-                sc.inflight = sc.inflight.saturating_sub(1);
-            }
-            repair_done(pg, me, epoch, c.origin, true, &mut self.effects);
+            repair_done(pg, me, epoch, pr, c.origin, true, &mut self.effects);
             self.pump(pg, me);
             return;
         }
@@ -4436,6 +4476,7 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
         rounds: BTreeMap::new(),
         pushes: 0,
         checks: BTreeMap::new(),
+        splits: BTreeMap::new(),
         compares: BTreeMap::new(),
         cas_writes: BTreeMap::new(),
         cas_peered,
@@ -4575,6 +4616,7 @@ fn step_down<D>(p: &mut Pg<D>, effects: &mut Vec<Effect<D>>, stats: &mut Stats) 
         .values()
         .filter_map(|o| o.repair)
         .chain(pr.checks.values().map(|c| c.origin))
+        .chain(pr.splits.values().map(|s| s.origin))
         .chain(pr.repairs.iter().map(|j| j.origin));
     for o in origins {
         if let RepairOrigin::Client(c) = o {
@@ -4614,15 +4656,30 @@ fn new_token(tokens: &mut BTreeMap<u64, Token>, next: &mut u64, t: Token) -> u64
     id
 }
 
-/// Answer whoever asked for a repair.
+/// Answer whoever asked for a repair (a block of a split check counts
+/// towards its split, which answers its own origin once every block is
+/// done).
 fn repair_done<D>(
     pg: u32,
     me: u32,
     epoch: u64,
-    origin: RepairOrigin,
-    ok: bool,
+    pr: &mut Primary<D>,
+    mut origin: RepairOrigin,
+    mut ok: bool,
     effects: &mut Vec<Effect<D>>,
 ) {
+    while let RepairOrigin::Part(id) = origin {
+        let Some(s) = pr.splits.get_mut(&id) else {
+            return;
+        };
+        s.left -= 1;
+        s.ok &= ok;
+        if s.left > 0 {
+            return;
+        }
+        let s = pr.splits.remove(&id).expect("split");
+        (origin, ok) = (s.origin, s.ok);
+    }
     match origin {
         RepairOrigin::Client(client) => effects.push(Effect::Reply {
             client,
@@ -4639,8 +4696,59 @@ fn repair_done<D>(
             epoch,
             body: Body::Repaired { id, ok },
         })),
-        RepairOrigin::Scrub | RepairOrigin::Internal => {}
+        RepairOrigin::Scrub => {
+            if let Some(sc) = pr.scrub.as_mut() {
+                sc.inflight = sc.inflight.saturating_sub(1);
+            }
+        }
+        RepairOrigin::Internal | RepairOrigin::Part(_) => {}
     }
+}
+
+/// Start a check of `extent` that compares the digests of `members` (this
+/// copy among them): a scrub's region, or a block of a split check.
+#[allow(clippy::too_many_arguments)]
+fn digest_check<D>(
+    pg: u32,
+    me: u32,
+    epoch: u64,
+    tick: u64,
+    members: &BTreeSet<u32>,
+    extent: Extent,
+    origin: RepairOrigin,
+    effects: &mut Vec<Effect<D>>,
+    tokens: &mut BTreeMap<u64, Token>,
+    next_token: &mut u64,
+) -> (u64, Check) {
+    let id = *next_token;
+    *next_token += 1;
+    for m in members.iter().filter(|m| **m != me) {
+        effects.push(Effect::Send(Msg {
+            pg,
+            from: me,
+            to: *m,
+            epoch,
+            body: Body::DigestReq { id, extent },
+        }));
+    }
+    let token = new_token(tokens, next_token, Token::CheckDigest { pg, disk: me, id });
+    effects.push(Effect::Digest {
+        disk: me,
+        token,
+        extent,
+    });
+    let check = Check {
+        extent,
+        targets: BTreeSet::new(),
+        tried: BTreeSet::new(),
+        origin,
+        stage: Stage::Digest {
+            waiting: members.clone(),
+            digests: BTreeMap::new(),
+        },
+        sent_tick: tick,
+    };
+    (id, check)
 }
 
 #[cfg(test)]
