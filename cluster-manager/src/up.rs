@@ -106,6 +106,11 @@ pub struct UpArgs {
     /// regions); passed to every storage daemon.
     #[arg(long)]
     pub recovery_push_size: Option<String>,
+    /// Whether storage daemons rewrite a read's scattered blocks
+    /// contiguously (on, the default, or off); passed to every storage
+    /// daemon.
+    #[arg(long, value_parser = ["on", "off"])]
+    pub relocate_reads: Option<String>,
 }
 
 pub fn parse_volume(s: &str) -> Result<(String, u64), String> {
@@ -356,6 +361,11 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
                 a.recovery_push_size
                     .iter()
                     .flat_map(|s| [OsString::from("--recovery-push-size"), s.into()]),
+            )
+            .chain(
+                a.relocate_reads
+                    .iter()
+                    .flat_map(|s| [OsString::from("--relocate-reads"), s.into()]),
             )
             .collect(),
             log: logs.join(format!("storage-{i}.log")),

@@ -161,6 +161,8 @@ pub struct Config {
     /// keep its client writes' p90 latency under this multiple of their p90
     /// without recovery (0: off). See `Driver::adapt_rate`.
     pub recovery_latency_factor: f64,
+    /// Rewrite scattered reads contiguously (`Engine::set_relocation`).
+    pub relocate_reads: bool,
 }
 
 /// One decision of the adaptive recovery throttle (`Driver::adapt_rate`):
@@ -644,6 +646,7 @@ struct Metrics {
     latency: HistogramVec,
     connections: IntGauge,
     checksum_errors: IntGaugeVec,
+    relocated: IntGaugeVec,
     capacity: IntGaugeVec,
     used: IntGaugeVec,
     protocol_errors: IntCounter,
@@ -717,6 +720,14 @@ impl Metrics {
             Opts::new(
                 "tessera_storage_checksum_errors_total",
                 "Blocks that failed their CRC32C check on read",
+            ),
+            &["disk"],
+        )
+        .expect("metric");
+        let relocated = IntGaugeVec::new(
+            Opts::new(
+                "tessera_storage_relocated_blocks_total",
+                "Blocks of scattered reads rewritten contiguously",
             ),
             &["disk"],
         )
@@ -890,6 +901,7 @@ impl Metrics {
             Box::new(latency.clone()),
             Box::new(connections.clone()),
             Box::new(checksum_errors.clone()),
+            Box::new(relocated.clone()),
             Box::new(capacity.clone()),
             Box::new(used.clone()),
             Box::new(protocol_errors.clone()),
@@ -904,6 +916,7 @@ impl Metrics {
             latency,
             connections,
             checksum_errors,
+            relocated,
             capacity,
             used,
             protocol_errors,
@@ -1198,6 +1211,11 @@ fn heartbeat_loop(shared: Arc<Shared>) {
                 .checksum_errors
                 .with_label_values(&[&label])
                 .set(s.checksum_errors as i64);
+            shared
+                .metrics
+                .relocated
+                .with_label_values(&[&label])
+                .set(s.relocated_blocks as i64);
             usage.push(DiskUsage {
                 disk_id: *id,
                 used_bytes: used,
@@ -2122,7 +2140,8 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         .map_err(|e| Fatal::env(format!("cannot start runtime: {e}")))?;
     let mut handles = Vec::new();
     for spec in &config.disks {
-        let engine = open_engine(spec, config.engine, &map.cluster_id)?;
+        let mut engine = open_engine(spec, config.engine, &map.cluster_id)?;
+        engine.set_relocation(config.relocate_reads);
         tracing::info!(disk = %spec.path.display(), stats = ?engine.stats(), "disk open");
         handles.push(Arc::new(spawn_engine(&rt, engine, spec, metrics.clone())));
     }

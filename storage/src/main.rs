@@ -86,6 +86,11 @@ struct Args {
     /// inflation, docs/replication.md). Delta recovery is never slowed.
     #[arg(long, default_value = "off", value_parser = daemon::parse_latency_factor)]
     recovery_latency_factor: f64,
+    /// Rewrite the blocks of a read that finds them scattered over many
+    /// short physical runs (after random writes) contiguously, so the next
+    /// sequential read of them is one disk read (on or off).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    relocate_reads: String,
 }
 
 fn main() {
@@ -123,6 +128,7 @@ fn main() {
         recovery_push_bytes: a.recovery_push_size,
         recovery_bytes_per_sec: a.recovery_bytes_per_sec,
         recovery_latency_factor: a.recovery_latency_factor,
+        relocate_reads: a.relocate_reads == "on",
     };
     match daemon::run(config) {
         Ok(()) => std::process::exit(daemon::ExitCode::Ok as i32),

@@ -479,6 +479,7 @@ fn sim_engine(seed: u64) -> Engine<SimDisk> {
 // with completions in random order, across many seeds.
 #[test]
 fn model_check_sim() {
+    let mut relocated = 0;
     for seed in 0..40 {
         let mut rng = Rng::new(seed);
         let mut e = sim_engine(seed);
@@ -493,16 +494,23 @@ fn model_check_sim() {
         );
         e.quiesce();
         assert_eq!(e.stats().checksum_errors, 0);
+        relocated += e.stats().relocated_blocks;
     }
+    // The random writes scatter blocks and the large reads relocate them:
+    // relocation runs under the model's checks, not only in its own test.
+    assert!(relocated > 0, "no read was relocated");
 }
 
-fn crash_seed(seed: u64) {
+/// Returns the blocks relocated before the crashes.
+fn crash_seed(seed: u64) -> u64 {
     let ctx = format!("crash seed {seed} (replay: TESSERA_SEED={seed})");
     let mut rng = Rng::new(seed);
     let mut e = sim_engine(seed);
     let mut m = Model::new();
+    let mut relocated = 0;
     for round in 0..3 {
         let lost = exercise(&mut e, &mut m, &mut rng, 150, true, &ctx);
+        relocated += e.stats().relocated_blocks;
         let image = e.into_disk().crash();
         let disk = SimDisk::from_image(image, seed.wrapping_add(round + 1));
         e = Engine::open(disk).unwrap_or_else(|err| panic!("{ctx}: reopen failed: {err}"));
@@ -513,6 +521,7 @@ fn crash_seed(seed: u64) {
             "{ctx}: checksum errors after crash"
         );
     }
+    relocated
 }
 
 // Proves the crash-consistency guarantee: after power loss at a random
@@ -526,13 +535,16 @@ fn crash_consistency_sim() {
         crash_seed(s.parse().expect("TESSERA_SEED is a number"));
         return;
     }
+    let mut relocated = 0;
     let n: u64 = std::env::var("TESSERA_CRASH_SEEDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     for seed in 0..n {
-        crash_seed(seed);
+        relocated += crash_seed(seed);
     }
+    // Crashes also hit relocations in flight or not yet committed.
+    assert!(relocated > 0, "no read was relocated");
 }
 
 // Proves the checkpoint path: enough writes to wrap the journal many times
@@ -1106,4 +1118,104 @@ fn holds_always_end() {
         out.iter()
             .any(|c| c.tag == 6 && c.result == Ok(Reply::Done))
     );
+}
+
+fn write_blocks(e: &mut Engine<SimDisk>, tag: u64, chunk: u32, first: usize, data: &[u8]) {
+    let r = run_one(
+        e,
+        tag,
+        Request::Write {
+            key: key(chunk),
+            offset: (first * BLOCK) as u32,
+            data: Payload::copy_from(data),
+            fua: false,
+        },
+    );
+    assert!(matches!(r, Ok(Reply::Done)), "write: {r:?}");
+}
+
+/// Write chunk 0 whole, then every other block again one by one: the
+/// chunk then lies in BPC physical runs of one block.
+fn scatter(e: &mut Engine<SimDisk>, fill: u8) -> Vec<u8> {
+    let mut want = vec![fill; CHUNK as usize];
+    write_blocks(e, 1, 0, 0, &want);
+    for b in (0..BPC).step_by(2) {
+        let block = vec![fill.wrapping_add(1 + b as u8); BLOCK];
+        write_blocks(e, 2, 0, b, &block);
+        want[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&block);
+    }
+    want
+}
+
+// Proves a read of scattered blocks relocates them: it returns the right
+// data, its blocks are then one physical run (a second read relocates
+// nothing), the space they held is given back, the new places survive a
+// crash after the next commit; and a block written while its relocation is
+// in flight keeps the write (its copy is dropped), the others move.
+#[test]
+fn scattered_reads_are_relocated() {
+    let mut e = sim_engine(7);
+    let want = scatter(&mut e, 10);
+    assert_eq!(read_chunk(&mut e, 3, 0), want);
+    let s = e.stats();
+    assert_eq!(s.relocated_blocks, BPC as u64, "{s:?}");
+    assert_eq!(read_chunk(&mut e, 4, 0), want);
+    assert_eq!(e.stats().relocated_blocks, BPC as u64, "moved twice");
+    assert!(matches!(
+        run_one(&mut e, 5, Request::Flush),
+        Ok(Reply::Done)
+    ));
+    assert_eq!(read_chunk(&mut e, 6, 0), want);
+    let s = e.stats();
+    assert_eq!(
+        s.used_blocks, s.mapped_blocks,
+        "old places not freed: {s:?}"
+    );
+    let image = e.into_disk().crash();
+    let mut e = Engine::open(SimDisk::from_image(image, 8)).expect("reopen");
+    assert_eq!(read_chunk(&mut e, 7, 0), want);
+    assert_eq!(e.stats().checksum_errors, 0);
+
+    // A write to block 3 lands while the relocation's copies are written.
+    let mut want = scatter(&mut e, 50);
+    e.submit(
+        8,
+        Request::Read {
+            key: key(0),
+            offset: 0,
+            length: CHUNK as u32,
+        },
+    );
+    let mut done = Vec::new();
+    while !done.iter().any(|c: &Completion| c.tag == 8) {
+        e.drive(Wait::Any);
+        e.take_completions(&mut done);
+    }
+    let moved = e.stats().relocated_blocks;
+    let block = vec![99u8; BLOCK];
+    e.submit(
+        9,
+        Request::Write {
+            key: key(0),
+            offset: (3 * BLOCK) as u32,
+            data: Payload::copy_from(&block),
+            fua: true,
+        },
+    );
+    e.quiesce();
+    want[3 * BLOCK..4 * BLOCK].copy_from_slice(&block);
+    let mut done = Vec::new();
+    e.take_completions(&mut done);
+    assert!(done.iter().any(|c| c.tag == 9 && c.result.is_ok()));
+    assert_eq!(
+        e.stats().relocated_blocks,
+        moved + BPC as u64 - 1,
+        "every block but the written one moved"
+    );
+    assert_eq!(read_chunk(&mut e, 10, 0), want);
+    let image = e.into_disk().crash();
+    let mut e = Engine::open(SimDisk::from_image(image, 9)).expect("reopen");
+    assert_eq!(read_chunk(&mut e, 11, 0), want);
+    let s = e.stats();
+    assert_eq!(s.used_blocks, s.mapped_blocks, "{s:?}");
 }
