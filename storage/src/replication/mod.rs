@@ -642,6 +642,12 @@ enum RepairOrigin {
     Internal,
     /// One block of a check split block by block: the `Split` of this id.
     Part(u64),
+    /// A client change that some copies could not apply over a corrupt
+    /// block (`Op::bad_copies`): its client (if any) is answered when the
+    /// repair ends, and until then the commit point stays below it
+    /// (`Primary::unsettled`), so a new primary's peering still treats it as
+    /// uncertain and makes every copy agree if this one fails first.
+    Change { seq: Seq, client: Option<u64> },
 }
 
 /// A check whose extent no copy could give whole (each copy failed on some
@@ -804,6 +810,10 @@ struct Primary<D> {
     checks: BTreeMap<u64, Check>,
     /// Checks split block by block, by the id of the check they replace.
     splits: BTreeMap<u64, Split>,
+    /// Changes acknowledged by every copy but not applied by some (a
+    /// corrupt block), whose repair has not ended: the commit point stays
+    /// below the first (`RepairOrigin::Change`).
+    unsettled: BTreeSet<Seq>,
     /// COMPARE AND WRITEs comparing, by the token of their local read.
     compares: BTreeMap<u64, Compare<D>>,
     /// Changes in flight that are a COMPARE AND WRITE's write: their token.
@@ -2087,17 +2097,15 @@ impl<D: Clone + CompareData> Replicator<D> {
                 // block: rewrite their whole blocks from a good copy (which
                 // has the change) and answer the client when that is done.
                 let extent = op.update.extent.blocks();
-                let origin = op
-                    .client
-                    .take()
-                    .map_or(RepairOrigin::Internal, RepairOrigin::Client);
+                let client = op.client.take();
                 if pr.repairs.len() < REPAIRS_MAX {
+                    pr.unsettled.insert(s);
                     pr.repairs.push_back(RepairJob {
                         extent,
                         targets: std::mem::take(&mut op.bad_copies),
-                        origin,
+                        origin: RepairOrigin::Change { seq: s, client },
                     });
-                } else if let RepairOrigin::Client(c) = origin {
+                } else if let Some(c) = client {
                     self.effects.push(Effect::Reply {
                         client: c,
                         result: ClientResult::Failed,
@@ -4334,6 +4342,13 @@ fn committed_of<D>(pr: &Primary<D>) -> Seq {
             n: pr.next_n - 1,
         },
     };
+    let c = match pr.unsettled.first() {
+        Some(s) => c.min(Seq {
+            term: s.term,
+            n: s.n - 1,
+        }),
+        None => c,
+    };
     match pr.commit_floor {
         Some(f) => c.min(f),
         None => c,
@@ -4477,6 +4492,7 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
         pushes: 0,
         checks: BTreeMap::new(),
         splits: BTreeMap::new(),
+        unsettled: BTreeSet::new(),
         compares: BTreeMap::new(),
         cas_writes: BTreeMap::new(),
         cas_peered,
@@ -4619,7 +4635,11 @@ fn step_down<D>(p: &mut Pg<D>, effects: &mut Vec<Effect<D>>, stats: &mut Stats) 
         .chain(pr.splits.values().map(|s| s.origin))
         .chain(pr.repairs.iter().map(|j| j.origin));
     for o in origins {
-        if let RepairOrigin::Client(c) = o {
+        if let RepairOrigin::Client(c)
+        | RepairOrigin::Change {
+            client: Some(c), ..
+        } = o
+        {
             effects.push(Effect::Reply {
                 client: c,
                 result: ClientResult::Retry,
@@ -4699,6 +4719,19 @@ fn repair_done<D>(
         RepairOrigin::Scrub => {
             if let Some(sc) = pr.scrub.as_mut() {
                 sc.inflight = sc.inflight.saturating_sub(1);
+            }
+        }
+        RepairOrigin::Change { seq, client } => {
+            pr.unsettled.remove(&seq);
+            if let Some(client) = client {
+                effects.push(Effect::Reply {
+                    client,
+                    result: if ok {
+                        ClientResult::Ok
+                    } else {
+                        ClientResult::Failed
+                    },
+                });
             }
         }
         RepairOrigin::Internal | RepairOrigin::Part(_) => {}

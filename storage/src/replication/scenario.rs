@@ -1551,3 +1551,120 @@ fn repair_block_by_block(by_scrub: bool) {
     c.settle();
     c.assert_converged();
 }
+
+// Proves a change that a copy could not apply over a corrupt block keeps
+// the commit point below it until its repair ends: when the primary dies
+// between the members' answers and the repair's rewrite, the new primary's
+// peering still finds the change uncertain and makes every copy agree
+// (before, the commit point had passed it, nobody repaired the copy that
+// refused it, and the copies differed until a scrub).
+#[test]
+fn a_change_refused_over_a_corrupt_block_stays_uncertain_until_repaired() {
+    let mut c = Cluster::primed();
+    c.write(0, 1);
+    let b = (0, REGION_BYTES / BLOCK);
+    let (p, next, victim) = (1, 2, 3);
+    assert_eq!(c.map.primary(0), Some(p));
+    c.node(victim).disk.bad.insert(b);
+    let before = c.nodes[victim as usize - 1].disk.get(b);
+    let w = c.next_value;
+    c.next_value += 1;
+    let client = c.next_client;
+    c.next_client += 1;
+    c.queue.push_back((
+        p,
+        Input::Client {
+            pg: 0,
+            disk: p,
+            client,
+            extent: Extent {
+                volume_id: 1,
+                chunk_index: 0,
+                offset: REGION_BYTES + 512,
+                length: 512,
+            },
+            change: Change::Write(vec![w]),
+            fua: true,
+        },
+    ));
+    // Every member answered; the repair of the victim's copy is queued and
+    // has not rewritten it yet.
+    let queued = |c: &mut Cluster| {
+        c.node(p)
+            .rep
+            .pgs
+            .get(&(0, p))
+            .and_then(|g| g.primary.as_ref())
+            .is_some_and(|pr| {
+                pr.ops.is_empty() && (!pr.repairs.is_empty() || !pr.checks.is_empty())
+            })
+    };
+    for _ in 0..1000 {
+        if queued(&mut c) {
+            break;
+        }
+        c.step();
+    }
+    assert!(queued(&mut c), "the repair was never queued");
+    // Another change of the group goes through while the repair's read of
+    // the primary's copy is held back: it carries the primary's commit
+    // point to the members.
+    let other = c.next_client;
+    c.next_client += 1;
+    let v = c.next_value;
+    c.next_value += 1;
+    c.queue.push_back((
+        p,
+        Input::Client {
+            pg: 0,
+            disk: p,
+            client: other,
+            extent: block_of(PGS * 2, 5),
+            change: Change::Write(vec![v]),
+            fua: false,
+        },
+    ));
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        if c.replies.contains_key(&other) {
+            break;
+        }
+        let Some((to, input)) = c.queue.pop_front() else {
+            break;
+        };
+        if to == p && matches!(input, Input::ReadDone { .. }) {
+            held.push((to, input));
+            continue;
+        }
+        c.queue.push_front((to, input));
+        c.step();
+    }
+    assert_eq!(c.replies.get(&other), Some(&ClientResult::Ok));
+    // The members learn the commit point with the next message.
+    c.queue.push_back((p, Input::Tick));
+    c.run();
+    assert_eq!(
+        c.copies_of(b)[victim as usize - 1],
+        before,
+        "not repaired yet"
+    );
+    assert!(c.node(victim).disk.bad.contains(&b));
+    c.die(p);
+    c.map.disks[p as usize - 1].up = false;
+    c.map.nodes[p as usize - 1].up = false;
+    let pgs = c.map.pgs.clone();
+    outdate_disk(&pgs, &mut c.map.pg_states, p);
+    c.bump();
+    c.run();
+    c.ticks(3);
+    assert_eq!(c.map.primary(0), Some(next));
+    assert!(
+        !c.node(victim).disk.bad.contains(&b),
+        "the new primary's peering did not rewrite the copy that refused the change"
+    );
+    assert_eq!(
+        c.nodes[next as usize - 1].disk.get(b),
+        c.nodes[victim as usize - 1].disk.get(b),
+        "the surviving copies differ"
+    );
+}
