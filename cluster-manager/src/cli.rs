@@ -88,8 +88,10 @@ pub enum Command {
 pub enum ClusterCommand {
     /// Set a switch: `noout` (a disk down past --down-out-after stays in,
     /// its groups degraded, instead of being re-placed and rebuilt
-    /// elsewhere) or `norebalance` (no group moves because placement now
-    /// prefers other disks; short groups are still topped up).
+    /// elsewhere), `norebalance` (no group moves because placement now
+    /// prefers other disks; short groups are still topped up), `norecover`
+    /// (no delta-recovery push starts) or `nobackfill` (no backfill push
+    /// starts: a rebuild or rebalance paused).
     Set { flag: FlagArg },
     /// Unset a switch: the manager acts on what it held back at its next
     /// health check (a disk long down goes out at once).
@@ -102,13 +104,18 @@ pub enum ClusterCommand {
 pub enum FlagArg {
     Noout,
     Norebalance,
+    Norecover,
+    Nobackfill,
 }
 
 impl FlagArg {
     fn name(self) -> &'static str {
+        use crate::store::ClusterFlag;
         match self {
-            FlagArg::Noout => crate::store::ClusterFlag::Noout.name(),
-            FlagArg::Norebalance => crate::store::ClusterFlag::Norebalance.name(),
+            FlagArg::Noout => ClusterFlag::Noout.name(),
+            FlagArg::Norebalance => ClusterFlag::Norebalance.name(),
+            FlagArg::Norecover => ClusterFlag::Norecover.name(),
+            FlagArg::Nobackfill => ClusterFlag::Nobackfill.name(),
         }
     }
 }

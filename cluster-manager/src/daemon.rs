@@ -539,10 +539,13 @@ impl Manager {
                 return Err(e);
             }
         }
+        let flags = &inner.catalog.flags;
         Ok(HeartbeatResponse {
             epoch: inner.catalog.epoch,
             scrub_generation: inner.scrub_generation,
             grace_ms: self.grace.as_millis() as u64,
+            recovery_paused: flags.contains(&ClusterFlag::Norecover),
+            backfill_paused: flags.contains(&ClusterFlag::Nobackfill),
         })
     }
 

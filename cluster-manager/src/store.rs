@@ -103,15 +103,28 @@ pub enum ClusterFlag {
     /// re-weighted disks): groups short of copies after a disk went out are
     /// still topped up, since that restores redundancy.
     Norebalance,
+    /// Storage daemons start no delta-recovery push (copies back from an
+    /// absence or a restart stay outdated; they still get every new write).
+    Norecover,
+    /// Storage daemons start no backfill push (new copies of re-placed or
+    /// rebalanced groups wait): a rebuild paused, e.g. during peak hours.
+    Nobackfill,
 }
 
 impl ClusterFlag {
-    pub const ALL: [ClusterFlag; 2] = [ClusterFlag::Noout, ClusterFlag::Norebalance];
+    pub const ALL: [ClusterFlag; 4] = [
+        ClusterFlag::Noout,
+        ClusterFlag::Norebalance,
+        ClusterFlag::Norecover,
+        ClusterFlag::Nobackfill,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             ClusterFlag::Noout => "noout",
             ClusterFlag::Norebalance => "norebalance",
+            ClusterFlag::Norecover => "norecover",
+            ClusterFlag::Nobackfill => "nobackfill",
         }
     }
 

@@ -678,6 +678,7 @@ struct Metrics {
     recovery_rate: IntGauge,
     /// The adaptive recovery throttle's current limit (0: none).
     recovery_limit: IntGauge,
+    recovery_paused: IntGaugeVec,
     recovery_pushes: IntGauge,
 }
 
@@ -863,6 +864,15 @@ impl Metrics {
              --recovery-bytes-per-sec, or lower while the adaptive throttle \
              (--recovery-latency-factor) protects client writes (0: no limit)",
         );
+        let recovery_paused = IntGaugeVec::new(
+            Opts::new(
+                "tessera_storage_recovery_paused",
+                "1 while the operator's norecover (kind=recovery) or nobackfill \
+                 (kind=backfill) switch holds this daemon's pushes",
+            ),
+            &["kind"],
+        )
+        .expect("metric");
         let recovery_rate = g(
             "tessera_storage_recovery_bytes_per_second",
             "Recovery bytes pushed per second over the last second",
@@ -886,6 +896,7 @@ impl Metrics {
             Box::new(recovery_remaining.clone()),
             Box::new(recovery_rate.clone()),
             Box::new(recovery_limit.clone()),
+            Box::new(recovery_paused.clone()),
             Box::new(recovery_pushes.clone()),
             Box::new(pgs_degraded.clone()),
             Box::new(pgs_recovering.clone()),
@@ -942,6 +953,7 @@ impl Metrics {
             recovery_remaining,
             recovery_rate,
             recovery_limit,
+            recovery_paused,
             recovery_pushes,
         }
     }
@@ -1014,6 +1026,10 @@ struct Shared {
     scrub_state: Mutex<ScrubReport>,
     /// The manager's newest scrub request (from heartbeat answers).
     scrub_requested: std::sync::atomic::AtomicU64,
+    /// The operator's `norecover` / `nobackfill` switches (from heartbeat
+    /// answers; the driver applies them at its next tick).
+    recovery_paused: std::sync::atomic::AtomicBool,
+    backfill_paused: std::sync::atomic::AtomicBool,
     /// Recovery progress of the led groups (published by the driver, sent
     /// with every heartbeat).
     recovery: Mutex<tessera_wire::api::RecoveryProgress>,
@@ -1249,6 +1265,12 @@ fn heartbeat_loop(shared: Arc<Shared>) {
                     shared
                         .scrub_requested
                         .fetch_max(hb.scrub_generation, Ordering::Relaxed);
+                    shared
+                        .recovery_paused
+                        .store(hb.recovery_paused, Ordering::Relaxed);
+                    shared
+                        .backfill_paused
+                        .store(hb.backfill_paused, Ordering::Relaxed);
                     if hb.grace_ms > 0 {
                         let l = Lease::renewed(sent, hb.epoch, Duration::from_millis(hb.grace_ms));
                         *shared.lease.lock().expect("lease") = l;
@@ -2184,6 +2206,8 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         repl: Mutex::new(None),
         scrub_state: Mutex::new(ScrubReport::default()),
         scrub_requested: std::sync::atomic::AtomicU64::new(0),
+        recovery_paused: std::sync::atomic::AtomicBool::new(false),
+        backfill_paused: std::sync::atomic::AtomicBool::new(false),
         lease: Mutex::new(Lease::default()),
         recovery: Mutex::new(Default::default()),
     });
@@ -2919,6 +2943,7 @@ impl Driver {
                 next_tick = Instant::now() + REPL_TICK;
                 self.schedule_scrub();
                 self.refill_budget();
+                self.apply_pauses();
                 self.expire_stages();
                 self.feed(ReplInput::Tick);
                 self.publish_stats();
@@ -3624,6 +3649,20 @@ impl Driver {
         if *cur != active {
             *cur = active;
         }
+    }
+
+    /// The operator's `norecover` / `nobackfill` switches, as the last
+    /// heartbeat answer gave them.
+    fn apply_pauses(&mut self) {
+        let recovery = self.shared.recovery_paused.load(Ordering::Relaxed);
+        let backfill = self.shared.backfill_paused.load(Ordering::Relaxed);
+        if self.rep.recovery_paused() != (recovery, backfill) {
+            tracing::info!(recovery, backfill, "recovery pause switches changed");
+            self.rep.set_recovery_paused(recovery, backfill);
+        }
+        let m = &self.shared.metrics.recovery_paused;
+        m.with_label_values(&["recovery"]).set(i64::from(recovery));
+        m.with_label_values(&["backfill"]).set(i64::from(backfill));
     }
 
     /// The recovery byte budget grows with the time passed, at the rate

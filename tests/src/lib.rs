@@ -458,6 +458,34 @@ pub fn storage_metric(c: &Cluster, name: &str) -> f64 {
         .sum()
 }
 
+/// A storage metric summed over the daemons that are up, including
+/// everything that completed before the call: the daemons publish their
+/// counters in rounds (about every 100 ms), so once every daemon has
+/// completed two more rounds, one of them started after the call.
+pub fn settled_storage_metric(c: &Cluster, name: &str) -> f64 {
+    const ROUNDS: &str = "tessera_storage_metric_publications_total";
+    let rounds = |c: &Cluster| -> Vec<f64> {
+        c.live_storage_metrics()
+            .iter()
+            .map(|m| metric_sum(m, ROUNDS))
+            .collect()
+    };
+    let start = rounds(c);
+    poll(
+        "two publication rounds on every daemon",
+        Duration::from_secs(30),
+        || {
+            let now = rounds(c);
+            (now.len() == start.len() && now.iter().zip(&start).all(|(n, s)| *n >= s + 2.0))
+                .then_some(())
+        },
+    );
+    c.live_storage_metrics()
+        .iter()
+        .map(|m| metric_sum(m, name))
+        .sum()
+}
+
 /// One internal-protocol connection to a storage daemon, for reading a
 /// chosen copy.
 pub struct StoragePeer(std::net::TcpStream, u64);

@@ -2,7 +2,8 @@
 //! keeps a storage daemon that stays silent past `--down-out-after` in the
 //! cluster (its groups degraded, the volume still read and written through
 //! the other copies), and `tessera cluster unset noout` lets the manager
-//! take its disk out and rebuild its groups on the fourth daemon.
+//! take its disk out and rebuild its groups on the fourth daemon, which
+//! `nobackfill` holds until it is unset.
 
 use std::process::Command;
 use std::time::Duration;
@@ -10,8 +11,9 @@ use tessera_tests::*;
 
 // Proves that under `noout` a daemon stopped past --down-out-after is held
 // in (status says so, no disk out, no backfill) while verified writes and
-// reads go on, that unknown switch names are one clear CLI error, and that
-// unsetting the switch starts the rebuild: the disk goes out, the cluster
+// reads go on, that unknown switch names are one clear CLI error, that
+// under `nobackfill` the disk goes out but nothing is pushed to the new
+// copies, and that unsetting both starts the rebuild: the disk goes out, the cluster
 // becomes clean on the three live daemons with identical copies, and what
 // was written reads back.
 #[test]
@@ -98,10 +100,45 @@ fn noout_holds_a_silent_daemon_in_until_unset() {
         "{s}"
     );
 
+    // `nobackfill` before the disk goes out: its groups are re-placed on
+    // the fourth daemon, but no backfill push starts until it is unset.
+    c.cli(&["cluster", "set", "nobackfill"]);
+    poll(
+        "every live daemon holding backfill",
+        Duration::from_secs(30),
+        || {
+            let m = c.live_storage_metrics();
+            (m.len() == 3
+                && m.iter().all(|t| {
+                    metric_sum(t, "tessera_storage_recovery_paused{kind=\"backfill\"}") == 1.0
+                }))
+            .then_some(())
+        },
+    );
+    let pushed = settled_storage_metric(&c, "tessera_storage_recovery_bytes_total");
     c.cli(&["cluster", "unset", "noout"]);
     poll("the disk taken out", Duration::from_secs(30), || {
         (status_json(&c)["disks_out"] == 1).then_some(())
     });
+    poll(
+        "groups waiting to backfill",
+        Duration::from_secs(30),
+        || (status_json(&c)["pgs_backfilling"].as_u64().unwrap_or(0) > 0).then_some(()),
+    );
+    // Every live daemon has published twice since the groups were
+    // re-placed: nothing was pushed, nothing became clean.
+    assert_eq!(
+        settled_storage_metric(&c, "tessera_storage_recovery_bytes_total"),
+        pushed,
+        "backfill pushed under nobackfill"
+    );
+    let after = status_json(&c);
+    assert!(
+        after["pgs_backfilling"].as_u64().unwrap_or(0) > 0,
+        "{after}"
+    );
+    assert_ne!(after["pgs_clean"], after["pgs_total"], "{after}");
+    c.cli(&["cluster", "unset", "nobackfill"]);
     poll("the rebuild to finish", Duration::from_secs(120), || {
         let s = status_json(&c);
         (s["pgs_clean"] == s["pgs_total"]).then_some(())

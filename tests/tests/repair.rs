@@ -154,31 +154,6 @@ fn corrupt_tagged(c: &Cluster, disk: u32, blocks: &[u64]) -> usize {
     offsets.len()
 }
 
-/// A storage metric including everything that completed before the call:
-/// the daemons publish their counters in rounds (about every 100 ms), so
-/// once every daemon has completed two more rounds, one of them started
-/// after the call.
-fn settled(c: &Cluster, name: &str) -> f64 {
-    const ROUNDS: &str = "tessera_storage_metric_publications_total";
-    let rounds = |c: &Cluster| -> Vec<f64> {
-        c.storage_metrics()
-            .iter()
-            .map(|m| metric_sum(m, ROUNDS))
-            .collect()
-    };
-    let start = rounds(c);
-    poll(
-        "two publication rounds on every daemon",
-        Duration::from_secs(30),
-        || {
-            let now = rounds(c);
-            (now.len() == start.len() && now.iter().zip(&start).all(|(n, s)| *n >= s + 2.0))
-                .then_some(())
-        },
-    );
-    storage_metric(c, name)
-}
-
 fn read_back(c: &Cluster, dir: &Path, name: &str) -> Vec<u8> {
     let out = dir.join(name);
     run(Command::new("nbdcopy").arg(c.uri("r")).arg(&out));
@@ -228,11 +203,11 @@ fn read_repair_and_scrub() {
     // the gateway's reads.
     let (p0, others0) = members(&c, "r", 0);
     let n = corrupt_tagged(&c, p0, &[3, 4, 100, 700]);
-    let ck0 = settled(&c, "tessera_storage_checksum_errors_total");
+    let ck0 = settled_storage_metric(&c, "tessera_storage_checksum_errors_total");
     let back = read_back(&c, dir.path(), "back1.img");
     assert!(back == data, "read back after corruption differs");
-    let ck1 = settled(&c, "tessera_storage_checksum_errors_total");
-    let repairs1 = settled(&c, "tessera_storage_repairs_total");
+    let ck1 = settled_storage_metric(&c, "tessera_storage_checksum_errors_total");
+    let repairs1 = settled_storage_metric(&c, "tessera_storage_repairs_total");
     let repair_bytes1 = storage_metric(&c, "tessera_storage_repair_bytes_total");
     let unrepairable1 = storage_metric(&c, "tessera_storage_unrepairable_total");
     println!(
@@ -245,11 +220,14 @@ fn read_repair_and_scrub() {
     let back = read_back(&c, dir.path(), "back2.img");
     assert!(back == data, "second read back differs");
     assert_eq!(
-        settled(&c, "tessera_storage_checksum_errors_total"),
+        settled_storage_metric(&c, "tessera_storage_checksum_errors_total"),
         ck1,
         "the primary's copy still fails its CRC after the repair"
     );
-    assert_eq!(settled(&c, "tessera_storage_repairs_total"), repairs1);
+    assert_eq!(
+        settled_storage_metric(&c, "tessera_storage_repairs_total"),
+        repairs1
+    );
 
     // 1b. Read repair at a copy that is not the primary (reads may be
     // served by any up-to-date copy): the member asks the primary to
@@ -262,14 +240,14 @@ fn read_repair_and_scrub() {
         copy == data[chunk_bytes..2 * chunk_bytes],
         "the replica's read of chunk 1 differs"
     );
-    let repairs1b = settled(&c, "tessera_storage_repairs_total");
+    let repairs1b = settled_storage_metric(&c, "tessera_storage_repairs_total");
     println!(
         "read repair at a replica (disk {}): repairs {repairs1} -> {repairs1b}",
         others1[0]
     );
     assert!(repairs1b > repairs1, "the replica's read was not repaired");
     assert!(
-        settled(&c, "tessera_storage_checksum_errors_total") > ck1,
+        settled_storage_metric(&c, "tessera_storage_checksum_errors_total") > ck1,
         "the replica's corrupted blocks were not read"
     );
 
@@ -281,7 +259,7 @@ fn read_repair_and_scrub() {
     let (p3, others3) = members(&c, "r", 3);
     corrupt_tagged(&c, p3, &[3 * CHUNK_BLOCKS + 50]);
     corrupt_tagged(&c, others3[0], &[3 * CHUNK_BLOCKS + 60]);
-    let repairs1c = settled(&c, "tessera_storage_repairs_total");
+    let repairs1c = settled_storage_metric(&c, "tessera_storage_repairs_total");
     for blk in [50u64, 60] {
         let off = (3 * CHUNK_BLOCKS + blk) as usize * BLOCK + 1024;
         run(Command::new("qemu-io")
@@ -291,7 +269,7 @@ fn read_repair_and_scrub() {
     }
     let back = read_back(&c, dir.path(), "back1c.img");
     assert!(back == data, "read back after the partial writes differs");
-    let repairs1c2 = settled(&c, "tessera_storage_repairs_total");
+    let repairs1c2 = settled_storage_metric(&c, "tessera_storage_repairs_total");
     println!("partial writes over corrupt blocks: repairs {repairs1c} -> {repairs1c2}");
     assert!(repairs1c2 >= repairs1c + 2.0, "both copies were repaired");
 
@@ -304,10 +282,10 @@ fn read_repair_and_scrub() {
     corrupt_tagged(&c, p2, &[b300]);
     corrupt_tagged(&c, others2[0], &[b301]);
     corrupt_tagged(&c, others2[1], &[b300]);
-    let repairs1d = settled(&c, "tessera_storage_repairs_total");
+    let repairs1d = settled_storage_metric(&c, "tessera_storage_repairs_total");
     let back = read_back(&c, dir.path(), "back1d.img");
     assert!(back == data, "read back with every copy partly bad differs");
-    let repairs1d2 = settled(&c, "tessera_storage_repairs_total");
+    let repairs1d2 = settled_storage_metric(&c, "tessera_storage_repairs_total");
     println!("every copy partly bad: repairs {repairs1d} -> {repairs1d2}");
     assert!(repairs1d2 > repairs1d, "no repair counted");
     assert_eq!(
@@ -316,7 +294,7 @@ fn read_repair_and_scrub() {
         "a block with a good copy was counted unrepairable"
     );
     // Each copy was rewritten: reading it finds no bad block.
-    let ck1d = settled(&c, "tessera_storage_checksum_errors_total");
+    let ck1d = settled_storage_metric(&c, "tessera_storage_checksum_errors_total");
     for disk in [p2, others2[0], others2[1]] {
         let copy = read_copy(&c, "r", 2, disk);
         assert!(
@@ -325,7 +303,7 @@ fn read_repair_and_scrub() {
         );
     }
     assert_eq!(
-        settled(&c, "tessera_storage_checksum_errors_total"),
+        settled_storage_metric(&c, "tessera_storage_checksum_errors_total"),
         ck1d,
         "a copy of chunk 2 still fails its CRC after the repair"
     );
@@ -364,15 +342,18 @@ fn read_repair_and_scrub() {
     );
 
     // Every copy identical, and none failed its CRC while compared.
-    let ck = settled(&c, "tessera_storage_checksum_errors_total");
-    let repairs = settled(&c, "tessera_storage_repairs_total");
+    let ck = settled_storage_metric(&c, "tessera_storage_checksum_errors_total");
+    let repairs = settled_storage_metric(&c, "tessera_storage_repairs_total");
     let chunks = compare_copies(&c, "r");
     assert_eq!(
-        settled(&c, "tessera_storage_checksum_errors_total"),
+        settled_storage_metric(&c, "tessera_storage_checksum_errors_total"),
         ck,
         "a copy still failed its CRC after the scrub"
     );
-    assert_eq!(settled(&c, "tessera_storage_repairs_total"), repairs);
+    assert_eq!(
+        settled_storage_metric(&c, "tessera_storage_repairs_total"),
+        repairs
+    );
     println!("{chunks} chunks identical on all three copies after the scrub");
     let back = read_back(&c, dir.path(), "back3.img");
     assert!(back == data, "read back after the scrub differs");
@@ -513,8 +494,8 @@ fn disk_files_corrupted_while_fio_writes() {
         corrupted >= 8,
         "only {corrupted} of fio's blocks were found to corrupt"
     );
-    let ck0 = settled(&c, "tessera_storage_checksum_errors_total");
-    let repairs0 = settled(&c, "tessera_storage_repairs_total");
+    let ck0 = settled_storage_metric(&c, "tessera_storage_checksum_errors_total");
+    let repairs0 = settled_storage_metric(&c, "tessera_storage_repairs_total");
     let scrub_errors0 = storage_metric(&c, "tessera_storage_scrub_errors_total");
 
     // Read back through the gateway while the writer runs: the primaries'
@@ -523,8 +504,8 @@ fn disk_files_corrupted_while_fio_writes() {
         &uri,
         &fill_args("--verify_only"),
     )));
-    let ck1 = settled(&c, "tessera_storage_checksum_errors_total");
-    let repairs1 = settled(&c, "tessera_storage_repairs_total");
+    let ck1 = settled_storage_metric(&c, "tessera_storage_checksum_errors_total");
+    let repairs1 = settled_storage_metric(&c, "tessera_storage_repairs_total");
     assert!(ck1 > ck0, "fio's read met no corrupt block");
     assert!(repairs1 > repairs0, "no read repair counted");
 
@@ -542,7 +523,7 @@ fn disk_files_corrupted_while_fio_writes() {
     assert_eq!(s["scrub_daemons_done"], s["daemons_up"], "{s}");
     assert_eq!(s["unrepairable"], 0, "{s}");
     let writing = writer.try_wait().expect("fio").is_none();
-    let repairs2 = settled(&c, "tessera_storage_repairs_total");
+    let repairs2 = settled_storage_metric(&c, "tessera_storage_repairs_total");
     let scrub_errors = storage_metric(&c, "tessera_storage_scrub_errors_total") - scrub_errors0;
     println!(
         "{corrupted} blocks corrupted; checksum errors met by fio's read {}, read repairs {}, bad copies found by the scrub {scrub_errors} (the writer still writing when it ended: {writing}), repairs in all {}",
@@ -569,10 +550,10 @@ fn disk_files_corrupted_while_fio_writes() {
     // Every copy identical, none failing its CRC while compared; the fill
     // reads back again.
     wait_clean(&c, Duration::from_secs(60));
-    let ck = settled(&c, "tessera_storage_checksum_errors_total");
+    let ck = settled_storage_metric(&c, "tessera_storage_checksum_errors_total");
     let chunks = compare_copies(&c, "r");
     assert_eq!(
-        settled(&c, "tessera_storage_checksum_errors_total"),
+        settled_storage_metric(&c, "tessera_storage_checksum_errors_total"),
         ck,
         "a copy still failed its CRC after the repairs"
     );

@@ -1141,6 +1141,10 @@ pub struct Replicator<D> {
     active_gen: u64,
     /// Maps older than this are ignored (`set_min_epoch`).
     min_epoch: u64,
+    /// The operator's switches: no push to an outdated member (delta
+    /// recovery, `norecover`) or to a backfilling one (`nobackfill`).
+    pause_recovery: bool,
+    pause_backfill: bool,
 }
 
 impl<D: Clone + CompareData> Replicator<D> {
@@ -1167,7 +1171,36 @@ impl<D: Clone + CompareData> Replicator<D> {
             starved: VecDeque::new(),
             active_gen: 0,
             min_epoch: 0,
+            pause_recovery: false,
+            pause_backfill: false,
         }
+    }
+
+    /// Pause (or resume) the pushes of delta recovery (to `Outdated`
+    /// members) and of backfill (to `Backfill` members): the operator's
+    /// `norecover` and `nobackfill`. Paused members still get every new
+    /// change; pushes in flight complete. Groups with recovery work resume
+    /// at the next input once unpaused.
+    pub fn set_recovery_paused(&mut self, recovery: bool, backfill: bool) {
+        let resumed = (self.pause_recovery && !recovery) || (self.pause_backfill && !backfill);
+        self.pause_recovery = recovery;
+        self.pause_backfill = backfill;
+        if resumed {
+            for (key, p) in &self.pgs {
+                let recovering = p
+                    .primary
+                    .as_ref()
+                    .is_some_and(|pr| !pr.recovering.is_empty());
+                if recovering && !self.starved.contains(key) {
+                    self.starved.push_back(*key);
+                }
+            }
+        }
+    }
+
+    /// The pause switches: (delta recovery, backfill).
+    pub fn recovery_paused(&self) -> (bool, bool) {
+        (self.pause_recovery, self.pause_backfill)
     }
 
     /// Ignore maps older than `epoch`: the one in which this process
@@ -1902,7 +1935,22 @@ impl<D: Clone + CompareData> Replicator<D> {
         // Recovery pushes: regions nobody is changing, a few at a time, each
         // with the contiguous regions after it (up to PUSH_REGIONS_MAX and
         // the daemon's limits).
-        let members: Vec<u32> = pr.recovering.keys().copied().collect();
+        let (pause_recovery, pause_backfill) = (self.pause_recovery, self.pause_backfill);
+        let members: Vec<u32> = pr
+            .recovering
+            .keys()
+            .copied()
+            .filter(|m| {
+                let backfill = ws_states
+                    .iter()
+                    .any(|(x, st)| x == m && *st == CopyState::Backfill);
+                !(if backfill {
+                    pause_backfill
+                } else {
+                    pause_recovery
+                })
+            })
+            .collect();
         let mut starved = false;
         for m in members {
             while pr.pushes < PUSHES_INFLIGHT_MAX {

@@ -1668,3 +1668,43 @@ fn a_change_refused_over_a_corrupt_block_stays_uncertain_until_repaired() {
         "the surviving copies differ"
     );
 }
+
+// Proves the operator's `norecover`: a daemon back from an absence gets
+// no delta-recovery push while it is set (its copies stay outdated; new
+// writes still reach it), and once unset the recovery runs and the copies
+// converge. `nobackfill` leaves delta recovery alone.
+#[test]
+fn norecover_holds_delta_recovery_until_unset() {
+    let mut c = Cluster::primed();
+    let back = 2;
+    c.stop(back);
+    c.declare_down(back);
+    for ch in 0..CHUNKS {
+        c.write(ch, 2);
+    }
+    for n in &mut c.nodes {
+        n.rep.set_recovery_paused(true, false);
+    }
+    let from = c.pushed.len();
+    c.resume(back);
+    c.declare_up(back);
+    c.ticks(20);
+    assert!(
+        c.pushed_since(from).is_empty(),
+        "pushed while paused: {:?}",
+        c.pushed_since(from)
+    );
+    assert!(!c.clean(), "the returning copies stay outdated");
+    // A new write still reaches the paused member.
+    let b = (0, 3 * REGION_BYTES / BLOCK);
+    let w = c.next_value;
+    c.write(0, 3);
+    assert_eq!(c.copies_of(b), vec![w; 3]);
+    // Backfill paused instead: delta recovery goes on.
+    for n in &mut c.nodes {
+        n.rep.set_recovery_paused(false, true);
+    }
+    c.settle();
+    c.assert_converged();
+    assert!(!c.pushed_since(from).is_empty());
+}

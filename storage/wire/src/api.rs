@@ -123,6 +123,12 @@ pub struct HeartbeatResponse {
     /// lease (0: an older manager; no lease).
     #[serde(default)]
     pub grace_ms: u64,
+    /// The operator paused delta recovery (`norecover`) or backfill
+    /// (`nobackfill`): the daemon starts no such push until unset.
+    #[serde(default)]
+    pub recovery_paused: bool,
+    #[serde(default)]
+    pub backfill_paused: bool,
 }
 
 /// `POST /v1/volumes`.
