@@ -123,7 +123,7 @@ impl Metrics {
             flags: IntGaugeVec::new(
                 Opts::new(
                     "tessera_manager_flag",
-                    "Operator switches: 1 when set (noout, norebalance)",
+                    "Operator switches: 1 when set (noout, norebalance, norecover, nobackfill)",
                 ),
                 &["flag"],
             )

@@ -1148,6 +1148,17 @@ mod tests {
         assert_eq!(m.heartbeat(r.node_id, hb()).unwrap().epoch, e0 + 2);
         assert!(m.map().nodes[0].up);
         assert_eq!(m.heartbeat(99, hb()).unwrap_err().status, 404);
+        // The pause switches travel in heartbeat answers.
+        let paused = |m: &Manager| {
+            let a = m.heartbeat(r.node_id, hb()).unwrap();
+            (a.recovery_paused, a.backfill_paused)
+        };
+        assert_eq!(paused(&m), (false, false));
+        m.set_flag("norecover", true).unwrap();
+        assert_eq!(paused(&m), (true, false));
+        m.set_flag("nobackfill", true).unwrap();
+        m.set_flag("norecover", false).unwrap();
+        assert_eq!(paused(&m), (false, true));
         drop(m);
         std::fs::remove_dir_all(dir).ok();
     }
