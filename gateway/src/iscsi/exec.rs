@@ -28,6 +28,9 @@ const WRITE_SAME_PIECE_BYTES: u64 = 1 << 20;
 /// GET LBA STATUS looks at most this far ahead (64 chunks of 4 MiB, asked
 /// of the storage daemons in parallel).
 const LBA_STATUS_SCAN_BYTES: u64 = 256 << 20;
+/// Times an ORWRITE reads, ORs and compares-and-writes before it gives up
+/// on blocks other writers keep changing (ABORTED COMMAND: retried).
+const ORWRITE_ATTEMPTS: usize = 64;
 
 /// Unit attentions kept per I_T nexus; older ones are dropped beyond this.
 pub const UNIT_ATTENTIONS_MAX: usize = 8;
@@ -599,11 +602,45 @@ async fn run(
             if data.is_empty() {
                 return good(Vec::new());
             }
-            // Atomic against every other write through this gateway, like
-            // COMPARE AND WRITE (SBC-4 §5.13: an uninterrupted read,
-            // modify and write).
-            let _exclusive = cx.lun.atomic.write().await;
+            // SBC-4 §5.13: an uninterrupted read, modify and write. Read,
+            // OR, and write only if the medium still holds what was read:
+            // a COMPARE AND WRITE at the chunk's primary, which sees every
+            // write through any gateway; another writer in between makes it
+            // miscompare, and the OR is done again on what it wrote.
             let span = data.len().div_ceil(bs as usize) * bs as usize;
+            {
+                let _shared = cx.lun.atomic.read().await;
+                let mut supported = true;
+                for _ in 0..ORWRITE_ATTEMPTS {
+                    let medium = match vol.read(r.lba * bs, span as u32).await {
+                        Ok(d) => d,
+                        Err(e) => return io(e, false),
+                    };
+                    let mut next = medium.clone();
+                    for (m, d) in next.iter_mut().zip(data) {
+                        *m |= *d;
+                    }
+                    match vol.compare_and_write(r.lba * bs, medium, next, r.fua).await {
+                        Ok(()) => return good(Vec::new()),
+                        Err(VolumeError::Miscompare(_)) => continue,
+                        Err(VolumeError::NotSupported) => supported = false,
+                        Err(e) => return io(e, true),
+                    }
+                    break;
+                }
+                if supported {
+                    // Other writers changed the blocks at every attempt:
+                    // the initiator retries an aborted command.
+                    return cx.check(Sense::new(
+                        key::ABORTED_COMMAND,
+                        asc::LU_COMMUNICATION_FAILURE,
+                    ));
+                }
+            }
+            // The volume cannot (a range across chunks or longer than a
+            // compare may be, an in-memory volume): atomic against every
+            // other write through this gateway only.
+            let _exclusive = cx.lun.atomic.write().await;
             let mut medium = match vol.read(r.lba * bs, span as u32).await {
                 Ok(d) => d,
                 Err(e) => return io(e, false),
