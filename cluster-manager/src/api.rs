@@ -70,6 +70,59 @@ pub fn map_long_poll(url: &str) -> Result<Option<MapPoll>, ApiError> {
     }))
 }
 
+/// Longest an iSCSI access long poll or fence wait is held.
+pub const ISCSI_WAIT_MAX_MS: u64 = 10_000;
+
+/// A gateway's held request: `GET /v1/iscsi/access?gateway=ID&revision=R
+/// &wait_ms=MS` (the snapshot once newer than `R`; the gateway holds `R`)
+/// or `GET /v1/iscsi/fenced?gateway=ID&revision=R&wait_ms=MS` (once every
+/// other gateway within its lease holds `R`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IscsiPoll {
+    pub fence: bool,
+    pub gateway: String,
+    pub revision: u64,
+    pub wait: std::time::Duration,
+}
+
+/// Parse a held iSCSI request; `None` for anything else (a plain `GET
+/// /v1/iscsi/access` is answered at once).
+pub fn iscsi_long_poll(url: &str) -> Result<Option<IscsiPoll>, ApiError> {
+    let Some((path, query)) = url.split_once('?') else {
+        return Ok(None);
+    };
+    let fence = match path.trim_end_matches('/') {
+        "/v1/iscsi/access" => false,
+        "/v1/iscsi/fenced" => true,
+        _ => return Ok(None),
+    };
+    let (mut gateway, mut revision, mut wait_ms) = (None, None, 0);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let num = || {
+            v.parse::<u64>()
+                .map_err(|_| ApiError::new(400, format!("bad {k} {v:?}: not a number")))
+        };
+        match k {
+            "gateway" if !v.is_empty() && v.len() <= 64 => gateway = Some(v.to_string()),
+            "gateway" => return Err(ApiError::new(400, "bad gateway id")),
+            "revision" => revision = Some(num()?),
+            "wait_ms" => wait_ms = num()?.min(ISCSI_WAIT_MAX_MS),
+            _ => {}
+        }
+    }
+    match (gateway, revision) {
+        (Some(gateway), Some(revision)) => Ok(Some(IscsiPoll {
+            fence,
+            gateway,
+            revision,
+            wait: std::time::Duration::from_millis(wait_ms),
+        })),
+        _ if fence => Err(ApiError::new(400, "fenced needs gateway and revision")),
+        _ => Ok(None),
+    }
+}
+
 /// The manager's fixed metric set; labels are bounded (route names are
 /// static strings, codes a handful of statuses).
 struct Metrics {
@@ -452,6 +505,51 @@ impl Api {
         }
     }
 
+    /// Hold a gateway's access long poll or fence wait on its own small
+    /// thread (counted with the map long polls).
+    fn hold_iscsi_request(self: &Arc<Self>, req: tiny_http::Request, poll: IscsiPoll) {
+        use std::sync::atomic::Ordering;
+        let label = if poll.fence {
+            "iscsi_fenced"
+        } else {
+            "iscsi_access"
+        };
+        if self.map_waiters.fetch_add(1, Ordering::SeqCst) >= MAP_WAITERS_MAX {
+            self.map_waiters.fetch_sub(1, Ordering::SeqCst);
+            let e = ApiError::new(503, "too many long polls held: retry later");
+            self.respond(req, label, error_reply(e));
+            return;
+        }
+        let api = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("iscsi-wait".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let reply = if poll.fence {
+                    json(
+                        200,
+                        &api.manager
+                            .iscsi_fenced(&poll.gateway, poll.revision, poll.wait),
+                    )
+                } else {
+                    json(
+                        200,
+                        &api.manager.iscsi_snapshot_after(
+                            Some(&poll.gateway),
+                            poll.revision,
+                            poll.wait,
+                        ),
+                    )
+                };
+                api.respond(req, label, reply);
+                api.map_waiters.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            self.map_waiters.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!(error = %e, "cannot spawn an iSCSI long-poll thread");
+        }
+    }
+
     /// Send a reply and count it.
     fn respond(&self, req: tiny_http::Request, label: &str, (status, body): Reply) {
         self.metrics
@@ -493,6 +591,27 @@ impl Api {
                     .find(|h| h.field.equiv("Authorization"))
                     .map(|h| h.value.as_str()),
             );
+            if method == "GET" {
+                match iscsi_long_poll(&url) {
+                    Ok(Some(_)) if !gateway => {
+                        let e = ApiError::new(
+                            401,
+                            "this route is for gateways: it needs the cluster secret (Authorization: Bearer)",
+                        );
+                        self.respond(req, "iscsi_access", error_reply(e));
+                        continue;
+                    }
+                    Ok(Some(poll)) => {
+                        self.hold_iscsi_request(req, poll);
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.respond(req, "iscsi_access", error_reply(e));
+                        continue;
+                    }
+                }
+            }
             let too_large = || {
                 (
                     "too_large",
@@ -548,6 +667,49 @@ impl Api {
 
 #[cfg(test)]
 mod tests {
+
+    // Proves the iSCSI long-poll parser: access polls need a gateway and a
+    // revision (else a plain snapshot), fence waits need both, wait_ms is
+    // capped, bad numbers and ids are 400s.
+    #[test]
+    fn iscsi_long_poll_query() {
+        let p = iscsi_long_poll("/v1/iscsi/access?gateway=g1&revision=7&wait_ms=500")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (p.fence, p.gateway.as_str(), p.revision, p.wait.as_millis()),
+            (false, "g1", 7, 500)
+        );
+        assert_eq!(iscsi_long_poll("/v1/iscsi/access").unwrap(), None);
+        assert_eq!(
+            iscsi_long_poll("/v1/iscsi/access?revision=3").unwrap(),
+            None
+        );
+        let f = iscsi_long_poll("/v1/iscsi/fenced?gateway=g&revision=2&wait_ms=999999")
+            .unwrap()
+            .unwrap();
+        assert!(f.fence);
+        assert_eq!(f.wait.as_millis() as u64, ISCSI_WAIT_MAX_MS);
+        assert_eq!(
+            iscsi_long_poll("/v1/iscsi/fenced?gateway=g")
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            iscsi_long_poll("/v1/iscsi/access?gateway=g&revision=x")
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            iscsi_long_poll("/v1/iscsi/access?gateway=&revision=1")
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(iscsi_long_poll("/v1/map?after=1").unwrap(), None);
+    }
 
     // Proves the long-poll query parser: only `/v1/map` with `after` is a
     // long poll, `wait_ms` defaults and is capped, `next` is off unless

@@ -185,6 +185,9 @@ pub struct Manager {
     inner: Mutex<Inner>,
     /// Notified (with `inner`) at every new epoch: wakes map long-polls.
     epoch_changed: Condvar,
+    /// Notified (with `inner`) at every catalogue change and every gateway
+    /// poll: wakes access long-polls and fence waits.
+    access_changed: Condvar,
     grace: Duration,
     down_out_after: Duration,
     min_in_ratio: f64,
@@ -192,6 +195,35 @@ pub struct Manager {
 
 /// Maps the manager keeps for daemons that fell behind (`Inner::history`).
 pub const MAP_HISTORY: usize = 64;
+
+/// A gateway that has not polled for this long is not waited for by a
+/// fence: its lease (`tessera_gateway::iscsi::access::LEASE_MS`, shorter)
+/// has run out, so it refuses commands on volumes with reservations.
+pub const GATEWAY_LEASE: Duration = Duration::from_millis(6000);
+/// Gateways not seen for this long are forgotten.
+const GATEWAY_FORGET: Duration = Duration::from_secs(60);
+
+/// When a gateway last polled the access snapshot, and what it held then.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GatewaySeen {
+    pub at: Instant,
+    pub revision: u64,
+}
+
+/// The gateways other than `caller`, within their lease at `now`, that
+/// hold a revision older than `revision`.
+pub(crate) fn lagging(
+    gateways: &BTreeMap<String, GatewaySeen>,
+    caller: &str,
+    revision: u64,
+    now: Instant,
+) -> Vec<String> {
+    gateways
+        .iter()
+        .filter(|(g, s)| *g != caller && now - s.at < GATEWAY_LEASE && s.revision < revision)
+        .map(|(g, _)| g.clone())
+        .collect()
+}
 
 struct Inner {
     catalog: Catalog,
@@ -215,6 +247,11 @@ struct Inner {
     /// `--min-in-ratio`): said once in the log when a disk starts being
     /// held, not at every health check.
     held_in: BTreeSet<u32>,
+    /// The catalogue revision: grows with every change (`commit`,
+    /// `update_catalog`).
+    revision: u64,
+    /// Gateways following the access snapshot, by the id they give.
+    gateways: BTreeMap<String, GatewaySeen>,
 }
 
 impl Inner {
@@ -277,6 +314,7 @@ impl Manager {
         Ok(Manager {
             store,
             epoch_changed: Condvar::new(),
+            access_changed: Condvar::new(),
             inner: Mutex::new(Inner {
                 catalog,
                 live,
@@ -285,6 +323,8 @@ impl Manager {
                 demoted_at: BTreeMap::new(),
                 held_in: BTreeSet::new(),
                 scrub_generation: 0,
+                revision: 1,
+                gateways: BTreeMap::new(),
             }),
             grace: config.heartbeat_grace,
             down_out_after: config.down_out_after,
@@ -323,7 +363,9 @@ impl Manager {
         while inner.history.len() > MAP_HISTORY {
             inner.history.pop_front();
         }
+        inner.revision += 1;
         self.epoch_changed.notify_all();
+        self.access_changed.notify_all();
         Ok(())
     }
 
@@ -396,7 +438,63 @@ impl Manager {
             tracing::error!(error = %e, "cannot persist the catalogue");
             return Err(ApiError::new(500, format!("cannot persist catalogue: {e}")));
         }
+        if changed {
+            inner.revision += 1;
+            self.access_changed.notify_all();
+        }
         Ok(out)
+    }
+
+    /// The catalogue revision (`AccessSnapshot::revision`).
+    pub(crate) fn revision(&self) -> u64 {
+        self.lock().revision
+    }
+
+    /// A gateway's access long poll: note that `gateway` holds `revision`
+    /// now, then wait up to `wait` for a newer one; returns the newest.
+    pub(crate) fn access_after<T>(
+        &self,
+        gateway: Option<&str>,
+        revision: u64,
+        wait: Duration,
+        read: impl FnOnce(&Catalog, u64) -> T,
+    ) -> T {
+        let mut inner = self.lock();
+        if let Some(g) = gateway {
+            let now = Instant::now();
+            inner.gateways.retain(|_, s| now - s.at < GATEWAY_FORGET);
+            inner
+                .gateways
+                .insert(g.to_string(), GatewaySeen { at: now, revision });
+            self.access_changed.notify_all();
+        }
+        let (inner, _) = self
+            .access_changed
+            .wait_timeout_while(inner, wait, |i| i.revision <= revision)
+            .expect("manager lock poisoned");
+        read(&inner.catalog, inner.revision)
+    }
+
+    /// Wait up to `wait` until every gateway but `caller` that polled
+    /// within `GATEWAY_LEASE` holds `revision`; returns the ones that still
+    /// do not (empty: fenced).
+    pub(crate) fn fenced(&self, caller: &str, revision: u64, wait: Duration) -> Vec<String> {
+        let deadline = Instant::now() + wait;
+        let mut inner = self.lock();
+        loop {
+            let now = Instant::now();
+            let behind = lagging(&inner.gateways, caller, revision, now);
+            if behind.is_empty() || now >= deadline {
+                return behind;
+            }
+            // Also wake to drop gateways whose lease runs out meanwhile.
+            let step = (deadline - now).min(Duration::from_millis(100));
+            inner = self
+                .access_changed
+                .wait_timeout(inner, step)
+                .expect("manager lock poisoned")
+                .0;
+        }
     }
 
     pub fn flags(&self) -> Flags {
@@ -1394,6 +1492,50 @@ mod tests {
         let s = m.status();
         assert_eq!((s.disks_out, s.disks_held_in), (1, 0));
         assert!(m.map().disk(nodes[0].disks[0].disk_id).unwrap().out);
+        drop(m);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    // Proves whom a reservation change waits for: every other gateway
+    // that polled within the lease and holds an older revision; a gateway
+    // silent past the lease is not waited for (it refuses on its own), nor
+    // is the caller.
+    #[test]
+    fn fence_waits_for_gateways_within_their_lease() {
+        let now = Instant::now();
+        let seen = |ago: Duration, revision| GatewaySeen {
+            at: now - ago,
+            revision,
+        };
+        let g: BTreeMap<String, GatewaySeen> = [
+            ("me", seen(Duration::ZERO, 1)),
+            ("live", seen(Duration::ZERO, 4)),
+            ("behind", seen(Duration::from_secs(1), 3)),
+            ("gone", seen(GATEWAY_LEASE + Duration::from_millis(1), 1)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(lagging(&g, "me", 4, now), vec!["behind".to_string()]);
+        assert!(lagging(&g, "me", 3, now).is_empty());
+        assert!(lagging(&g, "me", 4, now + GATEWAY_LEASE).is_empty());
+
+        // Through the manager: a gateway's poll tells what it holds.
+        let dir = temp("fence");
+        let m = Manager::open(&config(&dir, Duration::from_secs(2))).unwrap();
+        let r0 = m.revision();
+        m.access_after(Some("g1"), r0, Duration::ZERO, |_, _| ());
+        m.access_after(Some("g2"), r0, Duration::ZERO, |_, _| ());
+        m.set_flag("noout", true).unwrap();
+        let r1 = m.revision();
+        assert!(r1 > r0, "a catalogue change moves the revision");
+        assert_eq!(m.fenced("g1", r1, Duration::ZERO), vec!["g2".to_string()]);
+        // g2 long-polls: it is answered at once with the newer revision,
+        // and its next poll says it holds it.
+        let got = m.access_after(Some("g2"), r0, Duration::from_secs(5), |_, r| r);
+        assert_eq!(got, r1);
+        m.access_after(Some("g2"), r1, Duration::ZERO, |_, _| ());
+        assert!(m.fenced("g1", r1, Duration::ZERO).is_empty());
         drop(m);
         std::fs::remove_dir_all(dir).ok();
     }

@@ -159,6 +159,7 @@ pub fn snapshot(c: &Catalog) -> AccessSnapshot {
     AccessSnapshot {
         volumes,
         discovery_chap: c.iscsi_discovery_chap.clone(),
+        revision: 0,
     }
 }
 
@@ -203,6 +204,7 @@ pub fn store_reservations(
             Err(StoredReservations {
                 version,
                 state: old,
+                revision: 0,
             }),
             false,
         ));
@@ -212,6 +214,7 @@ pub fn store_reservations(
             Ok(StoredReservations {
                 version,
                 state: old,
+                revision: 0,
             }),
             false,
         ));
@@ -225,6 +228,7 @@ pub fn store_reservations(
         Ok(StoredReservations {
             version: version + 1,
             state: req.state,
+            revision: 0,
         }),
         true,
     ))
@@ -300,7 +304,43 @@ impl Manager {
 
     /// For gateways (the API checks the cluster secret).
     pub fn iscsi_snapshot(&self) -> AccessSnapshot {
-        self.read_catalog(snapshot)
+        self.iscsi_snapshot_after(None, 0, std::time::Duration::ZERO)
+    }
+
+    /// A gateway's long poll: `gateway` holds `revision`; the snapshot as
+    /// soon as the catalogue is newer, or after `wait`.
+    pub fn iscsi_snapshot_after(
+        &self,
+        gateway: Option<&str>,
+        revision: u64,
+        wait: std::time::Duration,
+    ) -> AccessSnapshot {
+        self.access_after(gateway, revision, wait, |c, rev| AccessSnapshot {
+            revision: rev,
+            ..snapshot(c)
+        })
+    }
+
+    /// For a gateway that stored a reservation change: wait up to `wait`
+    /// for every other gateway within its lease to hold `revision`.
+    pub fn iscsi_fenced(
+        &self,
+        gateway: &str,
+        revision: u64,
+        wait: std::time::Duration,
+    ) -> tessera_wire::iscsi::FenceStatus {
+        let lagging = self.fenced(gateway, revision, wait);
+        if !lagging.is_empty() {
+            tracing::warn!(
+                ?lagging,
+                revision,
+                "gateways did not take a reservation change in time"
+            );
+        }
+        tessera_wire::iscsi::FenceStatus {
+            fenced: lagging.is_empty(),
+            lagging,
+        }
     }
 
     /// For gateways: persist a volume's reservation state before the
@@ -311,7 +351,11 @@ impl Manager {
         name: &str,
         req: ReservationState,
     ) -> Result<Result<StoredReservations, StoredReservations>, ApiError> {
-        self.update_catalog(|c| Ok(store_reservations(c, name, req)?))
+        let stored = self.update_catalog(|c| Ok(store_reservations(c, name, req)?))?;
+        let revision = self.revision();
+        Ok(stored
+            .map(|s| StoredReservations { revision, ..s })
+            .map_err(|s| StoredReservations { revision, ..s }))
     }
 }
 

@@ -346,8 +346,9 @@ impl Drop for Gateway {
 // versioned state, so the second registration is evaluated again on the
 // first one's state instead of overwriting it), READ FULL STATUS through
 // either gateway lists both, a reservation taken through one gateway
-// fences the other initiator's writes through the other gateway, and its
-// release there lets them through.
+// fences the other initiator's writes through the other gateway as soon as
+// it is answered (each change waits for the other gateway to hold it), and
+// its release there lets them through at once.
 #[test]
 fn reservations_shared_by_two_gateways() {
     let dir = TempDir::new("iscsi-pr-two-gateways");
@@ -377,10 +378,12 @@ fn reservations_shared_by_two_gateways() {
         both(&via_b),
         "gateway 2 after both registrations: {via_b:?}"
     );
-    poll(
-        "gateway 1 to see B's registration",
-        Duration::from_secs(10),
-        || both(&full_status(&a.pr_in(0x03))).then_some(()),
+    // Each change is answered only once the other gateway holds it: no
+    // waiting here.
+    let via_a = full_status(&a.pr_in(0x03));
+    assert!(
+        both(&via_a),
+        "gateway 1 after both registrations: {via_a:?}"
     );
 
     assert_eq!(
@@ -388,9 +391,11 @@ fn reservations_shared_by_two_gateways() {
         GOOD,
         "A reserves through gateway 1"
     );
-    poll("gateway 2 to fence B", Duration::from_secs(10), || {
-        (b.write_block() == RESERVATION_CONFLICT).then_some(())
-    });
+    assert_eq!(
+        b.write_block(),
+        RESERVATION_CONFLICT,
+        "gateway 2 fences B as soon as the reservation is answered"
+    );
     let via_b = full_status(&b.pr_in(0x03));
     assert!(
         via_b.contains(&(KEY_A, true, WRITE_EXCLUSIVE, A.to_string())),
@@ -410,9 +415,11 @@ fn reservations_shared_by_two_gateways() {
         GOOD,
         "A releases through gateway 1"
     );
-    poll("gateway 2 to let B write", Duration::from_secs(10), || {
-        (b.write_block() == GOOD).then_some(())
-    });
+    assert_eq!(
+        b.write_block(),
+        GOOD,
+        "gateway 2 lets B write as soon as the release is answered"
+    );
     drop((a, b, second));
 }
 

@@ -28,11 +28,26 @@ use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tessera_wire::iscsi::{
-    AccessSnapshot, ChapSecrets, ReservationState, StoredReservations, VolumeAccessEntry,
+    AccessSnapshot, ChapSecrets, FenceStatus, ReservationState, StoredReservations,
+    VolumeAccessEntry,
 };
 
-/// How often the access snapshot is polled.
+/// How often the access snapshot is fetched again after a failed fetch.
 pub const POLL_INTERVAL_MS: u64 = 1000;
+/// How long the manager holds a poll that finds nothing newer: the
+/// follower long-polls, so a change reaches every gateway at once.
+pub const LONG_POLL_MS: u64 = 1000;
+/// The gateway's lease on its reservation state: this long after sending
+/// its last successful poll, it refuses commands a reservation could fence
+/// on logical units with registrations (ABORTED COMMAND, retried) until a
+/// poll succeeds again. Shorter than the manager's `GATEWAY_LEASE` (6 s),
+/// after which a reservation change stops waiting for this gateway; long
+/// enough that a loaded manager answering a poll late does not lapse it.
+pub const LEASE_MS: u64 = 4000;
+/// How long a PERSISTENT RESERVE OUT waits for the other gateways to hold
+/// its change before it is answered anyway: longer than the manager's
+/// `GATEWAY_LEASE`, so a silent gateway's lease has run out by then.
+pub const FENCE_WAIT_MS: u64 = 8000;
 /// One HTTP request to the manager may take at most this long.
 pub const REQUEST_TIMEOUT_MS: u64 = 5000;
 /// Pause between failed fetches while waiting for the first snapshot.
@@ -95,6 +110,22 @@ pub struct ManagerAccess {
     /// Grows with every snapshot installed (see `Persist::generation`).
     generation: AtomicU64,
     refresh: Option<SyncSender<()>>,
+    /// This process's name for the manager (`GatewaySeen`).
+    id: String,
+    /// The catalogue revision of the snapshot installed.
+    revision: AtomicU64,
+    /// When the last successful poll was sent, in ms since `born` (0:
+    /// none yet).
+    last_ok_ms: AtomicU64,
+    born: Instant,
+}
+
+/// A name for this gateway process, unique enough among a cluster's.
+fn gateway_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("gw-{}-{nanos:08x}", std::process::id())
 }
 
 fn agent() -> ureq::Agent {
@@ -122,8 +153,26 @@ fn reason(e: ureq::Error) -> String {
 
 /// Fetch the access snapshot once.
 pub fn fetch(manager: &str, secret: &str) -> Result<AccessSnapshot, String> {
+    fetch_from(manager, secret, "/v1/iscsi/access".to_string())
+}
+
+/// Long-poll the access snapshot: `gateway` holds `revision`.
+fn fetch_after(
+    manager: &str,
+    secret: &str,
+    gateway: &str,
+    revision: u64,
+) -> Result<AccessSnapshot, String> {
+    fetch_from(
+        manager,
+        secret,
+        format!("/v1/iscsi/access?gateway={gateway}&revision={revision}&wait_ms={LONG_POLL_MS}"),
+    )
+}
+
+fn fetch_from(manager: &str, secret: &str, path: String) -> Result<AccessSnapshot, String> {
     agent()
-        .get(&url(manager, "/v1/iscsi/access"))
+        .get(&url(manager, &path))
         .set("Authorization", &format!("Bearer {secret}"))
         .call()
         .map_err(reason)?
@@ -142,6 +191,10 @@ impl ManagerAccess {
             index: RwLock::new(None),
             generation: AtomicU64::new(0),
             refresh: None,
+            id: gateway_id(),
+            revision: AtomicU64::new(0),
+            last_ok_ms: AtomicU64::new(0),
+            born: Instant::now(),
         })
     }
 
@@ -153,6 +206,7 @@ impl ManagerAccess {
         maps: MapHandle,
         deadline: Instant,
     ) -> Result<Arc<ManagerAccess>, String> {
+        let born = Instant::now();
         let first = loop {
             match fetch(&manager, &secret) {
                 Ok(s) => break s,
@@ -173,22 +227,42 @@ impl ManagerAccess {
             index: RwLock::new(None),
             generation: AtomicU64::new(0),
             refresh: Some(tx),
+            id: gateway_id(),
+            revision: AtomicU64::new(0),
+            last_ok_ms: AtomicU64::new(0),
+            born,
         });
         me.install(first);
+        me.mark_ok(born);
         let weak = Arc::downgrade(&me);
         std::thread::Builder::new()
             .name("iscsi-access".into())
             .spawn(move || {
+                // Long polls back to back: the manager answers at once
+                // when the catalogue changed since the revision we hold
+                // (a refresh asked meanwhile is covered by the next one).
                 loop {
-                    match rx.recv_timeout(Duration::from_millis(POLL_INTERVAL_MS)) {
-                        Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => return,
+                    match rx.try_recv() {
+                        Ok(()) | Err(mpsc::TryRecvError::Empty) => {}
+                        Err(mpsc::TryRecvError::Disconnected) => return,
                     }
                     let Some(me) = weak.upgrade() else { return };
                     let secret = me.secret.as_deref().expect("following with a secret");
-                    match fetch(&me.manager, secret) {
-                        Ok(s) => me.install(s),
-                        Err(e) => tracing::warn!(error = %e, "iSCSI access control refresh failed"),
+                    let sent = Instant::now();
+                    let held = me.revision.load(Ordering::Acquire);
+                    match fetch_after(&me.manager, secret, &me.id, held) {
+                        Ok(s) => {
+                            me.install(s);
+                            me.mark_ok(sent);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "iSCSI access control refresh failed");
+                            drop(me);
+                            match rx.recv_timeout(Duration::from_millis(POLL_INTERVAL_MS)) {
+                                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                                Err(RecvTimeoutError::Disconnected) => return,
+                            }
+                        }
                     }
                 }
             })
@@ -196,7 +270,14 @@ impl ManagerAccess {
         Ok(me)
     }
 
+    /// A poll sent at `sent` succeeded: the lease runs from then.
+    fn mark_ok(&self, sent: Instant) {
+        let ms = sent.saturating_duration_since(self.born).as_millis() as u64 + 1;
+        self.last_ok_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
     fn install(&self, s: AccessSnapshot) {
+        let revision = s.revision;
         let mut cur = self.index.write().expect("not poisoned");
         let changed = cur.as_ref().is_none_or(|old| {
             old.by_name.len() != s.volumes.len()
@@ -216,6 +297,9 @@ impl ManagerAccess {
             *cur = Some(Arc::new(Index::new(s)));
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
+        drop(cur);
+        // Only now: the manager takes the revision we report as enforced.
+        self.revision.fetch_max(revision, Ordering::AcqRel);
     }
 
     fn current(&self) -> Option<Arc<Index>> {
@@ -246,6 +330,36 @@ impl Policy for ManagerAccess {
             let _ = r.try_send(());
         }
         a
+    }
+}
+
+/// Wait until every other gateway within its lease holds `revision` (the
+/// manager's `GET /v1/iscsi/fenced`), at most `FENCE_WAIT_MS`; a gateway
+/// that does not is past its lease by then and refuses what it could not
+/// check, so this only logs.
+fn wait_fenced(manager: &str, secret: &str, gateway: &str, revision: u64, volume: &str) {
+    if revision == 0 {
+        return; // an older manager: no fencing to wait for
+    }
+    let path =
+        format!("/v1/iscsi/fenced?gateway={gateway}&revision={revision}&wait_ms={FENCE_WAIT_MS}");
+    let r = ureq::AgentBuilder::new()
+        .timeout(Duration::from_millis(FENCE_WAIT_MS + REQUEST_TIMEOUT_MS))
+        .build()
+        .get(&url(manager, &path))
+        .set("Authorization", &format!("Bearer {secret}"))
+        .call()
+        .map_err(reason)
+        .and_then(|r| {
+            r.into_json::<FenceStatus>()
+                .map_err(|e| format!("bad fence status: {e}"))
+        });
+    match r {
+        Ok(f) if f.fenced => {}
+        Ok(f) => {
+            tracing::warn!(volume, lagging = ?f.lagging, "reservation change not yet held by every gateway")
+        }
+        Err(e) => tracing::warn!(volume, error = %e, "cannot wait for the other gateways"),
     }
 }
 
@@ -286,6 +400,11 @@ impl Persist for ManagerAccess {
         self.generation.load(Ordering::Acquire)
     }
 
+    fn fresh(&self) -> bool {
+        let last = self.last_ok_ms.load(Ordering::Acquire);
+        last > 0 && (self.born.elapsed().as_millis() as u64) < last - 1 + LEASE_MS
+    }
+
     fn newer(&self, volume: &str, version: u64) -> Option<Stored> {
         let (index, _) = self.entry(volume)?;
         let e = &index.by_name[volume];
@@ -311,6 +430,7 @@ impl Persist for ManagerAccess {
             &format!("/v1/volumes/{volume}/iscsi/reservations"),
         );
         let name = volume.to_string();
+        let (manager, gateway) = (self.manager.clone(), self.id.clone());
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let r = agent()
@@ -318,10 +438,14 @@ impl Persist for ManagerAccess {
                     .set("Authorization", &format!("Bearer {secret}"))
                     .send_json(&body);
                 match r {
-                    Ok(resp) => resp
-                        .into_json::<StoredReservations>()
-                        .map(|s| s.version)
-                        .map_err(|e| SaveError::Failed(e.to_string())),
+                    Ok(resp) => {
+                        let s = resp
+                            .into_json::<StoredReservations>()
+                            .map_err(|e| SaveError::Failed(e.to_string()))?;
+                        // Answer once every other gateway enforces it.
+                        wait_fenced(&manager, &secret, &gateway, s.revision, &name);
+                        Ok(s.version)
+                    }
                     Err(ureq::Error::Status(409, resp)) => match resp
                         .into_json::<StoredReservations>()
                     {
@@ -369,7 +493,38 @@ mod tests {
         Index::new(AccessSnapshot {
             volumes: vec![open, guarded],
             discovery_chap: None,
+            revision: 1,
         })
+    }
+
+    // Proves the gateway's lease on its reservation state: none before a
+    // successful poll, held for LEASE_MS after the last one was sent, and
+    // lapsed after that.
+    #[test]
+    fn lease_runs_from_the_last_successful_poll() {
+        let (maps, _tx) = MapHandle::fixed(tessera_wire::map::ClusterMap {
+            epoch: 1,
+            cluster_id: "c".into(),
+            pg_count: 0,
+            nodes: vec![],
+            disks: vec![],
+            pgs: vec![],
+            volumes: vec![],
+            next_volume_id: 1,
+            pools: vec![],
+            pg_states: vec![],
+        });
+        let a = ManagerAccess::closed(maps);
+        assert!(!a.fresh(), "no poll yet");
+        a.mark_ok(Instant::now());
+        assert!(a.fresh());
+        let mut old = ManagerAccess::closed(a.maps.clone());
+        let long_ago = Instant::now() - Duration::from_millis(LEASE_MS + 1000);
+        Arc::get_mut(&mut old).expect("only owner").born = long_ago;
+        old.mark_ok(long_ago);
+        assert!(!old.fresh(), "lapsed");
+        old.mark_ok(Instant::now());
+        assert!(old.fresh(), "renewed");
     }
 
     // Proves the access decision: fails closed without a snapshot or for a

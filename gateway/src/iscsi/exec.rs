@@ -149,6 +149,11 @@ pub trait Persist: Send + Sync {
     fn newer(&self, _volume: &str, _version: u64) -> Option<Stored> {
         None
     }
+    /// Whether this gateway's view of the stored state is within its lease
+    /// (a store shared with other gateways, heard from recently).
+    fn fresh(&self) -> bool {
+        true
+    }
     /// Store `state`, computed from stored version `expected`, after a
     /// PERSISTENT RESERVE OUT changed it (a compare-and-swap); the command
     /// is answered GOOD only once this succeeds.
@@ -323,10 +328,26 @@ pub async fn execute(
             }
         }
     }
+    let access = cmd.access();
     if let Some(p) = persist {
         lun.refresh(vol.name(), p);
+        // Past the lease another gateway may have fenced this initiator
+        // without our knowing: refuse, retryably, what a reservation
+        // could forbid, where there are registrations to fence with.
+        if !matches!(access, scsi::Access::Always | scsi::Access::Reservation)
+            && !p.fresh()
+            && lun
+                .reservations
+                .lock()
+                .expect("not poisoned")
+                .has_registrations()
+        {
+            return cx.check(Sense::new(
+                key::ABORTED_COMMAND,
+                asc::LU_COMMUNICATION_FAILURE,
+            ));
+        }
     }
-    let access = cmd.access();
     if access != scsi::Access::Reservation
         && !lun
             .reservations

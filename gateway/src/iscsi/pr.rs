@@ -140,6 +140,12 @@ impl Reservations {
         }
     }
 
+    /// Whether any I_T nexus is registered (a reservation can fence only
+    /// then).
+    pub fn has_registrations(&self) -> bool {
+        !self.registrations.is_empty()
+    }
+
     /// Whether the persistent part (what is serialised) equals `other`'s.
     pub fn same_persistent(&self, other: &Reservations) -> bool {
         self.generation == other.generation

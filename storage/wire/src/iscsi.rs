@@ -208,6 +208,19 @@ pub struct AccessSnapshot {
     /// CHAP required of every discovery session (cluster-wide), if set.
     #[serde(default)]
     pub discovery_chap: Option<ChapSecrets>,
+    /// Grows with every change of the catalogue: a gateway long-polls
+    /// `GET /v1/iscsi/access?revision=` with the one it holds.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+/// `GET /v1/iscsi/fenced?gateway=&revision=&wait_ms=`: whether every other
+/// gateway that polled within the lease holds `revision` (or newer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceStatus {
+    pub fenced: bool,
+    /// Gateways within their lease that still hold an older revision.
+    pub lagging: Vec<String>,
 }
 
 /// `GET`/`PUT`/`DELETE /v1/iscsi/discovery-chap`: user names only.
@@ -250,6 +263,10 @@ pub struct ReservationState {
 pub struct StoredReservations {
     pub version: u64,
     pub state: Option<serde_json::Value>,
+    /// The catalogue revision once stored (`AccessSnapshot::revision`): the
+    /// storing gateway waits for the others to hold it (`FenceStatus`).
+    #[serde(default)]
+    pub revision: u64,
 }
 
 #[cfg(test)]
