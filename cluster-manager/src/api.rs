@@ -475,78 +475,70 @@ impl Api {
     /// Hold a map long poll on its own small thread until the epoch
     /// passes `after` or `wait` runs out; the HTTP threads stay free.
     fn hold_map_request(self: &Arc<Self>, req: tiny_http::Request, poll: MapPoll) {
-        use std::sync::atomic::Ordering;
-        if self.map_waiters.fetch_add(1, Ordering::SeqCst) >= MAP_WAITERS_MAX {
-            self.map_waiters.fetch_sub(1, Ordering::SeqCst);
-            let e = ApiError::new(
-                503,
-                format!("more than {MAP_WAITERS_MAX} map long polls held: retry later"),
-            );
-            self.respond(req, "map_wait", error_reply(e));
-            return;
-        }
-        let api = Arc::clone(self);
-        let spawned = std::thread::Builder::new()
-            .name("map-wait".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                let map = if poll.next {
-                    api.manager.map_next(poll.after, poll.wait)
-                } else {
-                    api.manager.map_after(poll.after, poll.wait)
-                };
-                api.respond(req, "map_wait", json(200, &map));
-                api.map_waiters.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            // The request went with the closure; the client times out and retries.
-            self.map_waiters.fetch_sub(1, Ordering::SeqCst);
-            tracing::error!(error = %e, "cannot spawn a map long-poll thread");
-        }
+        self.hold(req, "map_wait", move |api| {
+            let map = if poll.next {
+                api.manager.map_next(poll.after, poll.wait)
+            } else {
+                api.manager.map_after(poll.after, poll.wait)
+            };
+            json(200, &map)
+        });
     }
 
-    /// Hold a gateway's access long poll or fence wait on its own small
-    /// thread (counted with the map long polls).
+    /// Hold a gateway's access long poll or fence wait the same way.
     fn hold_iscsi_request(self: &Arc<Self>, req: tiny_http::Request, poll: IscsiPoll) {
-        use std::sync::atomic::Ordering;
         let label = if poll.fence {
             "iscsi_fenced"
         } else {
             "iscsi_access"
         };
+        self.hold(req, label, move |api| {
+            if poll.fence {
+                let f = api
+                    .manager
+                    .iscsi_fenced(&poll.gateway, poll.revision, poll.wait);
+                json(200, &f)
+            } else {
+                let s =
+                    api.manager
+                        .iscsi_snapshot_after(Some(&poll.gateway), poll.revision, poll.wait);
+                json(200, &s)
+            }
+        });
+    }
+
+    /// Answer `req` with `answer` on a small thread of its own (at most
+    /// [`MAP_WAITERS_MAX`] at once over every kind of long poll; above it,
+    /// 503 and the client retries).
+    fn hold(
+        self: &Arc<Self>,
+        req: tiny_http::Request,
+        label: &'static str,
+        answer: impl FnOnce(&Api) -> Reply + Send + 'static,
+    ) {
+        use std::sync::atomic::Ordering;
         if self.map_waiters.fetch_add(1, Ordering::SeqCst) >= MAP_WAITERS_MAX {
             self.map_waiters.fetch_sub(1, Ordering::SeqCst);
-            let e = ApiError::new(503, "too many long polls held: retry later");
+            let e = ApiError::new(
+                503,
+                format!("more than {MAP_WAITERS_MAX} long polls held: retry later"),
+            );
             self.respond(req, label, error_reply(e));
             return;
         }
         let api = Arc::clone(self);
         let spawned = std::thread::Builder::new()
-            .name("iscsi-wait".into())
+            .name("long-poll".into())
             .stack_size(64 * 1024)
             .spawn(move || {
-                let reply = if poll.fence {
-                    json(
-                        200,
-                        &api.manager
-                            .iscsi_fenced(&poll.gateway, poll.revision, poll.wait),
-                    )
-                } else {
-                    json(
-                        200,
-                        &api.manager.iscsi_snapshot_after(
-                            Some(&poll.gateway),
-                            poll.revision,
-                            poll.wait,
-                        ),
-                    )
-                };
+                let reply = answer(&api);
                 api.respond(req, label, reply);
                 api.map_waiters.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
+            // The request went with the closure; the client times out and retries.
             self.map_waiters.fetch_sub(1, Ordering::SeqCst);
-            tracing::error!(error = %e, "cannot spawn an iSCSI long-poll thread");
+            tracing::error!(error = %e, "cannot spawn a long-poll thread");
         }
     }
 

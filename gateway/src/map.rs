@@ -183,23 +183,29 @@ pub fn publish(tx: &watch::Sender<Arc<ClusterMap>>, m: ClusterMap) -> bool {
     })
 }
 
+/// An empty map at `epoch` (tests).
+#[cfg(test)]
+pub(crate) fn empty_map(epoch: u64) -> ClusterMap {
+    ClusterMap {
+        epoch,
+        cluster_id: "c".into(),
+        pg_count: 0,
+        nodes: vec![],
+        disks: vec![],
+        pgs: vec![],
+        volumes: vec![],
+        next_volume_id: 1,
+        pools: vec![],
+        pg_states: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn map(epoch: u64) -> ClusterMap {
-        ClusterMap {
-            epoch,
-            cluster_id: "c".into(),
-            pg_count: 0,
-            nodes: vec![],
-            disks: vec![],
-            pgs: vec![],
-            volumes: vec![],
-            next_volume_id: 1,
-            pools: vec![],
-            pg_states: vec![],
-        }
+        empty_map(epoch)
     }
 
     // Proves epochs only grow: older and equal maps are not published.

@@ -460,20 +460,21 @@ impl Session {
     }
 }
 
-// Proves COMPARE AND WRITE is atomic across gateways: initiators logged in
-// to two gateway processes of one cluster increment a counter in one block
-// by READ + COMPARE AND WRITE, retrying on a miscompare (CHECK CONDITION),
-// and every increment lands exactly once (a lost update would let two of
-// them start from the same value). Before the compare moved to the storage
-// daemon, each gateway only locked against its own writes.
-#[test]
-fn compare_and_write_through_two_gateways() {
-    const PER_SESSION: u64 = 30;
-    let dir = TempDir::new("iscsi-caw-two-gateways");
+/// A one-daemon cluster serving `volume` (64 MiB) through two gateway
+/// processes, and four threads each running `work(i, session)` on its own
+/// session, alternately through the first and the second gateway (ISIDs
+/// differ by `tag` between tests).
+#[allow(clippy::type_complexity)]
+fn on_two_gateways<T: Send + 'static>(
+    volume: &str,
+    tag: u8,
+    work: impl Fn(usize, Session) -> T + Send + Sync + 'static,
+) -> (TempDir, Cluster, Gateway, Vec<std::thread::JoinHandle<T>>) {
+    let dir = TempDir::new(&format!("iscsi-{volume}-two-gateways"));
     let opts = ClusterOptions {
         storage_daemons: 1,
         disk_size: "1G",
-        volumes: vec![("cawv".into(), "64M".into())],
+        volumes: vec![(volume.into(), "64M".into())],
     };
     let cluster = Cluster::start(&dir.0, &opts);
     let second = Gateway::start(&cluster);
@@ -483,31 +484,48 @@ fn compare_and_write_through_two_gateways() {
         cluster.iscsi[0].clone(),
         second.iscsi.clone(),
     ];
-    let workers: Vec<_> = portals
+    let work = std::sync::Arc::new(work);
+    let workers = portals
         .into_iter()
         .enumerate()
         .map(|(i, portal)| {
+            let (work, volume) = (std::sync::Arc::clone(&work), volume.to_string());
             std::thread::spawn(move || {
-                let name = format!("iqn.2020-01.test:caw-{i}");
-                let isid = [0x40, 0, 0, 0, 1, i as u8];
-                let mut s = Session::login(&portal, &name, isid, "cawv").expect("login");
-                let mut seen = Vec::new();
-                let mut misses = 0u64;
-                while (seen.len() as u64) < PER_SESSION {
-                    let cur = s.read_block_at(COUNTER_LBA);
-                    let v = u64::from_le_bytes(cur[..8].try_into().expect("8 bytes"));
-                    let mut next = vec![i as u8; 512];
-                    next[..8].copy_from_slice(&(v + 1).to_le_bytes());
-                    match s.compare_and_write(COUNTER_LBA, &cur, &next) {
-                        GOOD => seen.push(v),
-                        CHECK_CONDITION => misses += 1,
-                        other => panic!("COMPARE AND WRITE status 0x{other:02x}"),
-                    }
-                }
-                (seen, misses)
+                let name = format!("iqn.2020-01.test:{volume}-{i}");
+                let isid = [0x40, 0, 0, 0, tag, i as u8];
+                let s = Session::login(&portal, &name, isid, &volume).expect("login");
+                work(i, s)
             })
         })
         .collect();
+    (dir, cluster, second, workers)
+}
+
+// Proves COMPARE AND WRITE is atomic across gateways: initiators logged in
+// to two gateway processes of one cluster increment a counter in one block
+// by READ + COMPARE AND WRITE, retrying on a miscompare (CHECK CONDITION),
+// and every increment lands exactly once (a lost update would let two of
+// them start from the same value). Before the compare moved to the storage
+// daemon, each gateway only locked against its own writes.
+#[test]
+fn compare_and_write_through_two_gateways() {
+    const PER_SESSION: u64 = 30;
+    let (_dir, cluster, _second, workers) = on_two_gateways("cawv", 1, |i, mut s| {
+        let mut seen = Vec::new();
+        let mut misses = 0u64;
+        while (seen.len() as u64) < PER_SESSION {
+            let cur = s.read_block_at(COUNTER_LBA);
+            let v = u64::from_le_bytes(cur[..8].try_into().expect("8 bytes"));
+            let mut next = vec![i as u8; 512];
+            next[..8].copy_from_slice(&(v + 1).to_le_bytes());
+            match s.compare_and_write(COUNTER_LBA, &cur, &next) {
+                GOOD => seen.push(v),
+                CHECK_CONDITION => misses += 1,
+                other => panic!("COMPARE AND WRITE status 0x{other:02x}"),
+            }
+        }
+        (seen, misses)
+    });
     let misses = assert_each_increment_once(workers, 4 * PER_SESSION);
     eprintln!(
         "{} increments through two gateways, {misses} miscompares",
@@ -533,37 +551,14 @@ const BITS_LBA: u32 = 16;
 #[test]
 fn or_write_through_two_gateways() {
     const PER_SESSION: usize = 30;
-    let dir = TempDir::new("iscsi-orwrite-two-gateways");
-    let opts = ClusterOptions {
-        storage_daemons: 1,
-        disk_size: "1G",
-        volumes: vec![("orw".into(), "64M".into())],
-    };
-    let cluster = Cluster::start(&dir.0, &opts);
-    let second = Gateway::start(&cluster);
-    let portals = [
-        cluster.iscsi[0].clone(),
-        second.iscsi.clone(),
-        cluster.iscsi[0].clone(),
-        second.iscsi.clone(),
-    ];
-    let workers: Vec<_> = portals
-        .into_iter()
-        .enumerate()
-        .map(|(i, portal)| {
-            std::thread::spawn(move || {
-                let name = format!("iqn.2020-01.test:orw-{i}");
-                let isid = [0x40, 0, 0, 0, 2, i as u8];
-                let mut s = Session::login(&portal, &name, isid, "orw").expect("login");
-                for k in 0..PER_SESSION {
-                    let bit = i * PER_SESSION + k;
-                    let mut d = vec![0u8; 512];
-                    d[bit / 8] = 1 << (bit % 8);
-                    assert_eq!(s.or_write(BITS_LBA, &d), GOOD, "ORWRITE of bit {bit}");
-                }
-            })
-        })
-        .collect();
+    let (_dir, cluster, second, workers) = on_two_gateways("orw", 2, |i, mut s| {
+        for k in 0..PER_SESSION {
+            let bit = i * PER_SESSION + k;
+            let mut d = vec![0u8; 512];
+            d[bit / 8] = 1 << (bit % 8);
+            assert_eq!(s.or_write(BITS_LBA, &d), GOOD, "ORWRITE of bit {bit}");
+        }
+    });
     for w in workers {
         w.join().expect("worker");
     }

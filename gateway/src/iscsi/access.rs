@@ -502,18 +502,7 @@ mod tests {
     // lapsed after that.
     #[test]
     fn lease_runs_from_the_last_successful_poll() {
-        let (maps, _tx) = MapHandle::fixed(tessera_wire::map::ClusterMap {
-            epoch: 1,
-            cluster_id: "c".into(),
-            pg_count: 0,
-            nodes: vec![],
-            disks: vec![],
-            pgs: vec![],
-            volumes: vec![],
-            next_volume_id: 1,
-            pools: vec![],
-            pg_states: vec![],
-        });
+        let (maps, _tx) = MapHandle::fixed(crate::map::empty_map(1));
         let a = ManagerAccess::closed(maps);
         assert!(!a.fresh(), "no poll yet");
         a.mark_ok(Instant::now());

@@ -3579,12 +3579,7 @@ impl<D: Clone + CompareData> Replicator<D> {
             return;
         };
         let epoch = p.view.epoch;
-        let members: BTreeSet<u32> = p
-            .view
-            .write_set()
-            .into_iter()
-            .filter(|m| *m == me || p.view.state(*m) == Some(CopyState::UpToDate))
-            .collect();
+        let members = compared_members(&p.view, me);
         let Some(pr) = p.primary.as_mut().filter(|pr| pr.active) else {
             return;
         };
@@ -3842,12 +3837,7 @@ impl<D: Clone + CompareData> Replicator<D> {
             return;
         };
         let epoch = p.view.epoch;
-        let members: BTreeSet<u32> = p
-            .view
-            .write_set()
-            .into_iter()
-            .filter(|m| *m == me || p.view.state(*m) == Some(CopyState::UpToDate))
-            .collect();
+        let members = compared_members(&p.view, me);
         let Some(pr) = p.primary.as_mut() else {
             return;
         };
@@ -4784,6 +4774,15 @@ fn repair_done<D>(
         }
         RepairOrigin::Internal | RepairOrigin::Part(_) => {}
     }
+}
+
+/// The copies a digest check compares: this one and every up-to-date
+/// member of the write set.
+fn compared_members(view: &View, me: u32) -> BTreeSet<u32> {
+    view.write_set()
+        .into_iter()
+        .filter(|m| *m == me || view.state(*m) == Some(CopyState::UpToDate))
+        .collect()
 }
 
 /// Start a check of `extent` that compares the digests of `members` (this
