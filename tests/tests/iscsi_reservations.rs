@@ -33,6 +33,8 @@ struct Session {
 struct Answer {
     status: u8,
     data: Vec<u8>,
+    /// The SCSI Response's data segment: sense length (2 bytes), sense.
+    sense: Vec<u8>,
 }
 
 impl Session {
@@ -142,6 +144,7 @@ impl Session {
                         return Answer {
                             status: r.bhs[3],
                             data,
+                            sense: Vec::new(),
                         };
                     }
                 }
@@ -150,6 +153,7 @@ impl Session {
                     return Answer {
                         status: r.bhs[3],
                         data,
+                        sense: r.data,
                     };
                 }
                 op::NOP_IN => {}
@@ -177,8 +181,21 @@ impl Session {
 
     /// WRITE(10) of one 512-byte block at LBA 0.
     fn write_block(&mut self) -> u8 {
+        self.write_block_sense().0
+    }
+
+    /// WRITE(10) of one 512-byte block at LBA 0: the status and, for a
+    /// CHECK CONDITION, the sense key.
+    fn write_block_sense(&mut self) -> (u8, Option<u8>) {
         let cdb = [0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0];
-        self.command(&cdb, &[0x5a; 512], 0).status
+        let a = self.command(&cdb, &[0x5a; 512], 0);
+        // Fixed format (0x70/0x71): key in byte 2; descriptor: byte 1.
+        let key = match a.sense.get(2) {
+            Some(0x70 | 0x71) => a.sense.get(4).map(|k| k & 0x0f),
+            Some(0x72 | 0x73) => a.sense.get(3).map(|k| k & 0x0f),
+            _ => None,
+        };
+        (a.status, key)
     }
 }
 
@@ -575,4 +592,41 @@ fn or_write_through_two_gateways() {
         "bits set that nobody wrote"
     );
     drop(second);
+}
+
+const ABORTED_COMMAND: u8 = 0x0b;
+
+// Proves a gateway's lease on its reservation state: once it has not
+// heard from the manager for longer than its lease (the manager stopped),
+// it refuses a write to a logical unit with registrations with ABORTED
+// COMMAND (another gateway may have fenced this initiator meanwhile), and
+// serves it again once the manager answers.
+#[test]
+fn a_gateway_cut_off_from_the_manager_refuses_fenceable_writes() {
+    let dir = TempDir::new("iscsi-pr-lease");
+    let opts = ClusterOptions {
+        storage_daemons: 1,
+        disk_size: "1G",
+        volumes: vec![("lease".into(), "64M".into())],
+    };
+    let cluster = Cluster::start(&dir.0, &opts);
+    let mut a = Session::login(&cluster.iscsi[0], A, ISID_A, "lease").expect("login");
+    assert_eq!(a.pr_out(0x00, 0, 0, KEY_A), GOOD, "A registers");
+    assert_eq!(a.write_block(), GOOD);
+    let frozen = cluster.freeze("manager");
+    let refused = poll(
+        "the gateway's lease to lapse",
+        Duration::from_secs(30),
+        || {
+            let (status, key) = a.write_block_sense();
+            (status == CHECK_CONDITION).then_some(key)
+        },
+    );
+    assert_eq!(refused, Some(ABORTED_COMMAND));
+    frozen.resume();
+    poll(
+        "writes again once the manager answers",
+        Duration::from_secs(30),
+        || (a.write_block() == GOOD).then_some(()),
+    );
 }
