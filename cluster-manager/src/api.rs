@@ -385,6 +385,15 @@ impl Api {
                 "iscsi_discovery_clear",
                 r(m.iscsi_set_discovery_chap(None).map(|x| json(200, &x))),
             ),
+            ("DELETE", ["v1", "iscsi", "gateways", id]) => (
+                "iscsi_gateway_left",
+                if gateway {
+                    m.iscsi_gateway_left(id);
+                    (204, Vec::new())
+                } else {
+                    gateway_only()
+                },
+            ),
             ("GET", ["v1", "iscsi", "access"]) => (
                 "iscsi_access",
                 if gateway {

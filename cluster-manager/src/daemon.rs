@@ -475,6 +475,12 @@ impl Manager {
         read(&inner.catalog, inner.revision)
     }
 
+    /// Stop counting `gateway` in fences (it said it stops).
+    pub(crate) fn forget_gateway(&self, gateway: &str) {
+        self.lock().gateways.remove(gateway);
+        self.access_changed.notify_all();
+    }
+
     /// Wait up to `wait` until every gateway but `caller` that polled
     /// within `GATEWAY_LEASE` holds `revision`; returns the ones that still
     /// do not (empty: fenced).
@@ -1536,6 +1542,12 @@ mod tests {
         assert_eq!(got, r1);
         m.access_after(Some("g2"), r1, Duration::ZERO, |_, _| ());
         assert!(m.fenced("g1", r1, Duration::ZERO).is_empty());
+        // A gateway that says it stops is not waited for.
+        m.set_flag("noout", false).unwrap();
+        let r2 = m.revision();
+        assert_eq!(m.fenced("g1", r2, Duration::ZERO), vec!["g2".to_string()]);
+        m.forget_gateway("g2");
+        assert!(m.fenced("g1", r2, Duration::ZERO).is_empty());
         drop(m);
         std::fs::remove_dir_all(dir).ok();
     }

@@ -321,6 +321,12 @@ impl Manager {
         })
     }
 
+    /// A gateway stopping: no reservation change waits for it any more.
+    pub fn iscsi_gateway_left(&self, gateway: &str) {
+        self.forget_gateway(gateway);
+        tracing::info!(gateway, "iSCSI gateway left");
+    }
+
     /// For a gateway that stored a reservation change: wait up to `wait`
     /// for every other gateway within its lease to hold `revision`.
     pub fn iscsi_fenced(

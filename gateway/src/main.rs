@@ -193,6 +193,7 @@ fn main() {
         }
         (_, false) => ManagerAccess::closed(maps),
     };
+    let leaving = access.clone();
     let iscsi = tessera_gateway::iscsi::target::Target::with_persist(
         catalog.clone(),
         access.clone(),
@@ -274,6 +275,9 @@ fn main() {
     tracing::info!("stopped");
     // Connections still open are dropped with the runtime.
     rt.shutdown_timeout(Duration::from_millis(100));
+    // Only now, with no command left to run here: reservation changes stop
+    // waiting for this gateway.
+    leaving.leave();
 }
 
 async fn wait_for_signal() {

@@ -118,6 +118,8 @@ pub struct ManagerAccess {
     /// none yet).
     last_ok_ms: AtomicU64,
     born: Instant,
+    /// Set by `leave`: no more polls.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 /// A name for this gateway process, unique enough among a cluster's.
@@ -195,6 +197,7 @@ impl ManagerAccess {
             revision: AtomicU64::new(0),
             last_ok_ms: AtomicU64::new(0),
             born: Instant::now(),
+            leaving: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -231,6 +234,7 @@ impl ManagerAccess {
             revision: AtomicU64::new(0),
             last_ok_ms: AtomicU64::new(0),
             born,
+            leaving: std::sync::atomic::AtomicBool::new(false),
         });
         me.install(first);
         me.mark_ok(born);
@@ -247,6 +251,9 @@ impl ManagerAccess {
                         Err(mpsc::TryRecvError::Disconnected) => return,
                     }
                     let Some(me) = weak.upgrade() else { return };
+                    if me.leaving.load(Ordering::Acquire) {
+                        return;
+                    }
                     let secret = me.secret.as_deref().expect("following with a secret");
                     let sent = Instant::now();
                     let held = me.revision.load(Ordering::Acquire);
@@ -268,6 +275,27 @@ impl ManagerAccess {
             })
             .map_err(|e| format!("cannot start the access follower thread: {e}"))?;
         Ok(me)
+    }
+
+    /// This gateway stops (its connections are closed): tell the manager,
+    /// so no reservation change waits for its lease to run out. Polls stop
+    /// first (one in flight may still register it again: a change then
+    /// waits for the lease, as after a crash).
+    pub fn leave(&self) {
+        self.leaving.store(true, Ordering::Release);
+        let Some(secret) = &self.secret else { return };
+        let r = ureq::AgentBuilder::new()
+            .timeout(Duration::from_millis(1000))
+            .build()
+            .delete(&url(
+                &self.manager,
+                &format!("/v1/iscsi/gateways/{}", self.id),
+            ))
+            .set("Authorization", &format!("Bearer {secret}"))
+            .call();
+        if let Err(e) = r {
+            tracing::warn!(error = %reason(e), "could not tell the manager this gateway stops");
+        }
     }
 
     /// A poll sent at `sent` succeeded: the lease runs from then.
