@@ -43,6 +43,7 @@ pub struct Embedded {
     catalog: Arc<MapCatalog>,
     metrics: Arc<Metrics>,
     iscsi: Arc<Target>,
+    access: Arc<ManagerAccess>,
 }
 
 impl Embedded {
@@ -75,14 +76,21 @@ impl Embedded {
         let iscsi = Target::with_persist(
             catalog.clone(),
             access.clone(),
-            Some(access),
+            Some(access.clone()),
             target::Config::default(),
         );
         Ok(Embedded {
             catalog,
             metrics,
             iscsi,
+            access,
         })
+    }
+
+    /// What to tell the manager when the daemon stops, once no command is
+    /// left to run (`ManagerAccess::leave`).
+    pub fn access(&self) -> Arc<ManagerAccess> {
+        Arc::clone(&self.access)
     }
 
     /// Serve until `shutdown` turns true.

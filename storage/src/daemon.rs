@@ -2236,6 +2236,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut nbd_text = "none".to_string();
     let mut iscsi_text = "none".to_string();
+    let mut leaving = None;
     if config.nbd_listen.is_some() || !config.iscsi_listen.is_empty() {
         let bind = |addr: SocketAddr, what: &str| {
             rt.block_on(tokio::net::TcpListener::bind(addr))
@@ -2282,6 +2283,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
             Instant::now() + Duration::from_secs(30),
         )
         .map_err(Fatal::env)?;
+        leaving = Some(gw.access());
         rt.spawn(gw.serve(tessera_gateway::embedded::Listeners { nbd, iscsi }, stop_rx));
     }
     println!(
@@ -2336,6 +2338,11 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         }
     });
     rt.shutdown_timeout(Duration::from_millis(500));
+    // The embedded gateway's connections went with the runtime: reservation
+    // changes stop waiting for it.
+    if let Some(a) = leaving {
+        a.leave();
+    }
     Ok(())
 }
 
