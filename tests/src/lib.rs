@@ -344,10 +344,10 @@ impl Cluster {
             serde_json::from_str(&self.cli(&["--output", "json", "node", "list"])).expect("json");
         let mut out = Vec::new();
         for n in nodes.as_array().expect("node array") {
-            if let Some(addr) = n["metrics_addr"].as_str() {
-                if let Ok(text) = http_get(&format!("http://{addr}/metrics")) {
-                    out.push(text);
-                }
+            if let Some(addr) = n["metrics_addr"].as_str()
+                && let Ok(text) = http_get(&format!("http://{addr}/metrics"))
+            {
+                out.push(text);
             }
         }
         out

@@ -359,7 +359,9 @@ impl Header {
             if self.length == 0 {
                 return Err(HeaderError::ZeroLength);
             }
-            if self.offset % SECTOR_BYTES != 0 || self.length % SECTOR_BYTES != 0 {
+            if !self.offset.is_multiple_of(SECTOR_BYTES)
+                || !self.length.is_multiple_of(SECTOR_BYTES)
+            {
                 return Err(HeaderError::Unaligned);
             }
         }
