@@ -186,19 +186,36 @@ impl ManagerAccess {
     /// Without a cluster secret: every login to a volume is refused as
     /// "service unavailable" and discovery lists nothing.
     pub fn closed(maps: MapHandle) -> Arc<ManagerAccess> {
-        Arc::new(ManagerAccess {
-            manager: String::new(),
-            secret: None,
+        Arc::new(ManagerAccess::new(
+            String::new(),
+            None,
+            maps,
+            None,
+            Instant::now(),
+        ))
+    }
+
+    /// Nothing installed yet, no successful poll.
+    fn new(
+        manager: String,
+        secret: Option<String>,
+        maps: MapHandle,
+        refresh: Option<SyncSender<()>>,
+        born: Instant,
+    ) -> ManagerAccess {
+        ManagerAccess {
+            manager,
+            secret,
             maps,
             index: RwLock::new(None),
             generation: AtomicU64::new(0),
-            refresh: None,
+            refresh,
             id: gateway_id(),
             revision: AtomicU64::new(0),
             last_ok_ms: AtomicU64::new(0),
-            born: Instant::now(),
+            born,
             leaving: std::sync::atomic::AtomicBool::new(false),
-        })
+        }
     }
 
     /// Fetch the first snapshot (retrying until `deadline`), then follow
@@ -223,19 +240,13 @@ impl ManagerAccess {
             }
         };
         let (tx, rx) = mpsc::sync_channel::<()>(1);
-        let me = Arc::new(ManagerAccess {
+        let me = Arc::new(ManagerAccess::new(
             manager,
-            secret: Some(secret),
+            Some(secret),
             maps,
-            index: RwLock::new(None),
-            generation: AtomicU64::new(0),
-            refresh: Some(tx),
-            id: gateway_id(),
-            revision: AtomicU64::new(0),
-            last_ok_ms: AtomicU64::new(0),
+            Some(tx),
             born,
-            leaving: std::sync::atomic::AtomicBool::new(false),
-        });
+        ));
         me.install(first);
         me.mark_ok(born);
         let weak = Arc::downgrade(&me);

@@ -53,7 +53,7 @@ const SUB_BITS: u32 = 24;
 /// A read of at least this many mapped blocks whose runs average fewer
 /// than `RELOCATE_RUN_BLOCKS` blocks is rewritten contiguously
 /// (`maybe_relocate`): after random 4 KiB writes, redirect-on-write leaves
-/// a 128 KiB range in ~28 physical pieces, and sequential reads of it ran
+/// a 128 KiB range in ~30 physical pieces, and sequential reads of it ran
 /// at half the speed of the same reads before the writes
 /// (docs/on-disk-format.md, "Relocating scattered reads").
 /// It also takes at least `RELOCATE_MIN_RUNS` runs: a range split by a
@@ -1777,12 +1777,16 @@ impl<D: Disk> Engine<D> {
         {
             return;
         }
+        let cursor = self.cursor;
         let runs = alloc_runs(&mut self.used, &mut self.cursor, mapped);
         if runs.len() * 2 > op.runs.len() {
             // Free space is as scattered as the data: moving gains little.
+            // Undo the allocation whole, cursor included, so client writes
+            // are placed as if it never happened.
             for (p, n) in runs {
                 self.used[p as usize..p as usize + n].fill(false);
             }
+            self.cursor = cursor;
             return;
         }
         self.free_count -= mapped as u64;

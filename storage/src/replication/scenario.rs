@@ -1174,7 +1174,14 @@ impl Cluster {
     /// Queue (without running) a write of `v` to the block at the start of
     /// region `index` of `chunk`. Returns the client id.
     fn queue_write(&mut self, chunk: u32, index: u32, v: u64) -> u64 {
-        let pg = pg_of_chunk(chunk);
+        self.queue_change(block_of(chunk, index), v, false)
+    }
+
+    /// Queue a write of value `v` over `extent` (one value per block: a
+    /// partial block counts whole) at its group's primary; returns the
+    /// client id.
+    fn queue_change(&mut self, extent: Extent, v: u64, fua: bool) -> u64 {
+        let pg = pg_of_chunk(extent.chunk_index);
         let primary = self.map.primary(pg).expect("a primary");
         let client = self.next_client;
         self.next_client += 1;
@@ -1184,12 +1191,19 @@ impl Cluster {
                 pg,
                 disk: primary,
                 client,
-                extent: block_of(chunk, index),
+                extent,
                 change: Change::Write(vec![v]),
-                fua: false,
+                fua,
             },
         ));
         client
+    }
+
+    /// `queue_change` with the next value; returns (client id, value).
+    fn queue_client(&mut self, extent: Extent, fua: bool) -> (u64, u64) {
+        let v = self.next_value;
+        self.next_value += 1;
+        (self.queue_change(extent, v, fua), v)
     }
 
     fn copies_of(&self, b: Block) -> Vec<u64> {
@@ -1329,26 +1343,15 @@ fn a_partial_write_over_a_corrupt_block_repairs_that_copy() {
             (1..=MEMBERS).find(|m| *m != primary).expect("a replica")
         };
         c.node(victim).disk.bad.insert(b);
-        let w = c.next_value;
-        c.next_value += 1;
-        let client = c.next_client;
-        c.next_client += 1;
-        c.queue.push_back((
-            primary,
-            Input::Client {
-                pg: 0,
-                disk: primary,
-                client,
-                extent: Extent {
-                    volume_id: 1,
-                    chunk_index: 0,
-                    offset: REGION_BYTES + 512,
-                    length: 512,
-                },
-                change: Change::Write(vec![w]),
-                fua: false,
+        let (client, w) = c.queue_client(
+            Extent {
+                volume_id: 1,
+                chunk_index: 0,
+                offset: REGION_BYTES + 512,
+                length: 512,
             },
-        ));
+            false,
+        );
         c.run();
         c.ticks(3);
         assert_eq!(
@@ -1499,26 +1502,15 @@ fn repair_block_by_block(by_scrub: bool) {
         length: 2 * BLOCK,
     };
     // The second block gets a value too, so a copy left bad shows.
-    let w = c.next_value;
-    c.next_value += 1;
     let primary = c.map.primary(0).expect("primary");
-    let writer = c.next_client;
-    c.next_client += 1;
-    c.queue.push_back((
-        primary,
-        Input::Client {
-            pg: 0,
-            disk: primary,
-            client: writer,
-            extent: Extent {
-                offset: REGION_BYTES + BLOCK,
-                length: BLOCK,
-                ..extent
-            },
-            change: Change::Write(vec![w]),
-            fua: true,
+    let (_, w) = c.queue_client(
+        Extent {
+            offset: REGION_BYTES + BLOCK,
+            length: BLOCK,
+            ..extent
         },
-    ));
+        true,
+    );
     c.run();
     let want = (c.copies_of(first)[0], w);
     let replicas: Vec<u32> = (1..=MEMBERS).filter(|m| *m != primary).collect();
@@ -1567,26 +1559,15 @@ fn a_change_refused_over_a_corrupt_block_stays_uncertain_until_repaired() {
     assert_eq!(c.map.primary(0), Some(p));
     c.node(victim).disk.bad.insert(b);
     let before = c.nodes[victim as usize - 1].disk.get(b);
-    let w = c.next_value;
-    c.next_value += 1;
-    let client = c.next_client;
-    c.next_client += 1;
-    c.queue.push_back((
-        p,
-        Input::Client {
-            pg: 0,
-            disk: p,
-            client,
-            extent: Extent {
-                volume_id: 1,
-                chunk_index: 0,
-                offset: REGION_BYTES + 512,
-                length: 512,
-            },
-            change: Change::Write(vec![w]),
-            fua: true,
+    c.queue_client(
+        Extent {
+            volume_id: 1,
+            chunk_index: 0,
+            offset: REGION_BYTES + 512,
+            length: 512,
         },
-    ));
+        true,
+    );
     // Every member answered; the repair of the victim's copy is queued and
     // has not rewritten it yet.
     let queued = |c: &mut Cluster| {
@@ -1609,21 +1590,7 @@ fn a_change_refused_over_a_corrupt_block_stays_uncertain_until_repaired() {
     // Another change of the group goes through while the repair's read of
     // the primary's copy is held back: it carries the primary's commit
     // point to the members.
-    let other = c.next_client;
-    c.next_client += 1;
-    let v = c.next_value;
-    c.next_value += 1;
-    c.queue.push_back((
-        p,
-        Input::Client {
-            pg: 0,
-            disk: p,
-            client: other,
-            extent: block_of(PGS * 2, 5),
-            change: Change::Write(vec![v]),
-            fua: false,
-        },
-    ));
+    let (other, _) = c.queue_client(block_of(PGS * 2, 5), false);
     let mut held = Vec::new();
     for _ in 0..1000 {
         if c.replies.contains_key(&other) {
