@@ -280,6 +280,9 @@ struct RepairRoute {
 /// repaired again, but not forever.
 const READ_REPAIR_ATTEMPTS_MAX: u32 = 3;
 
+// Nearly every message is a request: boxing it to shrink the one-off
+// `Shutdown` would cost an allocation per I/O.
+#[allow(clippy::large_enum_variant)]
 enum EngineMsg {
     Request(Request, Route),
     Shutdown,
@@ -310,6 +313,9 @@ struct DiskHandle {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Single-copy COMPARE AND WRITEs by token (see `compare_and_write`).
     cas: Mutex<CasTokens>,
+    /// The group-log entries the disk kept from the last process, taken
+    /// by the replication driver when it starts (`Replicator::recover_log`).
+    recovered_log: Mutex<Vec<engine::LogEntry>>,
 }
 
 impl DiskHandle {
@@ -403,6 +409,7 @@ fn spawn_engine(
     });
     let stats = Arc::new(Mutex::new(engine.stats()));
     let sb = engine.superblock().clone();
+    let recovered_log = engine.group_log();
     let capacity_bytes = sb.data_blocks * engine::format::BLOCK_BYTES as u64;
     let task = {
         let (queue, stats) = (queue.clone(), stats.clone());
@@ -411,6 +418,7 @@ fn spawn_engine(
     };
     DiskHandle {
         cas: Mutex::new(CasTokens::default()),
+        recovered_log: Mutex::new(recovered_log),
         queue,
         stats,
         uuid: sb.uuid_string(),
@@ -1905,18 +1913,21 @@ async fn admit(
                 offset: h.offset,
                 data,
                 fua,
+                log: None,
             }
         }
         Op::Trim => Request::Trim {
             key,
             offset: h.offset,
             length: h.length,
+            log: None,
         },
         Op::WriteZeroes => Request::WriteZeroes {
             key,
             offset: h.offset,
             length: h.length,
             fua,
+            log: None,
         },
         Op::BlockStatus => Request::BlockStatus {
             key,
@@ -2554,6 +2565,8 @@ enum ReplKind {
     Stage(StageKey),
     /// Giving back a staged write no `Apply` came for.
     Discarded,
+    /// A disk forgetting group-log entries (`Request::TrimLog`).
+    LogTrimmed,
 }
 
 /// A primary's change as `Effect::Stage` and its later `Effect::Apply`
@@ -2563,6 +2576,15 @@ type StageKey = (u32, repl::Seq, u64, u32);
 
 fn stage_key(disk: u32, u: &repl::Update<Data>) -> StageKey {
     (disk, u.seq, u.extent.volume_id, u.extent.chunk_index)
+}
+
+/// The engine's name for a change's entry in group `pg`'s log.
+fn log_tag(pg: Option<u32>, u: &repl::Update<Data>) -> Option<engine::LogTag> {
+    pg.map(|pg| engine::LogTag {
+        pg,
+        term: u.seq.term,
+        n: u.seq.n,
+    })
 }
 
 /// A staged write of this daemon's own copy (the parallel primary write,
@@ -2576,7 +2598,7 @@ struct StageSlot {
     /// The `Apply` that came while the data was still being written: it
     /// maps the data once written (or writes it the ordinary way if the
     /// staging failed).
-    apply: Option<(u64, repl::Update<Data>)>,
+    apply: Option<(u64, repl::Update<Data>, Option<u32>)>,
     written: bool,
     at: Instant,
 }
@@ -2953,6 +2975,7 @@ impl Driver {
                 self.apply_pauses();
                 self.expire_stages();
                 self.feed(ReplInput::Tick);
+                self.trim_logs();
                 self.publish_stats();
             }
             self.publish_active();
@@ -3028,7 +3051,7 @@ impl Driver {
                 }
             }
             ReplIn::Engine {
-                kind: ReplKind::Purged | ReplKind::Discarded,
+                kind: ReplKind::Purged | ReplKind::Discarded | ReplKind::LogTrimmed,
                 ..
             } => {}
             ReplIn::Engine {
@@ -3045,7 +3068,8 @@ impl Driver {
                     ReplKind::Purge(_)
                     | ReplKind::Purged
                     | ReplKind::Stage(_)
-                    | ReplKind::Discarded => unreachable!("handled above"),
+                    | ReplKind::Discarded
+                    | ReplKind::LogTrimmed => unreachable!("handled above"),
                     // A checksum error on a write: a partial block's merge
                     // read a corrupt block (nothing was written); the state
                     // machine repairs the copy from a good one.
@@ -3216,6 +3240,7 @@ impl Driver {
                     key,
                     offset: 0,
                     length,
+                    log: None,
                 },
             );
             freed += 1;
@@ -3227,6 +3252,19 @@ impl Driver {
                 chunks = freed,
                 "freed the chunks of placement groups this disk no longer holds"
             );
+        }
+    }
+
+    /// Let each disk forget the group-log entries every member holds
+    /// durably (once per tick: a late trim only keeps an entry longer).
+    fn trim_logs(&mut self) {
+        for (disk, pg, t) in self.rep.log_trims() {
+            let req = Request::TrimLog {
+                pg,
+                term: t.term,
+                n: t.n,
+            };
+            self.engine(disk, 0, ReplKind::LogTrimmed, req);
         }
     }
 
@@ -3323,8 +3361,12 @@ impl Driver {
 
     /// Map a staged write as the `Apply` of `token` (its answer is the
     /// `Applied` of that token).
-    fn install(&mut self, disk: u32, token: u64, id: u64, fua: bool) {
-        let req = Request::Install { stage: id, fua };
+    fn install(&mut self, disk: u32, token: u64, id: u64, fua: bool, log: Option<engine::LogTag>) {
+        let req = Request::Install {
+            stage: id,
+            fua,
+            log,
+        };
         if !self.engine(disk, token, ReplKind::Apply, req) {
             self.local
                 .push_back(ReplInput::Applied { token, ok: false });
@@ -3339,17 +3381,18 @@ impl Driver {
         };
         let outcome = |o: &str| self.shared.metrics.staged.with_label_values(&[o]).inc();
         match slot.apply.take() {
-            Some((token, update)) if ok => {
+            Some((token, update, log)) if ok => {
                 outcome("late");
-                self.install(disk, token, slot.id, update.fua)
+                self.install(disk, token, slot.id, update.fua, log_tag(log, &update))
             }
             // Write it the ordinary way.
-            Some((token, update)) => {
+            Some((token, update, log)) => {
                 outcome("fallback");
                 self.effect(ReplEffect::Apply {
                     disk,
                     token,
                     update,
+                    log,
                 })
             }
             None if ok => {
@@ -3440,10 +3483,20 @@ impl Driver {
                     );
                 }
             }
+            ReplEffect::ForgetLog { disk, pg } => {
+                let (term, n) = engine::LOG_FORGET;
+                self.engine(
+                    disk,
+                    0,
+                    ReplKind::LogTrimmed,
+                    Request::TrimLog { pg, term, n },
+                );
+            }
             ReplEffect::Apply {
                 disk,
                 token,
                 update,
+                log,
             } => {
                 let k = stage_key(disk, &update);
                 let matching = self.staged.get(&k).is_some_and(|slot| {
@@ -3481,33 +3534,37 @@ impl Driver {
                             .staged
                             .with_label_values(&["installed"])
                             .inc();
-                        self.install(disk, token, slot.id, update.fua);
+                        self.install(disk, token, slot.id, update.fua, log_tag(log, &update));
                     } else {
                         // Still being written: mapped when it is.
-                        slot.apply = Some((token, update));
+                        slot.apply = Some((token, update, log));
                         self.staged
                             .insert(stage_key(disk, &slot.apply.as_ref().expect("set").1), slot);
                     }
                     return;
                 }
                 let k = key(&update.extent);
+                let log = log_tag(log, &update);
                 let req = match update.change {
                     repl::Change::Write(d) => Request::Write {
                         key: k,
                         offset: update.extent.offset,
                         data: d,
                         fua: update.fua,
+                        log,
                     },
                     repl::Change::Zeroes => Request::WriteZeroes {
                         key: k,
                         offset: update.extent.offset,
                         length: update.extent.length,
                         fua: update.fua,
+                        log,
                     },
                     repl::Change::Trim => Request::Trim {
                         key: k,
                         offset: update.extent.offset,
                         length: update.extent.length,
+                        log,
                     },
                 };
                 if !self.engine(disk, token, ReplKind::Apply, req) {
@@ -3864,7 +3921,34 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle, registered: u64
         .keys()
         .copied()
         .collect();
-    let mut rep = Replicator::new(disks);
+    let mut rep = Replicator::new(disks.iter().copied());
+    for id in &disks {
+        let Some(d) = shared.disks.read().expect("disks").get(id).cloned() else {
+            continue;
+        };
+        let entries = std::mem::take(&mut *d.recovered_log.lock().expect("recovered log"));
+        tracing::info!(
+            disk = id,
+            entries = entries.len(),
+            "group-log entries recovered"
+        );
+        rep.recover_log(
+            *id,
+            entries.into_iter().map(|e| {
+                let seq = repl::Seq {
+                    term: e.term,
+                    n: e.n,
+                };
+                let extent = repl::Extent {
+                    volume_id: e.key.volume_id,
+                    chunk_index: e.key.chunk_index,
+                    offset: e.offset,
+                    length: e.length,
+                };
+                (e.pg, seq, extent)
+            }),
+        );
+    }
     // The rate limit in 64 KiB regions per tick of the state machine.
     let per_tick = shared.config.scrub_rate_bytes as f64 * REPL_TICK.as_secs_f64()
         / f64::from(repl::REGION_BYTES);

@@ -9,7 +9,13 @@ use tessera_wire::crc32c;
 
 pub const BLOCK_BYTES: usize = 4096;
 pub const SB_MAGIC: [u8; 8] = *b"TESSERA1";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 adds the group-log records (`LogExtent`, `LogSeq`, `LogTrim`);
+/// a version 1 disk opens as is and is marked version 2 at open, before
+/// any of them is written (an older binary then refuses it rather than
+/// stop its journal replay at the first record it does not know).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this binary opens.
+pub const FORMAT_VERSION_MIN: u32 = 1;
 pub const PAGE_MAGIC_JOURNAL: u32 = 0x4A53_5354; // "TSSJ"
 pub const PAGE_MAGIC_CKPT: u32 = 0x4353_5354; // "TSSC"
 pub const CKPT_HEADER_MAGIC: u32 = 0x4853_5354; // "TSSH"
@@ -27,6 +33,8 @@ const _: () = assert!(RECORDS_PER_PAGE == 127);
 /// and 1), so one torn copy leaves the other.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
+    /// The version found on disk (`encode` always writes the current one).
+    pub version: u32,
     pub disk_uuid: [u8; 16],
     /// Random per format; stamped on every metadata page so pages left by an
     /// earlier format of the same device are never replayed.
@@ -88,6 +96,7 @@ impl Superblock {
         }
         let data_blocks = (total - data_start).min(u64::from(PHYS_NONE) - 1);
         Ok(Superblock {
+            version: FORMAT_VERSION,
             disk_uuid,
             format_id,
             cluster_id: cluster_id.to_string(),
@@ -172,7 +181,7 @@ impl Superblock {
             return Err(FormatError::Crc);
         }
         let version = u32::from_le_bytes(b[8..12].try_into().expect("4"));
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
             return Err(FormatError::Version(version));
         }
         if u32::from_le_bytes(b[12..16].try_into().expect("4")) != BLOCK_BYTES as u32 {
@@ -190,6 +199,7 @@ impl Superblock {
             .map_err(|_| FormatError::Geometry("cluster id is not UTF-8"))?
             .to_string();
         let sb = Superblock {
+            version,
             disk_uuid,
             format_id: u(0),
             disk_bytes: u(1),
@@ -249,12 +259,63 @@ pub enum Record {
     },
     /// Every chunk of the volume is gone (the volume was deleted).
     DropVolume { volume_id: u64 },
+    /// An entry of a replicated placement group's log (docs/replication.md,
+    /// "Persistent group logs"), committed with the mapping switch of the
+    /// change it names: its extent. Always followed, in the same commit, by
+    /// the `LogSeq` that completes it.
+    LogExtent {
+        pg: u32,
+        volume_id: u64,
+        chunk_index: u32,
+        offset: u32,
+        length: u32,
+    },
+    /// The sequence of the `LogExtent` just before it.
+    LogSeq { term: u64, n: u64 },
+    /// Group `pg`'s entries up to `(term, n)` are durable on every member:
+    /// forgotten.
+    LogTrim { pg: u32, term: u64, n: u64 },
 }
 
 impl Record {
     pub fn encode(&self, out: &mut [u8]) {
         assert_eq!(out.len(), RECORD_BYTES);
         out.fill(0);
+        let put32 =
+            |out: &mut [u8], o: usize, v: u32| out[o..o + 4].copy_from_slice(&v.to_le_bytes());
+        let put64 =
+            |out: &mut [u8], o: usize, v: u64| out[o..o + 8].copy_from_slice(&v.to_le_bytes());
+        match *self {
+            Record::LogExtent {
+                pg,
+                volume_id,
+                chunk_index,
+                offset,
+                length,
+            } => {
+                out[0] = 4;
+                put32(out, 4, chunk_index);
+                put64(out, 8, volume_id);
+                put32(out, 16, offset);
+                put32(out, 20, length);
+                put32(out, 24, pg);
+                return;
+            }
+            Record::LogSeq { term, n } => {
+                out[0] = 5;
+                put64(out, 8, term);
+                put64(out, 16, n);
+                return;
+            }
+            Record::LogTrim { pg, term, n } => {
+                out[0] = 6;
+                put32(out, 4, pg);
+                put64(out, 8, term);
+                put64(out, 16, n);
+                return;
+            }
+            _ => {}
+        }
         let (kind, vol, chunk, block, phys, crc, version) = match *self {
             Record::Map {
                 volume_id,
@@ -271,6 +332,9 @@ impl Record {
                 version,
             } => (2, volume_id, chunk_index, block, 0, 0, version),
             Record::DropVolume { volume_id } => (3, volume_id, 0, 0, 0, 0, 0),
+            Record::LogExtent { .. } | Record::LogSeq { .. } | Record::LogTrim { .. } => {
+                unreachable!("encoded above")
+            }
         };
         out[0] = kind;
         out[2..4].copy_from_slice(&block.to_le_bytes());
@@ -305,6 +369,22 @@ impl Record {
                 version,
             }),
             3 => Some(Record::DropVolume { volume_id }),
+            4 => Some(Record::LogExtent {
+                pg: u32::from_le_bytes(b[24..28].try_into().expect("4")),
+                volume_id,
+                chunk_index,
+                offset: phys,
+                length: crc,
+            }),
+            5 => Some(Record::LogSeq {
+                term: volume_id,
+                n: u64::from_le_bytes(b[16..24].try_into().expect("8")),
+            }),
+            6 => Some(Record::LogTrim {
+                pg: chunk_index,
+                term: volume_id,
+                n: u64::from_le_bytes(b[16..24].try_into().expect("8")),
+            }),
             _ => None,
         }
     }
@@ -471,6 +551,28 @@ mod tests {
         assert_eq!(s.blocks_per_chunk(), 1024);
     }
 
+    // Proves a version 1 superblock (before the group-log records) still
+    // opens, reports its version, and is written back as the current one;
+    // a version from the future is refused.
+    #[test]
+    fn superblock_versions() {
+        let s = sb();
+        let mut b = s.encode();
+        let mut with_version = |v: u32| {
+            b[8..12].copy_from_slice(&v.to_le_bytes());
+            let crc = crc32c(&b[..BLOCK_BYTES - 4]);
+            b[BLOCK_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+            Superblock::decode(&b)
+        };
+        let old = with_version(1).expect("version 1 opens");
+        assert_eq!(old.version, 1);
+        assert_eq!(Superblock::decode(&old.encode()), Ok(s.clone()));
+        assert_eq!(
+            with_version(FORMAT_VERSION + 1),
+            Err(FormatError::Version(FORMAT_VERSION + 1))
+        );
+    }
+
     // Proves a torn or foreign superblock is detected, never trusted.
     #[test]
     fn superblock_rejections() {
@@ -557,6 +659,26 @@ mod tests {
                 }
             }),
             any::<u64>().prop_map(|v| Record::DropVolume { volume_id: v }),
+            (
+                any::<u32>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>()
+            )
+                .prop_map(|(pg, v, c, o, l)| Record::LogExtent {
+                    pg,
+                    volume_id: v,
+                    chunk_index: c,
+                    offset: o,
+                    length: l
+                }),
+            (any::<u64>(), any::<u64>()).prop_map(|(term, n)| Record::LogSeq { term, n }),
+            (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(pg, term, n)| Record::LogTrim {
+                pg,
+                term,
+                n
+            }),
         ]
     }
 

@@ -68,6 +68,41 @@ const RELOCATE_BLOCKS_MAX: usize = 4096;
 /// blocks (1/n) is free, so it never competes with client writes for space.
 const RELOCATE_FREE_DIVISOR: u64 = 4;
 
+/// Group-log entries the engine keeps in memory (and in its checkpoints)
+/// over all groups: past it, the oldest entries of the largest group are
+/// forgotten. A forgotten entry costs a returning copy some pushes it
+/// could have skipped, never data (docs/replication.md, "Persistent group
+/// logs"); the newest entries, the ones a peering needs, are kept.
+pub const LOG_KEPT_MAX: usize = 1 << 18;
+
+/// A change's place in a replicated group's log: the engine records it in
+/// the same journal commit as the change's mapping switch, so after a
+/// crash the log names exactly the changes this disk durably holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogTag {
+    pub pg: u32,
+    pub term: u64,
+    pub n: u64,
+}
+
+/// An entry of a group's log: a change this disk durably holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogEntry {
+    pub pg: u32,
+    pub term: u64,
+    pub n: u64,
+    pub key: ChunkKey,
+    pub offset: u32,
+    pub length: u32,
+}
+
+/// One group's log in memory: (term, n) -> (chunk, offset, length).
+type GroupLog = BTreeMap<(u64, u64), (ChunkKey, u32, u32)>;
+
+/// The trim point that makes the engine forget a group's log altogether
+/// (the group left this disk).
+pub const LOG_FORGET: (u64, u64) = (u64::MAX, u64::MAX);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ChunkKey {
     pub volume_id: u64,
@@ -81,22 +116,26 @@ pub enum Request {
         offset: u32,
         length: u32,
     },
+    /// `log`: the change is an entry of a group's log (`LogTag`).
     Write {
         key: ChunkKey,
         offset: u32,
         data: Payload,
         fua: bool,
+        log: Option<LogTag>,
     },
     WriteZeroes {
         key: ChunkKey,
         offset: u32,
         length: u32,
         fua: bool,
+        log: Option<LogTag>,
     },
     Trim {
         key: ChunkKey,
         offset: u32,
         length: u32,
+        log: Option<LogTag>,
     },
     /// Write whole 4 KiB blocks to free physical blocks without mapping
     /// them (the copy does not change); answered `Done` once on disk.
@@ -116,7 +155,15 @@ pub enum Request {
     /// Map the blocks of a staged write, as a write completing now would
     /// (new chunk version, journal records; with `fua`, answered once
     /// durable). `Invalid` if no such staged write is held.
-    Install { stage: u64, fua: bool },
+    Install {
+        stage: u64,
+        fua: bool,
+        log: Option<LogTag>,
+    },
+    /// Group `pg`'s log entries up to `(term, n)` are durable on every
+    /// member of the group: forget them (`LOG_FORGET`: the whole log).
+    /// Journalled with the next commit; answered at once.
+    TrimLog { pg: u32, term: u64, n: u64 },
     /// Give a staged write's blocks back.
     Discard { stage: u64 },
     /// Claim the blocks of a range as a write in flight would, so no write,
@@ -210,6 +257,8 @@ pub struct Stats {
     pub checkpoints: u64,
     /// Blocks moved by relocation (scattered reads rewritten contiguously).
     pub relocated_blocks: u64,
+    /// Group-log entries kept (`LogEntry`).
+    pub log_entries: u64,
     /// Mapped blocks per volume.
     pub volumes: BTreeMap<u64, u64>,
 }
@@ -340,6 +389,7 @@ struct WriteOp {
     fua: bool,
     /// A `Stage` (its id): kept unmapped in `Engine::staged` when done.
     stage: Option<u64>,
+    log: Option<LogTag>,
     first: usize,
     last: usize,
     /// Blocks reserved from the allocator for this op.
@@ -448,6 +498,13 @@ pub struct Engine<D: Disk> {
     /// Blocks being relocated, and whether scattered reads are relocated.
     relocating: usize,
     relocate: bool,
+    /// Group logs: pg -> (term, n) -> (chunk, offset, length), and each
+    /// group's trim point; `log_len` counts the entries of all groups.
+    logs: BTreeMap<u32, GroupLog>,
+    log_trims: BTreeMap<u32, (u64, u64)>,
+    log_len: usize,
+    /// During replay: the `LogExtent` waiting for its `LogSeq`.
+    log_half: Option<(u32, ChunkKey, u32, u32)>,
 }
 
 impl<D: Disk> Engine<D> {
@@ -513,7 +570,18 @@ impl<D: Disk> Engine<D> {
     /// Open a formatted disk, recovering its metadata: the newest valid
     /// checkpoint, then every valid journal page after it.
     pub fn open(mut disk: D) -> Result<Engine<D>, OpenError> {
-        let sb = Engine::probe(&mut disk)?;
+        let mut sb = Engine::probe(&mut disk)?;
+        if sb.version < FORMAT_VERSION {
+            // Mark the disk with the version whose records this process
+            // may write, before it writes any (format.rs, FORMAT_VERSION).
+            let mut head = AlignedBuf::zeroed(2 * BLOCK);
+            let enc = sb.encode();
+            head[..BLOCK].copy_from_slice(&enc);
+            head[BLOCK..].copy_from_slice(&enc);
+            sync_io(&mut disk, IoKind::Write, 0, Some(head))?;
+            sync_io(&mut disk, IoKind::Sync, 0, None)?;
+            sb.version = FORMAT_VERSION;
+        }
         let mut best: Option<(usize, CkptHeader, AlignedBuf)> = None;
         for area in 0..2 {
             let off = sb.ckpt_start[area] * BLOCK as u64;
@@ -583,6 +651,10 @@ impl<D: Disk> Engine<D> {
             done_buf: Vec::new(),
             relocating: 0,
             relocate: true,
+            logs: BTreeMap::new(),
+            log_trims: BTreeMap::new(),
+            log_len: 0,
+            log_half: None,
             chunks: BTreeMap::new(),
             sb,
             disk,
@@ -670,6 +742,8 @@ impl<D: Disk> Engine<D> {
         e.journal_head = head;
         e.journal_seq = seq;
         e.journal_used = used;
+        e.log_half = None;
+        e.bound_logs(LOG_KEPT_MAX);
         e.rebuild_allocator()?;
         Ok(e)
     }
@@ -720,6 +794,35 @@ impl<D: Disk> Engine<D> {
             Record::DropVolume { volume_id } => {
                 self.chunks.retain(|k, _| k.volume_id != volume_id);
             }
+            Record::LogExtent {
+                pg,
+                volume_id,
+                chunk_index,
+                offset,
+                length,
+            } => {
+                let key = ChunkKey {
+                    volume_id,
+                    chunk_index,
+                };
+                self.log_half = Some((pg, key, offset, length));
+            }
+            Record::LogSeq { term, n } => {
+                let Some((pg, key, offset, length)) = self.log_half.take() else {
+                    // Only ever written right after its extent.
+                    return Err(OpenError::Corrupt("log sequence without its extent".into()));
+                };
+                let chunk = self.sb.chunk_bytes;
+                if u64::from(offset) + u64::from(length) > chunk || length == 0 {
+                    return Err(OpenError::Corrupt(format!(
+                        "log entry of group {pg} outside its chunk ({offset}+{length})"
+                    )));
+                }
+                if self.log_trims.get(&pg).is_none_or(|t| (term, n) > *t) {
+                    self.keep_log_entry(pg, (term, n), (key, offset, length));
+                }
+            }
+            Record::LogTrim { pg, term, n } => self.apply_log_trim(pg, (term, n)),
         }
         Ok(())
     }
@@ -759,6 +862,7 @@ impl<D: Disk> Engine<D> {
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
         s.used_blocks = self.sb.data_blocks - self.free_count;
+        s.log_entries = self.log_len as u64;
         s
     }
 
@@ -860,6 +964,7 @@ impl<D: Disk> Engine<D> {
             | Request::DropVolume { .. }
             | Request::ListAllocated
             | Request::Install { .. }
+            | Request::TrimLog { .. }
             | Request::Discard { .. }
             | Request::Release { .. } => None,
         };
@@ -889,9 +994,10 @@ impl<D: Disk> Engine<D> {
                 offset,
                 data,
                 fua,
+                log,
             } => {
                 let length = data.len() as u32;
-                self.start_write(tag, key, offset, length, Fill::Data, data, fua, None)
+                self.start_write(tag, key, offset, length, Fill::Data, data, fua, None, log)
             }
             Request::Stage {
                 key,
@@ -900,9 +1006,23 @@ impl<D: Disk> Engine<D> {
                 id,
             } => {
                 let length = data.len() as u32;
-                self.start_write(tag, key, offset, length, Fill::Data, data, false, Some(id))
+                self.start_write(
+                    tag,
+                    key,
+                    offset,
+                    length,
+                    Fill::Data,
+                    data,
+                    false,
+                    Some(id),
+                    None,
+                )
             }
-            Request::Install { stage, fua } => self.install(tag, stage, fua),
+            Request::Install { stage, fua, log } => self.install(tag, stage, fua, log),
+            Request::TrimLog { pg, term, n } => {
+                self.trim_log(pg, (term, n));
+                self.complete(tag, Ok(Reply::Done), 0);
+            }
             Request::Discard { stage } => {
                 if let Some(st) = self.staged.remove(&stage) {
                     self.free_staged(&st);
@@ -939,6 +1059,7 @@ impl<D: Disk> Engine<D> {
                 offset,
                 length,
                 fua,
+                log,
             } => self.start_write(
                 tag,
                 key,
@@ -948,11 +1069,13 @@ impl<D: Disk> Engine<D> {
                 Payload::default(),
                 fua,
                 None,
+                log,
             ),
             Request::Trim {
                 key,
                 offset,
                 length,
+                log,
             } => self.start_write(
                 tag,
                 key,
@@ -962,6 +1085,7 @@ impl<D: Disk> Engine<D> {
                 Payload::default(),
                 false,
                 None,
+                log,
             ),
             Request::Flush => self.when_durable(tag, 0, None),
             Request::BlockStatus {
@@ -1116,6 +1240,7 @@ impl<D: Disk> Engine<D> {
         data: Payload,
         fua: bool,
         stage: Option<u64>,
+        log: Option<LogTag>,
     ) {
         let first = offset as usize / BLOCK;
         let last = (offset + length - 1) as usize / BLOCK;
@@ -1131,17 +1256,20 @@ impl<D: Disk> Engine<D> {
                 offset,
                 data: data.clone(),
                 fua,
+                log,
             },
             Fill::Zero => Request::WriteZeroes {
                 key,
                 offset,
                 length,
                 fua,
+                log,
             },
             Fill::Trim => Request::Trim {
                 key,
                 offset,
                 length,
+                log,
             },
         };
         // Writes touching a block another write is changing wait for it:
@@ -1197,6 +1325,7 @@ impl<D: Disk> Engine<D> {
             data,
             fua,
             stage,
+            log,
             first,
             last,
             reserved: reserve,
@@ -1375,8 +1504,13 @@ impl<D: Disk> Engine<D> {
             self.maybe_commit();
             self.retry_deferred();
             return;
-        } else if let Some(v) = self.publish(op.key, &op.placed, &op.unmaps) {
-            version = v;
+        } else {
+            if let Some(v) = self.publish(op.key, &op.placed, &op.unmaps) {
+                version = v;
+            }
+            if let Some(t) = op.log {
+                self.log_change(t, op.key, op.offset, op.length);
+            }
         }
         match op.error {
             Some(e) => self.complete(op.tag, Err(e), version),
@@ -1388,7 +1522,7 @@ impl<D: Disk> Engine<D> {
     }
 
     /// Map a staged write's blocks (`Request::Install`).
-    fn install(&mut self, tag: u64, stage: u64, fua: bool) {
+    fn install(&mut self, tag: u64, stage: u64, fua: bool, log: Option<LogTag>) {
         let Some(st) = self.staged.get(&stage) else {
             self.complete(tag, Err(EngineError::Invalid("no such staged write")), 0);
             return;
@@ -1397,7 +1531,7 @@ impl<D: Disk> Engine<D> {
         // them claimed: install after it, in the order they take effect.
         if (st.first..=st.last).any(|b| self.claims.contains(&(st.key, b))) {
             self.deferred
-                .push_back((tag, Request::Install { stage, fua }));
+                .push_back((tag, Request::Install { stage, fua, log }));
             return;
         }
         let st = self.staged.remove(&stage).expect("staged");
@@ -1409,6 +1543,11 @@ impl<D: Disk> Engine<D> {
         let version = self
             .publish(st.key, &st.placed, &[])
             .unwrap_or_else(|| self.chunk_version(st.key));
+        if let Some(t) = log {
+            let (first, last) = (st.first as u32, st.last as u32);
+            let length = (last - first + 1) * BLOCK as u32;
+            self.log_change(t, st.key, first * BLOCK as u32, length);
+        }
         if fua {
             for b in st.first..=st.last {
                 self.claims.insert((st.key, b));
@@ -1553,6 +1692,7 @@ impl<D: Disk> Engine<D> {
                     data.clone(),
                     fua,
                     None,
+                    None,
                 );
                 if self.deferred.len() > before {
                     // It waits for space (the blocks were free): keep
@@ -1601,6 +1741,105 @@ impl<D: Disk> Engine<D> {
             };
             self.start(tag, req);
         }
+    }
+
+    /// Record a change's log entry, in the journal commit that makes its
+    /// mapping switch durable (the records are pushed right after it).
+    fn log_change(&mut self, t: LogTag, key: ChunkKey, offset: u32, length: u32) {
+        if self
+            .log_trims
+            .get(&t.pg)
+            .is_some_and(|tr| (t.term, t.n) <= *tr)
+        {
+            return;
+        }
+        self.push_record(Record::LogExtent {
+            pg: t.pg,
+            volume_id: key.volume_id,
+            chunk_index: key.chunk_index,
+            offset,
+            length,
+        });
+        self.push_record(Record::LogSeq {
+            term: t.term,
+            n: t.n,
+        });
+        self.keep_log_entry(t.pg, (t.term, t.n), (key, offset, length));
+        self.bound_logs(LOG_KEPT_MAX);
+    }
+
+    fn keep_log_entry(&mut self, pg: u32, seq: (u64, u64), e: (ChunkKey, u32, u32)) {
+        if self.logs.entry(pg).or_default().insert(seq, e).is_none() {
+            self.log_len += 1;
+        }
+    }
+
+    /// Forget the oldest entries of the largest groups until at most `max`
+    /// are kept.
+    fn bound_logs(&mut self, max: usize) {
+        while self.log_len > max {
+            let Some((_, log)) = self.logs.iter_mut().max_by_key(|(_, l)| l.len()) else {
+                break;
+            };
+            let excess = (self.log_len - max).min(log.len());
+            for _ in 0..excess {
+                log.pop_first();
+            }
+            self.log_len -= excess;
+        }
+        self.logs.retain(|_, l| !l.is_empty());
+    }
+
+    fn trim_log(&mut self, pg: u32, upto: (u64, u64)) {
+        let forget = upto == LOG_FORGET;
+        if !forget && self.log_trims.get(&pg).is_some_and(|t| upto <= *t) {
+            return;
+        }
+        self.push_record(Record::LogTrim {
+            pg,
+            term: upto.0,
+            n: upto.1,
+        });
+        self.apply_log_trim(pg, upto);
+    }
+
+    fn apply_log_trim(&mut self, pg: u32, upto: (u64, u64)) {
+        if upto == LOG_FORGET {
+            self.log_trims.remove(&pg);
+            if let Some(l) = self.logs.remove(&pg) {
+                self.log_len -= l.len();
+            }
+            return;
+        }
+        let t = self.log_trims.entry(pg).or_default();
+        *t = (*t).max(upto);
+        if let Some(l) = self.logs.get_mut(&pg) {
+            let before = l.len();
+            *l = l.split_off(&(upto.0, upto.1.saturating_add(1)));
+            self.log_len -= before - l.len();
+            if l.is_empty() {
+                self.logs.remove(&pg);
+            }
+        }
+    }
+
+    /// Every group-log entry this disk holds: after `open`, the changes
+    /// its last process made durable and had not seen trimmed.
+    pub fn group_log(&self) -> Vec<LogEntry> {
+        let mut out = Vec::with_capacity(self.log_len);
+        for (pg, log) in &self.logs {
+            for (&(term, n), &(key, offset, length)) in log {
+                out.push(LogEntry {
+                    pg: *pg,
+                    term,
+                    n,
+                    key,
+                    offset,
+                    length,
+                });
+            }
+        }
+        out
     }
 
     fn push_record(&mut self, r: Record) {
@@ -1928,6 +2167,26 @@ impl<D: Disk> Engine<D> {
                             version: c.version,
                         });
                     }
+                }
+            }
+            // The group logs follow, as many entries as the area has room
+            // for beside the map (it is sized for a full disk's map).
+            let room = (self.sb.ckpt_blocks as usize - 1) * RECORDS_PER_PAGE;
+            let fit = room.saturating_sub(recs.len() + self.log_trims.len()) / 2;
+            self.bound_logs(fit);
+            for (&pg, &(term, n)) in &self.log_trims {
+                recs.push(Record::LogTrim { pg, term, n });
+            }
+            for (&pg, log) in &self.logs {
+                for (&(term, n), &(key, offset, length)) in log {
+                    recs.push(Record::LogExtent {
+                        pg,
+                        volume_id: key.volume_id,
+                        chunk_index: key.chunk_index,
+                        offset,
+                        length,
+                    });
+                    recs.push(Record::LogSeq { term, n });
                 }
             }
             let pages = recs.len().div_ceil(RECORDS_PER_PAGE);

@@ -184,17 +184,20 @@ fn to_request(op: &ModelOp) -> Request {
                 p
             },
             fua: op.fua,
+            log: None,
         },
         Kind::Zero => Request::WriteZeroes {
             key,
             offset: op.offset,
             length: op.length,
             fua: op.fua,
+            log: None,
         },
         Kind::Trim => Request::Trim {
             key,
             offset: op.offset,
             length: op.length,
+            log: None,
         },
         Kind::Flush => Request::Flush,
         Kind::Stage => Request::Stage {
@@ -313,6 +316,7 @@ fn follow_up<D: Disk>(
                 Request::Install {
                     stage: st.stage_id,
                     fua: st.fua,
+                    log: None,
                 },
             )
         } else {
@@ -579,6 +583,7 @@ fn corruption_is_detected() {
             offset: 0,
             data: data.into(),
             fua: true,
+            log: None,
         },
     );
     e.quiesce();
@@ -625,6 +630,7 @@ fn thin_provisioning() {
             offset: 0,
             data: vec![1; 8 * BLOCK].into(),
             fua: false,
+            log: None,
         },
     );
     e.quiesce();
@@ -636,6 +642,7 @@ fn thin_provisioning() {
             key: key(1),
             offset: 0,
             length: 4 * BLOCK as u32,
+            log: None,
         },
     );
     e.submit(
@@ -645,6 +652,7 @@ fn thin_provisioning() {
             offset: 4 * BLOCK as u32,
             length: 4 * BLOCK as u32,
             fua: false,
+            log: None,
         },
     );
     e.quiesce();
@@ -682,6 +690,7 @@ fn rejects_bad_ranges() {
             key: key(0),
             offset: 0,
             length: 0,
+            log: None,
         },
     );
     let mut done = Vec::new();
@@ -828,6 +837,7 @@ fn staged_writes() {
         offset: 0,
         data: old.clone().into(),
         fua: true,
+        log: None,
     };
     assert_eq!(run_one(&mut e, 1, w), Ok(Reply::Done));
     let used0 = e.stats().used_blocks;
@@ -856,7 +866,8 @@ fn staged_writes() {
             5,
             Request::Install {
                 stage: 2,
-                fua: false
+                fua: false,
+                log: None,
             }
         ),
         Err(EngineError::Invalid(_))
@@ -876,7 +887,8 @@ fn staged_writes() {
             7,
             Request::Install {
                 stage: 6,
-                fua: true
+                fua: true,
+                log: None,
             }
         ),
         Ok(Reply::Done)
@@ -935,6 +947,7 @@ fn holds() {
         offset,
         data: vec![v; len].into(),
         fua: false,
+        log: None,
     };
     assert_eq!(run_one(&mut e, 1, write(1, 0, 2 * BLOCK)), Ok(Reply::Done));
     let hold = |id: u64| Request::Hold {
@@ -992,6 +1005,7 @@ fn holds() {
             offset: 0,
             data: vec![4u8; BLOCK].into(),
             fua: true,
+            log: None,
         },
     );
     e.submit(11, hold(12));
@@ -1072,6 +1086,7 @@ fn holds_always_end() {
                 offset: 0,
                 data: vec![t as u8; 512].into(),
                 fua: false,
+                log: None,
             },
         );
     }
@@ -1108,6 +1123,7 @@ fn holds_always_end() {
             offset: 0,
             data: vec![7u8; 512].into(),
             fua: false,
+            log: None,
         },
     );
     e.drop_holds();
@@ -1129,6 +1145,7 @@ fn write_blocks(e: &mut Engine<SimDisk>, tag: u64, chunk: u32, first: usize, dat
             offset: (first * BLOCK) as u32,
             data: Payload::copy_from(data),
             fua: false,
+            log: None,
         },
     );
     assert!(matches!(r, Ok(Reply::Done)), "write: {r:?}");
@@ -1200,6 +1217,7 @@ fn scattered_reads_are_relocated() {
             offset: (3 * BLOCK) as u32,
             data: Payload::copy_from(&block),
             fua: true,
+            log: None,
         },
     );
     e.quiesce();
@@ -1218,4 +1236,159 @@ fn scattered_reads_are_relocated() {
     assert_eq!(read_chunk(&mut e, 11, 0), want);
     let s = e.stats();
     assert_eq!(s.used_blocks, s.mapped_blocks, "{s:?}");
+}
+
+fn tag(pg: u32, term: u64, n: u64) -> Option<LogTag> {
+    Some(LogTag { pg, term, n })
+}
+
+fn logged(e: &Engine<SimDisk>) -> Vec<(u32, u64, u64, u32, u32, u32)> {
+    e.group_log()
+        .iter()
+        .map(|l| (l.pg, l.term, l.n, l.key.chunk_index, l.offset, l.length))
+        .collect()
+}
+
+// Proves the group logs (docs/replication.md, "Persistent group logs"):
+// a change's entry is durable exactly when the change is (a FLUSH makes
+// both durable; a crash before loses both), for writes, write-zeroes,
+// trims and installed staged writes; a trim point forgets a group's
+// entries up to it and `LOG_FORGET` a whole group, across a crash; and
+// entries survive checkpoints (the journal wrapped many times) minus
+// exactly those trimmed.
+#[test]
+fn group_logs_survive_crashes_and_checkpoints() {
+    let mut e = sim_engine(31);
+    let b = BLOCK as u32;
+    let write = |chunk, fua, log| Request::Write {
+        key: key(chunk),
+        offset: 0,
+        data: vec![5u8; BLOCK].into(),
+        fua,
+        log,
+    };
+    assert_eq!(
+        run_one(&mut e, 1, write(0, false, tag(5, 2, 1))),
+        Ok(Reply::Done)
+    );
+    let zero = Request::WriteZeroes {
+        key: key(1),
+        offset: b,
+        length: 2 * b,
+        fua: false,
+        log: tag(5, 2, 2),
+    };
+    assert_eq!(run_one(&mut e, 2, zero), Ok(Reply::Done));
+    // A trim of nothing mapped changes no block; its entry is kept still.
+    let trim = Request::Trim {
+        key: key(2),
+        offset: 0,
+        length: b,
+        log: tag(6, 3, 1),
+    };
+    assert_eq!(run_one(&mut e, 3, trim), Ok(Reply::Done));
+    let stage = Request::Stage {
+        key: key(3),
+        offset: 2 * b,
+        data: vec![6u8; 2 * BLOCK].into(),
+        id: 40,
+    };
+    assert_eq!(run_one(&mut e, 4, stage), Ok(Reply::Done));
+    let install = Request::Install {
+        stage: 40,
+        fua: false,
+        log: tag(6, 3, 2),
+    };
+    assert_eq!(run_one(&mut e, 5, install), Ok(Reply::Done));
+    assert_eq!(run_one(&mut e, 6, Request::Flush), Ok(Reply::Done));
+    // Not flushed: lost with its change.
+    assert_eq!(
+        run_one(&mut e, 7, write(4, false, tag(5, 2, 3))),
+        Ok(Reply::Done)
+    );
+    let durable = vec![
+        (5, 2, 1, 0, 0, b),
+        (5, 2, 2, 1, b, 2 * b),
+        (6, 3, 1, 2, 0, b),
+        (6, 3, 2, 3, 2 * b, 2 * b),
+    ];
+    let image = e.into_disk().crash();
+    let mut e = Engine::open(SimDisk::from_image(image, 32)).expect("reopen");
+    assert_eq!(logged(&e), durable);
+    assert_eq!(
+        read_chunk(&mut e, 8, 4),
+        vec![0u8; CHUNK as usize],
+        "the change is lost too"
+    );
+    // Trim group 5 up to (2, 1), forget group 6; a FUA write's entry is
+    // durable at once, and one at or below its group's trim is not kept.
+    let trim = |pg, (term, n)| Request::TrimLog { pg, term, n };
+    assert_eq!(run_one(&mut e, 9, trim(5, (2, 1))), Ok(Reply::Done));
+    assert_eq!(run_one(&mut e, 10, trim(6, LOG_FORGET)), Ok(Reply::Done));
+    assert_eq!(
+        run_one(&mut e, 11, write(4, true, tag(7, 4, 9))),
+        Ok(Reply::Done)
+    );
+    assert_eq!(
+        run_one(&mut e, 12, write(5, true, tag(5, 1, 7))),
+        Ok(Reply::Done)
+    );
+    let image = e.into_disk().crash();
+    let mut e = Engine::open(SimDisk::from_image(image, 33)).expect("reopen");
+    assert_eq!(logged(&e), vec![(5, 2, 2, 1, b, 2 * b), (7, 4, 9, 4, 0, b)]);
+    // Thousands of logged writes: the journal wraps into checkpoints.
+    let mut expect = logged(&e);
+    for n in 1..=3000u64 {
+        let chunk = (n % 4) as u32;
+        let req = Request::Write {
+            key: key(chunk),
+            offset: (n % 16) as u32 * b,
+            data: vec![n as u8; BLOCK].into(),
+            fua: false,
+            log: tag(8, 9, n),
+        };
+        assert_eq!(run_one(&mut e, 100 + n, req), Ok(Reply::Done));
+        expect.push((8, 9, n, chunk, (n % 16) as u32 * b, b));
+        if n % 100 == 0 {
+            assert_eq!(run_one(&mut e, 99, Request::Flush), Ok(Reply::Done));
+        }
+        if n == 2500 {
+            assert_eq!(run_one(&mut e, 98, trim(8, (9, 2000))), Ok(Reply::Done));
+            expect.retain(|x| x.0 != 8 || x.2 > 2000);
+        }
+    }
+    assert_eq!(run_one(&mut e, 97, Request::Flush), Ok(Reply::Done));
+    assert!(e.stats().checkpoints > 0, "test must exercise checkpoints");
+    assert_eq!(e.stats().log_entries, expect.len() as u64);
+    let image = e.into_disk().crash();
+    let e = Engine::open(SimDisk::from_image(image, 34)).expect("reopen");
+    expect.sort();
+    assert_eq!(logged(&e), expect);
+}
+
+// Proves a disk of format version 1 (before the group-log records) opens
+// and is marked with the current version before anything is written, so
+// an older binary refuses it instead of misreading its journal.
+#[test]
+fn a_version_1_disk_is_upgraded_at_open() {
+    let e = sim_engine(41);
+    let sb = e.superblock().clone();
+    let mut image = e.into_disk().crash();
+    let mut old = sb.encode();
+    old[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = crc32c(&old[..BLOCK - 4]);
+    old[BLOCK - 4..].copy_from_slice(&crc.to_le_bytes());
+    image[..BLOCK].copy_from_slice(&old);
+    image[BLOCK..2 * BLOCK].copy_from_slice(&old);
+    assert_eq!(
+        Superblock::decode(&image[..BLOCK]).map(|s| s.version),
+        Ok(1)
+    );
+    let e = Engine::open(SimDisk::from_image(image, 42)).expect("a version 1 disk opens");
+    assert_eq!(e.superblock().version, FORMAT_VERSION);
+    let image = e.into_disk().crash();
+    for copy in 0..2 {
+        let sb = Superblock::decode(&image[copy * BLOCK..(copy + 1) * BLOCK]).expect("superblock");
+        assert_eq!(sb.version, FORMAT_VERSION);
+    }
 }

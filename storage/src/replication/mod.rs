@@ -394,10 +394,20 @@ pub enum ClientResult {
 pub enum Effect<D> {
     Send(Msg<D>),
     /// Apply a change to the local disk; answer with `Input::Applied`.
+    /// `log: Some(pg)`: the change is an entry of that group's log; the
+    /// driver makes the entry durable exactly when it makes the change
+    /// durable (engine `LogTag`), and gives the entries back after a
+    /// restart (`Replicator::recover_log`).
     Apply {
         disk: u32,
         token: u64,
         update: Update<D>,
+        log: Option<u32>,
+    },
+    /// The group left this disk: the driver forgets its persisted log.
+    ForgetLog {
+        disk: u32,
+        pg: u32,
     },
     /// A hint, no answer: the primary will `Apply` this change to its own
     /// copy once an up-to-date replica has it (or drop it). The driver may
@@ -953,6 +963,8 @@ struct Pg<D> {
     /// of one is answered the same, never applied later over newer changes
     /// (the primary repairs this copy's blocks instead).
     refused: BTreeSet<Seq>,
+    /// The trim point the driver was last given (`Replicator::log_trims`).
+    trim_saved: Seq,
 }
 
 enum Token {
@@ -1145,6 +1157,9 @@ pub struct Replicator<D> {
     /// recovery, `norecover`) or to a backfilling one (`nobackfill`).
     pause_recovery: bool,
     pause_backfill: bool,
+    /// Log entries the disks kept from this daemon's last process, by
+    /// (pg, disk), until the first map (`recover_log`).
+    recovered: BTreeMap<(u32, u32), Vec<(Seq, Extent)>>,
 }
 
 impl<D: Clone + CompareData> Replicator<D> {
@@ -1173,7 +1188,44 @@ impl<D: Clone + CompareData> Replicator<D> {
             min_epoch: 0,
             pause_recovery: false,
             pause_backfill: false,
+            recovered: BTreeMap::new(),
         }
+    }
+
+    /// Before the first map: the group-log entries `disk` kept from the
+    /// last process (the changes it durably holds that no trim had
+    /// passed; docs/replication.md, "Persistent group logs"). A group
+    /// starts with them as logged and applied, none vouched for and none
+    /// known committed: a returning copy then names the changes of a
+    /// failed primary it holds and nobody else logged (delta recovery asks
+    /// for uncommitted entries and pushes their regions), and does not get
+    /// pushed what it already holds. Entries of groups the first map does
+    /// not place on the disk are forgotten (`Effect::ForgetLog`).
+    pub fn recover_log(
+        &mut self,
+        disk: u32,
+        entries: impl IntoIterator<Item = (u32, Seq, Extent)>,
+    ) {
+        for (pg, seq, extent) in entries {
+            self.recovered
+                .entry((pg, disk))
+                .or_default()
+                .push((seq, extent));
+        }
+    }
+
+    /// Groups whose trim point moved since the last call: (disk, pg,
+    /// trim). The driver has its disk forget the log entries up to it (at
+    /// its leisure: an entry kept too long costs a push, never data).
+    pub fn log_trims(&mut self) -> Vec<(u32, u32, Seq)> {
+        let mut out = Vec::new();
+        for (&(pg, disk), p) in self.pgs.iter_mut() {
+            if p.trim > p.trim_saved {
+                p.trim_saved = p.trim;
+                out.push((disk, pg, p.trim));
+            }
+        }
+        out
     }
 
     /// Pause (or resume) the pushes of delta recovery (to `Outdated`
@@ -1530,8 +1582,15 @@ impl<D: Clone + CompareData> Replicator<D> {
         for k in gone {
             if let Some(mut p) = self.pgs.remove(&k) {
                 self.pushes_total -= step_down(&mut p, &mut self.effects, &mut self.stats);
+                self.effects.push(Effect::ForgetLog { disk: k.1, pg: k.0 });
             }
         }
+        // Recovered logs of groups this map does not place here: stale.
+        let recovered = std::mem::take(&mut self.recovered);
+        for (&(pg, disk), _) in recovered.iter().filter(|(k, _)| !keys.contains(k)) {
+            self.effects.push(Effect::ForgetLog { disk, pg });
+        }
+        let mut recovered = recovered;
         self.map = Some(map.clone());
         for (pg, me) in keys {
             let view = View::of(&map, pg);
@@ -1553,7 +1612,18 @@ impl<D: Clone + CompareData> Replicator<D> {
                 cas_applying: BTreeMap::new(),
                 cas_pending: BTreeMap::new(),
                 refused: BTreeSet::new(),
+                trim_saved: Seq::default(),
             });
+            if let Some(entries) = recovered.remove(&(pg, me)) {
+                // Durable here, so applied; logged, above any commit point
+                // this process knows; not vouched for (the process is new).
+                for (seq, extent) in entries {
+                    p.log.insert(seq, extent);
+                    p.applied.insert(seq);
+                }
+                let last = p.log.keys().next_back().copied().unwrap_or_default();
+                p.vouched_after = p.vouched_after.max(last);
+            }
             let was_primary = p.primary.is_some();
             let me_up = view
                 .members
@@ -1877,6 +1947,8 @@ impl<D: Clone + CompareData> Replicator<D> {
                     disk: me,
                     token,
                     update: update.clone(),
+                    // Logged below, in this step.
+                    log: Some(pg),
                 });
             } else if matches!(update.change, Change::Write(_)) {
                 self.effects.push(Effect::Stage {
@@ -2122,6 +2194,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                     disk: me,
                     token,
                     update: op.update.clone(),
+                    log: p.log.contains_key(seq).then_some(pg),
                 });
             }
         }
@@ -2356,6 +2429,7 @@ impl<D: Clone + CompareData> Replicator<D> {
             disk: me,
             token,
             update,
+            log: Some(pg),
         });
     }
 
@@ -2484,6 +2558,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                         disk: me,
                         token,
                         update: op.update.clone(),
+                        log: p.log.contains_key(&seq).then_some(pg),
                     });
                 }
             }
@@ -2858,6 +2933,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                     change: data.map_or(Change::Zeroes, Change::Write),
                     fua: true,
                 },
+                log: None,
             });
         }
         self.pump_reclaim(pg, me);
@@ -3949,6 +4025,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                 disk: me,
                 token,
                 update: update.clone(),
+                log: p.log.contains_key(&seq).then_some(pg),
             });
         }
         pr.ops.insert(

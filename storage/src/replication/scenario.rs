@@ -31,9 +31,35 @@ struct Disk {
     /// Blocks that fail their CRC: a read of them fails, and so does a
     /// write that is not whole blocks and has to merge with one.
     bad: BTreeSet<Block>,
+    /// Group-log entries, durable with their change as in the engine (its
+    /// journal commit makes both durable at once): pg -> seq -> extent.
+    log: BTreeMap<u32, BTreeMap<Seq, Extent>>,
+    log_cache: Vec<(u32, Seq, Extent)>,
 }
 
 impl Disk {
+    /// A crash (or kill -9) of the daemon: the cache is lost.
+    fn lose_cache(&mut self) {
+        self.cache.clear();
+        self.log_cache.clear();
+    }
+
+    fn flush(&mut self) {
+        let c = std::mem::take(&mut self.cache);
+        self.durable.extend(c);
+        for (pg, s, e) in std::mem::take(&mut self.log_cache) {
+            self.log.entry(pg).or_default().insert(s, e);
+        }
+    }
+
+    /// What a new process gets back (`Replicator::recover_log`).
+    fn recovered_log(&self) -> Vec<(u32, Seq, Extent)> {
+        self.log
+            .iter()
+            .flat_map(|(pg, l)| l.iter().map(move |(s, e)| (*pg, *s, *e)))
+            .collect()
+    }
+
     fn get(&self, b: Block) -> u64 {
         self.cache
             .get(&b)
@@ -49,6 +75,19 @@ struct Node {
     stopped: bool,
     /// Inputs that reached it while stopped, in order.
     held: VecDeque<Input<Data>>,
+}
+
+impl Node {
+    /// The disk forgets the log entries every member holds durably (the
+    /// daemon does this once per tick; at once here).
+    fn trim_logs(&mut self) {
+        for (_, pg, t) in self.rep.log_trims() {
+            if let Some(l) = self.disk.log.get_mut(&pg) {
+                l.retain(|s, _| *s > t);
+            }
+            self.disk.log_cache.retain(|(g, s, _)| *g != pg || *s > t);
+        }
+    }
 }
 
 /// Chunk `c` belongs to group `c % PGS`.
@@ -200,6 +239,7 @@ impl Cluster {
             }
             n.rep.handle(input);
             let fx = n.rep.take_effects();
+            n.trim_logs();
             for e in fx {
                 self.effect(id, e);
             }
@@ -216,6 +256,7 @@ impl Cluster {
             }
             n.rep.handle(input);
             let fx = n.rep.take_effects();
+            n.trim_logs();
             for e in fx {
                 self.effect(id, e);
             }
@@ -229,13 +270,28 @@ impl Cluster {
                 // when it resumes, and so is what others send to it.
                 self.queue.push_back((m.to, Input::Msg(m)));
             }
-            Effect::Apply { token, update, .. } => {
+            Effect::ForgetLog { pg, .. } => {
+                self.node(id).disk.log.remove(&pg);
+            }
+            Effect::Apply {
+                token, update, log, ..
+            } => {
                 let disk = &mut self.node(id).disk;
                 let partial =
                     update.extent.offset % BLOCK != 0 || update.extent.length % BLOCK != 0;
                 if partial && blocks(&update.extent).any(|b| disk.bad.contains(&b)) {
                     self.queue.push_back((id, Input::ApplyBadBlock { token }));
                     return;
+                }
+                if let Some(pg) = log {
+                    if update.fua {
+                        disk.log
+                            .entry(pg)
+                            .or_default()
+                            .insert(update.seq, update.extent);
+                    } else {
+                        disk.log_cache.push((pg, update.seq, update.extent));
+                    }
                 }
                 for (i, b) in blocks(&update.extent).enumerate() {
                     if !partial {
@@ -291,9 +347,7 @@ impl Cluster {
                 ));
             }
             Effect::Flush { token, .. } => {
-                let disk = &mut self.node(id).disk;
-                let c = std::mem::take(&mut disk.cache);
-                disk.durable.extend(c);
+                self.node(id).disk.flush();
                 self.queue
                     .push_back((id, Input::Flushed { token, ok: true }));
             }
@@ -403,10 +457,11 @@ impl Cluster {
     /// copies outdated.
     fn crash_and_restart(&mut self, id: u32) {
         let n = self.node(id);
-        n.disk.cache.clear();
+        n.disk.lose_cache();
         n.held.clear();
         n.stopped = false;
         n.rep = Replicator::new([id]);
+        n.rep.recover_log(id, n.disk.recovered_log());
         self.queue.retain(|(to, _)| *to != id);
         let d = &mut self.map.disks[id as usize - 1];
         d.incarnation += 1;
@@ -421,7 +476,7 @@ impl Cluster {
     /// nobody has told the manager yet: the map does not change.
     fn die(&mut self, id: u32) {
         let n = self.node(id);
-        n.disk.cache.clear();
+        n.disk.lose_cache();
         n.held.clear();
         n.stopped = true;
         self.queue.retain(|(to, _)| *to != id);
@@ -1120,9 +1175,10 @@ fn a_new_process_ignores_the_map_before_its_registration() {
     let registered = c.map.epoch + 1;
     {
         let n = c.node(1);
-        n.disk.cache.clear();
+        n.disk.lose_cache();
         n.held.clear();
         n.rep = Replicator::new([1]);
+        n.rep.recover_log(1, n.disk.recovered_log());
         n.rep.set_min_epoch(registered);
     }
     c.queue.retain(|(to, _)| *to != 1);
@@ -1674,4 +1730,74 @@ fn norecover_holds_delta_recovery_until_unset() {
     c.settle();
     c.assert_converged();
     assert!(!c.pushed_since(from).is_empty());
+}
+
+// Proves the persisted group logs close the double-crash divergence
+// (docs/replication.md, "Persistent group logs"): a change of group 0
+// reaches its primary (node 1) and node 2 but not node 3 (the message is
+// lost), both make it durable, and both crash before it is acknowledged;
+// node 3, the last up-to-date copy, leads. Their new processes get the
+// change's log entry back from their disks, so node 3's delta recovery
+// hears of it (the uncommitted entries it asks returning copies for) and
+// pushes its own content of that region: every copy agrees. Run without
+// giving the entries back (the logs as they were, in memory only), the two
+// returning copies keep the change and node 3 does not: the copies differ
+// for good, which is what the simulation's scrub checker counted.
+#[test]
+fn a_change_two_crashed_copies_hold_is_made_to_agree_from_their_logs() {
+    for persisted in [true, false] {
+        let mut c = Cluster::primed();
+        // Region 2 of chunk 0: no change of it is in anyone's log.
+        let b = (0, 2 * REGION_BYTES / BLOCK);
+        let old = c.copies_of(b)[2];
+        let (client, v) = c.queue_client(block_of(0, 2), false);
+        for _ in 0..1000 {
+            c.queue.retain(|(to, i)| {
+                !(*to == 3
+                    && matches!(i, Input::Msg(m) if matches!(m.body, Body::Replicate { .. })))
+            });
+            let applied = [1, 2]
+                .iter()
+                .all(|id| c.nodes[*id as usize - 1].disk.get(b) == v);
+            let completing = c
+                .queue
+                .iter()
+                .any(|(to, i)| *to != 3 && matches!(i, Input::Applied { .. }));
+            if applied && !completing {
+                break;
+            }
+            c.step();
+        }
+        assert_eq!(c.copies_of(b), vec![v, v, old]);
+        assert_eq!(c.replies.get(&client), None, "never acknowledged");
+        // The engines commit their journals (as they do every few MiB).
+        for id in [1, 2] {
+            c.node(id).disk.flush();
+        }
+        // Both crash at once; their new processes register.
+        let pgs = c.map.pgs.clone();
+        for id in [1, 2] {
+            let n = c.node(id);
+            n.disk.lose_cache();
+            n.held.clear();
+            n.stopped = false;
+            n.rep = Replicator::new([id]);
+            if persisted {
+                n.rep.recover_log(id, n.disk.recovered_log());
+            }
+            c.queue.retain(|(to, _)| *to != id);
+            c.map.disks[id as usize - 1].incarnation += 1;
+            outdate_disk(&pgs, &mut c.map.pg_states, id);
+        }
+        c.bump();
+        assert_eq!(c.map.primary(0), Some(3));
+        c.run();
+        c.settle();
+        if persisted {
+            c.assert_converged();
+            assert_eq!(c.copies_of(b), vec![old; 3]);
+        } else {
+            assert_eq!(c.copies_of(b), vec![v, v, old], "the copies differ");
+        }
+    }
 }

@@ -61,6 +61,9 @@ impl Rng {
 
 type Data = Vec<u64>;
 type Block = (u32, u32); // (chunk, block)
+/// A group-log entry whose change is cached: (pg, seq, extent, the value
+/// the change wrote to each block).
+type CachedEntry = (u32, Seq, Extent, Vec<(Block, u64)>);
 
 /// A disk with a volatile cache: writes land in `cache` until a flush (or
 /// FUA) moves them to `durable`; a crash keeps a random subset of cached
@@ -72,6 +75,10 @@ struct SimDisk {
     /// Durable blocks whose bytes were flipped: a read of one fails its CRC
     /// (unless a cached write covers it), a write over it replaces it.
     corrupt: BTreeSet<Block>,
+    /// Group-log entries durable with their change (pg -> seq -> extent),
+    /// and those whose change is still cached, with the values it wrote.
+    log: BTreeMap<u32, BTreeMap<Seq, Extent>>,
+    log_cache: Vec<CachedEntry>,
 }
 
 impl SimDisk {
@@ -101,6 +108,9 @@ impl SimDisk {
             self.corrupt.remove(b);
         }
         self.durable.extend(c);
+        for (pg, s, e, _) in std::mem::take(&mut self.log_cache) {
+            self.log.entry(pg).or_default().insert(s, e);
+        }
     }
     fn crash(&mut self, rng: &mut Rng) {
         let c = std::mem::take(&mut self.cache);
@@ -110,6 +120,25 @@ impl SimDisk {
                 self.corrupt.remove(&b);
             }
         }
+        // The engine commits a change's log entry with its mapping, so an
+        // entry survives only with its change. This disk tears harder (any
+        // subset of cached blocks): keep an entry only if every block still
+        // holds what its change wrote.
+        for (pg, s, e, values) in std::mem::take(&mut self.log_cache) {
+            if values
+                .iter()
+                .all(|(b, v)| self.durable.get(b).copied().unwrap_or(0) == *v)
+            {
+                self.log.entry(pg).or_default().insert(s, e);
+            }
+        }
+    }
+    /// What a new process gets back (`Replicator::recover_log`).
+    fn recovered_log(&self) -> Vec<(u32, Seq, Extent)> {
+        self.log
+            .iter()
+            .flat_map(|(pg, l)| l.iter().map(move |(s, e)| (*pg, *s, *e)))
+            .collect()
     }
 }
 
@@ -148,6 +177,7 @@ enum Ev {
         inc: u64,
         token: u64,
         update: Update<Data>,
+        log: Option<u32>,
     },
     Read {
         node: u32,
@@ -258,6 +288,9 @@ struct World {
     dup_pm: u64,
     faults: bool,
     crashes: Vec<u64>,
+    /// `TESSERA_SIM_VOLATILE_LOGS=1`: a restarted node gets no group-log
+    /// entries back (as before the logs were persisted), to compare.
+    volatile_logs: bool,
     corruptions: u64,
     log: Vec<String>,
     /// A node down this long (after the grace) is taken out.
@@ -404,6 +437,7 @@ impl World {
             dup_pm,
             faults: true,
             crashes: Vec::new(),
+            volatile_logs: std::env::var("TESSERA_SIM_VOLATILE_LOGS").is_ok_and(|v| v == "1"),
             corruptions: 0,
             log: Vec::new(),
             out_after_ms,
@@ -491,7 +525,9 @@ impl World {
                         self.at(d, Ev::Deliver(m.clone()));
                     }
                 }
-                Effect::Apply { token, update, .. } => {
+                Effect::Apply {
+                    token, update, log, ..
+                } => {
                     let d = 1 + self.rng.below(10);
                     self.at(
                         d,
@@ -500,8 +536,12 @@ impl World {
                             inc,
                             token,
                             update,
+                            log,
                         },
                     );
+                }
+                Effect::ForgetLog { pg, .. } => {
+                    self.nodes[node as usize - 1].disk.log.remove(&pg);
                 }
                 Effect::Read { token, extent, .. } => {
                     let d = 1 + self.rng.below(10);
@@ -608,6 +648,14 @@ impl World {
         let n = self.node(node);
         n.rep.handle(input);
         let fx = n.rep.take_effects();
+        // The disk forgets what every member holds durably (the daemon
+        // does this once per tick; at once here).
+        for (_, pg, t) in n.rep.log_trims() {
+            if let Some(l) = n.disk.log.get_mut(&pg) {
+                l.retain(|s, _| *s > t);
+            }
+            n.disk.log_cache.retain(|(g, s, _, _)| *g != pg || *s > t);
+        }
         self.effects(node, fx);
     }
 
@@ -695,11 +743,15 @@ impl World {
 
     fn restart(&mut self, id: u32) {
         self.log.push(format!("{} restart {id}", self.now));
+        let volatile_logs = self.volatile_logs;
         let n = self.node(id);
         n.alive = true;
         n.incarnation += 1;
         let (pushes_max, push_regions) = (n.rep_pushes_max, n.rep_push_regions);
         n.rep = Replicator::new([id]);
+        if !volatile_logs {
+            n.rep.recover_log(id, n.disk.recovered_log());
+        }
         n.rep.set_pushes_max(pushes_max);
         n.rep.set_push_regions(push_regions);
         let inc = n.incarnation;
@@ -757,6 +809,7 @@ impl World {
                 inc,
                 token,
                 update,
+                log,
             } => {
                 if self.node(node).alive && self.node(node).incarnation == inc {
                     if let Some(tb) = trace_block()
@@ -776,12 +829,24 @@ impl World {
                         );
                     }
                     let disk = &mut self.nodes[node as usize - 1].disk;
+                    let mut values = Vec::new();
                     for (i, b) in blocks(&update.extent).enumerate() {
                         let v = match &update.change {
                             Change::Write(d) => d[i],
                             Change::Zeroes | Change::Trim => 0,
                         };
                         disk.put(b, v, update.fua);
+                        values.push((b, v));
+                    }
+                    if let Some(pg) = log {
+                        if update.fua {
+                            disk.log
+                                .entry(pg)
+                                .or_default()
+                                .insert(update.seq, update.extent);
+                        } else {
+                            disk.log_cache.push((pg, update.seq, update.extent, values));
+                        }
                     }
                     self.feed(node, Input::Applied { token, ok: true });
                 }
