@@ -655,6 +655,8 @@ struct Metrics {
     connections: IntGauge,
     checksum_errors: IntGaugeVec,
     relocated: IntGaugeVec,
+    log_entries: IntGaugeVec,
+    log_recovered: IntGaugeVec,
     capacity: IntGaugeVec,
     used: IntGaugeVec,
     protocol_errors: IntCounter,
@@ -737,6 +739,22 @@ impl Metrics {
             Opts::new(
                 "tessera_storage_relocated_blocks_total",
                 "Blocks of scattered reads rewritten contiguously",
+            ),
+            &["disk"],
+        )
+        .expect("metric");
+        let log_entries = IntGaugeVec::new(
+            Opts::new(
+                "tessera_storage_group_log_entries",
+                "Group-log entries the disk keeps (changes not yet durable on every member of their group)",
+            ),
+            &["disk"],
+        )
+        .expect("metric");
+        let log_recovered = IntGaugeVec::new(
+            Opts::new(
+                "tessera_storage_group_log_recovered_entries",
+                "Group-log entries the disk gave back when this process started",
             ),
             &["disk"],
         )
@@ -921,6 +939,8 @@ impl Metrics {
             Box::new(connections.clone()),
             Box::new(checksum_errors.clone()),
             Box::new(relocated.clone()),
+            Box::new(log_entries.clone()),
+            Box::new(log_recovered.clone()),
             Box::new(capacity.clone()),
             Box::new(used.clone()),
             Box::new(protocol_errors.clone()),
@@ -936,6 +956,8 @@ impl Metrics {
             connections,
             checksum_errors,
             relocated,
+            log_entries,
+            log_recovered,
             capacity,
             used,
             protocol_errors,
@@ -1240,6 +1262,11 @@ fn heartbeat_loop(shared: Arc<Shared>) {
                 .relocated
                 .with_label_values(&[&label])
                 .set(s.relocated_blocks as i64);
+            shared
+                .metrics
+                .log_entries
+                .with_label_values(&[&label])
+                .set(s.log_entries as i64);
             usage.push(DiskUsage {
                 disk_id: *id,
                 used_bytes: used,
@@ -3932,6 +3959,11 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle, registered: u64
             entries = entries.len(),
             "group-log entries recovered"
         );
+        shared
+            .metrics
+            .log_recovered
+            .with_label_values(&[&id.to_string()])
+            .set(entries.len() as i64);
         rep.recover_log(
             *id,
             entries.into_iter().map(|e| {

@@ -118,6 +118,23 @@ fn restarted_last_copy_takes_back_what_it_lost() {
     poll("storage-0 restarted", Duration::from_secs(30), || {
         (c.pid("storage-0") != pid).then_some(())
     });
+    // Its disk gave back the log entries of the changes it had made
+    // durable (FLUSHes reached it; storage-2's absence keeps the groups'
+    // trim points from passing them): docs/replication.md, "Persistent
+    // group logs".
+    let recovered_entries = poll(
+        "the restarted process's recovered log entries",
+        Duration::from_secs(30),
+        || {
+            c.live_storage_metrics()
+                .iter()
+                .map(|m| metric_sum(m, "tessera_storage_group_log_recovered_entries"))
+                .find(|n| *n > 0.0)
+        },
+    );
+    println!(
+        "storage-0's new process got {recovered_entries} group-log entries back from its disk"
+    );
     let taken = poll(
         "the restarted last copy to take back",
         Duration::from_secs(30),

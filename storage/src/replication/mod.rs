@@ -965,6 +965,15 @@ struct Pg<D> {
     refused: BTreeSet<Seq>,
     /// The trim point the driver was last given (`Replicator::log_trims`).
     trim_saved: Seq,
+    /// Per term, the highest change this copy knows its own term's primary
+    /// committed. `committed` orders commit points across terms, which
+    /// says something of an older term's changes only for copies that were
+    /// up to date when each later term peered (peering made their
+    /// uncertain changes agree); a change this copy applied while outdated,
+    /// or got back from its disk's log after a restart, is known committed
+    /// only by its own term's commit point. What this copy reports as
+    /// uncommitted (`uncommitted`) uses this.
+    term_committed: BTreeMap<u64, u64>,
 }
 
 enum Token {
@@ -1613,6 +1622,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                 cas_pending: BTreeMap::new(),
                 refused: BTreeSet::new(),
                 trim_saved: Seq::default(),
+                term_committed: BTreeMap::new(),
             });
             if let Some(entries) = recovered.remove(&(pg, me)) {
                 // Durable here, so applied; logged, above any commit point
@@ -2297,6 +2307,7 @@ impl<D: Clone + CompareData> Replicator<D> {
             pr.commit_floor = None;
         }
         p.committed = committed_of(pr);
+        note_committed(p, p.committed);
         // Slots freed here go first to groups that waited for one.
         self.pump_starved();
         self.pump(pg, me);
@@ -2715,12 +2726,11 @@ impl<D: Clone + CompareData> Replicator<D> {
             && r.entries_asked
         {
             r.entries_asked = false;
-            let known = committed.max(pr.peer_committed);
-            let regions: BTreeSet<Region> = entries
-                .iter()
-                .filter(|(s, _)| *s > known)
-                .flat_map(|(_, e)| e.regions())
-                .collect();
+            // Not filtered by this primary's commit point: the member may
+            // hold an old term's change it applied while outdated (or got
+            // back from its disk's log) that the peerings since never saw
+            // (simulation seed 5659 once the logs were persisted).
+            let regions: BTreeSet<Region> = entries.iter().flat_map(|(_, e)| e.regions()).collect();
             r.todo.extend(regions.iter().copied());
             r.must.extend(regions);
         }
@@ -2860,12 +2870,25 @@ impl<D: Clone + CompareData> Replicator<D> {
             return;
         };
         let epoch = p.view.epoch;
+        let (log, applied) = (&p.log, &p.applied);
         let Some(rc) = p.primary.as_mut().and_then(|pr| pr.reclaim.as_mut()) else {
             return;
         };
-        // Once every member answered (or left), plan the pieces.
+        // Once every member answered (or left), plan the pieces. The
+        // changes this copy holds itself (its disk's group log gave them
+        // back: durable here) compete too: a piece whose newest change is
+        // one of them stays as it is. Without them, a member vouching for
+        // an older change of a block took it back over a newer one this
+        // copy held durably (simulation seed 14086 once the logs were
+        // persisted: an acknowledged COMPARE AND WRITE undone).
         if rc.asking.is_empty() && !rc.entries.is_empty() {
-            let pieces = reclaim_pieces(std::mem::take(&mut rc.entries));
+            let mut entries = std::mem::take(&mut rc.entries);
+            entries.extend(
+                log.iter()
+                    .filter(|(s, _)| applied.contains(s))
+                    .map(|(s, e)| (*s, *e, me)),
+            );
+            let pieces = reclaim_pieces(entries, me);
             rc.todo.extend(pieces);
         }
         while rc.fetching.len() + rc.applying < RECLAIM_FETCHES_MAX {
@@ -4365,9 +4388,14 @@ impl<D: Clone + CompareData> Replicator<D> {
 /// (any vouched change's member holds every acknowledged change after it,
 /// so each piece is safe alone; the newest also keeps later changes in
 /// flight). Pieces are split at `PUSH_REGIONS_MAX` regions.
-fn reclaim_pieces(mut entries: Vec<(Seq, Extent, u32)>) -> VecDeque<(u32, Extent)> {
-    // Newest first; a change reported by several members is taken once.
-    entries.sort_by(|a, b| b.0.cmp(&a.0).then(a.2.cmp(&b.2)));
+fn reclaim_pieces(mut entries: Vec<(Seq, Extent, u32)>, me: u32) -> VecDeque<(u32, Extent)> {
+    // Newest first; a change reported by several members is taken once
+    // (from this copy itself when it holds it: nothing to fetch).
+    entries.sort_by(|a, b| {
+        b.0.cmp(&a.0)
+            .then((a.2 != me).cmp(&(b.2 != me)))
+            .then(a.2.cmp(&b.2))
+    });
     entries.dedup_by_key(|e| e.0);
     // Per chunk, the byte ranges already taken: start -> end.
     let mut covered: BTreeMap<(u64, u32), BTreeMap<u32, u32>> = BTreeMap::new();
@@ -4407,6 +4435,9 @@ fn reclaim_pieces(mut entries: Vec<(Seq, Extent, u32)>) -> VecDeque<(u32, Extent
             hi = hi.max(b);
         }
         taken.insert(lo, hi);
+        if m == me {
+            continue;
+        }
         for (a, b) in gaps {
             let mut o = a;
             while o < b {
@@ -4439,9 +4470,15 @@ fn inc_of(incs: &[(u32, u64)], disk: u32) -> u64 {
 fn uncommitted<D>(p: &Pg<D>) -> Vec<(Seq, Extent)> {
     p.log
         .range(..)
-        .filter(|(s, _)| **s > p.committed)
+        .filter(|(s, _)| **s > p.trim && p.term_committed.get(&s.term).is_none_or(|n| s.n > *n))
         .map(|(s, e)| (*s, *e))
         .collect()
+}
+
+/// A commit point heard from (or set by) the primary of its own term.
+fn note_committed<D>(p: &mut Pg<D>, c: Seq) {
+    let n = p.term_committed.entry(c.term).or_default();
+    *n = (*n).max(c.n);
 }
 
 /// The primary's commit point: every change before the oldest in flight has
@@ -4474,6 +4511,7 @@ fn committed_of<D>(pr: &Primary<D>) -> Seq {
 /// makes durable everywhere.
 fn advance<D>(p: &mut Pg<D>, committed: Seq, trim: Seq) {
     p.committed = p.committed.max(committed);
+    note_committed(p, committed);
     promote_cas(p);
     if trim > p.trim {
         p.trim = trim;
@@ -4489,6 +4527,7 @@ fn advance<D>(p: &mut Pg<D>, committed: Seq, trim: Seq) {
             term: trim.term,
             n: trim.n + 1,
         });
+        p.term_committed = p.term_committed.split_off(&trim.term);
     }
 }
 

@@ -648,6 +648,7 @@ impl World {
         let n = self.node(node);
         n.rep.handle(input);
         let fx = n.rep.take_effects();
+
         // The disk forgets what every member holds durably (the daemon
         // does this once per tick; at once here).
         for (_, pg, t) in n.rep.log_trims() {
