@@ -24,6 +24,12 @@
 //!   all targets) and `trim` (every change up to it is durable on every
 //!   member, present or not); logs are trimmed at `trim`. A member that was
 //!   away therefore missed at most the regions in the primary's log.
+//! * Each log entry is made durable with its change (the driver journals it
+//!   in the same commit: `Effect::Apply { log }`), and a new process starts
+//!   its groups with the entries its disk kept (`recover_log`): applied,
+//!   not vouched for, and uncommitted until their own term's primary said
+//!   otherwise (`Pg::term_committed`), so a returning copy names the
+//!   changes of a failed primary it holds and nobody else logged.
 //! * A new primary peers first: it collects the uncommitted log entries of
 //!   the other up-to-date members, pushes its own content of those regions
 //!   to them (so in-flight writes of the old primary cannot leave copies
