@@ -410,6 +410,12 @@ fn spawn_engine(
     let stats = Arc::new(Mutex::new(engine.stats()));
     let sb = engine.superblock().clone();
     let recovered_log = engine.group_log();
+    // Tokens of COMPARE AND WRITEs the last process wrote: a resend is
+    // answered from them, not compared against its own write.
+    let cas = CasTokens {
+        done: engine.cas_tokens().into(),
+        running: HashMap::new(),
+    };
     let capacity_bytes = sb.data_blocks * engine::format::BLOCK_BYTES as u64;
     let task = {
         let (queue, stats) = (queue.clone(), stats.clone());
@@ -417,7 +423,7 @@ fn spawn_engine(
         tokio::spawn(engine_task(engine, queue, stats, metrics))
     };
     DiskHandle {
-        cas: Mutex::new(CasTokens::default()),
+        cas: Mutex::new(cas),
         recovered_log: Mutex::new(recovered_log),
         queue,
         stats,
@@ -2057,7 +2063,7 @@ async fn compare_and_write(
     token: u64,
 ) -> (Status, u64) {
     if token == 0 {
-        return compare_and_write_once(&disk, extent, compare, data, fua).await;
+        return compare_and_write_once(&disk, extent, compare, data, fua, 0).await;
     }
     // One attempt per token: a resend (the gateway lost the connection or
     // gave up waiting) while the first attempt runs gets that attempt's
@@ -2086,7 +2092,7 @@ async fn compare_and_write(
             Err(_) => (Status::Busy, 0),
         };
     }
-    let result = compare_and_write_once(&disk, extent, compare, data, fua).await;
+    let result = compare_and_write_once(&disk, extent, compare, data, fua, token).await;
     {
         let mut t = disk.cas.lock().expect("cas");
         t.running.remove(&token);
@@ -2116,6 +2122,7 @@ async fn compare_and_write_once(
     compare: Payload,
     data: Payload,
     fua: bool,
+    token: u64,
 ) -> (Status, u64) {
     let step = |req: Request| {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -2153,7 +2160,8 @@ async fn compare_and_write_once(
         Err(e) => (None, Err((status_of(e), 0))),
     };
     // Always ends the hold, whatever the read found.
-    let released = step(Request::Release { id, write }).await;
+    let token = (token != 0).then_some(token);
+    let released = step(Request::Release { id, write, token }).await;
     if let Err(r) = outcome {
         return r;
     }
@@ -2606,11 +2614,12 @@ fn stage_key(disk: u32, u: &repl::Update<Data>) -> StageKey {
 }
 
 /// The engine's name for a change's entry in group `pg`'s log.
-fn log_tag(pg: Option<u32>, u: &repl::Update<Data>) -> Option<engine::LogTag> {
-    pg.map(|pg| engine::LogTag {
-        pg,
+fn log_tag(note: Option<repl::LogNote>, u: &repl::Update<Data>) -> Option<engine::LogTag> {
+    note.map(|note| engine::LogTag {
+        pg: note.pg,
         term: u.seq.term,
         n: u.seq.n,
+        cas: note.cas,
     })
 }
 
@@ -2625,7 +2634,7 @@ struct StageSlot {
     /// The `Apply` that came while the data was still being written: it
     /// maps the data once written (or writes it the ordinary way if the
     /// staging failed).
-    apply: Option<(u64, repl::Update<Data>, Option<u32>)>,
+    apply: Option<(u64, repl::Update<Data>, Option<repl::LogNote>)>,
     written: bool,
     at: Instant,
 }
@@ -3977,7 +3986,7 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle, registered: u64
                     offset: e.offset,
                     length: e.length,
                 };
-                (e.pg, seq, extent)
+                (e.pg, seq, extent, e.cas)
             }),
         );
     }

@@ -210,7 +210,8 @@ fn exercise(c: &Cluster) {
 
 // Proves compare and write is atomic at a single copy's storage daemon
 // against writes from other connections, reports the first difference,
-// and answers a resend of a written request Ok without writing again.
+// and answers a resend of a written request Ok without writing again,
+// also after the daemon was killed with -9 and restarted.
 #[test]
 fn compare_and_write_single_copy() {
     let dir = TempDir::new("caw-single");
@@ -221,6 +222,28 @@ fn compare_and_write_single_copy() {
     };
     let c = Cluster::start_with_args(dir.path(), &opts, &["none"], &[]);
     exercise(&c);
+    // A resend that reaches the daemon after a restart: the token was
+    // committed with the write (engine `CasDone`), so the new process
+    // answers Ok instead of comparing again and finding its own write.
+    let mut cl = Client::new(&c);
+    let t = token();
+    let a = cl.read();
+    let next = block(value_of(&a) + 1, 7);
+    assert_eq!(cl.compare_and_write(t, &a, &next), Ok(()));
+    let (r, _) = cl.call(Op::Flush, 0, &[]);
+    assert_eq!(r.status, Status::Ok, "flush");
+    let pid = c.pid("storage-0");
+    kill(pid, 9);
+    poll("storage-0 restarted", Duration::from_secs(30), || {
+        (c.pid("storage-0") != pid).then_some(())
+    });
+    let mut cl = Client::new(&c);
+    assert_eq!(
+        cl.compare_and_write(t, &a, &next),
+        Ok(()),
+        "the resend after a restart"
+    );
+    assert_eq!(cl.read(), next);
     c.stop();
 }
 

@@ -9,7 +9,8 @@ use tessera_wire::crc32c;
 
 pub const BLOCK_BYTES: usize = 4096;
 pub const SB_MAGIC: [u8; 8] = *b"TESSERA1";
-/// Version 2 adds the group-log records (`LogExtent`, `LogSeq`, `LogTrim`);
+/// Version 2 adds the group-log records (`LogExtent`, `LogSeq`, `LogTrim`,
+/// `LogCas`) and `CasDone`;
 /// a version 1 disk opens as is and is marked version 2 at open, before
 /// any of them is written (an older binary then refuses it rather than
 /// stop its journal replay at the first record it does not know).
@@ -275,6 +276,12 @@ pub enum Record {
     /// Group `pg`'s entries up to `(term, n)` are durable on every member:
     /// forgotten.
     LogTrim { pg: u32, term: u64, n: u64 },
+    /// The change of the `LogSeq` just before it is a COMPARE AND WRITE's
+    /// write, with this token.
+    LogCas { token: u64 },
+    /// A single-copy COMPARE AND WRITE with this token wrote (committed
+    /// with its write's mapping).
+    CasDone { token: u64 },
 }
 
 impl Record {
@@ -314,6 +321,16 @@ impl Record {
                 put64(out, 16, n);
                 return;
             }
+            Record::LogCas { token } => {
+                out[0] = 7;
+                put64(out, 8, token);
+                return;
+            }
+            Record::CasDone { token } => {
+                out[0] = 8;
+                put64(out, 8, token);
+                return;
+            }
             _ => {}
         }
         let (kind, vol, chunk, block, phys, crc, version) = match *self {
@@ -332,9 +349,11 @@ impl Record {
                 version,
             } => (2, volume_id, chunk_index, block, 0, 0, version),
             Record::DropVolume { volume_id } => (3, volume_id, 0, 0, 0, 0, 0),
-            Record::LogExtent { .. } | Record::LogSeq { .. } | Record::LogTrim { .. } => {
-                unreachable!("encoded above")
-            }
+            Record::LogExtent { .. }
+            | Record::LogSeq { .. }
+            | Record::LogTrim { .. }
+            | Record::LogCas { .. }
+            | Record::CasDone { .. } => unreachable!("encoded above"),
         };
         out[0] = kind;
         out[2..4].copy_from_slice(&block.to_le_bytes());
@@ -385,6 +404,8 @@ impl Record {
                 term: volume_id,
                 n: u64::from_le_bytes(b[16..24].try_into().expect("8")),
             }),
+            7 => Some(Record::LogCas { token: volume_id }),
+            8 => Some(Record::CasDone { token: volume_id }),
             _ => None,
         }
     }
@@ -679,6 +700,8 @@ mod tests {
                 term,
                 n
             }),
+            any::<u64>().prop_map(|token| Record::LogCas { token }),
+            any::<u64>().prop_map(|token| Record::CasDone { token }),
         ]
     }
 

@@ -83,6 +83,8 @@ pub struct LogTag {
     pub pg: u32,
     pub term: u64,
     pub n: u64,
+    /// The change is a COMPARE AND WRITE's write with this token.
+    pub cas: Option<u64>,
 }
 
 /// An entry of a group's log: a change this disk durably holds.
@@ -94,10 +96,26 @@ pub struct LogEntry {
     pub key: ChunkKey,
     pub offset: u32,
     pub length: u32,
+    pub cas: Option<u64>,
 }
 
-/// One group's log in memory: (term, n) -> (chunk, offset, length).
-type GroupLog = BTreeMap<(u64, u64), (ChunkKey, u32, u32)>;
+/// Single-copy COMPARE AND WRITE tokens a disk keeps as written (journalled
+/// with the write, in checkpoints, given back at open): a resend after a
+/// restart is answered from them instead of comparing against its own
+/// write.
+pub const CAS_TOKENS_KEPT: usize = 1024;
+
+/// What a write's commit records besides its mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Note {
+    None,
+    Log(LogTag),
+    Cas(u64),
+}
+
+/// One group's log in memory: (term, n) -> (chunk, offset, length,
+/// COMPARE AND WRITE token).
+type GroupLog = BTreeMap<(u64, u64), (ChunkKey, u32, u32, Option<u64>)>;
 
 /// The trim point that makes the engine forget a group's log altogether
 /// (the group left this disk).
@@ -181,9 +199,12 @@ pub enum Request {
     /// End hold `id`; with `write`, write that data at the held range in
     /// the same step, before anything that waited for the range (it must
     /// be exactly the held length).
+    /// `token`: the write is a COMPARE AND WRITE's with this token, kept
+    /// with it (`Engine::cas_tokens`).
     Release {
         id: u64,
         write: Option<(Payload, bool)>,
+        token: Option<u64>,
     },
     /// Make every completed write durable.
     Flush,
@@ -389,7 +410,7 @@ struct WriteOp {
     fua: bool,
     /// A `Stage` (its id): kept unmapped in `Engine::staged` when done.
     stage: Option<u64>,
-    log: Option<LogTag>,
+    note: Note,
     first: usize,
     last: usize,
     /// Blocks reserved from the allocator for this op.
@@ -503,8 +524,12 @@ pub struct Engine<D: Disk> {
     logs: BTreeMap<u32, GroupLog>,
     log_trims: BTreeMap<u32, (u64, u64)>,
     log_len: usize,
-    /// During replay: the `LogExtent` waiting for its `LogSeq`.
+    /// During replay: the `LogExtent` waiting for its `LogSeq`, and the
+    /// entry a `LogCas` belongs to.
     log_half: Option<(u32, ChunkKey, u32, u32)>,
+    log_last: Option<(u32, (u64, u64))>,
+    /// Single-copy COMPARE AND WRITE tokens written (`cas_tokens`).
+    cas_tokens: VecDeque<u64>,
 }
 
 impl<D: Disk> Engine<D> {
@@ -655,6 +680,8 @@ impl<D: Disk> Engine<D> {
             log_trims: BTreeMap::new(),
             log_len: 0,
             log_half: None,
+            log_last: None,
+            cas_tokens: VecDeque::new(),
             chunks: BTreeMap::new(),
             sb,
             disk,
@@ -743,6 +770,7 @@ impl<D: Disk> Engine<D> {
         e.journal_seq = seq;
         e.journal_used = used;
         e.log_half = None;
+        e.log_last = None;
         e.bound_logs(LOG_KEPT_MAX);
         e.rebuild_allocator()?;
         Ok(e)
@@ -818,10 +846,22 @@ impl<D: Disk> Engine<D> {
                         "log entry of group {pg} outside its chunk ({offset}+{length})"
                     )));
                 }
+                self.log_last = None;
                 if self.log_trims.get(&pg).is_none_or(|t| (term, n) > *t) {
-                    self.keep_log_entry(pg, (term, n), (key, offset, length));
+                    self.keep_log_entry(pg, (term, n), (key, offset, length, None));
+                    self.log_last = Some((pg, (term, n)));
                 }
             }
+            Record::LogCas { token } => {
+                // Right after its entry's `LogSeq` (an entry trimmed
+                // meanwhile is not kept, nor its token).
+                if let Some((pg, seq)) = self.log_last.take()
+                    && let Some(e) = self.logs.get_mut(&pg).and_then(|l| l.get_mut(&seq))
+                {
+                    e.3 = Some(token);
+                }
+            }
+            Record::CasDone { token } => self.keep_cas_token(token),
             Record::LogTrim { pg, term, n } => self.apply_log_trim(pg, (term, n)),
         }
         Ok(())
@@ -910,7 +950,7 @@ impl<D: Disk> Engine<D> {
         // engine): a hold left behind would stall every write to its
         // blocks for good.
         let req = match req {
-            Request::Release { id, write } => return self.release(tag, id, write),
+            Request::Release { id, write, token } => return self.release(tag, id, write, token),
             r => r,
         };
         if self.failed {
@@ -997,7 +1037,8 @@ impl<D: Disk> Engine<D> {
                 log,
             } => {
                 let length = data.len() as u32;
-                self.start_write(tag, key, offset, length, Fill::Data, data, fua, None, log)
+                let note = log.map_or(Note::None, Note::Log);
+                self.start_write(tag, key, offset, length, Fill::Data, data, fua, None, note)
             }
             Request::Stage {
                 key,
@@ -1015,7 +1056,7 @@ impl<D: Disk> Engine<D> {
                     data,
                     false,
                     Some(id),
-                    None,
+                    Note::None,
                 )
             }
             Request::Install { stage, fua, log } => self.install(tag, stage, fua, log),
@@ -1053,7 +1094,7 @@ impl<D: Disk> Engine<D> {
                 self.holds.insert(id, (key, offset, length));
                 self.complete(tag, Ok(Reply::Done), 0);
             }
-            Request::Release { id, write } => self.release(tag, id, write),
+            Request::Release { id, write, token } => self.release(tag, id, write, token),
             Request::WriteZeroes {
                 key,
                 offset,
@@ -1069,7 +1110,7 @@ impl<D: Disk> Engine<D> {
                 Payload::default(),
                 fua,
                 None,
-                log,
+                log.map_or(Note::None, Note::Log),
             ),
             Request::Trim {
                 key,
@@ -1085,7 +1126,7 @@ impl<D: Disk> Engine<D> {
                 Payload::default(),
                 false,
                 None,
-                log,
+                log.map_or(Note::None, Note::Log),
             ),
             Request::Flush => self.when_durable(tag, 0, None),
             Request::BlockStatus {
@@ -1240,9 +1281,13 @@ impl<D: Disk> Engine<D> {
         data: Payload,
         fua: bool,
         stage: Option<u64>,
-        log: Option<LogTag>,
+        note: Note,
     ) {
         let first = offset as usize / BLOCK;
+        let log = match note {
+            Note::Log(t) => Some(t),
+            _ => None,
+        };
         let last = (offset + length - 1) as usize / BLOCK;
         let req = || match fill {
             Fill::Data if stage.is_some() => Request::Stage {
@@ -1325,7 +1370,7 @@ impl<D: Disk> Engine<D> {
             data,
             fua,
             stage,
-            log,
+            note,
             first,
             last,
             reserved: reserve,
@@ -1508,8 +1553,10 @@ impl<D: Disk> Engine<D> {
             if let Some(v) = self.publish(op.key, &op.placed, &op.unmaps) {
                 version = v;
             }
-            if let Some(t) = op.log {
-                self.log_change(t, op.key, op.offset, op.length);
+            match op.note {
+                Note::Log(t) => self.log_change(t, op.key, op.offset, op.length),
+                Note::Cas(token) => self.cas_written(token),
+                Note::None => {}
             }
         }
         match op.error {
@@ -1669,7 +1716,7 @@ impl<D: Disk> Engine<D> {
 
     /// End a hold, writing its range first when asked (see
     /// `Request::Release`).
-    fn release(&mut self, tag: u64, id: u64, write: Option<(Payload, bool)>) {
+    fn release(&mut self, tag: u64, id: u64, write: Option<(Payload, bool)>, token: Option<u64>) {
         let Some((key, offset, length)) = self.holds.remove(&id) else {
             self.complete(tag, Err(EngineError::Invalid("no such hold")), 0);
             return;
@@ -1692,7 +1739,7 @@ impl<D: Disk> Engine<D> {
                     data.clone(),
                     fua,
                     None,
-                    None,
+                    token.map_or(Note::None, Note::Cas),
                 );
                 if self.deferred.len() > before {
                     // It waits for space (the blocks were free): keep
@@ -1706,6 +1753,7 @@ impl<D: Disk> Engine<D> {
                     let again = Request::Release {
                         id,
                         write: Some((data, fua)),
+                        token,
                     };
                     self.deferred.push_back((tag, again));
                     return;
@@ -1764,11 +1812,34 @@ impl<D: Disk> Engine<D> {
             term: t.term,
             n: t.n,
         });
-        self.keep_log_entry(t.pg, (t.term, t.n), (key, offset, length));
+        if let Some(token) = t.cas {
+            self.push_record(Record::LogCas { token });
+        }
+        self.keep_log_entry(t.pg, (t.term, t.n), (key, offset, length, t.cas));
         self.bound_logs(LOG_KEPT_MAX);
     }
 
-    fn keep_log_entry(&mut self, pg: u32, seq: (u64, u64), e: (ChunkKey, u32, u32)) {
+    /// A single-copy COMPARE AND WRITE's write, published: its token is
+    /// committed with it.
+    fn cas_written(&mut self, token: u64) {
+        self.push_record(Record::CasDone { token });
+        self.keep_cas_token(token);
+    }
+
+    fn keep_cas_token(&mut self, token: u64) {
+        if self.cas_tokens.len() >= CAS_TOKENS_KEPT {
+            self.cas_tokens.pop_front();
+        }
+        self.cas_tokens.push_back(token);
+    }
+
+    /// The single-copy COMPARE AND WRITE tokens this disk keeps as written
+    /// (oldest first): after `open`, those of the last process.
+    pub fn cas_tokens(&self) -> Vec<u64> {
+        self.cas_tokens.iter().copied().collect()
+    }
+
+    fn keep_log_entry(&mut self, pg: u32, seq: (u64, u64), e: (ChunkKey, u32, u32, Option<u64>)) {
         if self.logs.entry(pg).or_default().insert(seq, e).is_none() {
             self.log_len += 1;
         }
@@ -1828,7 +1899,7 @@ impl<D: Disk> Engine<D> {
     pub fn group_log(&self) -> Vec<LogEntry> {
         let mut out = Vec::with_capacity(self.log_len);
         for (pg, log) in &self.logs {
-            for (&(term, n), &(key, offset, length)) in log {
+            for (&(term, n), &(key, offset, length, cas)) in log {
                 out.push(LogEntry {
                     pg: *pg,
                     term,
@@ -1836,6 +1907,7 @@ impl<D: Disk> Engine<D> {
                     key,
                     offset,
                     length,
+                    cas,
                 });
             }
         }
@@ -2172,13 +2244,15 @@ impl<D: Disk> Engine<D> {
             // The group logs follow, as many entries as the area has room
             // for beside the map (it is sized for a full disk's map).
             let room = (self.sb.ckpt_blocks as usize - 1) * RECORDS_PER_PAGE;
-            let fit = room.saturating_sub(recs.len() + self.log_trims.len()) / 2;
+            let fixed = recs.len() + self.log_trims.len() + self.cas_tokens.len();
+            // An entry takes two records, three with a token.
+            let fit = room.saturating_sub(fixed) / 3;
             self.bound_logs(fit);
             for (&pg, &(term, n)) in &self.log_trims {
                 recs.push(Record::LogTrim { pg, term, n });
             }
             for (&pg, log) in &self.logs {
-                for (&(term, n), &(key, offset, length)) in log {
+                for (&(term, n), &(key, offset, length, cas)) in log {
                     recs.push(Record::LogExtent {
                         pg,
                         volume_id: key.volume_id,
@@ -2187,7 +2261,13 @@ impl<D: Disk> Engine<D> {
                         length,
                     });
                     recs.push(Record::LogSeq { term, n });
+                    if let Some(token) = cas {
+                        recs.push(Record::LogCas { token });
+                    }
                 }
+            }
+            for &token in &self.cas_tokens {
+                recs.push(Record::CasDone { token });
             }
             let pages = recs.len().div_ceil(RECORDS_PER_PAGE);
             assert!((pages as u64) < self.sb.ckpt_blocks);

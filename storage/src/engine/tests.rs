@@ -986,6 +986,7 @@ fn holds() {
         Request::Release {
             id: 7,
             write: Some((vec![9u8; 1024].into(), false)),
+            token: None,
         },
     );
     let mut got = done(&mut e);
@@ -1019,7 +1020,8 @@ fn holds() {
             13,
             Request::Release {
                 id: 12,
-                write: None
+                write: None,
+                token: None,
             }
         ),
         Ok(Reply::Done)
@@ -1030,7 +1032,8 @@ fn holds() {
             14,
             Request::Release {
                 id: 12,
-                write: None
+                write: None,
+                token: None,
             }
         ),
         Err(EngineError::Invalid(_))
@@ -1044,6 +1047,7 @@ fn holds() {
             Request::Release {
                 id: 16,
                 write: Some((vec![0u8; 512].into(), false)),
+                token: None,
             }
         ),
         Err(EngineError::Invalid(_))
@@ -1098,7 +1102,14 @@ fn holds_always_end() {
             length: 512,
         },
     );
-    e.submit(3, Request::Release { id: 1, write: None });
+    e.submit(
+        3,
+        Request::Release {
+            id: 1,
+            write: None,
+            token: None,
+        },
+    );
     e.quiesce();
     let mut out = Vec::new();
     e.take_completions(&mut out);
@@ -1239,7 +1250,12 @@ fn scattered_reads_are_relocated() {
 }
 
 fn tag(pg: u32, term: u64, n: u64) -> Option<LogTag> {
-    Some(LogTag { pg, term, n })
+    Some(LogTag {
+        pg,
+        term,
+        n,
+        cas: None,
+    })
 }
 
 fn logged(e: &Engine<SimDisk>) -> Vec<(u32, u64, u64, u32, u32, u32)> {
@@ -1325,8 +1341,12 @@ fn group_logs_survive_crashes_and_checkpoints() {
     let trim = |pg, (term, n)| Request::TrimLog { pg, term, n };
     assert_eq!(run_one(&mut e, 9, trim(5, (2, 1))), Ok(Reply::Done));
     assert_eq!(run_one(&mut e, 10, trim(6, LOG_FORGET)), Ok(Reply::Done));
+    let with_token = Some(LogTag {
+        cas: Some(77),
+        ..tag(7, 4, 9).expect("tag")
+    });
     assert_eq!(
-        run_one(&mut e, 11, write(4, true, tag(7, 4, 9))),
+        run_one(&mut e, 11, write(4, true, with_token)),
         Ok(Reply::Done)
     );
     assert_eq!(
@@ -1336,6 +1356,12 @@ fn group_logs_survive_crashes_and_checkpoints() {
     let image = e.into_disk().crash();
     let mut e = Engine::open(SimDisk::from_image(image, 33)).expect("reopen");
     assert_eq!(logged(&e), vec![(5, 2, 2, 1, b, 2 * b), (7, 4, 9, 4, 0, b)]);
+    let tokens: Vec<Option<u64>> = e.group_log().iter().map(|l| l.cas).collect();
+    assert_eq!(
+        tokens,
+        vec![None, Some(77)],
+        "the token comes back with its entry"
+    );
     // Thousands of logged writes: the journal wraps into checkpoints.
     let mut expect = logged(&e);
     for n in 1..=3000u64 {
@@ -1364,6 +1390,60 @@ fn group_logs_survive_crashes_and_checkpoints() {
     let e = Engine::open(SimDisk::from_image(image, 34)).expect("reopen");
     expect.sort();
     assert_eq!(logged(&e), expect);
+    let token = e.group_log().iter().find(|l| l.pg == 7).and_then(|l| l.cas);
+    assert_eq!(token, Some(77), "through checkpoints too");
+}
+
+// Proves single-copy COMPARE AND WRITE tokens are kept with their write:
+// a release that writes with a token commits the token with the write's
+// mapping (a FLUSH makes both durable; a crash before loses both), one
+// that does not write keeps nothing, and the tokens survive checkpoints,
+// newest `CAS_TOKENS_KEPT` only.
+#[test]
+fn compare_and_write_tokens_survive_crashes_and_checkpoints() {
+    let mut e = sim_engine(51);
+    let b = BLOCK as u32;
+    let hold_release = |e: &mut Engine<SimDisk>, id: u64, write: bool, token: u64| {
+        let hold = Request::Hold {
+            key: key(0),
+            offset: 0,
+            length: b,
+            id,
+        };
+        assert_eq!(run_one(e, 1_000_000 + id, hold), Ok(Reply::Done));
+        let release = Request::Release {
+            id,
+            write: write.then(|| (vec![id as u8; BLOCK].into(), false)),
+            token: Some(token),
+        };
+        assert_eq!(run_one(e, 2_000_000 + id, release), Ok(Reply::Done));
+    };
+    hold_release(&mut e, 1, true, 501);
+    hold_release(&mut e, 2, false, 502);
+    assert_eq!(run_one(&mut e, 3, Request::Flush), Ok(Reply::Done));
+    hold_release(&mut e, 4, true, 504);
+    let image = e.into_disk().crash();
+    let mut e = Engine::open(SimDisk::from_image(image, 52)).expect("reopen");
+    assert_eq!(
+        e.cas_tokens(),
+        vec![501],
+        "a miscompare keeps nothing; unflushed is lost"
+    );
+    for i in 0..CAS_TOKENS_KEPT as u64 + 3000 {
+        hold_release(&mut e, 10 + i, true, 10_000 + i);
+        if i % 100 == 0 {
+            assert_eq!(run_one(&mut e, 6, Request::Flush), Ok(Reply::Done));
+        }
+    }
+    let newest: Vec<u64> = (3000..CAS_TOKENS_KEPT as u64 + 3000)
+        .map(|i| 10_000 + i)
+        .collect();
+    assert_eq!(e.cas_tokens(), newest);
+    assert_eq!(run_one(&mut e, 5, Request::Flush), Ok(Reply::Done));
+    assert!(e.stats().checkpoints > 0, "test must exercise checkpoints");
+    let image = e.into_disk().crash();
+    let e = Engine::open(SimDisk::from_image(image, 53)).expect("reopen");
+    assert_eq!(e.cas_tokens(), newest);
 }
 
 // Proves a disk of format version 1 (before the group-log records) opens

@@ -207,6 +207,18 @@ pub struct Update<D> {
     pub fua: bool,
 }
 
+/// A log entry a disk gave back: sequence, extent, COMPARE AND WRITE token.
+type Recovered = (Seq, Extent, Option<u64>);
+
+/// A change's entry in its group's log, as `Effect::Apply` gives it to the
+/// driver to make durable with the change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogNote {
+    pub pg: u32,
+    /// The change is a COMPARE AND WRITE's write with this token.
+    pub cas: Option<u64>,
+}
+
 /// The answer to a replicated change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckResult {
@@ -400,7 +412,8 @@ pub enum ClientResult {
 pub enum Effect<D> {
     Send(Msg<D>),
     /// Apply a change to the local disk; answer with `Input::Applied`.
-    /// `log: Some(pg)`: the change is an entry of that group's log; the
+    /// `log: Some(note)`: the change is an entry of group `note.pg`'s log
+    /// (`note.cas`: a COMPARE AND WRITE's write with that token); the
     /// driver makes the entry durable exactly when it makes the change
     /// durable (engine `LogTag`), and gives the entries back after a
     /// restart (`Replicator::recover_log`).
@@ -408,7 +421,7 @@ pub enum Effect<D> {
         disk: u32,
         token: u64,
         update: Update<D>,
-        log: Option<u32>,
+        log: Option<LogNote>,
     },
     /// The group left this disk: the driver forgets its persisted log.
     ForgetLog {
@@ -1174,7 +1187,7 @@ pub struct Replicator<D> {
     pause_backfill: bool,
     /// Log entries the disks kept from this daemon's last process, by
     /// (pg, disk), until the first map (`recover_log`).
-    recovered: BTreeMap<(u32, u32), Vec<(Seq, Extent)>>,
+    recovered: BTreeMap<(u32, u32), Vec<Recovered>>,
 }
 
 impl<D: Clone + CompareData> Replicator<D> {
@@ -1219,13 +1232,13 @@ impl<D: Clone + CompareData> Replicator<D> {
     pub fn recover_log(
         &mut self,
         disk: u32,
-        entries: impl IntoIterator<Item = (u32, Seq, Extent)>,
+        entries: impl IntoIterator<Item = (u32, Seq, Extent, Option<u64>)>,
     ) {
-        for (pg, seq, extent) in entries {
+        for (pg, seq, extent, cas) in entries {
             self.recovered
                 .entry((pg, disk))
                 .or_default()
-                .push((seq, extent));
+                .push((seq, extent, cas));
         }
     }
 
@@ -1633,9 +1646,16 @@ impl<D: Clone + CompareData> Replicator<D> {
             if let Some(entries) = recovered.remove(&(pg, me)) {
                 // Durable here, so applied; logged, above any commit point
                 // this process knows; not vouched for (the process is new).
-                for (seq, extent) in entries {
+                for (seq, extent, cas) in entries {
                     p.log.insert(seq, extent);
                     p.applied.insert(seq);
+                    // A COMPARE AND WRITE's write this copy holds durably:
+                    // pending as if it had just applied it, with itself as
+                    // the sender, so it counts only if this copy leads and
+                    // its peering makes every copy agree with it.
+                    if let Some(token) = cas {
+                        p.cas_pending.insert(seq, (token, me));
+                    }
                 }
                 let last = p.log.keys().next_back().copied().unwrap_or_default();
                 p.vouched_after = p.vouched_after.max(last);
@@ -1964,7 +1984,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                     token,
                     update: update.clone(),
                     // Logged below, in this step.
-                    log: Some(pg),
+                    log: Some(LogNote { pg, cas: q.cas }),
                 });
             } else if matches!(update.change, Change::Write(_)) {
                 self.effects.push(Effect::Stage {
@@ -2210,7 +2230,10 @@ impl<D: Clone + CompareData> Replicator<D> {
                     disk: me,
                     token,
                     update: op.update.clone(),
-                    log: p.log.contains_key(seq).then_some(pg),
+                    log: p.log.contains_key(seq).then(|| LogNote {
+                        pg,
+                        cas: pr.cas_writes.get(seq).copied(),
+                    }),
                 });
             }
         }
@@ -2446,7 +2469,7 @@ impl<D: Clone + CompareData> Replicator<D> {
             disk: me,
             token,
             update,
-            log: Some(pg),
+            log: Some(LogNote { pg, cas }),
         });
     }
 
@@ -2575,7 +2598,10 @@ impl<D: Clone + CompareData> Replicator<D> {
                         disk: me,
                         token,
                         update: op.update.clone(),
-                        log: p.log.contains_key(&seq).then_some(pg),
+                        log: p.log.contains_key(&seq).then(|| LogNote {
+                            pg,
+                            cas: pr.cas_writes.get(&seq).copied(),
+                        }),
                     });
                 }
             }
@@ -4054,7 +4080,10 @@ impl<D: Clone + CompareData> Replicator<D> {
                 disk: me,
                 token,
                 update: update.clone(),
-                log: p.log.contains_key(&seq).then_some(pg),
+                log: p
+                    .log
+                    .contains_key(&seq)
+                    .then_some(LogNote { pg, cas: None }),
             });
         }
         pr.ops.insert(

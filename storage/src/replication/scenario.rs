@@ -33,8 +33,8 @@ struct Disk {
     bad: BTreeSet<Block>,
     /// Group-log entries, durable with their change as in the engine (its
     /// journal commit makes both durable at once): pg -> seq -> extent.
-    log: BTreeMap<u32, BTreeMap<Seq, Extent>>,
-    log_cache: Vec<(u32, Seq, Extent)>,
+    log: BTreeMap<u32, BTreeMap<Seq, (Extent, Option<u64>)>>,
+    log_cache: Vec<(u32, Seq, (Extent, Option<u64>))>,
 }
 
 impl Disk {
@@ -53,10 +53,10 @@ impl Disk {
     }
 
     /// What a new process gets back (`Replicator::recover_log`).
-    fn recovered_log(&self) -> Vec<(u32, Seq, Extent)> {
+    fn recovered_log(&self) -> Vec<(u32, Seq, Extent, Option<u64>)> {
         self.log
             .iter()
-            .flat_map(|(pg, l)| l.iter().map(move |(s, e)| (*pg, *s, *e)))
+            .flat_map(|(pg, l)| l.iter().map(move |(s, (e, c))| (*pg, *s, *e, *c)))
             .collect()
     }
 
@@ -283,14 +283,15 @@ impl Cluster {
                     self.queue.push_back((id, Input::ApplyBadBlock { token }));
                     return;
                 }
-                if let Some(pg) = log {
+                if let Some(note) = log {
+                    let change = (update.extent, note.cas);
                     if update.fua {
                         disk.log
-                            .entry(pg)
+                            .entry(note.pg)
                             .or_default()
-                            .insert(update.seq, update.extent);
+                            .insert(update.seq, change);
                     } else {
-                        disk.log_cache.push((pg, update.seq, update.extent));
+                        disk.log_cache.push((note.pg, update.seq, change));
                     }
                 }
                 for (i, b) in blocks(&update.extent).enumerate() {
@@ -1799,5 +1800,73 @@ fn a_change_two_crashed_copies_hold_is_made_to_agree_from_their_logs() {
         } else {
             assert_eq!(c.copies_of(b), vec![v, v, old], "the copies differ");
         }
+    }
+}
+
+// Proves a COMPARE AND WRITE's token survives its primary's restart with
+// the write: node 3 away, a COMPARE AND WRITE through node 1 (primary)
+// and node 2 is acknowledged and made durable on node 1 only; node 2's
+// process dies (it lost the write) and its new process stays outdated
+// (`norecover`), then node 1 — every group's last up-to-date copy — dies
+// and restarts. Its disk's group log gives the write back with its
+// token, so when the gateway resends the request (it never saw the
+// answer) the new process answers Ok once its peering is done, instead of
+// comparing again and finding its own write (a false miscompare, which
+// VMware reads as losing the ATS lock). Without the entries given back,
+// the resend miscompares.
+#[test]
+fn a_compare_and_write_resent_to_a_restarted_last_copy_is_answered_ok() {
+    for persisted in [true, false] {
+        let mut c = Cluster::primed();
+        let v = c.next_value;
+        c.write(0, 1);
+        c.stop(3);
+        c.declare_down(3);
+        assert_eq!(c.map.primary(0), Some(1));
+        let first = c.compare_and_write(0, 1, v, 100, 7);
+        c.run();
+        assert_eq!(c.replies.get(&first), Some(&ClientResult::Ok));
+        c.node(1).disk.flush();
+        // `norecover` on node 1: node 2's new process stays outdated.
+        c.node(1).rep.set_recovery_paused(true, false);
+        c.crash_and_restart(2);
+        // Node 1 dies too; its new process registers (the last up-to-date
+        // copy stays up to date).
+        let n = c.node(1);
+        n.disk.lose_cache();
+        n.held.clear();
+        n.rep = Replicator::new([1]);
+        if persisted {
+            n.rep.recover_log(1, n.disk.recovered_log());
+        }
+        c.queue.retain(|(to, _)| *to != 1);
+        c.map.disks[0].incarnation += 1;
+        let pgs = c.map.pgs.clone();
+        outdate_disk(&pgs, &mut c.map.pg_states, 1);
+        c.bump();
+        assert_eq!(c.map.primary(0), Some(1), "the last up-to-date copy leads");
+        c.run();
+        c.ticks(3);
+        let resend = c.compare_and_write(0, 1, v, 100, 7);
+        c.run();
+        c.ticks(3);
+        let expect = if persisted {
+            ClientResult::Ok
+        } else {
+            ClientResult::Miscompare(0)
+        };
+        assert_eq!(
+            c.replies.get(&resend),
+            Some(&expect),
+            "persisted logs: {persisted}"
+        );
+        let other = c.compare_and_write(0, 1, v, 300, 8);
+        c.run();
+        assert_eq!(c.replies.get(&other), Some(&ClientResult::Miscompare(0)));
+        c.resume(3);
+        c.declare_up(3);
+        c.settle();
+        c.assert_converged();
+        assert_eq!(c.copies_of((0, REGION_BYTES / BLOCK)), vec![100; 3]);
     }
 }

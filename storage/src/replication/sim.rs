@@ -63,7 +63,9 @@ type Data = Vec<u64>;
 type Block = (u32, u32); // (chunk, block)
 /// A group-log entry whose change is cached: (pg, seq, extent, the value
 /// the change wrote to each block).
-type CachedEntry = (u32, Seq, Extent, Vec<(Block, u64)>);
+type CachedEntry = (u32, Seq, LoggedChange, Vec<(Block, u64)>);
+/// A log entry's extent and COMPARE AND WRITE token.
+type LoggedChange = (Extent, Option<u64>);
 
 /// A disk with a volatile cache: writes land in `cache` until a flush (or
 /// FUA) moves them to `durable`; a crash keeps a random subset of cached
@@ -77,7 +79,7 @@ struct SimDisk {
     corrupt: BTreeSet<Block>,
     /// Group-log entries durable with their change (pg -> seq -> extent),
     /// and those whose change is still cached, with the values it wrote.
-    log: BTreeMap<u32, BTreeMap<Seq, Extent>>,
+    log: BTreeMap<u32, BTreeMap<Seq, LoggedChange>>,
     log_cache: Vec<CachedEntry>,
 }
 
@@ -134,10 +136,10 @@ impl SimDisk {
         }
     }
     /// What a new process gets back (`Replicator::recover_log`).
-    fn recovered_log(&self) -> Vec<(u32, Seq, Extent)> {
+    fn recovered_log(&self) -> Vec<(u32, Seq, Extent, Option<u64>)> {
         self.log
             .iter()
-            .flat_map(|(pg, l)| l.iter().map(move |(s, e)| (*pg, *s, *e)))
+            .flat_map(|(pg, l)| l.iter().map(move |(s, (e, c))| (*pg, *s, *e, *c)))
             .collect()
     }
 }
@@ -177,7 +179,7 @@ enum Ev {
         inc: u64,
         token: u64,
         update: Update<Data>,
-        log: Option<u32>,
+        log: Option<LogNote>,
     },
     Read {
         node: u32,
@@ -839,14 +841,15 @@ impl World {
                         disk.put(b, v, update.fua);
                         values.push((b, v));
                     }
-                    if let Some(pg) = log {
+                    if let Some(note) = log {
+                        let change = (update.extent, note.cas);
                         if update.fua {
                             disk.log
-                                .entry(pg)
+                                .entry(note.pg)
                                 .or_default()
-                                .insert(update.seq, update.extent);
+                                .insert(update.seq, change);
                         } else {
-                            disk.log_cache.push((pg, update.seq, update.extent, values));
+                            disk.log_cache.push((note.pg, update.seq, change, values));
                         }
                     }
                     self.feed(node, Input::Applied { token, ok: true });
