@@ -67,6 +67,8 @@
 
 pub mod codec;
 #[cfg(test)]
+mod model_log;
+#[cfg(test)]
 mod scenario;
 #[cfg(test)]
 mod sim;

@@ -5,6 +5,7 @@
 //! random: each test builds one exact schedule and checks what recovery
 //! pushed, not only that the copies converged.
 
+use super::model_log::ModelLog;
 use super::*;
 use tessera_wire::map::{
     DiskEntry, FailureDomain, NodeEntry, PoolEntry, VolumeEntry, mark_clean, outdate_disk,
@@ -31,33 +32,26 @@ struct Disk {
     /// Blocks that fail their CRC: a read of them fails, and so does a
     /// write that is not whole blocks and has to merge with one.
     bad: BTreeSet<Block>,
-    /// Group-log entries, durable with their change as in the engine (its
-    /// journal commit makes both durable at once): pg -> seq -> extent.
-    log: BTreeMap<u32, BTreeMap<Seq, (Extent, Option<u64>)>>,
-    log_cache: Vec<(u32, Seq, (Extent, Option<u64>))>,
+    /// Group-log entries, durable with their change as in the engine.
+    log: ModelLog,
 }
 
 impl Disk {
     /// A crash (or kill -9) of the daemon: the cache is lost.
     fn lose_cache(&mut self) {
         self.cache.clear();
-        self.log_cache.clear();
+        self.log.lost_cache();
     }
 
     fn flush(&mut self) {
         let c = std::mem::take(&mut self.cache);
         self.durable.extend(c);
-        for (pg, s, e) in std::mem::take(&mut self.log_cache) {
-            self.log.entry(pg).or_default().insert(s, e);
-        }
+        self.log.flushed();
     }
 
     /// What a new process gets back (`Replicator::recover_log`).
     fn recovered_log(&self) -> Vec<(u32, Seq, Extent, Option<u64>)> {
-        self.log
-            .iter()
-            .flat_map(|(pg, l)| l.iter().map(move |(s, (e, c))| (*pg, *s, *e, *c)))
-            .collect()
+        self.log.recovered()
     }
 
     fn get(&self, b: Block) -> u64 {
@@ -82,10 +76,7 @@ impl Node {
     /// daemon does this once per tick; at once here).
     fn trim_logs(&mut self) {
         for (_, pg, t) in self.rep.log_trims() {
-            if let Some(l) = self.disk.log.get_mut(&pg) {
-                l.retain(|s, _| *s > t);
-            }
-            self.disk.log_cache.retain(|(g, s, _)| *g != pg || *s > t);
+            self.disk.log.trim(pg, t);
         }
     }
 }
@@ -271,7 +262,7 @@ impl Cluster {
                 self.queue.push_back((m.to, Input::Msg(m)));
             }
             Effect::ForgetLog { pg, .. } => {
-                self.node(id).disk.log.remove(&pg);
+                self.node(id).disk.log.forget(pg);
             }
             Effect::Apply {
                 token, update, log, ..
@@ -283,17 +274,7 @@ impl Cluster {
                     self.queue.push_back((id, Input::ApplyBadBlock { token }));
                     return;
                 }
-                if let Some(note) = log {
-                    let change = (update.extent, note.cas);
-                    if update.fua {
-                        disk.log
-                            .entry(note.pg)
-                            .or_default()
-                            .insert(update.seq, change);
-                    } else {
-                        disk.log_cache.push((note.pg, update.seq, change));
-                    }
-                }
+                let mut values = Vec::new();
                 for (i, b) in blocks(&update.extent).enumerate() {
                     if !partial {
                         disk.bad.remove(&b);
@@ -308,6 +289,11 @@ impl Cluster {
                     } else {
                         disk.cache.insert(b, v);
                     }
+                    values.push((b, v));
+                }
+                if let Some(note) = log {
+                    disk.log
+                        .applied(note, update.seq, update.extent, update.fua, values);
                 }
                 self.queue
                     .push_back((id, Input::Applied { token, ok: true }));

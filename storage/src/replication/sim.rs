@@ -22,6 +22,7 @@
 //! `TESSERA_SEED=n` replays one seed; `TESSERA_SIM_SEEDS` and
 //! `TESSERA_SIM_SECONDS` bound the batch (seeds, wall-clock seconds).
 
+use super::model_log::ModelLog;
 use super::*;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -61,11 +62,6 @@ impl Rng {
 
 type Data = Vec<u64>;
 type Block = (u32, u32); // (chunk, block)
-/// A group-log entry whose change is cached: (pg, seq, extent, the value
-/// the change wrote to each block).
-type CachedEntry = (u32, Seq, LoggedChange, Vec<(Block, u64)>);
-/// A log entry's extent and COMPARE AND WRITE token.
-type LoggedChange = (Extent, Option<u64>);
 
 /// A disk with a volatile cache: writes land in `cache` until a flush (or
 /// FUA) moves them to `durable`; a crash keeps a random subset of cached
@@ -77,10 +73,8 @@ struct SimDisk {
     /// Durable blocks whose bytes were flipped: a read of one fails its CRC
     /// (unless a cached write covers it), a write over it replaces it.
     corrupt: BTreeSet<Block>,
-    /// Group-log entries durable with their change (pg -> seq -> extent),
-    /// and those whose change is still cached, with the values it wrote.
-    log: BTreeMap<u32, BTreeMap<Seq, LoggedChange>>,
-    log_cache: Vec<CachedEntry>,
+    /// Group-log entries, durable with their change as in the engine.
+    log: ModelLog,
 }
 
 impl SimDisk {
@@ -110,9 +104,7 @@ impl SimDisk {
             self.corrupt.remove(b);
         }
         self.durable.extend(c);
-        for (pg, s, e, _) in std::mem::take(&mut self.log_cache) {
-            self.log.entry(pg).or_default().insert(s, e);
-        }
+        self.log.flushed();
     }
     fn crash(&mut self, rng: &mut Rng) {
         let c = std::mem::take(&mut self.cache);
@@ -126,21 +118,13 @@ impl SimDisk {
         // entry survives only with its change. This disk tears harder (any
         // subset of cached blocks): keep an entry only if every block still
         // holds what its change wrote.
-        for (pg, s, e, values) in std::mem::take(&mut self.log_cache) {
-            if values
-                .iter()
-                .all(|(b, v)| self.durable.get(b).copied().unwrap_or(0) == *v)
-            {
-                self.log.entry(pg).or_default().insert(s, e);
-            }
-        }
+        let durable = &self.durable;
+        self.log
+            .crashed(|b, v| durable.get(&b).copied().unwrap_or(0) == v);
     }
     /// What a new process gets back (`Replicator::recover_log`).
     fn recovered_log(&self) -> Vec<(u32, Seq, Extent, Option<u64>)> {
-        self.log
-            .iter()
-            .flat_map(|(pg, l)| l.iter().map(move |(s, (e, c))| (*pg, *s, *e, *c)))
-            .collect()
+        self.log.recovered()
     }
 }
 
@@ -543,7 +527,7 @@ impl World {
                     );
                 }
                 Effect::ForgetLog { pg, .. } => {
-                    self.nodes[node as usize - 1].disk.log.remove(&pg);
+                    self.nodes[node as usize - 1].disk.log.forget(pg);
                 }
                 Effect::Read { token, extent, .. } => {
                     let d = 1 + self.rng.below(10);
@@ -654,10 +638,7 @@ impl World {
         // The disk forgets what every member holds durably (the daemon
         // does this once per tick; at once here).
         for (_, pg, t) in n.rep.log_trims() {
-            if let Some(l) = n.disk.log.get_mut(&pg) {
-                l.retain(|s, _| *s > t);
-            }
-            n.disk.log_cache.retain(|(g, s, _, _)| *g != pg || *s > t);
+            n.disk.log.trim(pg, t);
         }
         self.effects(node, fx);
     }
@@ -842,15 +823,8 @@ impl World {
                         values.push((b, v));
                     }
                     if let Some(note) = log {
-                        let change = (update.extent, note.cas);
-                        if update.fua {
-                            disk.log
-                                .entry(note.pg)
-                                .or_default()
-                                .insert(update.seq, change);
-                        } else {
-                            disk.log_cache.push((note.pg, update.seq, change, values));
-                        }
+                        disk.log
+                            .applied(note, update.seq, update.extent, update.fua, values);
                     }
                     self.feed(node, Input::Applied { token, ok: true });
                 }

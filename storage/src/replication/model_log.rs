@@ -1,0 +1,82 @@
+//! The group logs of a model disk, as the engine keeps them (shared by the
+//! simulation and the scenario harness): an entry is durable with its
+//! change (one journal commit makes both durable), a FLUSH makes the
+//! cached ones durable, and a crash keeps an entry only if its change
+//! survived whole.
+
+use super::{Extent, LogNote, Seq};
+use std::collections::BTreeMap;
+
+type Block = (u32, u32);
+/// A log entry's extent and COMPARE AND WRITE token.
+type Logged = (Extent, Option<u64>);
+
+#[derive(Default, Clone)]
+pub struct ModelLog {
+    durable: BTreeMap<u32, BTreeMap<Seq, Logged>>,
+    /// Entries whose change is cached, with the value it wrote to each
+    /// block.
+    cached: Vec<(u32, Seq, Logged, Vec<(Block, u64)>)>,
+}
+
+impl ModelLog {
+    /// A change was applied with its log entry (`Effect::Apply { log }`).
+    pub fn applied(
+        &mut self,
+        note: LogNote,
+        seq: Seq,
+        extent: Extent,
+        fua: bool,
+        values: Vec<(Block, u64)>,
+    ) {
+        let logged = (extent, note.cas);
+        if fua {
+            self.durable.entry(note.pg).or_default().insert(seq, logged);
+        } else {
+            self.cached.push((note.pg, seq, logged, values));
+        }
+    }
+
+    pub fn flushed(&mut self) {
+        for (pg, s, e, _) in std::mem::take(&mut self.cached) {
+            self.durable.entry(pg).or_default().insert(s, e);
+        }
+    }
+
+    /// A crash of a disk that tears writes: an entry survives only if
+    /// every block still holds what its change wrote (`holds`).
+    pub fn crashed(&mut self, holds: impl Fn(Block, u64) -> bool) {
+        for (pg, s, e, values) in std::mem::take(&mut self.cached) {
+            if !values.is_empty() && values.iter().all(|(b, v)| holds(*b, *v)) {
+                self.durable.entry(pg).or_default().insert(s, e);
+            }
+        }
+    }
+
+    /// A crash that loses every cached change.
+    pub fn lost_cache(&mut self) {
+        self.cached.clear();
+    }
+
+    /// What a new process gets back (`Replicator::recover_log`).
+    pub fn recovered(&self) -> Vec<(u32, Seq, Extent, Option<u64>)> {
+        self.durable
+            .iter()
+            .flat_map(|(pg, l)| l.iter().map(move |(s, (e, c))| (*pg, *s, *e, *c)))
+            .collect()
+    }
+
+    /// Forget group `pg`'s entries up to `t` (`Replicator::log_trims`).
+    pub fn trim(&mut self, pg: u32, t: Seq) {
+        if let Some(l) = self.durable.get_mut(&pg) {
+            l.retain(|s, _| *s > t);
+        }
+        self.cached.retain(|(g, s, _, _)| *g != pg || *s > t);
+    }
+
+    /// The group left the disk (`Effect::ForgetLog`).
+    pub fn forget(&mut self, pg: u32) {
+        self.durable.remove(&pg);
+        self.cached.retain(|(g, ..)| *g != pg);
+    }
+}
