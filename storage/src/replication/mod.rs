@@ -767,6 +767,10 @@ struct Compare<D> {
     data: D,
     fua: bool,
     token: u64,
+    /// A resend of a write this copy held when its term began: compared
+    /// against its own data and, still in place, written again
+    /// (`pump`); replaced since, answered `Ok`.
+    reassert: bool,
 }
 
 /// Data a primary can compare for COMPARE AND WRITE.
@@ -1900,9 +1904,11 @@ impl<D: Clone + CompareData> Replicator<D> {
                 });
                 continue;
             }
+            let mut reassert = false;
             if let Some((_, token)) = &q.compare {
                 let token = *token;
                 let peered = pr.cas_peered.contains(&token);
+                reassert = peered;
                 if peered && pr.commit_floor.is_some() {
                     // Its write may be on this copy only until peering's
                     // pushes are done: the gateway asks again (waiting in
@@ -1916,9 +1922,8 @@ impl<D: Clone + CompareData> Replicator<D> {
                 }
                 if peered {
                     pr.cas_peered.remove(&token);
-                    remember_cas(&mut p.cas_done, token);
                 }
-                if p.cas_done.contains(&token) {
+                if !peered && p.cas_done.contains(&token) {
                     // A resend of one this process already wrote.
                     self.effects.push(Effect::Reply {
                         client: q.client,
@@ -1931,6 +1936,16 @@ impl<D: Clone + CompareData> Replicator<D> {
                 let Change::Write(data) = q.change else {
                     unreachable!("a COMPARE AND WRITE carries a write");
                 };
+                // A write this copy held when its term began was answered
+                // `Ok` by nobody but this copy's peering, which pushed it
+                // to the up-to-date members only: an outdated or
+                // backfilling member of the write set may lack it, and
+                // could later vouch for an older change of the block (a
+                // restarted last copy's take-back would undo the write).
+                // So the resend writes it again, as a change every member
+                // of the write set applies, if it is still in place (a
+                // later change replaced it otherwise: then `Ok` at once).
+                let compare = if reassert { data.clone() } else { compare };
                 let id = self.next_token;
                 self.next_token += 1;
                 self.tokens
@@ -1949,6 +1964,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                         data,
                         fua: q.fua,
                         token,
+                        reassert,
                     },
                 );
                 blocked.push(q.extent);
@@ -3792,7 +3808,10 @@ impl<D: Clone + CompareData> Replicator<D> {
     /// the read failed): answer a difference, or queue the write first in
     /// line, so nothing that waited behind the compare overtakes it.
     fn compared(&mut self, pg: u32, me: u32, id: u64, extent: Extent, data: Result<Option<D>, ()>) {
-        let Some(pr) = self.pgs.get_mut(&(pg, me)).and_then(|p| p.primary.as_mut()) else {
+        let Some(p) = self.pgs.get_mut(&(pg, me)) else {
+            return;
+        };
+        let Some(pr) = p.primary.as_mut() else {
             return;
         };
         let Some(c) = pr.compares.remove(&id) else {
@@ -3820,6 +3839,20 @@ impl<D: Clone + CompareData> Replicator<D> {
             // volume gone).
             Ok(_) if extent.length == 0 => Some(ClientResult::Retry),
             Ok(d) => D::first_difference(&c.compare, d.as_ref()).map(ClientResult::Miscompare),
+        };
+        let result = match result {
+            // A resend whose write a later change replaced: it was
+            // written, and that change reached every member.
+            Some(ClientResult::Miscompare(_)) if c.reassert => {
+                remember_cas(&mut p.cas_done, c.token);
+                Some(ClientResult::Ok)
+            }
+            // Not decided: the next resend compares its own data again.
+            Some(ClientResult::Retry) if c.reassert => {
+                pr.cas_peered.insert(c.token);
+                Some(ClientResult::Retry)
+            }
+            r => r,
         };
         match result {
             Some(result) => self.effects.push(Effect::Reply {

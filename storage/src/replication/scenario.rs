@@ -1856,3 +1856,69 @@ fn a_compare_and_write_resent_to_a_restarted_last_copy_is_answered_ok() {
         assert_eq!(c.copies_of((0, REGION_BYTES / BLOCK)), vec![100; 3]);
     }
 }
+
+// Proves a COMPARE AND WRITE resent to a new primary that held its write
+// when its term began is written again to every member of the write set,
+// not answered from the token alone: node 3 is back but outdated (its
+// recovery paused), the write reaches node 1 (primary) and node 2 only,
+// node 1 dies, node 2 leads with nobody up to date to peer with. The
+// resend is answered Ok only once node 3 applied the write too. Before,
+// it was answered at once while node 3 lacked the write, which broke what
+// a member vouches for ("a restarted last copy takes back", simulation
+// seed 14086): node 3 could later vouch for an older change of the block
+// and a restarted node 2 would take that back over the acknowledged
+// write.
+#[test]
+fn a_resent_compare_and_write_is_written_to_every_member_of_the_write_set() {
+    let mut c = Cluster::primed();
+    let v = c.next_value;
+    c.write(0, 1);
+    let b = (0, REGION_BYTES / BLOCK);
+    for id in [1, 2] {
+        c.node(id).rep.set_recovery_paused(true, false);
+    }
+    c.stop(3);
+    c.declare_down(3);
+    c.resume(3);
+    c.declare_up(3);
+    assert_eq!(
+        c.map.copy_state(0, 2),
+        CopyState::Outdated,
+        "node 3 outdated"
+    );
+    let first = c.compare_and_write(0, 1, v, 100, 7);
+    for _ in 0..1000 {
+        c.queue.retain(|(to, i)| {
+            !(*to == 3 && matches!(i, Input::Msg(m) if matches!(m.body, Body::Replicate { .. })))
+        });
+        let applied = [1, 2]
+            .iter()
+            .all(|m| c.nodes[*m as usize - 1].disk.get(b) == 100);
+        let completing = c
+            .queue
+            .iter()
+            .any(|(to, i)| *to != 3 && matches!(i, Input::Applied { .. }));
+        if applied && !completing {
+            break;
+        }
+        c.step();
+    }
+    assert_eq!(c.copies_of(b), vec![100, 100, v]);
+    c.die(1);
+    assert_eq!(c.replies.get(&first), None, "never answered");
+    c.queue.retain(|(to, _)| *to != 3);
+    c.declare_down(1);
+    assert_eq!(c.map.primary(0), Some(2));
+    c.ticks(3);
+    let resend = c.compare_and_write(0, 1, v, 100, 7);
+    c.run();
+    assert_eq!(c.replies.get(&resend), Some(&ClientResult::Ok));
+    assert_eq!(
+        c.nodes[2].disk.get(b),
+        100,
+        "node 3 (outdated, its recovery paused) has the write"
+    );
+    let other = c.compare_and_write(0, 1, v, 300, 8);
+    c.run();
+    assert_eq!(c.replies.get(&other), Some(&ClientResult::Miscompare(0)));
+}
