@@ -1848,6 +1848,9 @@ impl<D: Disk> Engine<D> {
     /// Forget the oldest entries of the largest groups until at most `max`
     /// are kept.
     fn bound_logs(&mut self, max: usize) {
+        if self.log_len <= max {
+            return;
+        }
         while self.log_len > max {
             let Some((_, log)) = self.logs.iter_mut().max_by_key(|(_, l)| l.len()) else {
                 break;

@@ -1472,3 +1472,44 @@ fn a_version_1_disk_is_upgraded_at_open() {
         assert_eq!(sb.version, FORMAT_VERSION);
     }
 }
+
+// Proves the group logs are bounded by the checkpoint area: logged writes
+// never trimmed (a member away for long) fill more entries than a
+// checkpoint has room for beside the map; the oldest are forgotten first,
+// so after a crash the log is the newest entries, with no gap.
+#[test]
+fn group_logs_keep_the_newest_entries_when_the_checkpoint_is_short() {
+    let mut e = sim_engine(61);
+    let b = BLOCK as u32;
+    let total = 6000u64;
+    for n in 1..=total {
+        let req = Request::Write {
+            key: key((n % 4) as u32),
+            offset: (n % 16) as u32 * b,
+            data: vec![n as u8; BLOCK].into(),
+            fua: false,
+            log: tag(9, 3, n),
+        };
+        assert_eq!(run_one(&mut e, 100 + n, req), Ok(Reply::Done));
+        if n % 100 == 0 {
+            assert_eq!(run_one(&mut e, 99, Request::Flush), Ok(Reply::Done));
+        }
+    }
+    assert!(e.stats().checkpoints > 0, "test must exercise checkpoints");
+    let kept = e.stats().log_entries;
+    assert!(
+        kept < total,
+        "the checkpoint area bounds the log ({kept} kept)"
+    );
+    let image = e.into_disk().crash();
+    let e = Engine::open(SimDisk::from_image(image, 62)).expect("reopen");
+    let ns: Vec<u64> = e.group_log().iter().map(|l| l.n).collect();
+    assert!(!ns.is_empty());
+    let first = ns[0];
+    assert!(first > 1, "the oldest entries went first");
+    assert_eq!(
+        ns,
+        (first..=total).collect::<Vec<_>>(),
+        "the newest, no gap"
+    );
+}
