@@ -10,13 +10,16 @@ use std::collections::BTreeMap;
 type Block = (u32, u32);
 /// A log entry's extent and COMPARE AND WRITE token.
 type Logged = (Extent, Option<u64>);
+/// An entry whose change is cached: group, sequence, entry, and the value
+/// the change wrote to each block.
+type Cached = (u32, Seq, Logged, Vec<(Block, u64)>);
 
 #[derive(Default, Clone)]
 pub struct ModelLog {
     durable: BTreeMap<u32, BTreeMap<Seq, Logged>>,
     /// Entries whose change is cached, with the value it wrote to each
     /// block.
-    cached: Vec<(u32, Seq, Logged, Vec<(Block, u64)>)>,
+    cached: Vec<Cached>,
 }
 
 impl ModelLog {
