@@ -304,6 +304,13 @@ impl Api {
                     .and_then(|id| parse(body).and_then(|b| m.heartbeat(id, b)))
                     .map(|x| json(200, &x))),
             ),
+            ("POST", ["v1", "nodes", id, "failure"]) => (
+                "failure",
+                r(id.parse::<u32>()
+                    .map_err(|_| ApiError::new(400, format!("bad node id {id:?}")))
+                    .and_then(|id| parse(body).and_then(|b| m.report_failure(id, b)))
+                    .map(|()| json(200, &serde_json::json!({})))),
+            ),
             ("GET", ["v1", "pools"]) => ("pools", json(200, &m.pools())),
             ("POST", ["v1", "scrub"]) => (
                 "scrub",
@@ -428,6 +435,7 @@ impl Api {
             | (_, ["v1", "volumes", _])
             | (_, ["v1", "nodes", "register"])
             | (_, ["v1", "nodes", _, "heartbeat"])
+            | (_, ["v1", "nodes", _, "failure"])
             | (_, ["v1", "volumes", _, "iscsi"])
             | (
                 _,

@@ -585,6 +585,49 @@ impl Manager {
         })
     }
 
+    /// A storage daemon saw node `node_id`'s process end
+    /// (`FailureReport`). Noted if both nodes are registered and the
+    /// reporter is up (a node the manager holds down may be the one cut
+    /// off); `check_health` declares the node down once it has also been
+    /// silent for `health::FAILURE_REPORT_SILENCE`.
+    pub fn report_failure(&self, node_id: u32, report: FailureReport) -> Result<(), ApiError> {
+        self.report_failure_at(node_id, report, Instant::now())
+    }
+
+    /// `report_failure` at `now` (tests pass their own clock).
+    pub fn report_failure_at(
+        &self,
+        node_id: u32,
+        report: FailureReport,
+        now: Instant,
+    ) -> Result<(), ApiError> {
+        let mut inner = self.lock();
+        let known = |id: u32| inner.catalog.nodes.iter().any(|n| n.id == id);
+        if !known(node_id) || !known(report.reporter_node_id) {
+            return Err(ApiError::new(404, "node is not registered"));
+        }
+        if report.reporter_node_id == node_id {
+            return Err(ApiError::new(400, "a node cannot report itself"));
+        }
+        if !inner
+            .live
+            .get(&report.reporter_node_id)
+            .is_some_and(|l| l.up)
+        {
+            return Ok(());
+        }
+        let live = inner.live.entry(node_id).or_insert_with(Live::assumed_up);
+        if live.up {
+            tracing::info!(
+                node_id,
+                reporter = report.reporter_node_id,
+                "a peer saw the node's process end"
+            );
+            live.reported_failed = Some(now);
+        }
+        Ok(())
+    }
+
     pub fn heartbeat(
         &self,
         node_id: u32,
@@ -1451,6 +1494,65 @@ mod tests {
         let s = m.status();
         assert_eq!(s.daemons_down, 2);
         assert_eq!(s.disks_out, 1, "the second would leave 2 of 4 in");
+        drop(m);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    // Proves failure reports: a node a peer reported gone is declared
+    // down (its copies outdated, a new map) once silent for 600 ms, not
+    // after the 2 s grace; a report from a node held down, from an unknown
+    // node or about the reporter itself changes nothing; a report about a
+    // node that heartbeats afterwards does not take it down.
+    #[test]
+    fn failure_report_declares_down_before_the_grace() {
+        let dir = temp("failrep");
+        let cfg = config(&dir, Duration::from_secs(2));
+        let m = Manager::open(&cfg).unwrap();
+        let nodes: Vec<RegisterResponse> = ["n1", "n2", "n3"].iter().map(|n| reg(&m, n)).collect();
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let hb = || HeartbeatRequest {
+            recovery: Default::default(),
+            scrub: Default::default(),
+            disks: vec![],
+            volumes: vec![],
+        };
+        for n in &nodes {
+            m.heartbeat_at(n.node_id, hb(), ms(0)).unwrap();
+        }
+        let (a, b, c) = (nodes[0].node_id, nodes[1].node_id, nodes[2].node_id);
+        let by = |reporter| FailureReport {
+            reporter_node_id: reporter,
+        };
+        assert_eq!(
+            m.report_failure_at(a, by(a), ms(50)).unwrap_err().status,
+            400
+        );
+        assert_eq!(
+            m.report_failure_at(a, by(99), ms(50)).unwrap_err().status,
+            404
+        );
+        m.report_failure_at(b, by(a), ms(100)).unwrap();
+        m.check_health(ms(400));
+        assert_eq!(m.status().daemons_down, 0, "silent 400 ms only");
+        let epoch = m.map().epoch;
+        m.heartbeat_at(a, hb(), ms(500)).unwrap();
+        m.heartbeat_at(c, hb(), ms(500)).unwrap();
+        m.check_health(ms(700));
+        assert_eq!(m.status().daemons_down, 1, "reported and silent 700 ms");
+        assert!(!m.map().nodes.iter().find(|n| n.id == b).unwrap().up);
+        assert!(m.map().epoch > epoch, "a new map outdates its copies");
+        // Node c reported by a, but heard from afterwards: stays up.
+        m.report_failure_at(c, by(a), ms(750)).unwrap();
+        m.heartbeat_at(c, hb(), ms(800)).unwrap();
+        m.heartbeat_at(a, hb(), ms(800)).unwrap();
+        m.check_health(ms(1300));
+        assert_eq!(m.status().daemons_down, 1);
+        // A report from the node held down (b) is ignored.
+        m.report_failure_at(a, by(b), ms(1350)).unwrap();
+        m.heartbeat_at(c, hb(), ms(1400)).unwrap();
+        m.check_health(ms(1500));
+        assert_eq!(m.status().daemons_down, 1);
         drop(m);
         std::fs::remove_dir_all(dir).ok();
     }

@@ -22,7 +22,19 @@ pub struct Live {
     pub down_since: Option<Instant>,
     /// Recovery bytes pushed per second, from its last two heartbeats.
     pub recovery_rate: u64,
+    /// When a peer last reported the node's process gone (its replication
+    /// link closed): `FailureReport`.
+    pub reported_failed: Option<Instant>,
 }
+
+/// How long a node a peer reported gone must also have been silent before
+/// it is declared down without waiting out the grace: a little over two
+/// heartbeat intervals (250 ms), so a live node whose link merely closed
+/// has heartbeated since and stays up. Why: a daemon killed outright (no
+/// supervisor restarting it) used to stall its groups for the whole grace
+/// (2 s by default) although its peers knew within milliseconds; Ceph's
+/// OSDs report failed peers to the monitors the same way.
+pub const FAILURE_REPORT_SILENCE: Duration = Duration::from_millis(600);
 
 impl Live {
     /// A node known from the catalogue but not heard from yet.
@@ -37,7 +49,11 @@ impl Live {
 /// Whether a node with this liveness is up at `now`.
 pub fn is_up(live: &Live, started: Instant, now: Instant, grace: Duration) -> bool {
     let last = live.last_heartbeat.unwrap_or(started);
-    now.saturating_duration_since(last) < grace
+    let silent = now.saturating_duration_since(last);
+    // A report counts only if made after the last heartbeat: a node heard
+    // from since is alive whatever a peer saw.
+    let reported = live.reported_failed.is_some_and(|t| t > last);
+    silent < grace && !(reported && silent >= FAILURE_REPORT_SILENCE.min(grace))
 }
 
 /// Whether a node down since `down_since` is due to be taken out at `now`.
@@ -126,6 +142,28 @@ mod tests {
             transitions(&live, t0, t0 + Duration::from_secs(9), g),
             vec![(1, false), (2, false)]
         );
+    }
+
+    // Proves a peer's failure report declares a node down once it has
+    // also been silent for FAILURE_REPORT_SILENCE (not the whole grace),
+    // and counts only if made after the node's last heartbeat.
+    #[test]
+    fn failure_reports() {
+        let t0 = Instant::now();
+        let g = Duration::from_secs(2);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut l = Live {
+            last_heartbeat: Some(t0),
+            up: true,
+            ..Live::default()
+        };
+        assert!(is_up(&l, t0, ms(1000), g), "no report: the grace decides");
+        l.reported_failed = Some(ms(100));
+        assert!(is_up(&l, t0, ms(500), g), "reported, silent only 500 ms");
+        assert!(!is_up(&l, t0, ms(600), g), "reported, silent 600 ms: down");
+        l.last_heartbeat = Some(ms(550));
+        assert!(is_up(&l, t0, ms(1100), g), "heard from after the report");
+        assert!(!is_up(&l, t0, ms(2550), g), "the grace still applies");
     }
 
     // Proves the down-out clock and the recovery rate arithmetic.

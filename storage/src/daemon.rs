@@ -2936,6 +2936,9 @@ struct Driver {
     repair_reads: BTreeMap<u64, (PendingReply, u32, u32)>,
     next_client: u64,
     reports: mpsc::Sender<(u32, u32, u32, u64)>,
+    /// Nodes whose process a replication link saw end, for the manager
+    /// (`failure_loop`).
+    failures: mpsc::Sender<u32>,
     local: std::collections::VecDeque<ReplInput<Data>>,
     /// Counters as last published to the metrics.
     reported: repl::Stats,
@@ -3178,6 +3181,9 @@ impl Driver {
             }
             ReplIn::PeerLost(addr) => {
                 let map = self.shared.map();
+                for n in map.nodes.iter().filter(|n| n.addr == addr && n.up) {
+                    let _ = self.failures.send(n.id);
+                }
                 let disks: Vec<u32> = map
                     .nodes
                     .iter()
@@ -3946,10 +3952,38 @@ fn report_loop(shared: Arc<Shared>, rx: mpsc::Receiver<(u32, u32, u32, u64)>) {
     }
 }
 
+/// Tells the manager of peers whose process ended (blocking HTTP, off the
+/// driver): `POST /v1/nodes/{id}/failure`. The manager declares such a node
+/// down once it has also missed a little over two heartbeats, instead of
+/// waiting out the whole grace (docs/replication.md, "Failure reports").
+fn failure_loop(shared: Arc<Shared>, rx: mpsc::Receiver<u32>) {
+    let agent = http();
+    while let Ok(node) = rx.recv() {
+        let me = *shared.node_id.lock().expect("node id");
+        if me == 0 || node == me {
+            continue;
+        }
+        let body = tessera_wire::api::FailureReport {
+            reporter_node_id: me,
+        };
+        let r = agent
+            .post(&format!(
+                "{}/v1/nodes/{node}/failure",
+                shared.config.manager
+            ))
+            .send_json(&body);
+        match r {
+            Ok(_) => tracing::info!(node, "reported a peer's process gone"),
+            Err(e) => tracing::debug!(node, error = %e, "failure report refused"),
+        }
+    }
+}
+
 /// Start the driver for this daemon's disks; returns its input channel.
 fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle, registered: u64) -> ReplTx {
     let (tx, rx) = tmpsc::unbounded_channel();
     let (rtx, rrx) = mpsc::channel();
+    let (ftx, frx) = mpsc::channel();
     let disks: Vec<u32> = shared
         .disks
         .read()
@@ -4011,6 +4045,7 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle, registered: u64
         repair_reads: BTreeMap::new(),
         next_client: 1,
         reports: rtx,
+        failures: ftx,
         local: std::collections::VecDeque::new(),
         reported: repl::Stats::default(),
         active_published: u64::MAX,
@@ -4031,6 +4066,8 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle, registered: u64
     {
         let s = shared.clone();
         std::thread::spawn(move || report_loop(s, rrx));
+        let s = shared.clone();
+        std::thread::spawn(move || failure_loop(s, frx));
     }
     rt.spawn(driver.run(rx));
     tx

@@ -631,6 +631,18 @@ impl Cluster {
         }
     }
 
+    /// Stop `tessera up` itself with SIGSTOP (its children run on, but a
+    /// child that exits is not restarted) until the guard is resumed or
+    /// dropped.
+    pub fn freeze_supervisor(&self) -> Frozen {
+        let pid = self.child.as_ref().expect("tessera up runs").id();
+        kill(pid, libc::SIGSTOP);
+        Frozen {
+            pid,
+            resumed: false,
+        }
+    }
+
     /// Metrics text of the storage daemons the manager sees up (a stopped
     /// daemon would hold every scrape for the read timeout).
     pub fn live_storage_metrics(&self) -> Vec<String> {

@@ -345,3 +345,70 @@ fn gateway_killed_mid_write_and_restarted() {
     println!("{chunks} chunks identical on all three copies");
     c.stop();
 }
+
+// Proves failure reports (docs/replication.md, "Failure reports"): a
+// storage daemon killed outright, with nothing restarting it (the
+// supervisor is stopped), is declared down on its peers' report once it
+// has missed a little over two heartbeats, long before a grace set to 30 s
+// here would run out. Its peers' replication links closed when it died;
+// the manager counts their reports (route `failure`). Prints how long the
+// manager took.
+#[test]
+fn a_daemon_killed_outright_is_declared_down_on_its_peers_report() {
+    let dir = TempDir::new("failrep");
+    let opts = ClusterOptions {
+        storage_daemons: 3,
+        disk_size: "1G",
+        volumes: vec![("v".into(), "64M".into())],
+    };
+    let c = Cluster::start_with_args(
+        &dir.path().join("cluster"),
+        &opts,
+        &[],
+        &["--replicas", "3", "--heartbeat-grace-ms", "30000"],
+    );
+    let s = status_json(&c);
+    assert_eq!(s["pgs_clean"], s["pgs_total"], "{s}");
+    // Replication links are open once writes flow to every group.
+    let fio = spawn_fio_nbd(
+        &c.uri("v"),
+        &[
+            "--name=failrep",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16m",
+            "--iodepth=4",
+            "--rate_iops=200",
+            "--time_based",
+            "--runtime=20",
+        ],
+    );
+    poll("writes to flow", Duration::from_secs(30), || {
+        (writes_on_up_daemons(&c) > 300.0).then_some(())
+    });
+    let supervisor = c.freeze_supervisor();
+    let victim = c.pid("storage-2");
+    let t0 = Instant::now();
+    kill(victim, 9);
+    // Well inside the 30 s grace: only a report can explain it.
+    poll("storage-2 declared down", Duration::from_secs(15), || {
+        (status_json(&c)["daemons_down"] == 1).then_some(())
+    });
+    println!(
+        "killed daemon declared down after {:?} (grace 30 s)",
+        t0.elapsed()
+    );
+    let reports = http_get(&format!("{}/metrics", c.manager))
+        .map(|t| {
+            t.lines()
+                .filter(|l| l.contains("route=\"failure\"") && l.contains("code=\"200\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .unwrap_or(0.0);
+    assert!(reports > 0.0, "the manager received failure reports");
+    supervisor.resume();
+    fio_wait_ok(fio);
+    wait_clean(&c, Duration::from_secs(60));
+    c.stop();
+}

@@ -81,6 +81,15 @@ pub struct ScrubReport {
     pub unrepairable: u64,
 }
 
+/// `POST /v1/nodes/{id}/failure`: a storage daemon saw the process of node
+/// `id` end (its replication link closed); the manager declares it down
+/// once it has also been silent for `FAILURE_REPORT_SILENCE`, without
+/// waiting out the whole grace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureReport {
+    pub reporter_node_id: u32,
+}
+
 /// `POST /v1/nodes/{id}/heartbeat`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatRequest {
