@@ -13,19 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_tests::*;
 
-fn replicated(name: &str, volume_size: &str) -> (TempDir, Cluster) {
+fn replicated(name: &str, volume_size: &str, extra: &[&str]) -> (TempDir, Cluster) {
     let dir = TempDir::new(name);
     let opts = ClusterOptions {
         storage_daemons: 3,
         disk_size: "2G",
         volumes: vec![("v".into(), volume_size.into())],
     };
-    let c = Cluster::start_with_args(
-        &dir.path().join("cluster"),
-        &opts,
-        &[],
-        &["--replicas", "3"],
-    );
+    let args: Vec<&str> = ["--replicas", "3"].iter().chain(extra).copied().collect();
+    let c = Cluster::start_with_args(&dir.path().join("cluster"), &opts, &[], &args);
     let s = status_json(&c);
     assert_eq!(s["pgs_clean"], s["pgs_total"], "{s}");
     (dir, c)
@@ -83,7 +79,7 @@ fn busiest_primary(c: &Cluster, volume: &str, bytes: u64) -> (String, usize) {
 fn busiest_primary_killed_then_hung() {
     require(&["fio"]);
     const SPAN: u64 = 48 << 20;
-    let (dir, c) = replicated("failover-primary", "256M");
+    let (dir, c) = replicated("failover-primary", "256M", &[]);
     let lat = dir.path().join("lat");
     let fio = spawn_fio_nbd(
         &c.uri("v"),
@@ -237,7 +233,7 @@ fn writer(addr: String, w: u64, blocks: u64, stop: Arc<Mutex<bool>>, seen: Arc<M
 #[test]
 fn gateway_killed_mid_write_and_restarted() {
     const VOLUME: u64 = 64 << 20;
-    let (_dir, c) = replicated("failover-gateway", "64M");
+    let (_dir, c) = replicated("failover-gateway", "64M", &[]);
     let blocks = VOLUME / BLOCK;
     let run = |seen: &Vec<Arc<Mutex<Seen>>>| {
         let stop = Arc::new(Mutex::new(false));
@@ -355,20 +351,8 @@ fn gateway_killed_mid_write_and_restarted() {
 // manager took.
 #[test]
 fn a_daemon_killed_outright_is_declared_down_on_its_peers_report() {
-    let dir = TempDir::new("failrep");
-    let opts = ClusterOptions {
-        storage_daemons: 3,
-        disk_size: "1G",
-        volumes: vec![("v".into(), "64M".into())],
-    };
-    let c = Cluster::start_with_args(
-        &dir.path().join("cluster"),
-        &opts,
-        &[],
-        &["--replicas", "3", "--heartbeat-grace-ms", "30000"],
-    );
-    let s = status_json(&c);
-    assert_eq!(s["pgs_clean"], s["pgs_total"], "{s}");
+    require(&["fio"]);
+    let (_dir, c) = replicated("failrep", "64M", &["--heartbeat-grace-ms", "30000"]);
     // Replication links are open once writes flow to every group.
     let fio = spawn_fio_nbd(
         &c.uri("v"),

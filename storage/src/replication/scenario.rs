@@ -443,20 +443,29 @@ impl Cluster {
     /// again as a new process, which registers: a new incarnation, its
     /// copies outdated.
     fn crash_and_restart(&mut self, id: u32) {
+        self.restart_unpublished(id, true);
+        self.bump();
+        self.run();
+    }
+
+    /// `crash_and_restart` up to the map that says so (`bump` publishes
+    /// it): the new process gets its disk's log entries back only with
+    /// `recover` (without: the logs as they were, in memory only).
+    fn restart_unpublished(&mut self, id: u32, recover: bool) {
         let n = self.node(id);
         n.disk.lose_cache();
         n.held.clear();
         n.stopped = false;
         n.rep = Replicator::new([id]);
-        n.rep.recover_log(id, n.disk.recovered_log());
+        if recover {
+            n.rep.recover_log(id, n.disk.recovered_log());
+        }
         self.queue.retain(|(to, _)| *to != id);
         let d = &mut self.map.disks[id as usize - 1];
         d.incarnation += 1;
         d.up = true;
         let pgs = self.map.pgs.clone();
         outdate_disk(&pgs, &mut self.map.pg_states, id);
-        self.bump();
-        self.run();
     }
 
     /// The daemon's process dies (its disk loses what was not flushed) and
@@ -1249,6 +1258,29 @@ impl Cluster {
         (self.queue_change(extent, v, fua), v)
     }
 
+    /// Step until every one of `holders` holds `v` at `b` and has no
+    /// apply completing (their acknowledgements not yet delivered),
+    /// losing every change sent to `lost_to` on the way.
+    fn step_until_held(&mut self, b: Block, v: u64, holders: &[u32], lost_to: Option<u32>) {
+        for _ in 0..1000 {
+            self.queue.retain(|(to, i)| {
+                !(Some(*to) == lost_to
+                    && matches!(i, Input::Msg(m) if matches!(m.body, Body::Replicate { .. })))
+            });
+            let applied = holders
+                .iter()
+                .all(|h| self.nodes[*h as usize - 1].disk.get(b) == v);
+            let completing = self
+                .queue
+                .iter()
+                .any(|(to, i)| holders.contains(to) && matches!(i, Input::Applied { .. }));
+            if applied && !completing {
+                return;
+            }
+            self.step();
+        }
+    }
+
     fn copies_of(&self, b: Block) -> Vec<u64> {
         (1..=MEMBERS)
             .map(|id| self.nodes[id as usize - 1].disk.get(b))
@@ -1338,19 +1370,7 @@ fn compare_and_write_resent_after_failover_is_answered_ok() {
     let first = c.compare_and_write(0, 1, v, 100, 7);
     // Until both members applied the write and processed its completion;
     // their acknowledgements have not reached the primary yet.
-    for _ in 0..1000 {
-        let applied = members
-            .iter()
-            .all(|m| c.nodes[*m as usize - 1].disk.get(b) == 100);
-        let completing = c
-            .queue
-            .iter()
-            .any(|(to, i)| members.contains(to) && matches!(i, Input::Applied { .. }));
-        if applied && !completing {
-            break;
-        }
-        c.step();
-    }
+    c.step_until_held(b, 100, &members, None);
     c.die(primary);
     assert_eq!(c.replies.get(&first), None, "never answered");
     c.declare_down(primary);
@@ -1429,20 +1449,7 @@ fn a_resent_compare_and_write_waits_for_the_new_primarys_peering() {
     assert_eq!(c.map.primary(0), Some(p));
     c.compare_and_write(0, 1, v, 100, 7);
     // The write reaches node 2 only.
-    for _ in 0..1000 {
-        c.queue.retain(|(to, i)| {
-            !(*to == nc && matches!(i, Input::Msg(m) if matches!(m.body, Body::Replicate { .. })))
-        });
-        let applied = c.nodes[nb as usize - 1].disk.get(b) == 100;
-        let completing = c
-            .queue
-            .iter()
-            .any(|(to, i)| *to == nb && matches!(i, Input::Applied { .. }));
-        if applied && !completing {
-            break;
-        }
-        c.step();
-    }
+    c.step_until_held(b, 100, &[nb], Some(nc));
     assert_eq!(c.nodes[nc as usize - 1].disk.get(b), v);
     c.die(p);
     c.map.disks[p as usize - 1].up = false;
@@ -1660,12 +1667,7 @@ fn a_change_refused_over_a_corrupt_block_stays_uncertain_until_repaired() {
     );
     assert!(c.node(victim).disk.bad.contains(&b));
     c.die(p);
-    c.map.disks[p as usize - 1].up = false;
-    c.map.nodes[p as usize - 1].up = false;
-    let pgs = c.map.pgs.clone();
-    outdate_disk(&pgs, &mut c.map.pg_states, p);
-    c.bump();
-    c.run();
+    c.declare_down(p);
     c.ticks(3);
     assert_eq!(c.map.primary(0), Some(next));
     assert!(
@@ -1738,23 +1740,7 @@ fn a_change_two_crashed_copies_hold_is_made_to_agree_from_their_logs() {
         let b = (0, 2 * REGION_BYTES / BLOCK);
         let old = c.copies_of(b)[2];
         let (client, v) = c.queue_client(block_of(0, 2), false);
-        for _ in 0..1000 {
-            c.queue.retain(|(to, i)| {
-                !(*to == 3
-                    && matches!(i, Input::Msg(m) if matches!(m.body, Body::Replicate { .. })))
-            });
-            let applied = [1, 2]
-                .iter()
-                .all(|id| c.nodes[*id as usize - 1].disk.get(b) == v);
-            let completing = c
-                .queue
-                .iter()
-                .any(|(to, i)| *to != 3 && matches!(i, Input::Applied { .. }));
-            if applied && !completing {
-                break;
-            }
-            c.step();
-        }
+        c.step_until_held(b, v, &[1, 2], Some(3));
         assert_eq!(c.copies_of(b), vec![v, v, old]);
         assert_eq!(c.replies.get(&client), None, "never acknowledged");
         // The engines commit their journals (as they do every few MiB).
@@ -1762,19 +1748,8 @@ fn a_change_two_crashed_copies_hold_is_made_to_agree_from_their_logs() {
             c.node(id).disk.flush();
         }
         // Both crash at once; their new processes register.
-        let pgs = c.map.pgs.clone();
         for id in [1, 2] {
-            let n = c.node(id);
-            n.disk.lose_cache();
-            n.held.clear();
-            n.stopped = false;
-            n.rep = Replicator::new([id]);
-            if persisted {
-                n.rep.recover_log(id, n.disk.recovered_log());
-            }
-            c.queue.retain(|(to, _)| *to != id);
-            c.map.disks[id as usize - 1].incarnation += 1;
-            outdate_disk(&pgs, &mut c.map.pg_states, id);
+            c.restart_unpublished(id, persisted);
         }
         c.bump();
         assert_eq!(c.map.primary(0), Some(3));
@@ -1818,17 +1793,7 @@ fn a_compare_and_write_resent_to_a_restarted_last_copy_is_answered_ok() {
         c.crash_and_restart(2);
         // Node 1 dies too; its new process registers (the last up-to-date
         // copy stays up to date).
-        let n = c.node(1);
-        n.disk.lose_cache();
-        n.held.clear();
-        n.rep = Replicator::new([1]);
-        if persisted {
-            n.rep.recover_log(1, n.disk.recovered_log());
-        }
-        c.queue.retain(|(to, _)| *to != 1);
-        c.map.disks[0].incarnation += 1;
-        let pgs = c.map.pgs.clone();
-        outdate_disk(&pgs, &mut c.map.pg_states, 1);
+        c.restart_unpublished(1, persisted);
         c.bump();
         assert_eq!(c.map.primary(0), Some(1), "the last up-to-date copy leads");
         c.run();
@@ -1887,22 +1852,7 @@ fn a_resent_compare_and_write_is_written_to_every_member_of_the_write_set() {
         "node 3 outdated"
     );
     let first = c.compare_and_write(0, 1, v, 100, 7);
-    for _ in 0..1000 {
-        c.queue.retain(|(to, i)| {
-            !(*to == 3 && matches!(i, Input::Msg(m) if matches!(m.body, Body::Replicate { .. })))
-        });
-        let applied = [1, 2]
-            .iter()
-            .all(|m| c.nodes[*m as usize - 1].disk.get(b) == 100);
-        let completing = c
-            .queue
-            .iter()
-            .any(|(to, i)| *to != 3 && matches!(i, Input::Applied { .. }));
-        if applied && !completing {
-            break;
-        }
-        c.step();
-    }
+    c.step_until_held(b, 100, &[1, 2], Some(3));
     assert_eq!(c.copies_of(b), vec![100, 100, v]);
     c.die(1);
     assert_eq!(c.replies.get(&first), None, "never answered");
