@@ -1284,6 +1284,9 @@ impl<D: Disk> Engine<D> {
         note: Note,
     ) {
         let first = offset as usize / BLOCK;
+        // What a deferred request is rebuilt with. A `Cas` note comes only
+        // from `release`, which takes its write back out of `deferred` and
+        // defers the whole `Release` (token included) instead.
         let log = match note {
             Note::Log(t) => Some(t),
             _ => None,
