@@ -111,6 +111,18 @@ pub struct UpArgs {
     /// daemon.
     #[arg(long, value_parser = ["on", "off"])]
     pub relocate_reads: Option<String>,
+    /// Microseconds the storage daemons' and the gateway's event loops
+    /// keep polling after work before they sleep (0: sleep at once);
+    /// passed to each.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub busy_poll_us: Option<u32>,
+}
+
+/// `--busy-poll-us N` for a child, when given.
+fn busy_poll(a: &UpArgs) -> impl Iterator<Item = OsString> {
+    a.busy_poll_us
+        .into_iter()
+        .flat_map(|n| [OsString::from("--busy-poll-us"), n.to_string().into()])
 }
 
 pub fn parse_volume(s: &str) -> Result<(String, u64), String> {
@@ -367,6 +379,7 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
                     .iter()
                     .flat_map(|s| [OsString::from("--relocate-reads"), s.into()]),
             )
+            .chain(busy_poll(a))
             .collect(),
             log: logs.join(format!("storage-{i}.log")),
             child: None,
@@ -488,6 +501,7 @@ fn start_all(a: &UpArgs, dir: &Path, procs: &mut Vec<Proc>) -> Result<(), String
                     .iter()
                     .flat_map(|l| [OsString::from("--iscsi-listen"), l.into()]),
             )
+            .chain(busy_poll(a))
             .collect(),
             log: logs.join("gateway.log"),
             child: None,

@@ -307,7 +307,10 @@ const BATCH_MAX: usize = 256;
 /// Read replies until the connection fails; returns why it did.
 async fn read_replies<R: AsyncRead + Unpin>(rd: R, conn: &std::sync::Weak<Conn>) -> String {
     // One receive brings every reply the daemon sent together.
-    let mut rd = tokio::io::BufReader::with_capacity(crate::frameio::READ_BUFFER_BYTES, rd);
+    let mut rd = tokio::io::BufReader::with_capacity(
+        crate::frameio::READ_BUFFER_BYTES,
+        crate::busy_poll::Noted(rd),
+    );
     loop {
         let mut b = [0u8; HEADER_SIZE];
         if let Err(e) = rd.read_exact(&mut b).await {

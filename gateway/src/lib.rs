@@ -10,6 +10,7 @@
 //! The gateway holds no data.
 #![deny(unsafe_code)]
 
+pub mod busy_poll;
 pub mod client;
 pub mod embedded;
 pub mod frameio;

@@ -47,6 +47,13 @@ struct Args {
     /// more spread many busy connections over cores.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    /// Microseconds the event loop keeps polling its sockets after work
+    /// before it sleeps (0: sleep at once). A wake-up costs more than a
+    /// short poll on virtual machines (docs/ARCHITECTURE.md, "Polling
+    /// before sleeping"); with --threads 1 only.
+    #[arg(long, env = "TESSERA_BUSY_POLL_US", default_value_t = tessera_gateway::busy_poll::WINDOW_US_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    busy_poll_us: u32,
     /// Most NBD connections at once; extra ones are closed at accept.
     #[arg(long, default_value_t = server::CONNECTIONS_MAX,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
@@ -136,9 +143,11 @@ fn main() {
         (Some(_), true) => nbd::handshake::TlsMode::Required,
     };
     let rt = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        tessera_gateway::busy_poll::install(
+            tokio::runtime::Builder::new_current_thread().enable_all(),
+            Duration::from_micros(u64::from(args.busy_poll_us)),
+        )
+        .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(usize::from(args.threads))
@@ -200,6 +209,9 @@ fn main() {
         Some(access),
         tessera_gateway::iscsi::target::Config::default(),
     );
+    if args.threads == 1 && args.busy_poll_us > 0 {
+        rt.spawn(tessera_gateway::busy_poll::spinner());
+    }
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&args.nbd_listen)
             .await

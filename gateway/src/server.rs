@@ -6,6 +6,7 @@
 //! backlog); a handshake must finish within `handshake_timeout`. A
 //! misbehaving client only ever loses its own connection.
 
+use crate::busy_poll::Noted;
 use crate::metrics::Metrics;
 use crate::nbd::codec;
 use crate::nbd::handshake::{self, Agreed, ExportInfo, Exports, Handshake, Progress};
@@ -213,14 +214,18 @@ async fn connection(
     let end = match transport {
         Transport::Plain(s) => {
             let (r, w) = s.into_split();
-            let reader =
-                tokio::io::BufReader::with_capacity(session::READ_BUFFER_BYTES, prefix.chain(r));
+            let reader = tokio::io::BufReader::with_capacity(
+                session::READ_BUFFER_BYTES,
+                prefix.chain(Noted(r)),
+            );
             session::run(reader, w, volume, metrics, inflight, terms).await
         }
         Transport::Tls(s) => {
             let (r, w) = tokio::io::split(*s);
-            let reader =
-                tokio::io::BufReader::with_capacity(session::READ_BUFFER_BYTES, prefix.chain(r));
+            let reader = tokio::io::BufReader::with_capacity(
+                session::READ_BUFFER_BYTES,
+                prefix.chain(Noted(r)),
+            );
             session::run(reader, w, volume, metrics, inflight, terms).await
         }
     };

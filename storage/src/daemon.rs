@@ -163,6 +163,8 @@ pub struct Config {
     pub recovery_latency_factor: f64,
     /// Rewrite scattered reads contiguously (`Engine::set_relocation`).
     pub relocate_reads: bool,
+    /// How long the event loop polls after work before it sleeps.
+    pub busy_poll: Duration,
 }
 
 /// One decision of the adaptive recovery throttle (`Driver::adapt_rate`):
@@ -1389,7 +1391,10 @@ where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let mut rd = BufReader::with_capacity(tessera_gateway::frameio::READ_BUFFER_BYTES, rd);
+    let mut rd = BufReader::with_capacity(
+        tessera_gateway::frameio::READ_BUFFER_BYTES,
+        tessera_gateway::busy_poll::Noted(rd),
+    );
     let (tx, mut rx) = tmpsc::unbounded_channel::<Outgoing>();
     let writer = tokio::spawn(async move {
         let mut wr = wr;
@@ -2202,10 +2207,15 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     // One thread runs the network and every disk's engine: on the machines
     // this is measured on, crossing threads per request cost more CPU than
     // the request itself (docs/ARCHITECTURE.md, "Threads").
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Fatal::env(format!("cannot start runtime: {e}")))?;
+    let rt = tessera_gateway::busy_poll::install(
+        tokio::runtime::Builder::new_current_thread().enable_all(),
+        config.busy_poll,
+    )
+    .build()
+    .map_err(|e| Fatal::env(format!("cannot start runtime: {e}")))?;
+    if !config.busy_poll.is_zero() {
+        rt.spawn(tessera_gateway::busy_poll::spinner());
+    }
     let mut handles = Vec::new();
     for spec in &config.disks {
         let mut engine = open_engine(spec, config.engine, &map.cluster_id)?;

@@ -91,6 +91,13 @@ struct Args {
     /// sequential read of them is one disk read (on or off).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     relocate_reads: String,
+    /// Microseconds the event loop keeps polling its sockets and disks
+    /// after work before it sleeps (0: sleep at once). A wake-up costs more
+    /// than a short poll on virtual machines (docs/ARCHITECTURE.md,
+    /// "Polling before sleeping").
+    #[arg(long, env = "TESSERA_BUSY_POLL_US", default_value_t = tessera_gateway::busy_poll::WINDOW_US_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    busy_poll_us: u32,
 }
 
 fn main() {
@@ -129,6 +136,7 @@ fn main() {
         recovery_bytes_per_sec: a.recovery_bytes_per_sec,
         recovery_latency_factor: a.recovery_latency_factor,
         relocate_reads: a.relocate_reads == "on",
+        busy_poll: std::time::Duration::from_micros(u64::from(a.busy_poll_us)),
     };
     match daemon::run(config) {
         Ok(()) => std::process::exit(daemon::ExitCode::Ok as i32),

@@ -45,13 +45,13 @@ pub enum Read {
 
 /// Reads whole PDUs from a stream.
 pub struct Reader<R> {
-    rd: BufReader<R>,
+    rd: BufReader<crate::busy_poll::Noted<R>>,
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
     pub fn new(r: R) -> Reader<R> {
         Reader {
-            rd: BufReader::with_capacity(frameio::READ_BUFFER_BYTES, r),
+            rd: BufReader::with_capacity(frameio::READ_BUFFER_BYTES, crate::busy_poll::Noted(r)),
         }
     }
 

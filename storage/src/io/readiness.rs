@@ -39,6 +39,7 @@ impl CompletionReady {
     pub async fn wait(&self) -> std::io::Result<()> {
         let mut guard = self.fd.readable().await?;
         guard.clear_ready();
+        tessera_gateway::busy_poll::note_work();
         Ok(())
     }
 }
