@@ -212,6 +212,19 @@ class TesseraReplicated(Tessera):
     extra = ["--replicas", "3"]
 
 
+class TesseraNoPoll(Tessera):
+    """One copy with the event loops sleeping as soon as they run out of
+    work (`--busy-poll-us 0`, the behaviour before polling before sleeping)."""
+    name = "tessera-nopoll"
+    extra = ["--busy-poll-us", "0"]
+
+
+class TesseraReplicatedNoPoll(TesseraReplicated):
+    """Three copies, `--busy-poll-us 0`."""
+    name = "tessera-3x3-nopoll"
+    extra = TesseraReplicated.extra + ["--busy-poll-us", "0"]
+
+
 class QemuNbd(Nbd):
     name = "qemu-nbd"
 
@@ -303,7 +316,8 @@ def _stop_nbd_server(self):
 NbdServer.stop = _stop_nbd_server
 
 TARGETS = {"local": Local, "tessera": Tessera, "tessera-embedded": TesseraEmbedded,
-           "tessera-3x3": TesseraReplicated, "qemu-nbd": QemuNbd,
+           "tessera-3x3": TesseraReplicated, "tessera-nopoll": TesseraNoPoll,
+           "tessera-3x3-nopoll": TesseraReplicatedNoPoll, "qemu-nbd": QemuNbd,
            "nbdkit": Nbdkit, "nbdkit-null": NbdkitNull, "nbd-server": NbdServer}
 
 

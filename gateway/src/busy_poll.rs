@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// The default window, in microseconds.
-pub const WINDOW_US_DEFAULT: u32 = 500;
+pub const WINDOW_US_DEFAULT: u32 = 200;
 
 thread_local! {
     static WORKED: Cell<bool> = const { Cell::new(false) };

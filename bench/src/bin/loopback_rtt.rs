@@ -1,7 +1,10 @@
 //! Round trip of a message between two threads over loopback TCP and over
 //! a Unix socket pair: latency and CPU time (both ends) per round trip.
 //! The floor under every network hop of the data path on this machine
-//! (docs/nbd.md, "Where the time goes").
+//! (docs/nbd.md, "Where the time goes"). "polled" is loopback TCP with both
+//! ends polling their socket (non-blocking reads, `sched_yield` between
+//! tries) instead of sleeping in the kernel: what a wake-up costs
+//! (docs/ARCHITECTURE.md, "Polling before sleeping").
 //!
 //!   cargo run --release -p tessera-bench --bin loopback_rtt [ROUND_TRIPS=20000]
 
@@ -47,6 +50,43 @@ fn ping_pong<S: Read + Write + Send + 'static>(
     (rtt, (cpu_us() - c0) / n as f64)
 }
 
+/// A non-blocking socket read by polling: never sleeps in the kernel.
+struct Polled(std::net::TcpStream);
+
+impl Read for Polled {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Write for Polled {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                r => return r,
+            }
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (b, _) = l.accept().expect("accept");
+    a.set_nodelay(true).expect("nodelay");
+    b.set_nodelay(true).expect("nodelay");
+    (a, b)
+}
+
 fn main() {
     let n: usize = std::env::args()
         .nth(1)
@@ -54,16 +94,16 @@ fn main() {
         .unwrap_or(20_000);
     // 64 B: a request header; 4160 B: a 4 KiB write with its header.
     for size in [64usize, 4160] {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let a = std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-        let (b, _) = l.accept().expect("accept");
-        a.set_nodelay(true).expect("nodelay");
-        b.set_nodelay(true).expect("nodelay");
+        let (a, b) = tcp_pair();
         let (tcp, tcp_cpu) = ping_pong(a, b, n, size);
+        let (a, b) = tcp_pair();
+        a.set_nonblocking(true).expect("nonblocking");
+        b.set_nonblocking(true).expect("nonblocking");
+        let (polled, polled_cpu) = ping_pong(Polled(a), Polled(b), n, size);
         let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let (uds, uds_cpu) = ping_pong(a, b, n, size);
         println!(
-            "{size:>5} B: tcp loopback {tcp:.1} µs, cpu {tcp_cpu:.1} µs | unix socket {uds:.1} µs, cpu {uds_cpu:.1} µs"
+            "{size:>5} B: tcp loopback {tcp:.1} µs, cpu {tcp_cpu:.1} µs | polled {polled:.1} µs, cpu {polled_cpu:.1} µs | unix socket {uds:.1} µs, cpu {uds_cpu:.1} µs"
         );
     }
 }
