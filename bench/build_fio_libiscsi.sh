@@ -29,7 +29,10 @@ mkdir -p "$dir/src"
 cd "$dir/src"
 apt-get source -qq fio >/dev/null 2>&1
 cd fio-*/
-./configure --enable-libiscsi --disable-native | grep -q 'iscsi engine *yes' \
+# Captured first: `grep -q` stops reading at its match, and under pipefail
+# the configure script's SIGPIPE would fail the build.
+conf=$(./configure --enable-libiscsi --disable-native)
+grep -q 'iscsi engine *yes' <<<"$conf" \
   || { echo "fio's configure did not enable the libiscsi engine" >&2; exit 1; }
 make -j"$(nproc)" fio >/dev/null
 ./fio --enghelp=libiscsi >/dev/null

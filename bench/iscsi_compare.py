@@ -6,6 +6,8 @@ In one run, on the same disk:
               a 512-byte-block volume written in full first
   * tessera-embedded - the same with `--embedded-gateway` (the gateway
               inside the storage daemon)
+  * tessera-nopoll - `tessera` with `--busy-poll-us 0` (event loops that
+              sleep as soon as they run out of work)
   * tgtd    - a file LUN of the same size, written in full first, with
               `--bstype aio` (which opens the file O_DIRECT itself; tgtd
               refuses `--bsoflags direct` for aio), one portal
@@ -163,6 +165,13 @@ class TesseraEmbedded(Tessera):
     extra = ["--embedded-gateway"]
 
 
+class TesseraNoPoll(Tessera):
+    """One copy with the event loops sleeping as soon as they run out of
+    work (`--busy-poll-us 0`, as before polling before sleeping)."""
+    name = "tessera-nopoll"
+    extra = ["--busy-poll-us", "0"]
+
+
 class Tgt:
     name = "tgtd"
 
@@ -290,9 +299,10 @@ def main():
     try:
         targets.append(Tessera(work, size))
         targets.append(TesseraEmbedded(work, size))
+        targets.append(TesseraNoPoll(work, size))
         targets.append(Tgt(work, size))
         tgt = targets[-1]
-        order = ["tessera", "tessera-embedded", "tgtd", "local"]
+        order = ["tessera", "tessera-embedded", "tessera-nopoll", "tgtd", "local"]
         if a.null:
             targets.append(TgtNull(work, size))
             order.append("tgtd-null")
