@@ -34,6 +34,8 @@ pub const WINDOW_US_DEFAULT: u32 = 200;
 thread_local! {
     static WORKED: Cell<bool> = const { Cell::new(false) };
     static STATE: RefCell<State> = const { RefCell::new(State::new(Duration::ZERO)) };
+    /// Times the spinner ran on this thread (tests watch it).
+    static SPINS: Cell<u64> = const { Cell::new(0) };
 }
 
 /// The window a thread starts growing from (as the kernel's haltpoll
@@ -141,6 +143,7 @@ fn before_park(max: Duration) {
 /// ends; spawn it once per runtime that polls.
 pub async fn spinner() {
     std::future::poll_fn(|cx: &mut Context<'_>| {
+        SPINS.with(|n| n.set(n.get() + 1));
         STATE.with(|s| s.borrow_mut().waker = Some(cx.waker().clone()));
         Poll::<()>::Pending
     })
@@ -224,6 +227,64 @@ mod tests {
         s.after_unpark(t + us(400) + us(401));
         assert_eq!(s.window, Duration::ZERO);
         assert!(!s.before_park(true, t + us(801)));
+    }
+
+    // Proves the runtime integration: on a current-thread runtime with the
+    // hook, bytes arriving through a `Noted` reader keep the thread polling
+    // (the spinner runs again and again instead of the thread blocking),
+    // and once the window has passed with no more work it blocks (the
+    // spinner stops running).
+    #[test]
+    fn a_runtime_polls_after_bytes_arrive_and_then_sleeps() {
+        use tokio::io::AsyncReadExt;
+        let mut b = tokio::runtime::Builder::new_current_thread();
+        let rt = install(b.enable_all(), Duration::from_millis(20))
+            .build()
+            .expect("runtime");
+        let spins = || SPINS.with(|n| n.get());
+        rt.block_on(async {
+            tokio::spawn(spinner());
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let writer = std::thread::spawn(move || {
+                use std::io::Write;
+                let mut c = std::net::TcpStream::connect(addr).expect("connect");
+                c.write_all(b"work").expect("write");
+                c
+            });
+            let (s, _) = l.accept().await.expect("accept");
+            let mut r = Noted(s);
+            let mut buf = [0u8; 4];
+            r.read_exact(&mut buf).await.expect("read");
+            let at_work = spins();
+            // Polling: the spinner keeps running while the thread waits
+            // for a timer it would otherwise sleep through.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while spins() < at_work + 10 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the thread never polled after work"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // Then it sleeps: across a whole window and more, the spinner
+            // stays still.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let before = spins();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if spins() == before {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the thread kept polling without work"
+                );
+            }
+            drop(writer.join().expect("writer"));
+        });
     }
 
     // Proves the hook wakes the spinner (so the scheduler polls instead of
