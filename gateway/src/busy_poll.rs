@@ -2,11 +2,11 @@
 //! polling its sockets and rings for a short window before it blocks.
 //!
 //! Why: on the VMs this is measured on, a thread that blocks and is woken
-//! again costs about 40 µs of latency and 25 µs of CPU (an idle vCPU halts;
-//! waking it is an inter-processor interrupt through the hypervisor). A
-//! loopback TCP round trip between two processes took 78-106 µs when both
-//! blocked and 12-14 µs when both polled, and cost *less* CPU polling (21
-//! µs per round trip against 50). A replicated write at queue depth 1
+//! again costs more than a short poll (an idle vCPU halts; waking it is an
+//! inter-processor interrupt through the hypervisor). A loopback TCP round
+//! trip between two threads took 109 µs and 77 µs of CPU when both blocked,
+//! 12 µs and 24 µs of CPU when both polled (`cargo run --release -p
+//! tessera-bench --bin loopback_rtt`): polling cost *less* CPU. A replicated write at queue depth 1
 //! crosses seven such wake-ups one after the other (client -> gateway ->
 //! primary -> replicas -> disk -> primary -> gateway -> client). Polling
 //! only while work is likely to follow (the window after the last bytes or
@@ -18,8 +18,8 @@
 //! How: tokio's current-thread scheduler calls `on_thread_park` before it
 //! blocks in the reactor; when that hook wakes a task, the scheduler polls
 //! the reactor without blocking instead (`epoll_wait` with a zero timeout)
-//! and comes back. [`install`] sets the hook and [`spinner`] is the task it
-//! wakes. Readers of sockets ([`Noted`]) and of completion rings
+//! and comes back. [`runtime`] builds a runtime with the hook and spawns
+//! [`spinner`], the task it wakes. Readers of sockets ([`Noted`]) and of completion rings
 //! ([`note_work`]) mark that work arrived, which restarts the window.
 
 use std::cell::{Cell, RefCell};
@@ -47,8 +47,8 @@ const WINDOW_START: Duration = Duration::from_micros(50);
 /// most) when the thread blocked and was woken soon enough that a longer
 /// window would have caught the wake, and ends (zero) when it slept longer
 /// than the most. A thread whose work comes in sparse bursts so polls
-/// little past each burst (halving instead cost twice the CPU per write of
-/// no polling at 1,000 writes/s); one serving requests back to back polls
+/// little past each burst (halving instead kept a
+/// thread polling through most of the idle gaps of a paced light load); one serving requests back to back polls
 /// through the gaps.
 struct State {
     max: Duration,
@@ -101,20 +101,21 @@ pub fn note_work() {
     WORKED.with(|w| w.set(true));
 }
 
-/// Set up polling before sleeping on a current-thread runtime's builder:
-/// after work, its thread polls for up to `max` before it blocks (the
-/// window adapts, see [`State`]). A zero `max` leaves the builder as it
-/// was. [`spinner`] must then be spawned on the runtime.
-pub fn install(
-    builder: &mut tokio::runtime::Builder,
-    max: Duration,
-) -> &mut tokio::runtime::Builder {
+/// A current-thread runtime (I/O and time enabled) whose thread, after
+/// work, polls for up to `max` before it blocks (the window adapts, see
+/// [`State`]); with a zero `max` an ordinary one.
+pub fn runtime(max: Duration) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_current_thread();
+    b.enable_all();
     if max.is_zero() {
-        return builder;
+        return b.build();
     }
-    builder
+    let rt = b
         .on_thread_park(move || before_park(max))
         .on_thread_unpark(|| STATE.with(|s| s.borrow_mut().after_unpark(Instant::now())))
+        .build()?;
+    rt.spawn(spinner());
+    Ok(rt)
 }
 
 fn before_park(max: Duration) {
@@ -139,9 +140,9 @@ fn before_park(max: Duration) {
     }
 }
 
-/// The task [`install`]'s hook wakes to keep its thread polling. Never
-/// ends; spawn it once per runtime that polls.
-pub async fn spinner() {
+/// The task the hook of [`runtime`] wakes to keep its thread polling.
+/// Never ends; spawned once per runtime that polls.
+async fn spinner() {
     std::future::poll_fn(|cx: &mut Context<'_>| {
         SPINS.with(|n| n.set(n.get() + 1));
         STATE.with(|s| s.borrow_mut().waker = Some(cx.waker().clone()));
@@ -237,13 +238,9 @@ mod tests {
     #[test]
     fn a_runtime_polls_after_bytes_arrive_and_then_sleeps() {
         use tokio::io::AsyncReadExt;
-        let mut b = tokio::runtime::Builder::new_current_thread();
-        let rt = install(b.enable_all(), Duration::from_millis(20))
-            .build()
-            .expect("runtime");
+        let rt = runtime(Duration::from_millis(20)).expect("runtime");
         let spins = || SPINS.with(|n| n.get());
         rt.block_on(async {
-            tokio::spawn(spinner());
             let l = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");

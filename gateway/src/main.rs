@@ -143,11 +143,7 @@ fn main() {
         (Some(_), true) => nbd::handshake::TlsMode::Required,
     };
     let rt = if args.threads == 1 {
-        tessera_gateway::busy_poll::install(
-            tokio::runtime::Builder::new_current_thread().enable_all(),
-            Duration::from_micros(u64::from(args.busy_poll_us)),
-        )
-        .build()
+        tessera_gateway::busy_poll::runtime(Duration::from_micros(u64::from(args.busy_poll_us)))
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(usize::from(args.threads))
@@ -209,9 +205,6 @@ fn main() {
         Some(access),
         tessera_gateway::iscsi::target::Config::default(),
     );
-    if args.threads == 1 && args.busy_poll_us > 0 {
-        rt.spawn(tessera_gateway::busy_poll::spinner());
-    }
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&args.nbd_listen)
             .await

@@ -2207,15 +2207,8 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     // One thread runs the network and every disk's engine: on the machines
     // this is measured on, crossing threads per request cost more CPU than
     // the request itself (docs/ARCHITECTURE.md, "Threads").
-    let rt = tessera_gateway::busy_poll::install(
-        tokio::runtime::Builder::new_current_thread().enable_all(),
-        config.busy_poll,
-    )
-    .build()
-    .map_err(|e| Fatal::env(format!("cannot start runtime: {e}")))?;
-    if !config.busy_poll.is_zero() {
-        rt.spawn(tessera_gateway::busy_poll::spinner());
-    }
+    let rt = tessera_gateway::busy_poll::runtime(config.busy_poll)
+        .map_err(|e| Fatal::env(format!("cannot start runtime: {e}")))?;
     let mut handles = Vec::new();
     for spec in &config.disks {
         let mut engine = open_engine(spec, config.engine, &map.cluster_id)?;
