@@ -31,6 +31,15 @@ const LBA_STATUS_SCAN_BYTES: u64 = 256 << 20;
 /// Times an ORWRITE reads, ORs and compares-and-writes before it gives up
 /// on blocks other writers keep changing (ABORTED COMMAND: retried).
 const ORWRITE_ATTEMPTS: usize = 64;
+/// Pause after an ORWRITE's n-th miscompare: n times this, at most
+/// [`ORWRITE_BACKOFF_MAX`]. Without it a writer whose read-to-compare
+/// round trip is longer (through another gateway) could lose to faster
+/// writers of the same block every time until it gave up (the likely
+/// cause of one CHECK CONDITION in a full test run, sense not recorded:
+/// four sessions on two gateways setting bits of one block); pausing lets
+/// the others finish and bounds the retries' load.
+const ORWRITE_BACKOFF: std::time::Duration = std::time::Duration::from_micros(100);
+const ORWRITE_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Unit attentions kept per I_T nexus; older ones are dropped beyond this.
 pub const UNIT_ATTENTIONS_MAX: usize = 8;
@@ -632,7 +641,7 @@ async fn run(
             {
                 let _shared = cx.lun.atomic.read().await;
                 let mut supported = true;
-                for _ in 0..ORWRITE_ATTEMPTS {
+                for attempt in 1..=ORWRITE_ATTEMPTS as u32 {
                     let medium = match vol.read(r.lba * bs, span as u32).await {
                         Ok(d) => d,
                         Err(e) => return io(e, false),
@@ -643,7 +652,11 @@ async fn run(
                     }
                     match vol.compare_and_write(r.lba * bs, medium, next, r.fua).await {
                         Ok(()) => return good(Vec::new()),
-                        Err(VolumeError::Miscompare(_)) => continue,
+                        Err(VolumeError::Miscompare(_)) => {
+                            let pause = (ORWRITE_BACKOFF * attempt).min(ORWRITE_BACKOFF_MAX);
+                            tokio::time::sleep(pause).await;
+                            continue;
+                        }
                         Err(VolumeError::NotSupported) => supported = false,
                         Err(e) => return io(e, true),
                     }
