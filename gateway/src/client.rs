@@ -105,8 +105,15 @@ impl Drop for SlotGuard<'_> {
 
 impl Conn {
     /// Connect, say Hello, and start the reader and writer tasks.
+    /// A daemon on this host (a loopback address) is dialed over its Unix
+    /// socket first (`unix_link`).
     pub async fn connect(addr: &str, cluster_id: &str, epoch: u64) -> Result<Arc<Conn>, ConnError> {
         let cerr = |e: String| ConnError::Connect(addr.to_string(), e);
+        if let Some(mut stream) = crate::unix_link::connect(addr) {
+            hello(addr, &mut stream, cluster_id, epoch).await?;
+            let (rd, wr) = stream.into_split();
+            return Ok(Conn::start(addr, "unix", rd, wr));
+        }
         let mut stream = tokio::time::timeout(
             Duration::from_millis(CONNECT_TIMEOUT_MS),
             TcpStream::connect(addr),
@@ -118,7 +125,7 @@ impl Conn {
         hello(addr, &mut stream, cluster_id, epoch).await?;
         // The owned halves of a TCP stream need no lock between them.
         let (rd, wr) = stream.into_split();
-        Ok(Conn::start(addr, rd, wr))
+        Ok(Conn::start(addr, "tcp", rd, wr))
     }
 
     /// Talk to a storage daemon in this process over an in-memory stream
@@ -132,10 +139,10 @@ impl Conn {
     ) -> Result<Arc<Conn>, ConnError> {
         hello(addr, &mut stream, cluster_id, epoch).await?;
         let (rd, wr) = tokio::io::split(stream);
-        Ok(Conn::start(addr, rd, wr))
+        Ok(Conn::start(addr, "in-process", rd, wr))
     }
 
-    fn start<R, W>(addr: &str, rd: R, wr: W) -> Arc<Conn>
+    fn start<R, W>(addr: &str, via: &str, rd: R, wr: W) -> Arc<Conn>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -168,7 +175,7 @@ impl Conn {
                 c.fail_all(format!("write: {e}"));
             }
         });
-        tracing::info!(addr, "connected to storage daemon");
+        tracing::info!(addr, via, "connected to storage daemon");
         conn
     }
 

@@ -20,4 +20,5 @@ pub mod metrics;
 pub mod nbd;
 pub mod routing;
 pub mod server;
+pub mod unix_link;
 pub mod volume;

@@ -1383,8 +1383,25 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     serve_stream(rd, wr, peer, shared).await;
 }
 
-/// Serve one connection of the internal protocol: a TCP connection, or the
-/// in-memory stream of the gateway embedded in this process (same
+/// The next connection on the Unix listener; never, when there is none.
+async fn accept_unix(
+    l: Option<&tokio::net::UnixListener>,
+) -> std::io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection from this host over the daemon's Unix socket
+/// (`tessera_gateway::unix_link`): served like a TCP one.
+async fn serve_unix_connection(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
+    let (rd, wr) = stream.into_split();
+    serve_stream(rd, wr, None, shared).await;
+}
+
+/// Serve one connection of the internal protocol: a TCP or Unix socket
+/// connection, or the in-memory stream of the gateway embedded in this process (same
 /// protocol, same checks).
 async fn serve_stream<R, W>(rd: R, wr: W, peer: Option<std::net::SocketAddr>, shared: Arc<Shared>)
 where
@@ -1501,6 +1518,11 @@ where
                 .with_label_values(&[op_name(h.op)])
                 .inc();
             if h.op == Op::Repl {
+                // Replication messages are one-way: an accepted one gets no
+                // reply (the sender would only read and drop it, and each
+                // reply cost a send here and a receive there per message).
+                // A refused one is answered, so the refusal shows on the
+                // wire, and counted.
                 let status = accept_repl(&shared, &h, repl_msg.take());
                 if status != Status::Ok {
                     shared
@@ -1508,12 +1530,12 @@ where
                         .errors
                         .with_label_values(&[status_name(status)])
                         .inc();
+                    let _ = tx.send(Outgoing {
+                        header: h.reply_to(status, shared.map().epoch, 0),
+                        data: ReadData::default(),
+                        _permit: Some(permit),
+                    });
                 }
-                let _ = tx.send(Outgoing {
-                    header: h.reply_to(status, shared.map().epoch, 0),
-                    data: ReadData::default(),
-                    _permit: Some(permit),
-                });
                 continue;
             }
             match admit(&shared, &h, write_data, &payload).await {
@@ -2239,6 +2261,19 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         .advertise
         .clone()
         .unwrap_or_else(|| bound.to_string());
+    // Peers on this host reach an advertised loopback address over a Unix
+    // socket too (cheaper than loopback TCP; `unix_link`). Taken (another
+    // process of this address still running?) or refused: TCP only.
+    let unix_listener = {
+        let _guard = rt.enter();
+        match tessera_gateway::unix_link::listen(&advertise) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(%advertise, error = %e, "no Unix socket for same-host peers; TCP only");
+                None
+            }
+        }
+    };
     let shared = Arc::new(Shared {
         config: config.clone(),
         map: RwLock::new(Arc::new(map)),
@@ -2361,6 +2396,20 @@ pub fn run(config: Config) -> Result<(), Fatal> {
                     s.metrics.connections.inc();
                     tokio::spawn(async move {
                         serve_connection(stream, s.clone()).await;
+                        s.metrics.connections.dec();
+                        drop(permit);
+                    });
+                }
+                r = accept_unix(unix_listener.as_ref()) => {
+                    let Ok((stream, _)) = r else { continue };
+                    let Ok(permit) = conns.clone().try_acquire_owned() else {
+                        tracing::warn!("connection limit reached; refusing");
+                        continue;
+                    };
+                    let s = s.clone();
+                    s.metrics.connections.inc();
+                    tokio::spawn(async move {
+                        serve_unix_connection(stream, s.clone()).await;
                         s.metrics.connections.dec();
                         drop(permit);
                     });
@@ -2773,17 +2822,41 @@ impl Peers {
 async fn peer_task(
     addr: String,
     cluster_id: String,
-    mut rx: tmpsc::Receiver<PeerFrame>,
+    rx: tmpsc::Receiver<PeerFrame>,
     driver: ReplTx,
 ) {
+    // A peer on this host over its Unix socket, else TCP (`unix_link`).
+    if let Some(stream) = tessera_gateway::unix_link::connect(&addr) {
+        let (rd, wr) = stream.into_split();
+        return peer_link(addr, "unix", cluster_id, rx, driver, rd, wr).await;
+    }
     let connect = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&addr));
     let Ok(Ok(stream)) = connect.await else {
         tracing::debug!(%addr, "cannot reach peer daemon");
         return;
     };
     let _ = stream.set_nodelay(true);
-    let (mut rd, wr) = stream.into_split();
-    // Replies only acknowledge receipt: read and drop them. The peer's end
+    let (rd, wr) = stream.into_split();
+    peer_link(addr, "tcp", cluster_id, rx, driver, rd, wr).await
+}
+
+/// Send `rx`'s frames to a peer over a connected stream until either end
+/// closes it.
+async fn peer_link<R, W>(
+    addr: String,
+    via: &str,
+    cluster_id: String,
+    mut rx: tmpsc::Receiver<PeerFrame>,
+    driver: ReplTx,
+    mut rd: R,
+    wr: W,
+) where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    tracing::info!(%addr, via, "replication link to peer daemon");
+    // The peer answers only a message it refused (a stale epoch, a bad
+    // CRC): read and drop those. The peer's end
     // closing (its process died, or it dropped the link) says at once that
     // whatever it held in memory is gone: the driver settles the groups it
     // was a member of (`Input::MemberLost`), once per link, and the link

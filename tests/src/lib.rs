@@ -227,7 +227,20 @@ impl Cluster {
         iscsi_listen: &[&str],
         extra: &[&str],
     ) -> Cluster {
+        Cluster::start_with_env(dir, opts, iscsi_listen, extra, &[])
+    }
+
+    /// Start with extra arguments and environment variables for `tessera
+    /// up` and the daemons it starts (e.g. `TESSERA_UNIX_LINKS=off`).
+    pub fn start_with_env(
+        dir: &Path,
+        opts: &ClusterOptions,
+        iscsi_listen: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let mut cmd = Command::new(bin("tessera"));
+        cmd.envs(env.iter().copied());
         cmd.arg("up")
             .arg("--dir")
             .arg(dir)
@@ -812,4 +825,36 @@ pub fn assert_each_increment_once(
         "each value incremented once"
     );
     misses
+}
+
+/// How the links a process logged were made, from its log under the
+/// cluster's `logs/` (`log`: "gateway", "storage-0", ...): "unix", "tcp" or
+/// "in-process" for each line containing `what` ("connected to storage
+/// daemon" in the gateway's, "replication link to peer daemon" in a storage
+/// daemon's).
+pub fn link_transports(c: &Cluster, log: &str, what: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(c.dir.join(format!("logs/{log}.log"))).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            ["unix", "tcp", "in-process"]
+                .into_iter()
+                .find(|v| l.contains(&format!("\"{v}\"")))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// Every link the gateway and the storage daemons logged, as
+/// `link_transports` gives them.
+pub fn all_link_transports(c: &Cluster, daemons: u32) -> Vec<String> {
+    let mut v = link_transports(c, "gateway", "connected to storage daemon");
+    for i in 0..daemons {
+        v.extend(link_transports(
+            c,
+            &format!("storage-{i}"),
+            "replication link to peer daemon",
+        ));
+    }
+    v
 }

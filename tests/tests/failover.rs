@@ -149,6 +149,13 @@ fn busiest_primary_killed_then_hung() {
     wait_clean(&c, Duration::from_secs(60));
     let chunks = compare_copies(&c, "v");
     println!("{chunks} chunks identical on all three copies");
+    // Same-host links over Unix sockets (the default for loopback
+    // addresses); replication.rs runs its scenario over TCP.
+    let links = all_link_transports(&c, 3);
+    assert!(
+        links.len() >= 3 && links.iter().all(|v| v == "unix"),
+        "links: {links:?}"
+    );
     c.stop();
 }
 

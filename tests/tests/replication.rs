@@ -38,11 +38,15 @@ fn three_copies_survive_kill9_and_sigstop() {
         disk_size: "2G",
         volumes: vec![("r".into(), "256M".into())],
     };
-    let c = Cluster::start_with_args(
+    // Over TCP: every other scenario runs the daemons' same-host links over
+    // Unix sockets (the default for loopback addresses), this one proves
+    // the transport of separate hosts.
+    let c = Cluster::start_with_env(
         &dir.path().join("cluster"),
         &opts,
         &[],
         &["--replicas", "3"],
+        &[("TESSERA_UNIX_LINKS", "off")],
     );
     let s = status_json(&c);
     assert_eq!(s["pgs_clean"], s["pgs_total"], "{s}");
@@ -146,5 +150,10 @@ fn three_copies_survive_kill9_and_sigstop() {
     wait_clean(&c, Duration::from_secs(60));
     let chunks = compare_copies(&c, "r");
     println!("{chunks} chunks identical on all three copies");
+    let links = all_link_transports(&c, 3);
+    assert!(
+        links.len() >= 3 && links.iter().all(|v| v == "tcp"),
+        "links: {links:?}"
+    );
     c.stop();
 }

@@ -4,7 +4,8 @@
 //! (docs/nbd.md, "Where the time goes"). "polled" is loopback TCP with both
 //! ends polling their socket (non-blocking reads, `sched_yield` between
 //! tries) instead of sleeping in the kernel: what a wake-up costs
-//! (docs/ARCHITECTURE.md, "Polling before sleeping").
+//! (docs/ARCHITECTURE.md, "Polling before sleeping"); "unix polled" the
+//! same over a Unix socket pair: what the TCP stack itself costs.
 //!
 //!   cargo run --release -p tessera-bench --bin loopback_rtt [ROUND_TRIPS=20000]
 
@@ -51,9 +52,9 @@ fn ping_pong<S: Read + Write + Send + 'static>(
 }
 
 /// A non-blocking socket read by polling: never sleeps in the kernel.
-struct Polled(std::net::TcpStream);
+struct Polled<S>(S);
 
-impl Read for Polled {
+impl<S: Read> Read for Polled<S> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
             match self.0.read(buf) {
@@ -64,7 +65,7 @@ impl Read for Polled {
     }
 }
 
-impl Write for Polled {
+impl<S: Write> Write for Polled<S> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         loop {
             match self.0.write(buf) {
@@ -102,8 +103,12 @@ fn main() {
         let (polled, polled_cpu) = ping_pong(Polled(a), Polled(b), n, size);
         let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let (uds, uds_cpu) = ping_pong(a, b, n, size);
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        a.set_nonblocking(true).expect("nonblocking");
+        b.set_nonblocking(true).expect("nonblocking");
+        let (upolled, upolled_cpu) = ping_pong(Polled(a), Polled(b), n, size);
         println!(
-            "{size:>5} B: tcp loopback {tcp:.1} µs, cpu {tcp_cpu:.1} µs | polled {polled:.1} µs, cpu {polled_cpu:.1} µs | unix socket {uds:.1} µs, cpu {uds_cpu:.1} µs"
+            "{size:>5} B: tcp loopback {tcp:.1} µs, cpu {tcp_cpu:.1} µs | polled {polled:.1} µs, cpu {polled_cpu:.1} µs | unix socket {uds:.1} µs, cpu {uds_cpu:.1} µs | unix polled {upolled:.1} µs, cpu {upolled_cpu:.1} µs"
         );
     }
 }
