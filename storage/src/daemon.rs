@@ -1383,6 +1383,12 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     serve_stream(rd, wr, peer, shared).await;
 }
 
+/// A connection accepted by the daemon's listeners.
+enum Incoming {
+    Tcp(TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
 /// The next connection on the Unix listener; never, when there is none.
 async fn accept_unix(
     l: Option<&tokio::net::UnixListener>,
@@ -2385,38 +2391,27 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         loop {
-            tokio::select! {
-                r = listener.accept() => {
-                    let Ok((stream, _)) = r else { continue };
-                    let Ok(permit) = conns.clone().try_acquire_owned() else {
-                        tracing::warn!("connection limit reached; refusing");
-                        continue;
-                    };
-                    let s = s.clone();
-                    s.metrics.connections.inc();
-                    tokio::spawn(async move {
-                        serve_connection(stream, s.clone()).await;
-                        s.metrics.connections.dec();
-                        drop(permit);
-                    });
-                }
-                r = accept_unix(unix_listener.as_ref()) => {
-                    let Ok((stream, _)) = r else { continue };
-                    let Ok(permit) = conns.clone().try_acquire_owned() else {
-                        tracing::warn!("connection limit reached; refusing");
-                        continue;
-                    };
-                    let s = s.clone();
-                    s.metrics.connections.inc();
-                    tokio::spawn(async move {
-                        serve_unix_connection(stream, s.clone()).await;
-                        s.metrics.connections.dec();
-                        drop(permit);
-                    });
-                }
+            let conn = tokio::select! {
+                r = listener.accept() => r.map(|(c, _)| Incoming::Tcp(c)),
+                r = accept_unix(unix_listener.as_ref()) => r.map(|(c, _)| Incoming::Unix(c)),
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
-            }
+            };
+            let Ok(conn) = conn else { continue };
+            let Ok(permit) = conns.clone().try_acquire_owned() else {
+                tracing::warn!("connection limit reached; refusing");
+                continue;
+            };
+            let s = s.clone();
+            s.metrics.connections.inc();
+            tokio::spawn(async move {
+                match conn {
+                    Incoming::Tcp(c) => serve_connection(c, s.clone()).await,
+                    Incoming::Unix(c) => serve_unix_connection(c, s.clone()).await,
+                }
+                s.metrics.connections.dec();
+                drop(permit);
+            });
         }
     });
     let _ = stop_tx.send(true);
