@@ -43,7 +43,8 @@ pub enum Output {
 pub enum Command {
     /// Start a whole local cluster (manager, storage daemons, gateway) in
     /// the foreground; Ctrl-C stops it.
-    Up(crate::up::UpArgs),
+    // Boxed: by far the largest variant (clippy::large_enum_variant).
+    Up(Box<crate::up::UpArgs>),
     /// Storage nodes.
     Node {
         #[command(subcommand)]
@@ -479,7 +480,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     let c = Client::new(&cli.manager);
     let json = cli.output == Output::Json;
     match cli.command {
-        Command::Up(args) => crate::up::run(args).map_err(CliError::new),
+        Command::Up(args) => crate::up::run(*args).map_err(CliError::new),
         Command::Status => {
             let s: crate::daemon::Status = c.get("/v1/status")?;
             if json {

@@ -1547,7 +1547,18 @@ impl<D: Clone + CompareData> Replicator<D> {
                 extent,
                 change,
                 fua,
-            } => self.on_client(pg, disk, client, extent, change, fua, None),
+            } => self.on_client(
+                pg,
+                disk,
+                Queued {
+                    client,
+                    extent,
+                    change,
+                    fua,
+                    compare: None,
+                    cas: None,
+                },
+            ),
             Input::CompareAndWrite {
                 pg,
                 disk,
@@ -1560,11 +1571,14 @@ impl<D: Clone + CompareData> Replicator<D> {
             } => self.on_client(
                 pg,
                 disk,
-                client,
-                extent,
-                Change::Write(data),
-                fua,
-                Some((compare, token)),
+                Queued {
+                    client,
+                    extent,
+                    change: Change::Write(data),
+                    fua,
+                    compare: Some((compare, token)),
+                    cas: None,
+                },
             ),
             Input::Msg(m) => self.on_msg(m),
             Input::Applied { token, ok } => self.on_applied(token, ok),
@@ -1816,18 +1830,9 @@ impl<D: Clone + CompareData> Replicator<D> {
 
     // ---- client changes (primary) ------------------------------------------
 
-    fn on_client(
-        &mut self,
-        pg: u32,
-        disk: u32,
-        client: u64,
-        extent: Extent,
-        change: Change<D>,
-        fua: bool,
-        compare: Option<(D, u64)>,
-    ) {
+    fn on_client(&mut self, pg: u32, disk: u32, q: Queued<D>) {
         let retry = Effect::Reply {
-            client,
+            client: q.client,
             result: ClientResult::Retry,
         };
         let Some(p) = self.pgs.get_mut(&(pg, disk)) else {
@@ -1844,14 +1849,7 @@ impl<D: Clone + CompareData> Replicator<D> {
             self.effects.push(retry);
             return;
         }
-        pr.queue.push_back(Queued {
-            client,
-            extent,
-            change,
-            fua,
-            compare,
-            cas: None,
-        });
+        pr.queue.push_back(q);
         self.pump(pg, disk);
     }
 
