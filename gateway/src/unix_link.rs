@@ -105,9 +105,11 @@ mod tests {
             .build()
             .expect("runtime");
         rt.block_on(async {
-            // A port number no TCP socket is bound to: the name is all
-            // that matters.
-            let addr = format!("127.0.0.1:{}", 40_000 + std::process::id() % 20_000);
+            // A loopback address nobody else uses while this test runs: a
+            // TCP port held for the test's duration, as a daemon holds its
+            // own (tests run in parallel with real daemons).
+            let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = held.local_addr().expect("addr").to_string();
             let l = listen(&addr).expect("listen").expect("loopback");
             assert!(listen(&addr).is_err(), "a second listener on the same name");
             let mut c = connect(&addr).expect("connects");
