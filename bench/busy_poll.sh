@@ -12,6 +12,7 @@
 # Needs release binaries (cargo build --release --workspace --bins; TESSERA_BIN
 # overrides their directory) and fio.
 set -euo pipefail
+. "$(dirname "$0")/cluster_lib.sh"
 runtime=${1:-5}
 rounds=${2:-2}
 windows=${WINDOWS:-"500 0"}
@@ -35,12 +36,11 @@ for round in $(seq "$rounds"); do
       ${REPLICAS:+--replicas $REPLICAS} --busy-poll-us "$w" --iscsi-listen none \
       --nbd-listen 127.0.0.1:$port --manager-listen 127.0.0.1:0 --volume demo:1G >"$dir/up.log" 2>&1 &
     up=$!
-    for _ in $(seq 300); do grep -q '^ready' "$dir/up.log" && break; sleep 0.1; done
-    grep -q '^ready' "$dir/up.log" || { cat "$dir/up.log"; exit 1; }
-    pids=$(sed -n 's/^\(storage-[0-9]*\|gateway\) pid=\([0-9]*\).*/\2/p' "$dir/up.log" | sort -u | tr '\n' ' ')
+    wait_ready "$dir/up.log"
+    pids=$(server_pids "$dir/up.log")
     uri=nbd://127.0.0.1:$port/demo
     fio --name=fill --ioengine=nbd --uri=$uri --rw=write --bs=1m --iodepth=8 --size=512m >/dev/null 2>&1
-    cpu() { local t=0 p f; for p in $pids; do read -r -a f </proc/$p/stat; t=$((t + f[13] + f[14])); done; echo $t; }
+    cpu() { cpu_ticks $pids; }
     for job in "randwrite 1 0" "randread 1 0" "randwrite 32 0" "randread 32 0" "randwrite 1 200" "randwrite 1 1000"; do
       set -- $job
       c0=$(cpu)

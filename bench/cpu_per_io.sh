@@ -15,6 +15,7 @@
 # Needs release binaries (cargo build --release --workspace --bins; TESSERA_BIN
 # overrides their directory) and fio.
 set -euo pipefail
+. "$(dirname "$0")/cluster_lib.sh"
 runtime=${1:-5}
 rounds=${2:-2}
 bin=${TESSERA_BIN:-"$(cd "$(dirname "$0")/.." && pwd)/target/release"}
@@ -39,14 +40,13 @@ done
   --nbd-listen 127.0.0.1:$port --manager-listen 127.0.0.1:0 --volume demo:2G \
   ${EMBEDDED:+--embedded-gateway} >"$dir/up.log" 2>&1 &
 up=$!
-for _ in $(seq 300); do grep -q '^ready' "$dir/up.log" && break; sleep 0.1; done
-grep -q '^ready' "$dir/up.log" || { cat "$dir/up.log"; exit 1; }
+wait_ready "$dir/up.log"
 # The embedded gateway's pid is storage-0's: count it once.
-pids=$(sed -n 's/^\(storage-[0-9]*\|gateway\) pid=\([0-9]*\).*/\2/p' "$dir/up.log" | sort -u | tr '\n' ' ')
+pids=$(server_pids "$dir/up.log")
 uri=nbd://127.0.0.1:$port/demo
 fio --name=fill --ioengine=nbd --uri=$uri --rw=write --bs=1m --iodepth=8 --size=512m >/dev/null 2>&1
 tick=$(getconf CLK_TCK)
-cpu() { local t=0 p f; for p in $pids; do read -r -a f </proc/$p/stat; t=$((t + f[13] + f[14])); done; echo $t; }
+cpu() { cpu_ticks $pids; }
 ctx() { local p; for p in $pids; do cat /proc/$p/task/*/status 2>/dev/null; done |
   awk '/^(voluntary|nonvoluntary)_ctxt_switches/ {n += $2} END {print n + 0}'; }
 for round in $(seq "$rounds"); do

@@ -6,8 +6,8 @@
 //! inter-processor interrupt through the hypervisor). A loopback TCP round
 //! trip between two threads took 109 µs and 77 µs of CPU when both blocked,
 //! 12 µs and 24 µs of CPU when both polled (`cargo run --release -p
-//! tessera-bench --bin loopback_rtt`): polling cost *less* CPU. A replicated write at queue depth 1
-//! crosses seven such wake-ups one after the other (client -> gateway ->
+//! tessera-bench --bin loopback_rtt`): polling cost *less* CPU. A
+//! replicated write at queue depth 1 crosses seven such wake-ups one after the other (client -> gateway ->
 //! primary -> replicas -> disk -> primary -> gateway -> client). Polling
 //! only while work is likely to follow (the window after the last bytes or
 //! completions arrived) bounds what an idle thread burns; each empty turn
@@ -19,8 +19,9 @@
 //! blocks in the reactor; when that hook wakes a task, the scheduler polls
 //! the reactor without blocking instead (`epoll_wait` with a zero timeout)
 //! and comes back. [`runtime`] builds a runtime with the hook and spawns
-//! [`spinner`], the task it wakes. Readers of sockets ([`Noted`]) and of completion rings
-//! ([`note_work`]) mark that work arrived, which restarts the window.
+//! [`spinner`], the task it wakes. Readers of sockets ([`Noted`]) and of
+//! completion rings ([`note_work`]) mark that work arrived, which restarts
+//! the window.
 
 use std::cell::{Cell, RefCell};
 use std::pin::Pin;
@@ -46,10 +47,11 @@ const WINDOW_START: Duration = Duration::from_micros(50);
 /// work: the window doubles (from [`WINDOW_START`] up to the configured
 /// most) when the thread blocked and was woken soon enough that a longer
 /// window would have caught the wake, and ends (zero) when it slept longer
-/// than the most. A thread whose work comes in sparse bursts so polls
-/// little past each burst (halving instead kept a
-/// thread polling through most of the idle gaps of a paced light load); one serving requests back to back polls
-/// through the gaps.
+/// than the most. So a thread whose work comes in sparse bursts polls
+/// little past each burst, and one serving requests back to back polls
+/// through the gaps. (Halving the window after a long sleep, as haltpoll
+/// does, kept a thread polling through most of the idle gaps of a paced
+/// light load.)
 struct State {
     max: Duration,
     window: Duration,

@@ -1407,8 +1407,8 @@ async fn serve_unix_connection(stream: tokio::net::UnixStream, shared: Arc<Share
 }
 
 /// Serve one connection of the internal protocol: a TCP or Unix socket
-/// connection, or the in-memory stream of the gateway embedded in this process (same
-/// protocol, same checks).
+/// connection, or the in-memory stream of the gateway embedded in this
+/// process (same protocol, same checks).
 async fn serve_stream<R, W>(rd: R, wr: W, peer: Option<std::net::SocketAddr>, shared: Arc<Shared>)
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
@@ -2851,8 +2851,8 @@ async fn peer_link<R, W>(
 {
     tracing::info!(%addr, via, "replication link to peer daemon");
     // The peer answers only a message it refused (a stale epoch, a bad
-    // CRC): read and drop those. The peer's end
-    // closing (its process died, or it dropped the link) says at once that
+    // CRC): read and drop those. The peer's end closing (its process
+    // died, or it dropped the link) says at once that
     // whatever it held in memory is gone: the driver settles the groups it
     // was a member of (`Input::MemberLost`), once per link, and the link
     // ends so the next frame for that peer connects again.

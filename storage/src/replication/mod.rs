@@ -756,6 +756,26 @@ struct Queued<D> {
     cas: Option<u64>,
 }
 
+impl<D> Queued<D> {
+    /// A client's change as it arrives (not compared or matched yet).
+    fn new(
+        client: u64,
+        extent: Extent,
+        change: Change<D>,
+        fua: bool,
+        compare: Option<(D, u64)>,
+    ) -> Queued<D> {
+        Queued {
+            client,
+            extent,
+            change,
+            fua,
+            compare,
+            cas: None,
+        }
+    }
+}
+
 /// A COMPARE AND WRITE reading the primary's copy to compare. It holds its
 /// extent like a change in flight, so the copy it reads holds every change
 /// acknowledged before it and nothing overlapping starts until its write
@@ -1547,18 +1567,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                 extent,
                 change,
                 fua,
-            } => self.on_client(
-                pg,
-                disk,
-                Queued {
-                    client,
-                    extent,
-                    change,
-                    fua,
-                    compare: None,
-                    cas: None,
-                },
-            ),
+            } => self.on_client(pg, disk, Queued::new(client, extent, change, fua, None)),
             Input::CompareAndWrite {
                 pg,
                 disk,
@@ -1568,18 +1577,11 @@ impl<D: Clone + CompareData> Replicator<D> {
                 data,
                 token,
                 fua,
-            } => self.on_client(
-                pg,
-                disk,
-                Queued {
-                    client,
-                    extent,
-                    change: Change::Write(data),
-                    fua,
-                    compare: Some((compare, token)),
-                    cas: None,
-                },
-            ),
+            } => {
+                let compare = Some((compare, token));
+                let q = Queued::new(client, extent, Change::Write(data), fua, compare);
+                self.on_client(pg, disk, q)
+            }
             Input::Msg(m) => self.on_msg(m),
             Input::Applied { token, ok } => self.on_applied(token, ok),
             Input::ApplyBadBlock { token } => self.on_apply_bad_block(token),
