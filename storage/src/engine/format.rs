@@ -10,11 +10,13 @@ use tessera_wire::crc32c;
 pub const BLOCK_BYTES: usize = 4096;
 pub const SB_MAGIC: [u8; 8] = *b"TESSERA1";
 /// Version 2 adds the group-log records (`LogExtent`, `LogSeq`, `LogTrim`,
-/// `LogCas`) and `CasDone`;
-/// a version 1 disk opens as is and is marked version 2 at open, before
-/// any of them is written (an older binary then refuses it rather than
-/// stop its journal replay at the first record it does not know).
-pub const FORMAT_VERSION: u32 = 2;
+/// `LogCas`) and `CasDone`; version 3 adds `LogFloor`.
+/// An older disk opens as is and is marked with the current version at
+/// open, before any new record is written (an older binary then refuses it
+/// rather than stop its journal replay at the first record it does not
+/// know). A version 2 disk's groups have no `LogFloor`: their logs count
+/// as incomplete, which costs a full resync where one was needed before.
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest version this binary opens.
 pub const FORMAT_VERSION_MIN: u32 = 1;
 pub const PAGE_MAGIC_JOURNAL: u32 = 0x4A53_5354; // "TSSJ"
@@ -282,6 +284,17 @@ pub enum Record {
     /// A single-copy COMPARE AND WRITE with this token wrote (committed
     /// with its write's mapping).
     CasDone { token: u64 },
+    /// Group `pg`'s log may lack entries up to `(term, n)` (entries the
+    /// engine dropped to bound its memory, or a point the replication
+    /// layer named); with `complete`, it holds every change above that
+    /// point this disk holds (docs/replication.md, "A restarted last copy
+    /// recovers the others by delta").
+    LogFloor {
+        pg: u32,
+        term: u64,
+        n: u64,
+        complete: bool,
+    },
 }
 
 impl Record {
@@ -331,6 +344,19 @@ impl Record {
                 put64(out, 8, token);
                 return;
             }
+            Record::LogFloor {
+                pg,
+                term,
+                n,
+                complete,
+            } => {
+                out[0] = 9;
+                out[1] = u8::from(complete);
+                put32(out, 4, pg);
+                put64(out, 8, term);
+                put64(out, 16, n);
+                return;
+            }
             _ => {}
         }
         let (kind, vol, chunk, block, phys, crc, version) = match *self {
@@ -353,7 +379,8 @@ impl Record {
             | Record::LogSeq { .. }
             | Record::LogTrim { .. }
             | Record::LogCas { .. }
-            | Record::CasDone { .. } => unreachable!("encoded above"),
+            | Record::CasDone { .. }
+            | Record::LogFloor { .. } => unreachable!("encoded above"),
         };
         out[0] = kind;
         out[2..4].copy_from_slice(&block.to_le_bytes());
@@ -406,6 +433,12 @@ impl Record {
             }),
             7 => Some(Record::LogCas { token: volume_id }),
             8 => Some(Record::CasDone { token: volume_id }),
+            9 if b[1] <= 1 => Some(Record::LogFloor {
+                pg: chunk_index,
+                term: volume_id,
+                n: u64::from_le_bytes(b[16..24].try_into().expect("8")),
+                complete: b[1] == 1,
+            }),
             _ => None,
         }
     }
@@ -702,6 +735,14 @@ mod tests {
             }),
             any::<u64>().prop_map(|token| Record::LogCas { token }),
             any::<u64>().prop_map(|token| Record::CasDone { token }),
+            (any::<u32>(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
+                |(pg, term, n, complete)| Record::LogFloor {
+                    pg,
+                    term,
+                    n,
+                    complete
+                }
+            ),
         ]
     }
 

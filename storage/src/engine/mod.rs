@@ -87,6 +87,19 @@ pub struct LogTag {
     pub cas: Option<u64>,
 }
 
+/// A group's log state on a disk (`Engine::group_log_states`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLogState {
+    pub pg: u32,
+    /// Entries up to here were forgotten: durable on every member.
+    pub trim: (u64, u64),
+    /// Entries up to here may be missing.
+    pub floor: (u64, u64),
+    /// The log holds an entry for every change above both points that
+    /// this disk holds.
+    pub complete: bool,
+}
+
 /// An entry of a group's log: a change this disk durably holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogEntry {
@@ -182,6 +195,18 @@ pub enum Request {
     /// member of the group: forget them (`LOG_FORGET`: the whole log).
     /// Journalled with the next commit; answered at once.
     TrimLog { pg: u32, term: u64, n: u64 },
+    /// Group `pg`'s log may lack entries up to `(term, n)`; with
+    /// `complete`, it holds an entry for every change above that point
+    /// (and above its trim point) that this disk holds; without, the
+    /// replication layer no longer vouches for that. The point only rises
+    /// (the engine's own drops raise it too). Journalled with the next
+    /// commit, so before any write asked after it; answered at once.
+    LogFloor {
+        pg: u32,
+        term: u64,
+        n: u64,
+        complete: bool,
+    },
     /// Give a staged write's blocks back.
     Discard { stage: u64 },
     /// Claim the blocks of a range as a write in flight would, so no write,
@@ -523,6 +548,10 @@ pub struct Engine<D: Disk> {
     /// group's trim point; `log_len` counts the entries of all groups.
     logs: BTreeMap<u32, GroupLog>,
     log_trims: BTreeMap<u32, (u64, u64)>,
+    /// Per group: the point up to which its log may lack entries (the
+    /// engine's drops, `Request::LogFloor`) and whether the replication
+    /// layer vouches that it holds every change above it.
+    log_floors: BTreeMap<u32, ((u64, u64), bool)>,
     log_len: usize,
     /// During replay: the `LogExtent` waiting for its `LogSeq`, and the
     /// entry a `LogCas` belongs to.
@@ -678,6 +707,7 @@ impl<D: Disk> Engine<D> {
             relocate: true,
             logs: BTreeMap::new(),
             log_trims: BTreeMap::new(),
+            log_floors: BTreeMap::new(),
             log_len: 0,
             log_half: None,
             log_last: None,
@@ -863,6 +893,14 @@ impl<D: Disk> Engine<D> {
             }
             Record::CasDone { token } => self.keep_cas_token(token),
             Record::LogTrim { pg, term, n } => self.apply_log_trim(pg, (term, n)),
+            Record::LogFloor {
+                pg,
+                term,
+                n,
+                complete,
+            } => {
+                self.set_log_floor(pg, (term, n), complete);
+            }
         }
         Ok(())
     }
@@ -1005,6 +1043,7 @@ impl<D: Disk> Engine<D> {
             | Request::ListAllocated
             | Request::Install { .. }
             | Request::TrimLog { .. }
+            | Request::LogFloor { .. }
             | Request::Discard { .. }
             | Request::Release { .. } => None,
         };
@@ -1062,6 +1101,21 @@ impl<D: Disk> Engine<D> {
             Request::Install { stage, fua, log } => self.install(tag, stage, fua, log),
             Request::TrimLog { pg, term, n } => {
                 self.trim_log(pg, (term, n));
+                self.complete(tag, Ok(Reply::Done), 0);
+            }
+            Request::LogFloor {
+                pg,
+                term,
+                n,
+                complete,
+            } => {
+                let ((term, n), complete) = self.set_log_floor(pg, (term, n), complete);
+                self.push_record(Record::LogFloor {
+                    pg,
+                    term,
+                    n,
+                    complete,
+                });
                 self.complete(tag, Ok(Reply::Done), 0);
             }
             Request::Discard { stage } => {
@@ -1855,14 +1909,23 @@ impl<D: Disk> Engine<D> {
             return;
         }
         while self.log_len > max {
-            let Some((_, log)) = self.logs.iter_mut().max_by_key(|(_, l)| l.len()) else {
+            let Some((pg, log)) = self.logs.iter_mut().max_by_key(|(_, l)| l.len()) else {
                 break;
             };
             let excess = (self.log_len - max).min(log.len());
+            let mut last = None;
             for _ in 0..excess {
-                log.pop_first();
+                last = log.pop_first().map(|(s, _)| s);
             }
             self.log_len -= excess;
+            // The log no longer holds these: its floor rises past them. In
+            // memory only: the dropped entries stay on disk (journal or
+            // checkpoint) until the next checkpoint, which writes the
+            // floors; a crash before it replays them and drops them again.
+            if let Some(last) = last {
+                let f = self.log_floors.entry(*pg).or_insert(((0, 0), false));
+                f.0 = f.0.max(last);
+            }
         }
         self.logs.retain(|_, l| !l.is_empty());
     }
@@ -1883,6 +1946,7 @@ impl<D: Disk> Engine<D> {
     fn apply_log_trim(&mut self, pg: u32, upto: (u64, u64)) {
         if upto == LOG_FORGET {
             self.log_trims.remove(&pg);
+            self.log_floors.remove(&pg);
             if let Some(l) = self.logs.remove(&pg) {
                 self.log_len -= l.len();
             }
@@ -1898,6 +1962,40 @@ impl<D: Disk> Engine<D> {
                 self.logs.remove(&pg);
             }
         }
+    }
+
+    /// Raise group `pg`'s log floor to at least `floor` and set whether the
+    /// log is vouched complete above it; returns the floor now.
+    fn set_log_floor(&mut self, pg: u32, floor: (u64, u64), complete: bool) -> ((u64, u64), bool) {
+        let f = self.log_floors.entry(pg).or_insert(((0, 0), false));
+        f.0 = f.0.max(floor);
+        f.1 = complete;
+        *f
+    }
+
+    /// Per group with a log state on this disk: its trim point, its floor
+    /// and whether its log is complete above the higher of the two (after
+    /// `open`: as the last process left them). A group without a floor
+    /// record counts as incomplete.
+    pub fn group_log_states(&self) -> Vec<GroupLogState> {
+        let pgs: BTreeSet<u32> = self
+            .logs
+            .keys()
+            .chain(self.log_trims.keys())
+            .chain(self.log_floors.keys())
+            .copied()
+            .collect();
+        pgs.into_iter()
+            .map(|pg| {
+                let (floor, complete) = self.log_floors.get(&pg).copied().unwrap_or_default();
+                GroupLogState {
+                    pg,
+                    trim: self.log_trims.get(&pg).copied().unwrap_or_default(),
+                    floor,
+                    complete,
+                }
+            })
+            .collect()
     }
 
     /// Every group-log entry this disk holds: after `open`, the changes
@@ -2250,12 +2348,24 @@ impl<D: Disk> Engine<D> {
             // The group logs follow, as many entries as the area has room
             // for beside the map (it is sized for a full disk's map).
             let room = (self.sb.ckpt_blocks as usize - 1) * RECORDS_PER_PAGE;
-            let fixed = recs.len() + self.log_trims.len() + self.cas_tokens.len();
+            // A drop below may add a floor: count one per group.
+            let fixed = recs.len()
+                + self.log_trims.len()
+                + self.log_floors.len().max(self.logs.len())
+                + self.cas_tokens.len();
             // An entry takes two records, three with a token.
             let fit = room.saturating_sub(fixed) / 3;
             self.bound_logs(fit);
             for (&pg, &(term, n)) in &self.log_trims {
                 recs.push(Record::LogTrim { pg, term, n });
+            }
+            for (&pg, &((term, n), complete)) in &self.log_floors {
+                recs.push(Record::LogFloor {
+                    pg,
+                    term,
+                    n,
+                    complete,
+                });
             }
             for (&pg, log) in &self.logs {
                 for (&(term, n), &(key, offset, length, cas)) in log {

@@ -1482,6 +1482,7 @@ fn group_logs_keep_the_newest_entries_when_the_checkpoint_is_short() {
     let mut e = sim_engine(61);
     let b = BLOCK as u32;
     let total = 6000u64;
+    assert_eq!(run_one(&mut e, 1, floor(9, (0, 0), true)), Ok(Reply::Done));
     for n in 1..=total {
         let req = Request::Write {
             key: key((n % 4) as u32),
@@ -1512,4 +1513,105 @@ fn group_logs_keep_the_newest_entries_when_the_checkpoint_is_short() {
         (first..=total).collect::<Vec<_>>(),
         "the newest, no gap"
     );
+    // What was dropped is named: the floor rose to the newest entry gone,
+    // and the log is still complete above it.
+    let states = e.group_log_states();
+    assert_eq!(states.len(), 1);
+    assert_eq!(states[0].floor, (3, first - 1));
+    assert!(states[0].complete);
+}
+
+fn floor(pg: u32, (term, n): (u64, u64), complete: bool) -> Request {
+    Request::LogFloor {
+        pg,
+        term,
+        n,
+        complete,
+    }
+}
+
+// Proves a group's log floor (docs/replication.md, "A restarted last copy
+// recovers the others by delta") is durable with the next commit, only
+// rises, can be marked incomplete and
+// complete again, survives checkpoints, and goes with the group's log
+// (`LOG_FORGET`); a group with entries but no floor reads as incomplete.
+#[test]
+fn group_log_floors_are_journalled_and_only_rise() {
+    let mut e = sim_engine(71);
+    let b = BLOCK as u32;
+    let state = |e: &Engine<SimDisk>, pg: u32| {
+        e.group_log_states()
+            .into_iter()
+            .find(|s| s.pg == pg)
+            .map(|s| (s.trim, s.floor, s.complete))
+    };
+    let write = |n: u64, pg: u32| Request::Write {
+        key: key((n % 4) as u32),
+        offset: (n % 16) as u32 * b,
+        data: vec![n as u8; BLOCK].into(),
+        fua: false,
+        log: tag(pg, 2, n),
+    };
+    assert_eq!(run_one(&mut e, 1, write(1, 4)), Ok(Reply::Done));
+    assert_eq!(run_one(&mut e, 2, Request::Flush), Ok(Reply::Done));
+    assert_eq!(state(&e, 4), Some(((0, 0), (0, 0), false)), "no floor yet");
+    assert_eq!(run_one(&mut e, 4, floor(4, (2, 1), true)), Ok(Reply::Done));
+    assert_eq!(run_one(&mut e, 5, floor(4, (1, 9), true)), Ok(Reply::Done));
+    assert_eq!(
+        run_one(
+            &mut e,
+            6,
+            Request::TrimLog {
+                pg: 4,
+                term: 2,
+                n: 0
+            }
+        ),
+        Ok(Reply::Done)
+    );
+    assert_eq!(run_one(&mut e, 7, Request::Flush), Ok(Reply::Done));
+    let image = e.into_disk().crash();
+    let mut e = Engine::open(SimDisk::from_image(image, 73)).expect("reopen");
+    assert_eq!(
+        state(&e, 4),
+        Some(((2, 0), (2, 1), true)),
+        "a lower floor does not lower it"
+    );
+    // Incomplete, then complete again above a higher point; a FUA write
+    // after the incomplete mark makes the mark durable with it.
+    assert_eq!(run_one(&mut e, 8, floor(4, (0, 0), false)), Ok(Reply::Done));
+    let fua = Request::Write {
+        key: key(2),
+        offset: 2 * b,
+        data: vec![2; BLOCK].into(),
+        fua: true,
+        log: tag(4, 2, 2),
+    };
+    assert_eq!(run_one(&mut e, 9, fua), Ok(Reply::Done));
+    let image = e.into_disk().crash();
+    let mut e = Engine::open(SimDisk::from_image(image, 74)).expect("reopen");
+    assert_eq!(state(&e, 4), Some(((2, 0), (2, 1), false)));
+    assert_eq!(run_one(&mut e, 10, floor(4, (2, 2), true)), Ok(Reply::Done));
+    // Through checkpoints.
+    for n in 3..=3000u64 {
+        assert_eq!(run_one(&mut e, 100 + n, write(n, 5)), Ok(Reply::Done));
+        if n % 100 == 0 {
+            assert_eq!(run_one(&mut e, 99, Request::Flush), Ok(Reply::Done));
+        }
+    }
+    assert_eq!(run_one(&mut e, 11, Request::Flush), Ok(Reply::Done));
+    assert!(e.stats().checkpoints > 0, "test must exercise checkpoints");
+    let image = e.into_disk().crash();
+    let mut e = Engine::open(SimDisk::from_image(image, 75)).expect("reopen");
+    assert_eq!(state(&e, 4), Some(((2, 0), (2, 2), true)));
+    assert_eq!(state(&e, 5).map(|s| s.2), Some(false));
+    let (term, n) = LOG_FORGET;
+    assert_eq!(
+        run_one(&mut e, 12, Request::TrimLog { pg: 4, term, n }),
+        Ok(Reply::Done)
+    );
+    assert_eq!(run_one(&mut e, 13, Request::Flush), Ok(Reply::Done));
+    let image = e.into_disk().crash();
+    let e = Engine::open(SimDisk::from_image(image, 76)).expect("reopen");
+    assert_eq!(state(&e, 4), None, "forgotten with the group");
 }
