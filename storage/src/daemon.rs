@@ -318,6 +318,9 @@ struct DiskHandle {
     /// The group-log entries the disk kept from the last process, taken
     /// by the replication driver when it starts (`Replicator::recover_log`).
     recovered_log: Mutex<Vec<engine::LogEntry>>,
+    /// The groups' log trim points and floors, taken with `recovered_log`
+    /// (`Replicator::recover_log_state`).
+    recovered_states: Mutex<Vec<engine::GroupLogState>>,
 }
 
 impl DiskHandle {
@@ -412,6 +415,7 @@ fn spawn_engine(
     let stats = Arc::new(Mutex::new(engine.stats()));
     let sb = engine.superblock().clone();
     let recovered_log = engine.group_log();
+    let recovered_states = engine.group_log_states();
     // Tokens of COMPARE AND WRITEs the last process wrote: a resend is
     // answered from them, not compared against its own write.
     let cas = CasTokens {
@@ -427,6 +431,7 @@ fn spawn_engine(
     DiskHandle {
         cas: Mutex::new(cas),
         recovered_log: Mutex::new(recovered_log),
+        recovered_states: Mutex::new(recovered_states),
         queue,
         stats,
         uuid: sb.uuid_string(),
@@ -676,6 +681,7 @@ struct Metrics {
     peering_bytes: IntCounter,
     reclaimed_bytes: IntCounter,
     settles: IntCounter,
+    recoveries: IntCounterVec,
     /// COMPARE AND WRITEs by outcome.
     compare_and_writes: IntCounterVec,
     /// The primary's staged writes by outcome (parallel primary write).
@@ -818,6 +824,16 @@ impl Metrics {
              (writes its crash lost that they held) before leading",
         )
         .expect("metric");
+        let recoveries = IntCounterVec::new(
+            Opts::new(
+                "tessera_storage_recoveries_total",
+                "Recoveries of a copy this daemon's primaries started: delta (the regions of \
+                 the changes in the group's log) or full (every allocated region: the log \
+                 cannot tell, or a backfill)",
+            ),
+            &["kind"],
+        )
+        .expect("metric");
         let settles = IntCounter::new(
             "tessera_storage_primary_settles_total",
             "Flushes a primary made of its own copy before going on, because a member of the \
@@ -938,6 +954,7 @@ impl Metrics {
             Box::new(peering_bytes.clone()),
             Box::new(reclaimed_bytes.clone()),
             Box::new(settles.clone()),
+            Box::new(recoveries.clone()),
             Box::new(compare_and_writes.clone()),
             Box::new(staged.clone()),
             Box::new(requests.clone()),
@@ -977,6 +994,7 @@ impl Metrics {
             peering_bytes,
             reclaimed_bytes,
             settles,
+            recoveries,
             compare_and_writes,
             staged,
             pgs_scrubbing,
@@ -2647,7 +2665,8 @@ enum ReplKind {
     Stage(StageKey),
     /// Giving back a staged write no `Apply` came for.
     Discarded,
-    /// A disk forgetting group-log entries (`Request::TrimLog`).
+    /// A disk forgetting group-log entries (`Request::TrimLog`) or
+    /// marking a group's log floor (`Request::LogFloor`).
     LogTrimmed,
 }
 
@@ -3596,6 +3615,20 @@ impl Driver {
                     );
                 }
             }
+            ReplEffect::LogFloor {
+                disk,
+                pg,
+                floor,
+                complete,
+            } => {
+                let req = Request::LogFloor {
+                    pg,
+                    term: floor.term,
+                    n: floor.n,
+                    complete,
+                };
+                self.engine(disk, 0, ReplKind::LogTrimmed, req);
+            }
             ReplEffect::ForgetLog { disk, pg } => {
                 let (term, n) = engine::LOG_FORGET;
                 self.engine(
@@ -3944,6 +3977,12 @@ impl Driver {
         m.reclaimed_bytes
             .inc_by(now.reclaimed_bytes.saturating_sub(was.reclaimed_bytes));
         m.settles.inc_by(now.settles.saturating_sub(was.settles));
+        m.recoveries
+            .with_label_values(&["delta"])
+            .inc_by(now.delta_recoveries.saturating_sub(was.delta_recoveries));
+        m.recoveries
+            .with_label_values(&["full"])
+            .inc_by(now.full_resyncs.saturating_sub(was.full_resyncs));
         m.repairs.inc_by(now.repairs.saturating_sub(was.repairs));
         m.repair_bytes
             .inc_by(now.repair_bytes.saturating_sub(was.repair_bytes));
@@ -4068,11 +4107,18 @@ fn start_driver(shared: Arc<Shared>, rt: tokio::runtime::Handle, registered: u64
             continue;
         };
         let entries = std::mem::take(&mut *d.recovered_log.lock().expect("recovered log"));
+        let states = std::mem::take(&mut *d.recovered_states.lock().expect("recovered log"));
         tracing::info!(
             disk = id,
             entries = entries.len(),
+            groups = states.len(),
+            complete = states.iter().filter(|s| s.complete).count(),
             "group-log entries recovered"
         );
+        for s in states {
+            let seq = |(term, n)| repl::Seq { term, n };
+            rep.recover_log_state(*id, s.pg, seq(s.trim), seq(s.floor), s.complete);
+        }
         shared
             .metrics
             .log_recovered

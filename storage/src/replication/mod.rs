@@ -430,6 +430,17 @@ pub enum Effect<D> {
         disk: u32,
         pg: u32,
     },
+    /// Persist whether group `pg`'s log on `disk` holds every change above
+    /// `floor` (and above its trim point) that the disk holds (engine
+    /// `Request::LogFloor`, journalled before any write asked after it): a
+    /// process restarted from that disk starts from a complete log, and as
+    /// the group's last up-to-date copy recovers the others by delta.
+    LogFloor {
+        disk: u32,
+        pg: u32,
+        floor: Seq,
+        complete: bool,
+    },
     /// A hint, no answer: the primary will `Apply` this change to its own
     /// copy once an up-to-date replica has it (or drop it). The driver may
     /// write the data now, without mapping it, so that the later `Apply`
@@ -956,8 +967,20 @@ struct Pg<D> {
     me: u32,
     view: View,
     log: BTreeMap<Seq, Extent>,
-    /// Whether `log` holds every change since `trim`.
+    /// Whether `log` holds every change since the higher of `trim` and
+    /// `floor` that another copy may lack (each at its own sequence, or
+    /// covered by a later entry whose region holds it: a push).
     complete: bool,
+    /// Changes up to here may be missing from `log` even when `complete`:
+    /// entries the disk dropped before this process started, or the
+    /// changes before a log began to be kept. A member not durable up to
+    /// here is recovered by a full resync.
+    floor: Seq,
+    /// Whether the disk's persisted log was last marked complete
+    /// (`Effect::LogFloor`): it is not while this copy holds content
+    /// without entries (pieces taken back, changes applied after the
+    /// in-memory log was cleared).
+    disk_complete: bool,
     trim: Seq,
     committed: Seq,
     /// Changes applied here since `trim`: a resent or duplicated change is
@@ -1150,6 +1173,10 @@ pub struct Stats {
     /// member of the write set left or restarted or its term began
     /// (`Replicator::settle`).
     pub settles: u64,
+    /// Recoveries of a member started: from the log (delta) or of every
+    /// allocated region (full resync; backfills included).
+    pub delta_recoveries: u64,
+    pub full_resyncs: u64,
 }
 
 /// Per-group summary for metrics and status.
@@ -1214,6 +1241,9 @@ pub struct Replicator<D> {
     /// Log entries the disks kept from this daemon's last process, by
     /// (pg, disk), until the first map (`recover_log`).
     recovered: BTreeMap<(u32, u32), Vec<Recovered>>,
+    /// The logs' trim point, floor and completeness, by (pg, disk), until
+    /// the first map (`recover_log_state`).
+    recovered_state: BTreeMap<(u32, u32), (Seq, Seq, bool)>,
 }
 
 impl<D: Clone + CompareData> Replicator<D> {
@@ -1243,6 +1273,7 @@ impl<D: Clone + CompareData> Replicator<D> {
             pause_recovery: false,
             pause_backfill: false,
             recovered: BTreeMap::new(),
+            recovered_state: BTreeMap::new(),
         }
     }
 
@@ -1266,6 +1297,17 @@ impl<D: Clone + CompareData> Replicator<D> {
                 .or_default()
                 .push((seq, extent, cas));
         }
+    }
+
+    /// Before the first map, with `recover_log`: group `pg`'s log on
+    /// `disk` was trimmed up to `trim` (durable on every member then) and
+    /// may lack entries up to `floor`; `complete`: above both it holds
+    /// every change the disk holds (`Effect::LogFloor`). A complete group
+    /// starts with a complete log: as the last up-to-date copy, restarted,
+    /// it recovers the members durable past the floor by delta.
+    pub fn recover_log_state(&mut self, disk: u32, pg: u32, trim: Seq, floor: Seq, complete: bool) {
+        self.recovered_state
+            .insert((pg, disk), (trim, floor, complete));
     }
 
     /// Groups whose trim point moved since the last call: (disk, pg,
@@ -1637,10 +1679,18 @@ impl<D: Clone + CompareData> Replicator<D> {
         }
         // Recovered logs of groups this map does not place here: stale.
         let recovered = std::mem::take(&mut self.recovered);
-        for (&(pg, disk), _) in recovered.iter().filter(|(k, _)| !keys.contains(k)) {
+        let recovered_state = std::mem::take(&mut self.recovered_state);
+        let stale: BTreeSet<(u32, u32)> = recovered
+            .keys()
+            .chain(recovered_state.keys())
+            .filter(|k| !keys.contains(k))
+            .copied()
+            .collect();
+        for (pg, disk) in stale {
             self.effects.push(Effect::ForgetLog { disk, pg });
         }
         let mut recovered = recovered;
+        let mut recovered_state = recovered_state;
         self.map = Some(map.clone());
         for (pg, me) in keys {
             let view = View::of(&map, pg);
@@ -1650,6 +1700,8 @@ impl<D: Clone + CompareData> Replicator<D> {
                 view: View::default(),
                 log: BTreeMap::new(),
                 complete: false,
+                floor: Seq::default(),
+                disk_complete: false,
                 trim: Seq::default(),
                 committed: Seq::default(),
                 applied: BTreeSet::new(),
@@ -1681,6 +1733,20 @@ impl<D: Clone + CompareData> Replicator<D> {
                 }
                 let last = p.log.keys().next_back().copied().unwrap_or_default();
                 p.vouched_after = p.vouched_after.max(last);
+            }
+            if let Some((trim, floor, complete)) = recovered_state.remove(&(pg, me)) {
+                // The trim point was durable on every member when the disk
+                // learnt it. A log the last process vouched for is
+                // complete above its floor: what the new process lost
+                // (not durable here) is either taken back, named by the
+                // members that hold it (uncommitted entries), or held by
+                // nobody.
+                p.trim = p.trim.max(trim);
+                if complete {
+                    p.complete = true;
+                    p.disk_complete = true;
+                    p.floor = floor;
+                }
             }
             let was_primary = p.primary.is_some();
             let me_up = view
@@ -1714,7 +1780,23 @@ impl<D: Clone + CompareData> Replicator<D> {
             if p.view.up.iter().all(|u| *u)
                 && p.view.states.iter().all(|s| *s == CopyState::UpToDate)
             {
-                p.complete = true;
+                // Nothing before this point is missing anywhere (though
+                // maybe not yet durable everywhere: the floor).
+                if !p.complete {
+                    p.complete = true;
+                    p.floor = high_water(p);
+                }
+                // The disk's log holds an entry for everything this copy
+                // holds above the high-water mark: vouch for it.
+                if !p.disk_complete {
+                    p.disk_complete = true;
+                    self.effects.push(Effect::LogFloor {
+                        disk: me,
+                        pg,
+                        floor: high_water(p),
+                        complete: true,
+                    });
+                }
             }
             let leads = p.view.primary == Some(me);
             if was_primary && !leads {
@@ -1816,7 +1898,7 @@ impl<D: Clone + CompareData> Replicator<D> {
         if pr.active && !pr.settling {
             start_recoveries(
                 p,
-                self.tick,
+                &mut self.stats,
                 &mut self.effects,
                 &mut self.tokens,
                 &mut self.next_token,
@@ -2054,9 +2136,19 @@ impl<D: Clone + CompareData> Replicator<D> {
             }
         }
         if p.log.len() > LOG_ENTRIES_MAX {
-            // Too much to track: whoever is away gets a full resync.
+            // Too much to track: whoever is away gets a full resync. The
+            // changes in flight are applied here without entries now.
             p.log.clear();
             p.complete = false;
+            if p.disk_complete {
+                p.disk_complete = false;
+                self.effects.push(Effect::LogFloor {
+                    disk: me,
+                    pg,
+                    floor: Seq::default(),
+                    complete: false,
+                });
+            }
         }
         // Recovery pushes: regions nobody is changing, a few at a time, each
         // with the contiguous regions after it (up to PUSH_REGIONS_MAX and
@@ -2920,7 +3012,7 @@ impl<D: Clone + CompareData> Replicator<D> {
             return;
         };
         let epoch = p.view.epoch;
-        let (log, applied) = (&p.log, &p.applied);
+        let (log, applied) = (&mut p.log, &p.applied);
         let Some(rc) = p.primary.as_mut().and_then(|pr| pr.reclaim.as_mut()) else {
             return;
         };
@@ -2938,7 +3030,26 @@ impl<D: Clone + CompareData> Replicator<D> {
                     .filter(|(s, _)| applied.contains(s))
                     .map(|(s, e)| (*s, *e, me)),
             );
-            let pieces = reclaim_pieces(entries, me);
+            let pieces = reclaim_pieces(entries.clone(), me);
+            // What is taken back is held here from now on: logged, so a
+            // delta recovery pushes it to the members that lack it. The
+            // disk holds the pieces without entries: until the group is
+            // clean again its log is not vouched for.
+            for (s, e, _) in entries
+                .iter()
+                .filter(|(s, _, from)| *from != me && *s > p.trim)
+            {
+                log.entry(*s).or_insert(*e);
+            }
+            if pieces.iter().any(|(m, _)| *m != me) && p.disk_complete {
+                p.disk_complete = false;
+                self.effects.push(Effect::LogFloor {
+                    disk: me,
+                    pg,
+                    floor: Seq::default(),
+                    complete: false,
+                });
+            }
             rc.todo.extend(pieces);
         }
         while rc.fetching.len() + rc.applying < RECLAIM_FETCHES_MAX {
@@ -4365,7 +4476,7 @@ impl<D: Clone + CompareData> Replicator<D> {
         if pr.active {
             start_recoveries(
                 p,
-                self.tick,
+                &mut self.stats,
                 &mut self.effects,
                 &mut self.tokens,
                 &mut self.next_token,
@@ -4444,7 +4555,7 @@ impl<D: Clone + CompareData> Replicator<D> {
         }
         start_recoveries(
             p,
-            self.tick,
+            &mut self.stats,
             &mut self.effects,
             &mut self.tokens,
             &mut self.next_token,
@@ -4730,12 +4841,31 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
     });
 }
 
+/// The highest change this copy knows of: applied, logged, issued (as
+/// primary), trimmed or committed.
+fn high_water<D>(p: &Pg<D>) -> Seq {
+    let mut hw = p.trim.max(p.committed);
+    if let Some(s) = p.log.keys().next_back() {
+        hw = hw.max(*s);
+    }
+    if let Some(s) = p.applied.iter().next_back() {
+        hw = hw.max(*s);
+    }
+    if let Some(pr) = &p.primary {
+        hw = hw.max(Seq {
+            term: pr.term,
+            n: pr.next_n.saturating_sub(1),
+        });
+    }
+    hw
+}
+
 /// Start recovering every outdated member of the write set that is not
 /// being recovered yet: the regions of our log, or a full resync when the
 /// log cannot tell.
 fn start_recoveries<D: Clone>(
     p: &mut Pg<D>,
-    _tick: u64,
+    stats: &mut Stats,
     effects: &mut Vec<Effect<D>>,
     tokens: &mut BTreeMap<u64, Token>,
     next_token: &mut u64,
@@ -4754,8 +4884,15 @@ fn start_recoveries<D: Clone>(
         })
         .collect();
     for m in new {
-        // A backfill member holds nothing a log could describe.
-        let full = !p.complete || view.state(m) == Some(CopyState::Backfill);
+        // A backfill member holds nothing a log could describe; one not
+        // durable up to the floor may lack a change the log does not name.
+        let durable = pr.durable.get(&m).copied().unwrap_or(p.trim).max(p.trim);
+        let full = !p.complete || view.state(m) == Some(CopyState::Backfill) || durable < p.floor;
+        if full {
+            stats.full_resyncs += 1;
+        } else {
+            stats.delta_recoveries += 1;
+        }
         let mut r = Recovery {
             incarnation: view.incarnation(m),
             full,
@@ -4765,7 +4902,6 @@ fn start_recoveries<D: Clone>(
             // The member may miss the changes after its durable point (our
             // log holds every change since the trim point, which is no
             // later). Which of them it holds, it tells first.
-            let durable = pr.durable.get(&m).copied().unwrap_or(p.trim).max(p.trim);
             r.entries = p
                 .log
                 .range(..)

@@ -2,7 +2,10 @@
 //! simulation and the scenario harness): an entry is durable with its
 //! change (one journal commit makes both durable), a FLUSH makes the
 //! cached ones durable, and a crash keeps an entry only if its change
-//! survived whole.
+//! survived whole. Trim points and floors (`Effect::LogFloor`) are kept
+//! too: a mark of an incomplete log is durable at once (the engine
+//! journals it before any write asked after it, and this disk keeps
+//! writes at random), a mark of a complete one only from the next flush.
 
 use super::{Extent, LogNote, Seq};
 use std::collections::BTreeMap;
@@ -20,6 +23,10 @@ pub struct ModelLog {
     /// Entries whose change is cached, with the value it wrote to each
     /// block.
     cached: Vec<Cached>,
+    /// Per group: trim point, floor, and whether the log is complete.
+    states: BTreeMap<u32, (Seq, Seq, bool)>,
+    /// Floors marked complete since the last flush.
+    cached_floors: Vec<(u32, Seq)>,
 }
 
 impl ModelLog {
@@ -44,11 +51,38 @@ impl ModelLog {
         for (pg, s, e, _) in std::mem::take(&mut self.cached) {
             self.durable.entry(pg).or_default().insert(s, e);
         }
+        for (pg, f) in std::mem::take(&mut self.cached_floors) {
+            let st = self.states.entry(pg).or_default();
+            st.1 = st.1.max(f);
+            st.2 = true;
+        }
+    }
+
+    /// `Effect::LogFloor`.
+    pub fn floor(&mut self, pg: u32, floor: Seq, complete: bool) {
+        if complete {
+            self.cached_floors.push((pg, floor));
+        } else {
+            self.cached_floors.retain(|(g, _)| *g != pg);
+            let st = self.states.entry(pg).or_default();
+            st.1 = st.1.max(floor);
+            st.2 = false;
+        }
+    }
+
+    /// What a new process gets back (`Replicator::recover_log_state`):
+    /// (pg, trim, floor, complete).
+    pub fn recovered_states(&self) -> Vec<(u32, Seq, Seq, bool)> {
+        self.states
+            .iter()
+            .map(|(pg, (t, f, c))| (*pg, *t, *f, *c))
+            .collect()
     }
 
     /// A crash of a disk that tears writes: an entry survives only if
     /// every block still holds what its change wrote (`holds`).
     pub fn crashed(&mut self, holds: impl Fn(Block, u64) -> bool) {
+        self.cached_floors.clear();
         for (pg, s, e, values) in std::mem::take(&mut self.cached) {
             if !values.is_empty() && values.iter().all(|(b, v)| holds(*b, *v)) {
                 self.durable.entry(pg).or_default().insert(s, e);
@@ -59,6 +93,7 @@ impl ModelLog {
     /// A crash that loses every cached change.
     pub fn lost_cache(&mut self) {
         self.cached.clear();
+        self.cached_floors.clear();
     }
 
     /// What a new process gets back (`Replicator::recover_log`).
@@ -74,6 +109,8 @@ impl ModelLog {
         if let Some(l) = self.durable.get_mut(&pg) {
             l.retain(|s, _| *s > t);
         }
+        let st = self.states.entry(pg).or_default();
+        st.0 = st.0.max(t);
         self.cached.retain(|(g, s, _, _)| *g != pg || *s > t);
     }
 
@@ -81,5 +118,7 @@ impl ModelLog {
     pub fn forget(&mut self, pg: u32) {
         self.durable.remove(&pg);
         self.cached.retain(|(g, ..)| *g != pg);
+        self.states.remove(&pg);
+        self.cached_floors.retain(|(g, _)| *g != pg);
     }
 }

@@ -285,6 +285,9 @@ struct World {
     budget_per_tick: Option<u64>,
     /// Nodes taken out so far.
     outs: u32,
+    /// Recoveries started by processes that replaced a crashed one: (delta,
+    /// full), summed when each is replaced (`recoveries_by_restarted`).
+    restarted_recoveries: (u64, u64),
 }
 
 /// The block every client's COMPARE AND WRITE targets: the first of the
@@ -429,6 +432,7 @@ impl World {
             out_after_ms,
             budget_per_tick,
             outs: 0,
+            restarted_recoveries: (0, 0),
         };
         for n in 1..=NODES {
             let fx = w.nodes[n as usize - 1].rep.take_effects();
@@ -528,6 +532,17 @@ impl World {
                 }
                 Effect::ForgetLog { pg, .. } => {
                     self.nodes[node as usize - 1].disk.log.forget(pg);
+                }
+                Effect::LogFloor {
+                    pg,
+                    floor,
+                    complete,
+                    ..
+                } => {
+                    self.nodes[node as usize - 1]
+                        .disk
+                        .log
+                        .floor(pg, floor, complete);
                 }
                 Effect::Read { token, extent, .. } => {
                     let d = 1 + self.rng.below(10);
@@ -732,9 +747,20 @@ impl World {
         n.alive = true;
         n.incarnation += 1;
         let (pushes_max, push_regions) = (n.rep_pushes_max, n.rep_push_regions);
+        // The process being replaced was itself a restarted one.
+        let old =
+            (n.incarnation > 2).then(|| (n.rep.stats.delta_recoveries, n.rep.stats.full_resyncs));
         n.rep = Replicator::new([id]);
+        if let Some((d, f)) = old {
+            self.restarted_recoveries.0 += d;
+            self.restarted_recoveries.1 += f;
+        }
+        let n = self.node(id);
         if !volatile_logs {
             n.rep.recover_log(id, n.disk.recovered_log());
+            for (pg, trim, floor, complete) in n.disk.log.recovered_states() {
+                n.rep.recover_log_state(id, pg, trim, floor, complete);
+            }
         }
         n.rep.set_pushes_max(pushes_max);
         n.rep.set_push_regions(push_regions);
@@ -1509,6 +1535,10 @@ struct Tally {
     /// COMPARE AND WRITEs that wrote and that miscompared.
     cas_ok: u64,
     cas_miscompares: u64,
+    /// Recoveries of members started by processes that replaced crashed
+    /// ones: by delta and by full resync.
+    restarted_delta: u64,
+    restarted_full: u64,
 }
 
 fn run_seed(seed: u64) -> Result<(), String> {
@@ -1533,6 +1563,13 @@ fn run_seed_tally(seed: u64, tally: &mut Tally) -> Result<(), String> {
     tally.reclaimed_bytes += reclaimed;
     tally.cas_ok += w.cas_ok;
     tally.cas_miscompares += w.cas_miscompares;
+    let (mut d, mut f) = w.restarted_recoveries;
+    for n in w.nodes.iter().filter(|n| n.incarnation > 1) {
+        d += n.rep.stats.delta_recoveries;
+        f += n.rep.stats.full_resyncs;
+    }
+    tally.restarted_delta += d;
+    tally.restarted_full += f;
     if std::env::var("TESSERA_SIM_VERBOSE").is_ok() {
         let acked: usize = w.history.values().map(|h| h.acked.len()).sum();
         println!(
@@ -1622,6 +1659,10 @@ fn simulation() {
     println!(
         "simulation: {} seeds took a node out and rebuilt its groups; in {} a restarted last up-to-date copy took back {} bytes from the others",
         tally.seeds_with_out, tally.seeds_with_reclaim, tally.reclaimed_bytes
+    );
+    println!(
+        "simulation: processes restarted from their disks started {} delta recoveries and {} full resyncs of other members",
+        tally.restarted_delta, tally.restarted_full
     );
     println!(
         "simulation: {} compare-and-writes wrote, {} miscompared",
