@@ -260,7 +260,26 @@ impl Inner {
     }
 
     fn map(&self) -> ClusterMap {
-        map::build(&self.catalog, |n| self.up(n))
+        let mut m = map::build(&self.catalog, |n| self.up(n));
+        // Each disk's `up_since`, from the maps published before: a daemon
+        // that skipped maps learns whether it was up in all of them.
+        // Unknown (none) before this manager's first commit, which starts
+        // every disk up then at its epoch.
+        match self.history.back() {
+            // Being published by `commit`: the epoch after the newest.
+            Some(prev) if prev.epoch < m.epoch => m.stamp_up_since(Some(prev)),
+            // The newest map again: as it was published.
+            Some(prev) if prev.epoch == m.epoch => {
+                for d in &mut m.disks {
+                    d.up_since = prev
+                        .disk(d.id)
+                        .filter(|b| b.up && d.up)
+                        .and_then(|b| b.up_since);
+                }
+            }
+            _ => {}
+        }
+        m
     }
 
     fn volume_info(&self, map: &ClusterMap, id: u64) -> VolumeInfo {
@@ -358,7 +377,11 @@ impl Manager {
             tracing::error!(error = %e, "cannot persist the catalogue");
             return Err(ApiError::new(500, format!("cannot persist catalogue: {e}")));
         }
-        let map = inner.map();
+        let mut map = inner.map();
+        if inner.history.is_empty() {
+            // This manager's first map: up from here on, as far as it knows.
+            map.stamp_up_since(None);
+        }
         inner.history.push_back(map);
         while inner.history.len() > MAP_HISTORY {
             inner.history.pop_front();
@@ -1214,7 +1237,18 @@ mod tests {
         let mut c = config(&dir, Duration::from_secs(5));
         c.pg_count = 99;
         let m = Manager::open(&c).unwrap();
-        assert_eq!(m.map(), before);
+        // All but `up_since`, which lives in memory: unknown after a
+        // restart until the next commit.
+        let after = m.map();
+        assert!(after.disks.iter().all(|d| d.up_since.is_none()));
+        assert!(before.disks.iter().all(|d| d.up_since.is_some()));
+        let known = |mut m: ClusterMap| {
+            for d in &mut m.disks {
+                d.up_since = None;
+            }
+            m
+        };
+        assert_eq!(after, known(before));
         drop(m);
         std::fs::remove_dir_all(dir).ok();
     }
@@ -1272,7 +1306,8 @@ mod tests {
     }
 
     // Proves a silent node goes down after the grace period (new epoch)
-    // and comes back with its next heartbeat (another one).
+    // and comes back with its next heartbeat (another one), and that each
+    // map says since which epoch a disk has been up without a break.
     #[test]
     fn health() {
         let dir = temp("health");
@@ -1281,9 +1316,14 @@ mod tests {
         m.check_health(Instant::now());
         assert!(m.map().nodes[0].up);
         let e0 = m.map().epoch;
+        let since = m.map().disks[0]
+            .up_since
+            .expect("up since its registration");
+        assert!(since <= e0);
         m.check_health(Instant::now() + Duration::from_secs(3));
         let down = m.map();
         assert!(!down.nodes[0].up && !down.disks[0].up);
+        assert_eq!(down.disks[0].up_since, None);
         assert_eq!(down.epoch, e0 + 1);
         assert_eq!(m.status().nodes_down, 1);
         let hb = || HeartbeatRequest {
@@ -1294,6 +1334,20 @@ mod tests {
         };
         assert_eq!(m.heartbeat(r.node_id, hb()).unwrap().epoch, e0 + 2);
         assert!(m.map().nodes[0].up);
+        assert_eq!(
+            m.map().disks[0].up_since,
+            Some(e0 + 2),
+            "up again from then"
+        );
+        m.create_volume(CreateVolumeRequest {
+            name: "later".into(),
+            size_bytes: 1 << 20,
+            block_size: None,
+            pool: None,
+        })
+        .unwrap();
+        assert_eq!(m.map().epoch, e0 + 3);
+        assert_eq!(m.map().disks[0].up_since, Some(e0 + 2), "kept while up");
         assert_eq!(m.heartbeat(99, hb()).unwrap_err().status, 404);
         // The pause switches travel in heartbeat answers.
         let paused = |m: &Manager| {

@@ -321,6 +321,7 @@ pub fn build(c: &Catalog, up: impl Fn(u32) -> bool) -> ClusterMap {
                 up: up(d.node_id),
                 incarnation: d.incarnation,
                 out: d.out,
+                up_since: None,
             })
             .collect(),
         pgs: c.pgs.clone(),

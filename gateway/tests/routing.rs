@@ -131,6 +131,7 @@ fn cluster_map(epoch: u64, addr: SocketAddr) -> ClusterMap {
                 up: true,
                 incarnation: 0,
                 out: false,
+                up_since: None,
             })
             .collect(),
         pgs: vec![vec![1], vec![2], vec![1], vec![2]],

@@ -912,6 +912,11 @@ struct Primary<D> {
     /// A local write of a change completed after the last flush was asked:
     /// that flush does not cover it, so another one follows.
     settle_dirty: bool,
+    /// The trim point the last flush round told the members: once the
+    /// log is trimmed past it, one more round tells them the new one (a
+    /// member otherwise learns it only with the next change, and its disk
+    /// keeps entries a restarted process would push again).
+    trim_announced: Seq,
 }
 
 /// Taking back the changes a restarted primary may have lost. The manager
@@ -1004,8 +1009,9 @@ struct Pg<D> {
     /// up member (in every write set) was followed by no acknowledged change
     /// it missed: every primary acknowledges a change only once every member
     /// of its write set applied it, at exactly the epoch of the map. So when
-    /// a map skips epochs (it cannot tell what it missed in them) or shows
-    /// this disk down, every change it has logged so far becomes unvouched.
+    /// a map shows this disk down, or skips epochs without saying (the
+    /// disk's `up_since`) that it was up in all of them, every change it
+    /// has logged so far becomes unvouched.
     vouched_after: Seq,
     /// Tokens of COMPARE AND WRITEs this process acknowledged as written,
     /// newest last (at most `CAS_TOKENS_MAX`): a gateway that lost the
@@ -1754,7 +1760,18 @@ impl<D: Clone + CompareData> Replicator<D> {
                 .iter()
                 .zip(&view.up)
                 .any(|(d, u)| *d == me && *u);
-            if p.view.epoch != 0 && (map.epoch != p.view.epoch + 1 || !me_up) {
+            // Skipped maps hid no acknowledged change from this copy when
+            // the map says its disk was up in every one of them (each
+            // write set held it, and a primary acknowledges only once its
+            // whole write set applied a change at exactly its epoch, which
+            // a copy that skipped that epoch refuses as stale) and it is
+            // not a backfill member (none of them re-placed the group).
+            let up_through = map
+                .disk(me)
+                .and_then(|d| d.up_since)
+                .is_some_and(|s| s <= p.view.epoch)
+                && view.state(me) != Some(CopyState::Backfill);
+            if p.view.epoch != 0 && (!me_up || (map.epoch != p.view.epoch + 1 && !up_through)) {
                 let last = p.log.keys().next_back().copied().unwrap_or_default();
                 p.vouched_after = p.vouched_after.max(last);
             }
@@ -3405,7 +3422,8 @@ impl<D: Clone + CompareData> Replicator<D> {
             }
             // Advance durability so logs can be trimmed.
             let trim_round = pr.rounds.values().any(|r| r.recovered.is_none());
-            if pr.active && log_above_trim && !trim_round {
+            if pr.active && (log_above_trim || trim > pr.trim_announced) && !trim_round {
+                pr.trim_announced = trim;
                 let round = self.next_round;
                 self.next_round += 1;
                 let covered = committed;
@@ -4838,6 +4856,7 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
         settling: false,
         settle_token: None,
         settle_dirty: false,
+        trim_announced: Seq::default(),
     });
 }
 

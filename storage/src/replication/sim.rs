@@ -329,6 +329,7 @@ fn initial_map() -> ClusterMap {
             up: true,
             incarnation: 1,
             out: false,
+            up_since: None,
         })
         .collect();
     // Three copies of each group over four disks.
@@ -377,7 +378,8 @@ impl World {
         let budget_per_tick = rng
             .chance(300)
             .then(|| (1 + rng.below(4)) * u64::from(REGION_BYTES));
-        let map = initial_map();
+        let mut map = initial_map();
+        map.stamp_up_since(None);
         let nodes = (1..=NODES)
             .map(|id| {
                 let mut rep = Replicator::new([id]);
@@ -476,6 +478,8 @@ impl World {
 
     fn bump(&mut self) {
         self.map.epoch += 1;
+        // As the manager publishes it: every disk's `up_since`.
+        self.map.stamp_up_since(None);
         if trace_block().is_some() {
             println!(
                 "{} epoch {} up {:?} states {:?}",
@@ -749,7 +753,7 @@ impl World {
         let (pushes_max, push_regions) = (n.rep_pushes_max, n.rep_push_regions);
         // The process being replaced was itself a restarted one.
         let old =
-            (n.incarnation > 2).then(|| (n.rep.stats.delta_recoveries, n.rep.stats.full_resyncs));
+            (n.incarnation > 2).then_some((n.rep.stats.delta_recoveries, n.rep.stats.full_resyncs));
         n.rep = Replicator::new([id]);
         if let Some((d, f)) = old {
             self.restarted_recoveries.0 += d;

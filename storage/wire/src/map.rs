@@ -125,6 +125,32 @@ pub struct DiskEntry {
     /// `--down-out-after`, and its groups were re-placed on other disks.
     #[serde(default)]
     pub out: bool,
+    /// While `up`: the epoch of the first map of the run of maps in which
+    /// it has been up without a break, when the manager knows it (`None`:
+    /// not known, as after the manager restarted). A daemon that skipped
+    /// maps learns from it whether it was up in the ones it missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_since: Option<u64>,
+}
+
+impl ClusterMap {
+    /// For a map about to be published as `self.epoch`, its disks' `up_since`
+    /// carried over from the one published before it (`before`, or the
+    /// disks' own fields when `None`): a disk up without one is up from this
+    /// map on; a disk down has none.
+    pub fn stamp_up_since(&mut self, before: Option<&ClusterMap>) {
+        for i in 0..self.disks.len() {
+            let d = &self.disks[i];
+            let was = match before {
+                Some(b) => b
+                    .disk(d.id)
+                    .and_then(|b| if b.up { b.up_since } else { None }),
+                None => d.up_since,
+            };
+            let up = d.up;
+            self.disks[i].up_since = up.then(|| was.unwrap_or(self.epoch));
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -490,6 +516,7 @@ mod tests {
             up,
             incarnation: 0,
             out: false,
+            up_since: None,
         };
         let pool = |id, name: &str, pg_base, pg_count| PoolEntry {
             id,
