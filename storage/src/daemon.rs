@@ -3615,6 +3615,24 @@ impl Driver {
                     );
                 }
             }
+            ReplEffect::LogEntries { disk, pg, entries } => {
+                let entries = entries
+                    .into_iter()
+                    .map(|(s, e)| {
+                        let key = engine::ChunkKey {
+                            volume_id: e.volume_id,
+                            chunk_index: e.chunk_index,
+                        };
+                        (s.term, s.n, key, e.offset, e.length)
+                    })
+                    .collect();
+                self.engine(
+                    disk,
+                    0,
+                    ReplKind::LogTrimmed,
+                    Request::LogAdd { pg, entries },
+                );
+            }
             ReplEffect::LogFloor {
                 disk,
                 pg,

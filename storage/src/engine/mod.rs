@@ -207,6 +207,14 @@ pub enum Request {
         n: u64,
         complete: bool,
     },
+    /// Add entries to group `pg`'s log for changes this disk already holds
+    /// durably (written without a `LogTag`: pieces a restarted primary took
+    /// back from other copies): `(term, n, chunk, offset, length)`.
+    /// Journalled with the next commit; answered at once.
+    LogAdd {
+        pg: u32,
+        entries: Vec<(u64, u64, ChunkKey, u32, u32)>,
+    },
     /// Give a staged write's blocks back.
     Discard { stage: u64 },
     /// Claim the blocks of a range as a write in flight would, so no write,
@@ -1044,6 +1052,7 @@ impl<D: Disk> Engine<D> {
             | Request::Install { .. }
             | Request::TrimLog { .. }
             | Request::LogFloor { .. }
+            | Request::LogAdd { .. }
             | Request::Discard { .. }
             | Request::Release { .. } => None,
         };
@@ -1101,6 +1110,22 @@ impl<D: Disk> Engine<D> {
             Request::Install { stage, fua, log } => self.install(tag, stage, fua, log),
             Request::TrimLog { pg, term, n } => {
                 self.trim_log(pg, (term, n));
+                self.complete(tag, Ok(Reply::Done), 0);
+            }
+            Request::LogAdd { pg, entries } => {
+                for (term, n, key, offset, length) in entries {
+                    let chunk = self.sb.chunk_bytes;
+                    if length == 0 || u64::from(offset) + u64::from(length) > chunk {
+                        continue;
+                    }
+                    let t = LogTag {
+                        pg,
+                        term,
+                        n,
+                        cas: None,
+                    };
+                    self.log_change(t, key, offset, length);
+                }
                 self.complete(tag, Ok(Reply::Done), 0);
             }
             Request::LogFloor {

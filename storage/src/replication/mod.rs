@@ -430,6 +430,14 @@ pub enum Effect<D> {
         disk: u32,
         pg: u32,
     },
+    /// Add entries to group `pg`'s log on `disk` (changes taken back, whose
+    /// content is durable there already): engine `Request::LogAdd`,
+    /// journalled with the next commit, in order with `LogFloor`.
+    LogEntries {
+        disk: u32,
+        pg: u32,
+        entries: Vec<(Seq, Extent)>,
+    },
     /// Persist whether group `pg`'s log on `disk` holds every change above
     /// `floor` (and above its trim point) that the disk holds (engine
     /// `Request::LogFloor`, journalled before any write asked after it): a
@@ -945,6 +953,9 @@ struct Reclaim {
     applying: usize,
     /// Regions written here: made to agree on the up-to-date members too.
     regions: BTreeSet<Region>,
+    /// The changes taken back, logged in memory at once, and on the disk
+    /// (`Effect::LogEntries`) once every piece is written there.
+    logged: Vec<(Seq, Extent)>,
 }
 
 impl Reclaim {
@@ -3056,7 +3067,10 @@ impl<D: Clone + CompareData> Replicator<D> {
                 .iter()
                 .filter(|(s, _, from)| *from != me && *s > p.trim)
             {
-                log.entry(*s).or_insert(*e);
+                if !log.contains_key(s) {
+                    log.insert(*s, *e);
+                    rc.logged.push((*s, *e));
+                }
             }
             if pieces.iter().any(|(m, _)| *m != me) && p.disk_complete {
                 p.disk_complete = false;
@@ -3085,6 +3099,26 @@ impl<D: Clone + CompareData> Replicator<D> {
             }));
         }
         if rc.done() {
+            // Every piece is durable here (FUA): its changes join the
+            // disk's log, which is vouched for again. A crash before that
+            // commit leaves it unmarked: a full resync, never a gap.
+            let logged = std::mem::take(&mut rc.logged);
+            if !logged.is_empty() {
+                self.effects.push(Effect::LogEntries {
+                    disk: me,
+                    pg,
+                    entries: logged,
+                });
+            }
+            if p.complete && !p.disk_complete {
+                p.disk_complete = true;
+                self.effects.push(Effect::LogFloor {
+                    disk: me,
+                    pg,
+                    floor: p.floor,
+                    complete: true,
+                });
+            }
             self.check_peering(pg, me);
         }
     }

@@ -27,6 +27,8 @@ pub struct ModelLog {
     states: BTreeMap<u32, (Seq, Seq, bool)>,
     /// Floors marked complete since the last flush.
     cached_floors: Vec<(u32, Seq)>,
+    /// Entries added since the last flush (`Effect::LogEntries`).
+    cached_adds: Vec<(u32, Seq, Extent)>,
 }
 
 impl ModelLog {
@@ -51,11 +53,22 @@ impl ModelLog {
         for (pg, s, e, _) in std::mem::take(&mut self.cached) {
             self.durable.entry(pg).or_default().insert(s, e);
         }
+        for (pg, s, e) in std::mem::take(&mut self.cached_adds) {
+            if self.states.get(&pg).is_none_or(|st| s > st.0) {
+                self.durable.entry(pg).or_default().insert(s, (e, None));
+            }
+        }
         for (pg, f) in std::mem::take(&mut self.cached_floors) {
             let st = self.states.entry(pg).or_default();
             st.1 = st.1.max(f);
             st.2 = true;
         }
+    }
+
+    /// `Effect::LogEntries`: durable from the next flush, like a floor.
+    pub fn add(&mut self, pg: u32, entries: Vec<(Seq, Extent)>) {
+        self.cached_adds
+            .extend(entries.into_iter().map(|(s, e)| (pg, s, e)));
     }
 
     /// `Effect::LogFloor`.
@@ -83,6 +96,7 @@ impl ModelLog {
     /// every block still holds what its change wrote (`holds`).
     pub fn crashed(&mut self, holds: impl Fn(Block, u64) -> bool) {
         self.cached_floors.clear();
+        self.cached_adds.clear();
         for (pg, s, e, values) in std::mem::take(&mut self.cached) {
             if !values.is_empty() && values.iter().all(|(b, v)| holds(*b, *v)) {
                 self.durable.entry(pg).or_default().insert(s, e);
@@ -94,6 +108,7 @@ impl ModelLog {
     pub fn lost_cache(&mut self) {
         self.cached.clear();
         self.cached_floors.clear();
+        self.cached_adds.clear();
     }
 
     /// What a new process gets back (`Replicator::recover_log`).
@@ -120,5 +135,6 @@ impl ModelLog {
         self.cached.retain(|(g, ..)| *g != pg);
         self.states.remove(&pg);
         self.cached_floors.retain(|(g, _)| *g != pg);
+        self.cached_adds.retain(|(g, ..)| *g != pg);
     }
 }

@@ -267,6 +267,9 @@ impl Cluster {
             Effect::ForgetLog { pg, .. } => {
                 self.node(id).disk.log.forget(pg);
             }
+            Effect::LogEntries { pg, entries, .. } => {
+                self.node(id).disk.log.add(pg, entries);
+            }
             Effect::LogFloor {
                 pg,
                 floor,
@@ -998,6 +1001,67 @@ fn a_restarted_last_copy_recovers_the_others_by_delta() {
                 "a full resync: {pushed:?}"
             );
         }
+    }
+}
+
+// Proves that what a restarted last up-to-date copy took back joins its
+// disk's log (`Effect::LogEntries`) once the pieces are durable there, so a
+// second restart before the group is clean again still recovers the others
+// by delta and keeps the write: the same failures as
+// `a_restarted_last_copy_takes_back_a_write_a_flush_made_durable_elsewhere`,
+// then node 1 crashes and restarts again while the others are still
+// outdated.
+#[test]
+fn a_last_copy_restarted_twice_still_recovers_by_delta() {
+    let mut c = Cluster::new();
+    for ch in 0..CHUNKS {
+        c.write(ch, 0);
+    }
+    c.ticks(3);
+    for id in 1..=MEMBERS {
+        c.node(id).rep.grant_push_bytes(0, 0);
+    }
+    c.stop(2);
+    c.declare_down(2);
+    for ch in 0..CHUNKS {
+        c.write(ch, 1);
+    }
+    c.resume(2);
+    c.declare_up(2);
+    c.crash_and_restart(3);
+    let v = c.next_value;
+    let id = c.write(0, 5);
+    assert_eq!(c.replies.get(&id), Some(&ClientResult::Ok));
+    for id in [2, 3] {
+        let disk = &mut c.node(id).disk;
+        let cache = std::mem::take(&mut disk.cache);
+        disk.durable.extend(cache);
+    }
+    c.crash_and_restart(1);
+    c.ticks(2);
+    assert!(
+        c.nodes[0].rep.stats.reclaimed_bytes > 0,
+        "the first restart took the write back"
+    );
+    // The disk commits the entries (and the mark) with its next flush.
+    c.node(1).disk.flush();
+    c.crash_and_restart(1);
+    assert_eq!(c.map.primary(0), Some(1));
+    for id in 1..=MEMBERS {
+        c.node(id).rep.grant_push_bytes(u64::MAX / 2, u64::MAX / 2);
+    }
+    c.settle();
+    c.assert_converged();
+    let s = c.nodes[0].rep.stats.clone();
+    assert_eq!(s.full_resyncs, 0, "{s:?}");
+    assert!(s.delta_recoveries > 0, "{s:?}");
+    let b = (0, 5 * REGION_BYTES / BLOCK);
+    for id in 1..=MEMBERS {
+        assert_eq!(
+            c.nodes[id as usize - 1].disk.get(b),
+            v,
+            "node {id} lost the flushed write of {b:?}"
+        );
     }
 }
 

@@ -537,6 +537,9 @@ impl World {
                 Effect::ForgetLog { pg, .. } => {
                     self.nodes[node as usize - 1].disk.log.forget(pg);
                 }
+                Effect::LogEntries { pg, entries, .. } => {
+                    self.nodes[node as usize - 1].disk.log.add(pg, entries);
+                }
                 Effect::LogFloor {
                     pg,
                     floor,
