@@ -2168,15 +2168,7 @@ impl<D: Clone + CompareData> Replicator<D> {
             // changes in flight are applied here without entries now.
             p.log.clear();
             p.complete = false;
-            if p.disk_complete {
-                p.disk_complete = false;
-                self.effects.push(Effect::LogFloor {
-                    disk: me,
-                    pg,
-                    floor: Seq::default(),
-                    complete: false,
-                });
-            }
+            unmark_disk_log(&mut p.disk_complete, me, pg, &mut self.effects);
         }
         // Recovery pushes: regions nobody is changing, a few at a time, each
         // with the contiguous regions after it (up to PUSH_REGIONS_MAX and
@@ -3072,14 +3064,8 @@ impl<D: Clone + CompareData> Replicator<D> {
                     rc.logged.push((*s, *e));
                 }
             }
-            if pieces.iter().any(|(m, _)| *m != me) && p.disk_complete {
-                p.disk_complete = false;
-                self.effects.push(Effect::LogFloor {
-                    disk: me,
-                    pg,
-                    floor: Seq::default(),
-                    complete: false,
-                });
+            if pieces.iter().any(|(m, _)| *m != me) {
+                unmark_disk_log(&mut p.disk_complete, me, pg, &mut self.effects);
             }
             rc.todo.extend(pieces);
         }
@@ -4892,6 +4878,19 @@ fn start_term<D: Clone>(p: &mut Pg<D>, tick: u64, effects: &mut Vec<Effect<D>>) 
         settle_dirty: false,
         trim_announced: Seq::default(),
     });
+}
+
+/// This copy now holds content its disk's log of group `pg` has no entry
+/// for: the log is no longer vouched complete (said to the disk once).
+fn unmark_disk_log<D>(disk_complete: &mut bool, disk: u32, pg: u32, effects: &mut Vec<Effect<D>>) {
+    if std::mem::take(disk_complete) {
+        effects.push(Effect::LogFloor {
+            disk,
+            pg,
+            floor: Seq::default(),
+            complete: false,
+        });
+    }
 }
 
 /// The highest change this copy knows of: applied, logged, issued (as

@@ -505,6 +505,51 @@ impl Cluster {
         c
     }
 
+    /// Node 2 away while every group changes, then node 3 restarted (both
+    /// outdated, no recovery push allowed), so node 1 is every group's only
+    /// up-to-date copy; then a write to group 0 acknowledged by all three
+    /// and flushed on nodes 2 and 3 only (node 1 is about to crash). Its
+    /// value.
+    fn last_copy_with_a_write_flushed_only_elsewhere(&mut self) -> u64 {
+        for ch in 0..CHUNKS {
+            self.write(ch, 0);
+        }
+        self.ticks(3);
+        // No recovery push may run (a byte budget of nothing): outdated
+        // copies stay outdated.
+        for id in 1..=MEMBERS {
+            self.node(id).rep.grant_push_bytes(0, 0);
+        }
+        self.stop(2);
+        self.declare_down(2);
+        for ch in 0..CHUNKS {
+            self.write(ch, 1);
+        }
+        self.resume(2);
+        self.declare_up(2);
+        self.crash_and_restart(3);
+        for pg in 0..PGS {
+            assert_eq!(self.map.primary(pg), Some(1));
+            assert_eq!(
+                self.map.pg_states[pg as usize]
+                    .iter()
+                    .filter(|s| **s == CopyState::UpToDate)
+                    .count(),
+                1
+            );
+        }
+        let v = self.next_value;
+        let id = self.write(0, 5);
+        assert_eq!(self.replies.get(&id), Some(&ClientResult::Ok));
+        // The client's FLUSH reaches nodes 2 and 3, not node 1.
+        for id in [2, 3] {
+            let disk = &mut self.node(id).disk;
+            let cache = std::mem::take(&mut disk.cache);
+            disk.durable.extend(cache);
+        }
+        v
+    }
+
     /// Node 3 away, then one write of group 0 acknowledged by its primary
     /// (node 1) and node 2, flushed nowhere: its value and block.
     fn unflushed_write_without_node_3(&mut self) -> (u64, Block) {
@@ -867,48 +912,7 @@ fn a_backfill_member_gets_a_change_in_flight_when_it_joins() {
 #[test]
 fn a_restarted_last_copy_takes_back_a_write_a_flush_made_durable_elsewhere() {
     let mut c = Cluster::new();
-    for ch in 0..CHUNKS {
-        c.write(ch, 0);
-    }
-    c.ticks(3);
-    // No recovery push may run (a byte budget of nothing): outdated copies
-    // stay outdated.
-    for id in 1..=MEMBERS {
-        c.node(id).rep.grant_push_bytes(0, 0);
-    }
-    // Node 2 is away while every group changes: outdated, with a delta to
-    // recover.
-    c.stop(2);
-    c.declare_down(2);
-    for ch in 0..CHUNKS {
-        c.write(ch, 1);
-    }
-    c.resume(2);
-    c.declare_up(2);
-    // Node 3 restarts: outdated too. Node 1 is now the only up-to-date copy
-    // of every group, and leads them all.
-    c.crash_and_restart(3);
-    for pg in 0..PGS {
-        assert_eq!(c.map.primary(pg), Some(1));
-        assert_eq!(
-            c.map.pg_states[pg as usize]
-                .iter()
-                .filter(|s| **s == CopyState::UpToDate)
-                .count(),
-            1
-        );
-    }
-    // Group 0: a write applied on all three copies and acknowledged.
-    let v = c.next_value;
-    let id = c.write(0, 5);
-    assert_eq!(c.replies.get(&id), Some(&ClientResult::Ok));
-    // The client's FLUSH reaches nodes 2 and 3; node 1 crashes first and
-    // loses the write with its cache.
-    for id in [2, 3] {
-        let disk = &mut c.node(id).disk;
-        let cache = std::mem::take(&mut disk.cache);
-        disk.durable.extend(cache);
-    }
+    let v = c.last_copy_with_a_write_flushed_only_elsewhere();
     c.crash_and_restart(1);
     assert_eq!(c.map.primary(0), Some(1));
     c.node(2).rep.grant_push_bytes(u64::MAX / 2, u64::MAX / 2);
@@ -1014,29 +1018,7 @@ fn a_restarted_last_copy_recovers_the_others_by_delta() {
 #[test]
 fn a_last_copy_restarted_twice_still_recovers_by_delta() {
     let mut c = Cluster::new();
-    for ch in 0..CHUNKS {
-        c.write(ch, 0);
-    }
-    c.ticks(3);
-    for id in 1..=MEMBERS {
-        c.node(id).rep.grant_push_bytes(0, 0);
-    }
-    c.stop(2);
-    c.declare_down(2);
-    for ch in 0..CHUNKS {
-        c.write(ch, 1);
-    }
-    c.resume(2);
-    c.declare_up(2);
-    c.crash_and_restart(3);
-    let v = c.next_value;
-    let id = c.write(0, 5);
-    assert_eq!(c.replies.get(&id), Some(&ClientResult::Ok));
-    for id in [2, 3] {
-        let disk = &mut c.node(id).disk;
-        let cache = std::mem::take(&mut disk.cache);
-        disk.durable.extend(cache);
-    }
+    let v = c.last_copy_with_a_write_flushed_only_elsewhere();
     c.crash_and_restart(1);
     c.ticks(2);
     assert!(
