@@ -261,23 +261,15 @@ impl Inner {
 
     fn map(&self) -> ClusterMap {
         let mut m = map::build(&self.catalog, |n| self.up(n));
-        // Each disk's `up_since`, from the maps published before: a daemon
-        // that skipped maps learns whether it was up in all of them.
-        // Unknown (none) before this manager's first commit, which starts
-        // every disk up then at its epoch.
-        match self.history.back() {
-            // Being published by `commit`: the epoch after the newest.
-            Some(prev) if prev.epoch < m.epoch => m.stamp_up_since(Some(prev)),
-            // The newest map again: as it was published.
-            Some(prev) if prev.epoch == m.epoch => {
-                for d in &mut m.disks {
-                    d.up_since = prev
-                        .disk(d.id)
-                        .filter(|b| b.up && d.up)
-                        .and_then(|b| b.up_since);
-                }
+        // Each disk's `up_since` as `commit` published it with this epoch
+        // (none before this manager's first commit).
+        if let Some(prev) = self.history.back().filter(|p| p.epoch == m.epoch) {
+            for d in &mut m.disks {
+                d.up_since = prev
+                    .disk(d.id)
+                    .filter(|b| b.up && d.up)
+                    .and_then(|b| b.up_since);
             }
-            _ => {}
         }
         m
     }
@@ -377,11 +369,11 @@ impl Manager {
             tracing::error!(error = %e, "cannot persist the catalogue");
             return Err(ApiError::new(500, format!("cannot persist catalogue: {e}")));
         }
-        let mut map = inner.map();
-        if inner.history.is_empty() {
-            // This manager's first map: up from here on, as far as it knows.
-            map.stamp_up_since(None);
-        }
+        // Each disk's `up_since`, carried from the map published before, so
+        // a daemon that skipped maps learns whether it was up in all of
+        // them; this manager's first map starts every up disk at its epoch.
+        let mut map = map::build(&inner.catalog, |n| inner.up(n));
+        map.stamp_up_since(inner.history.back());
         inner.history.push_back(map);
         while inner.history.len() > MAP_HISTORY {
             inner.history.pop_front();

@@ -1810,9 +1810,10 @@ impl<D: Clone + CompareData> Replicator<D> {
             {
                 // Nothing before this point is missing anywhere (though
                 // maybe not yet durable everywhere: the floor).
+                let hw = high_water(p);
                 if !p.complete {
                     p.complete = true;
-                    p.floor = high_water(p);
+                    p.floor = hw;
                 }
                 // The disk's log holds an entry for everything this copy
                 // holds above the high-water mark: vouch for it.
@@ -1821,7 +1822,7 @@ impl<D: Clone + CompareData> Replicator<D> {
                     self.effects.push(Effect::LogFloor {
                         disk: me,
                         pg,
-                        floor: high_water(p),
+                        floor: hw,
                         complete: true,
                     });
                 }
