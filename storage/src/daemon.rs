@@ -3404,7 +3404,20 @@ impl Driver {
         self.local.push_back(input);
         while let Some(i) = self.local.pop_front() {
             self.rep.handle(i);
+            // A primary's own staged write goes to the disk after the
+            // changes to its replicas are on their way: the replicas' write
+            // and the round trip are the longer path, so they start first.
+            // Safe to reorder: a stage only writes free blocks, and the
+            // `Apply` that installs it comes from a later input.
+            let mut staged = Vec::new();
             for e in self.rep.take_effects() {
+                if matches!(e, ReplEffect::Stage { .. }) {
+                    staged.push(e);
+                } else {
+                    self.effect(e);
+                }
+            }
+            for e in staged {
                 self.effect(e);
             }
         }
