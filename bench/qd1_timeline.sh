@@ -17,16 +17,8 @@ dir=$(mktemp -d /tmp/tessera-timeline.XXXXXX)
 up=""
 fio_pid=""
 trap '[ -n "$fio_pid" ] && kill $fio_pid 2>/dev/null; [ -n "$up" ] && { kill -TERM $up 2>/dev/null; wait $up 2>/dev/null; }; rm -rf "$dir"' EXIT
-for i in 0 1 2; do
-  mkdir -p "$dir/data/storage-$i"
-  dd if=/dev/zero of="$dir/data/storage-$i/disk0.img" bs=1M count=2048 oflag=direct status=none
-done
 port=$((20000 + RANDOM % 20000))
-"$bin/tessera" up --dir "$dir/data" --storage-daemons 3 --replicas 3 --disk-size 2G \
-  --nbd-listen 127.0.0.1:$port --manager-listen 127.0.0.1:0 --iscsi-listen none \
-  --volume demo:1G >"$dir/up.log" 2>&1 &
-up=$!
-wait_ready "$dir/up.log"
+start_up "$bin" "$dir" $port 3 2048 --replicas 3
 uri=nbd://127.0.0.1:$port/demo
 fio --name=fill --ioengine=nbd --uri=$uri --rw=write --bs=1m --iodepth=8 --size=1g >/dev/null 2>&1
 fio --name=qd1 --ioengine=nbd --uri=$uri --rw=randwrite --bs=4k --iodepth=1 --size=1g \

@@ -22,15 +22,9 @@ qemu=""
 trap '[ -n "$qemu" ] && kill $qemu 2>/dev/null; [ -n "$up" ] && { kill -TERM $up 2>/dev/null; wait $up 2>/dev/null; }; rm -rf "$dir"' EXIT
 dev=$(lsblk -no pkname "$(df --output=source /tmp | tail -1)" 2>/dev/null | head -1)
 [ -n "$dev" ] || dev=$(basename "$(df --output=source /tmp | tail -1)")
-mkdir -p "$dir/data/storage-0"
-dd if=/dev/zero of="$dir/data/storage-0/disk0.img" bs=1M count=1536 oflag=direct status=none
 dd if=/dev/zero of="$dir/qemu.img" bs=1M count=1024 oflag=direct status=none
 port=$((20000 + RANDOM % 20000))
-"$bin/tessera" up --dir "$dir/data" --storage-daemons 1 --disk-size 1536M \
-  --nbd-listen 127.0.0.1:$port --manager-listen 127.0.0.1:0 --iscsi-listen none \
-  --volume demo:1G >"$dir/up.log" 2>&1 &
-up=$!
-wait_ready "$dir/up.log"
+start_up "$bin" "$dir" $port 1 1536
 tessera_uri=nbd://127.0.0.1:$port/demo
 fio --name=fill --ioengine=nbd --uri=$tessera_uri --rw=write --bs=1m --iodepth=8 --size=1g >/dev/null 2>&1
 qport=$((port + 1))
