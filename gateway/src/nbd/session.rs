@@ -441,7 +441,10 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 }
 
 /// Replies written by one `writev` at most (each is 1-3 iovec entries).
-const BATCH_REPLIES_MAX: usize = 128;
+/// Small on purpose: the client starts on the first eight while the rest
+/// are being sent (measured with the storage daemon's batches: see
+/// `REPLY_BATCH_MAX` in tessera-storage's daemon.rs).
+const BATCH_REPLIES_MAX: usize = 8;
 
 fn gather_one<'a>(g: &mut crate::frameio::Gather<'a>, r: &'a Reply) {
     for s in &r.frames.segments {
