@@ -1684,14 +1684,8 @@ where
     let _ = writer.await;
 }
 
-/// Replies (and peer frames) written by one `writev` at most (each is 1-3
-/// iovec entries). Small on purpose: the receiver starts on the first
-/// eight while the rest are still being sent, so the stages overlap
-/// instead of moving in convoys. Side by side with 128
-/// (`bench/results/ab-2026-12-08T040252Z.md`, with the gateway's NBD
-/// replies batched by 8 too): 4k at QD32, one copy, reads +10 % and
-/// writes +14 % at 11 % less CPU per write; 3 x 3 reads +5 %, writes +8 %.
-const REPLY_BATCH_MAX: usize = 8;
+/// Replies written by one `writev` at most (each is 1-3 iovec entries).
+const REPLY_BATCH_MAX: usize = 128;
 
 /// Validate a replication message from a peer daemon and hand it to the
 /// replication driver. Epoch and primacy are judged by the state machine

@@ -441,10 +441,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 }
 
 /// Replies written by one `writev` at most (each is 1-3 iovec entries).
-/// Small on purpose: the client starts on the first eight while the rest
-/// are being sent (measured with the storage daemon's batches: see
-/// `REPLY_BATCH_MAX` in tessera-storage's daemon.rs).
-const BATCH_REPLIES_MAX: usize = 8;
+const BATCH_REPLIES_MAX: usize = 128;
 
 fn gather_one<'a>(g: &mut crate::frameio::Gather<'a>, r: &'a Reply) {
     for s in &r.frames.segments {
